@@ -1,0 +1,159 @@
+"""Load a base model: a diffusers folder, a single-file checkpoint, a hub id, or the built-in demo.
+
+The architecture (SD 1.x, SD 2.x, SDXL) and the prediction type are read from the model itself, never asked.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from trainer import single_file
+from trainer.single_file import CheckpointError
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "base-model"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class BaseModel:
+    arch: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline
+    source: str
+
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def vae(self):
+        return self.pipeline.vae
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.pipeline.text_encoder, getattr(self.pipeline, "text_encoder_2", None)) if m is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.pipeline.tokenizer, getattr(self.pipeline, "tokenizer_2", None)) if t is not None]
+
+    def describe(self) -> str:
+        return f"{ARCH_NAMES[self.arch]}, {self.prediction_type.replace('_', '-')}"
+
+
+def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load `source` and tell what it is. Raises CheckpointError with a message a user can act on."""
+    text = str(source)
+    path = DEMO_MODEL if text == "demo" else Path(text).expanduser()
+    if path.is_dir():
+        pipe, arch, pred = _from_folder(path, dtype)
+    elif path.is_file():
+        pipe, arch, pred = _from_file(path, dtype)
+    elif HUB_ID.match(text) and not path.exists():
+        pipe, arch, pred = _from_hub(text, dtype)
+    elif text == "demo":
+        raise CheckpointError(f"the demo model is missing from {DEMO_MODEL}; run `python demo/build_demo.py` to make it")
+    else:
+        raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
+                              f"{'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint, or a hub id like org/name)")
+    if prediction_type != "auto":
+        pred = prediction_type
+    pipe.scheduler.register_to_config(prediction_type=pred)
+    _own_memory(pipe)
+    return BaseModel(arch=arch, prediction_type=pred, pipeline=pipe, source=text)
+
+
+def _own_memory(pipe) -> None:
+    """Copy weights out of the file's memory map.
+
+    Mapped tensors sit at whatever alignment the file gives them, and CPU kernels then sum in another order: the
+    same weights from a .safetensors and a diffusers folder would give outputs a few ulp apart. Own copies make the
+    two loads identical and release the file.
+    """
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in list(module.parameters()) + list(module.buffers()):
+                t.data = t.data.clone()
+
+
+def arch_of_pipeline(pipe) -> str:
+    if isinstance(pipe, StableDiffusionXLPipeline) or pipe.unet.config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    # SD 2.x projects in and out of its transformers with Linear layers, SD 1.x with 1x1 convs
+    return "sd2" if pipe.unet.config.get("use_linear_projection") else "sd1"
+
+
+def _from_folder(path: Path, dtype: torch.dtype):
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: not a diffusers model folder (it has no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    _check_pipeline(pipe, str(path))
+    return pipe, arch_of_pipeline(pipe), pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise CheckpointError(f"{repo_id}: not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE)")
+    pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    _check_pipeline(pipe, repo_id)
+    return pipe, arch_of_pipeline(pipe), pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
+def _check_pipeline(pipe, name: str) -> None:
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise CheckpointError(f"{name}: a {type(pipe).__name__}; expected an SD 1.x, SD 2.x or SDXL model")
+
+
+def _from_file(path: Path, dtype: torch.dtype):
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{path.name}: unknown file type; expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
+    if path.suffix.lower() == ".safetensors":
+        shapes = single_file.read_safetensors_shapes(path)
+        state = None
+    else:
+        state = _load_pickled_weights(path)
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    arch = single_file.detect(shapes, path.name)
+    pred = single_file.prediction_type(arch, shapes, path, tensor=lambda key: _tensor(path, state, key))
+    del state
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    with tempfile.TemporaryDirectory(prefix="sd-config-") as tmp:
+        config = single_file.write_config_dir(arch, shapes, pred, Path(tmp))
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype)
+    return pipe, arch, pred
+
+
+def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt's tensors, read with `weights_only=True`: code inside a pickle is never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path.name}: cannot be read as plain weights ({first[:200]}). We never unpickle code from a checkpoint; "
+            "if you trust this file, convert it to .safetensors, or use the .safetensors release of the model"
+        ) from None
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: holds a {type(state).__name__}, expected a dict of tensors")
+    return state
+
+
+def _tensor(path: Path, state: dict | None, key: str) -> torch.Tensor:
+    if state is not None:
+        return state[key]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)

@@ -1,0 +1,220 @@
+"""Read a single-file Stable Diffusion checkpoint (CompVis / SGM layout) the way people download them.
+
+Everything here works on the checkpoint's key names and tensor shapes: which architecture it is, whether it
+predicts v, and the diffusers config of each component. The shipped configs in `model_configs/<arch>/` give what
+shapes cannot say (activation, scheduler, tokenizer); the shapes override the sizes, so fine-tunes, pruned files and
+the tiny test models all load through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+TEXT_ENCODER_PREFIXES = {  # component -> (prefix, kind)
+    "sd1": {"text_encoder": ("cond_stage_model.transformer.text_model.", "hf")},
+    "sd2": {"text_encoder": ("cond_stage_model.model.", "openclip")},
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.transformer.text_model.", "hf"),
+        "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
+    },
+}
+SD2_IGNORED_LAYER = 23  # diffusers drops OpenCLIP-H's last layer: SD2 uses the penultimate one
+
+
+class CheckpointError(ValueError):
+    """A file that is not a Stable Diffusion checkpoint we can train on; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Detected:
+    arch: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def read_safetensors_shapes(path: Path) -> Shapes:
+    """Key -> shape from a .safetensors header, without reading any tensor."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path.name}: the file is empty or truncated ({path.stat().st_size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000 or n > path.stat().st_size - 8:
+                raise CheckpointError(f"{path.name}: not a safetensors file (its header length is {n} bytes)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path.name}: not a safetensors file (unreadable header: {e})") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_end > path.stat().st_size:
+        raise CheckpointError(
+            f"{path.name}: the file is truncated ({path.stat().st_size} bytes, its header promises {8 + n + data_end}); "
+            "download it again"
+        )
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def detect(shapes: Shapes, name: str = "checkpoint") -> str:
+    """The architecture of a single-file checkpoint, or a CheckpointError that says what the file looks like."""
+    if not any(k.startswith(UNET) for k in shapes):
+        hint = _what_is_it(shapes)
+        raise CheckpointError(
+            f"{name}: not a Stable Diffusion checkpoint. Expected a full model (SD 1.x, SD 2.x or SDXL) with "
+            f"'{UNET}*' keys{hint}."
+        )
+    if UNET + "input_blocks.0.0.weight" in shapes and shapes[UNET + "input_blocks.0.0.weight"][1] != 4:
+        raise CheckpointError(f"{name}: an inpainting or other non-standard UNet (in_channels "
+                              f"{shapes[UNET + 'input_blocks.0.0.weight'][1]}); train on the base model instead")
+    if any(k.startswith("conditioner.embedders.1.model.") for k in shapes):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        raise CheckpointError(f"{name}: an SDXL refiner; LoRAs are trained on the SDXL base model")
+    if any(k.startswith("cond_stage_model.model.") for k in shapes):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        return "sd1"
+    raise CheckpointError(f"{name}: a UNet without a text encoder; expected a full SD 1.x, SD 2.x or SDXL checkpoint")
+
+
+def _what_is_it(shapes: Shapes) -> str:
+    keys = list(shapes)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "; this file is a LoRA, not a base model"
+    if any(k.startswith(("encoder.down", "decoder.up")) for k in keys):
+        return "; this file is a VAE, not a base model"
+    if not keys:
+        return "; the file holds no tensors"
+    return f"; its first keys are {', '.join(keys[:3])}"
+
+
+def prediction_type(arch: str, shapes: Shapes, path: Path, tensor=None) -> str:
+    """v-prediction or epsilon, from the checkpoint alone.
+
+    A `v_pred` key (ComfyUI's marker) or a WebUI sidecar `<name>.yaml` saying `parameterization: "v"` decides.
+    Otherwise SD 2.x uses ComfyUI's test: v-models have a spread-out norm bias in the last output block.
+    `tensor(key)` returns one tensor of the file, for that test.
+    """
+    if "v_pred" in shapes:
+        return "v_prediction"
+    sidecar = path.with_suffix(".yaml")
+    if sidecar.is_file():
+        text = sidecar.read_text(errors="replace")
+        return "v_prediction" if re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", text, re.M) else "epsilon"
+    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    if arch == "sd2" and tensor is not None and key in shapes:
+        return "v_prediction" if float(tensor(key).float().std(unbiased=False)) > 0.09 else "epsilon"
+    return "epsilon"
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    """How many distinct integers fill the `{}` in pattern across the keys."""
+    rx = re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
+    return len({m.group(1) for k in shapes if (m := rx.match(k))})
+
+
+def unet_config(base: dict, arch: str, s: Shapes, pooled_dim: int | None) -> dict:
+    p = UNET
+    levels = _count(s, p + "input_blocks.{}.0.op.weight") + 1
+    # input_blocks = conv_in + `layers` resnets per level + a downsampler between levels
+    layers = (_count(s, p + "input_blocks.{}.") - levels) // levels
+    first = [1 + level * (layers + 1) for level in range(levels)]
+    channels = [s[p + f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in first]
+    attention = [p + f"input_blocks.{i}.1.proj_in.weight" in s for i in first]
+    depth = [max(1, _count(s, p + f"input_blocks.{i}.1.transformer_blocks.{{}}.")) for i in first]
+    proj_in = next(s[p + f"input_blocks.{i}.1.proj_in.weight"] for i, a in zip(first, attention) if a)
+    cross = next(v[1] for k, v in s.items() if k.startswith(p) and k.endswith("attn2.to_k.weight"))
+    cfg = dict(base)
+    cfg.update(
+        in_channels=s[p + "input_blocks.0.0.weight"][1],
+        out_channels=s[p + "out.2.weight"][0],
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        cross_attention_dim=cross,
+        use_linear_projection=len(proj_in) == 2,
+    )
+    if arch != "sd1":  # SD 2.x and SDXL use 64-channel heads; SD 1.x has 8 heads everywhere
+        cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]
+    if arch == "sdxl":
+        cfg["transformer_layers_per_block"] = depth
+        add_in = s[p + "label_emb.0.0.weight"][1]
+        cfg["projection_class_embeddings_input_dim"] = add_in
+        cfg["addition_time_embed_dim"] = (add_in - pooled_dim) // 6  # 6 size/crop numbers beside the pooled text
+    return cfg
+
+
+def vae_config(base: dict, s: Shapes) -> dict:
+    p = VAE
+    levels = _count(s, p + "encoder.down.{}.")
+    cfg = dict(base)
+    cfg.update(
+        block_out_channels=[s[p + f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
+        layers_per_block=_count(s, p + "encoder.down.0.block.{}."),
+        latent_channels=s[p + "decoder.conv_in.weight"][1],
+        in_channels=s[p + "encoder.conv_in.weight"][1],
+        out_channels=s[p + "decoder.conv_out.weight"][0],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
+    return cfg
+
+
+def text_encoder_config(base: dict, s: Shapes, prefix: str, kind: str) -> dict:
+    cfg = dict(base)
+    if kind == "hf":
+        vocab, hidden = s[prefix + "embeddings.token_embedding.weight"]
+        layers = _count(s, prefix + "encoder.layers.{}.")
+        inner = s[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
+        positions = s[prefix + "embeddings.position_embedding.weight"][0]
+    else:
+        vocab, hidden = s[prefix + "token_embedding.weight"]
+        layers = _count(s, prefix + "transformer.resblocks.{}.")
+        if prefix == "cond_stage_model.model." and prefix + f"transformer.resblocks.{SD2_IGNORED_LAYER}.ln_1.weight" in s:
+            layers -= 1
+        inner = s[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0]
+        positions = s[prefix + "positional_embedding"][0]
+        if "CLIPTextModelWithProjection" in base["architectures"]:
+            cfg["projection_dim"] = s[prefix + "text_projection"][1]
+    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inner,
+               max_position_embeddings=positions, num_attention_heads=max(1, hidden // 64))
+    return cfg
+
+
+def write_config_dir(arch: str, shapes: Shapes, pred: str, out: Path) -> Path:
+    """A diffusers config folder (no weights) for this checkpoint: what `from_single_file(config=...)` reads."""
+    src = MODEL_CONFIGS / arch
+    shutil.copytree(src, out, dirs_exist_ok=True)
+
+    def load(component: str) -> dict:
+        return json.loads((src / component / "config.json").read_text())
+
+    def dump(component: str, cfg: dict) -> None:
+        (out / component / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    pooled = None
+    for component, (prefix, kind) in TEXT_ENCODER_PREFIXES[arch].items():
+        cfg = text_encoder_config(load(component), shapes, prefix, kind)
+        dump(component, cfg)
+        if component == "text_encoder_2":
+            pooled = cfg["projection_dim"]
+        tok = "tokenizer" + component.removeprefix("text_encoder")
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(MODEL_CONFIGS / "clip_tokenizer" / f, out / tok / f)
+    dump("unet", unet_config(load("unet"), arch, shapes, pooled))
+    dump("vae", vae_config(load("vae"), shapes))
+    sched_file = out / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text())
+    sched["prediction_type"] = pred
+    sched_file.write_text(json.dumps(sched, indent=2))
+    return out
