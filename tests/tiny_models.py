@@ -16,6 +16,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PND
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from trainer.kohya_names import unet_path_to_sgm, unet_sgm_prefixes
+
 TOKENIZER = Path(__file__).resolve().parent.parent / "trainer" / "model_configs" / "clip_tokenizer"
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
 
@@ -76,41 +78,9 @@ def build(arch: str, seed: int = 0):
 
 # --- diffusers -> original (CompVis / SGM) key layout, the inverse of diffusers' single-file conversion ---
 
-RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
-          ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-
-
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    cfg = unet.config
-    levels, layers = len(cfg.block_out_channels), cfg.layers_per_block
-    down_attn = [t.startswith("CrossAttn") for t in cfg.down_block_types]
-    up_attn = [t.startswith("CrossAttn") for t in cfg.up_block_types]
-    prefixes = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-                ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
-                ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-                ("mid_block.attentions.0.", "middle_block.1.")]
-    prefixes += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
-    for i in range(levels):
-        for j in range(layers):
-            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(layers + 1) * i + j + 1}.0."))
-            if down_attn[i]:
-                prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(layers + 1) * i + j + 1}.1."))
-        for j in range(layers + 1):
-            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(layers + 1) * i + j}.0."))
-            if up_attn[i]:
-                prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(layers + 1) * i + j}.1."))
-        if i < levels - 1:
-            prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(layers + 1) * (i + 1)}.0.op."))
-            prefixes.append((f"up_blocks.{i}.upsamplers.0.",
-                             f"output_blocks.{(layers + 1) * i + layers}.{2 if up_attn[i] else 1}."))
-    out = {}
-    for key, value in unet.state_dict().items():
-        src, dst = next((s, d) for s, d in prefixes if key.startswith(s))
-        rest = key[len(src):]
-        if "resnets" in src:
-            rest = next((rest.replace(h, l, 1) for l, h in RESNET if rest.startswith(h)), rest)
-        out["model.diffusion_model." + dst + rest] = value
-    return out
+    pairs = unet_sgm_prefixes(unet.config)
+    return {"model.diffusion_model." + unet_path_to_sgm(k, pairs): v for k, v in unet.state_dict().items()}
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
