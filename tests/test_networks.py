@@ -1,0 +1,112 @@
+"""Every adapter method through the same checks: it wraps kohya's targets, changes the output, and its exported file
+reproduces its weight update under the names ComfyUI, WebUI and diffusers read."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import lora_files
+from tests.conftest import ARCHES
+from trainer.export import to_kohya, save_atomic
+from trainer.loading import load_base
+from trainer.networks import NETWORKS, create, find_targets
+
+KINDS = sorted(NETWORKS)
+
+
+def net_config(kind: str, **over) -> SimpleNamespace:
+    values = dict(network_type=kind, network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0,
+                  network_dropout=0.0, lokr_factor=4)
+    return SimpleNamespace(**(values | over))
+
+
+def components(model) -> dict:
+    names = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
+    return {"unet": model.unet} | dict(zip(names, model.text_encoders))
+
+
+def randomize(net) -> None:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for c in net.components:
+            for p in net.parameters_of(c):
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def base_weights(arch_model) -> dict[str, torch.Tensor]:
+    """kohya name -> weight of that module in an untouched base model (every conv included)."""
+    return {t.name: arch_model_module(arch_model, t).weight for t in
+            find_targets(arch_model.arch, components(arch_model), with_convs=True)}
+
+
+def arch_model_module(model, target):
+    return components(model)[target.component].get_submodule(target.path)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_reproduces_the_update(tiny_models, tmp_path, arch, kind):
+    model = load_base(tiny_models[arch][1])
+    fresh = base_weights(load_base(tiny_models[arch][1]))
+    net = create(net_config(kind), arch, components(model))
+    assert net.counts()["unet"] > 0 and all(net.counts()[c] > 0 for c in components(model))
+    randomize(net)
+    path = save_atomic(to_kohya(net, torch.float32), {"ss_network_module": "x"}, tmp_path / "out.safetensors")
+    stored = lora_files.modules(path)
+    assert set(stored) == set(net.names())
+    for name, params in stored.items():
+        assert name in fresh, f"{name} maps to no module of the base"
+        want = net.delta(name)
+        assert want.shape == fresh[name].shape
+        got = lora_files.delta(params, fresh[name].shape)
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), name
+        assert params["alpha"].dim() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_changes_output_and_multiplier_zero_restores_it(tiny_models, kind):
+    model = load_base(tiny_models["sd1"][1])
+    latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+
+    def out():
+        with torch.no_grad():
+            return model.unet(latents, torch.tensor([10]), context).sample
+
+    before = out()
+    net = create(net_config(kind), "sd1", components(model))
+    randomize(net)
+    assert (out() - before).abs().max() > 1e-4
+    net.set_multiplier(0.0)
+    assert torch.allclose(out(), before, atol=1e-6)
+    net.set_multiplier(1.0)
+    assert (out() - before).abs().max() > 1e-4
+
+
+def test_plain_lora_targets_no_3x3_conv_and_locon_does(tiny_models):
+    model = load_base(tiny_models["sd1"][1])
+    lora = {t.name: t for t in find_targets("sd1", components(model), with_convs=False)}
+    locon = {t.name: t for t in find_targets("sd1", components(model), with_convs=True)}
+    assert not any(t.conv3x3 for t in lora.values())
+    assert set(lora) < set(locon)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in locon and locon["lora_unet_down_blocks_0_resnets_0_conv1"].conv3x3
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in lora
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in lora
+
+
+def test_sdxl_names_are_sgm(tiny_models):
+    model = load_base(tiny_models["sdxl"][1])
+    names = {t.name for t in find_targets("sdxl", components(model), with_convs=True)}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_proj_in" in names
+    assert "lora_unet_output_blocks_0_1_transformer_blocks_1_attn2_to_k" in names
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in names  # a res-block conv (LoCon)
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc1" in names
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_out_proj" in names
+    assert not any("down_blocks" in n or "up_blocks" in n for n in names)
+
+
+def test_lokr_never_writes_tucker(tiny_models):
+    model = load_base(tiny_models["sd1"][1])
+    net = create(net_config("lokr", conv_dim=8), "sd1", components(model))
+    assert not any(k.endswith("lokr_t2") for k in to_kohya(net, torch.float16))

@@ -1,0 +1,97 @@
+"""Pure functions from a trained network to the `.safetensors` file that ComfyUI and WebUI load (DESIGN §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", ("sd2", "v_prediction"): "sd_v2_v",
+                      ("sd1", "v_prediction"): "sd_v1", ("sdxl", "epsilon"): "sdxl_base_v1-0",
+                      ("sdxl", "v_prediction"): "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                  "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+NETWORK_MODULE = {"lora": "networks.lora", "lycoris": "lycoris.kohya"}
+
+
+def to_kohya(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every wrapped module's factors under `<kohya name>.<param>`; alpha stays fp32 like kohya's."""
+    out: dict[str, torch.Tensor] = {}
+    for name in net.names():
+        for param, tensor in net.factors(name).items():
+            t = tensor.detach().to("cpu").contiguous()
+            out[f"{name}.{param}"] = t.float() if param == "alpha" else t.to(dtype)
+    return out
+
+
+def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_images: int, epoch: int, step: int,
+             tag_frequency: dict[str, int], bucket_info: dict, started_at: float, resolution: int,
+             mixed_precision: str) -> dict[str, str]:
+    """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands."""
+    n, o, t = cfg.network, cfg.optimizer, cfg.training
+    network_args = {"algo": net.kind} if net.exports_as == "lycoris" else {}
+    if net.uses_convs():
+        network_args |= {"conv_dim": str(n.conv_dim), "conv_alpha": str(n.conv_alpha)}
+    if net.kind == "lokr":
+        network_args["factor"] = str(n.lokr_factor)
+    v2 = arch == "sd2"
+    spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
+    now = datetime.now(timezone.utc)
+    fields = {
+        "ss_network_module": NETWORK_MODULE[net.exports_as],
+        "ss_network_dim": str(n.network_dim),
+        "ss_network_alpha": str(n.network_alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_MODEL_VERSION[(arch, prediction_type)],
+        "ss_v2": str(v2),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_output_name": t.output_name,
+        "ss_sd_model_name": base_name,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_clip_skip": str(cfg.model.clip_skip),
+        "ss_num_train_images": str(num_images),
+        "ss_num_epochs": str(epoch),
+        "ss_epoch": str(epoch),
+        "ss_steps": str(step),
+        "ss_learning_rate": str(o.learning_rate),
+        "ss_unet_lr": str(o.unet_lr or o.learning_rate),
+        "ss_text_encoder_lr": str(o.text_encoder_lr),
+        "ss_optimizer": o.optimizer_type,
+        "ss_lr_scheduler": o.lr_scheduler,
+        "ss_mixed_precision": mixed_precision,
+        "ss_seed": str(t.seed),
+        "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_noise_offset": str(t.noise_offset),
+        "ss_batch_size_per_device": str(t.train_batch_size),
+        "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
+        "ss_tag_frequency": json.dumps({Path(cfg.data.train_data_dir).name or "dataset": tag_frequency}),
+        "ss_dataset_dirs": json.dumps({Path(cfg.data.train_data_dir).name or "dataset":
+                                       {"n_repeats": bucket_info.get("repeats", 1), "img_count": num_images}}),
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(now.timestamp()),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{spec_arch}/{net.exports_as}",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+        else "diffusers",
+        "modelspec.title": f"{t.output_name} (epoch {epoch})",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": cfg.data.trigger_word,
+    }
+    return fields
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file under its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,135 @@
+"""The one interface every adapter method implements, the registry, and kohya's default target modules.
+
+The loop, the export and the tests see only `Network`: `inject()` wraps the targets, `parameter_groups()` feeds the
+optimizer, `delta(name)` is the effective weight update of one module and `factors(name)` the tensors the file stores
+for it under kohya's names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.kohya_names import kohya_name
+
+NETWORKS: dict[str, type["Network"]] = {}
+
+# kohya sd-scripts networks/lora.py: which blocks are searched for Linear / Conv2d children
+UNET_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+def register(name: str):
+    def add(cls):
+        if name in NETWORKS:
+            raise KeyError(f"network {name!r} registered twice")
+        NETWORKS[name] = cls
+        cls.kind = name
+        return cls
+
+    return add
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # kohya name, the key stem in the file
+    component: str  # "unet" | "text_encoder" | "text_encoder_2"
+    path: str  # module path inside the component
+    conv3x3: bool  # uses conv_dim / conv_alpha
+
+
+def is_conv3x3(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def find_targets(arch: str, components: dict[str, nn.Module], with_convs: bool) -> list[Target]:
+    """kohya's defaults: Linear and 1x1 convs of every UNet transformer block and every CLIP attention / MLP; with
+    `with_convs` (LoCon), also the res-blocks and up/down-samplers, whose 3x3 convs take the conv rank."""
+    targets = []
+    for component, model in components.items():
+        blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if with_convs else ()) if component == "unet" else TEXT_ENCODER_BLOCKS
+        unet_config = model.config if component == "unet" else None
+        for block_path, block in model.named_modules():
+            if type(block).__name__ not in blocks:
+                continue
+            for child_path, child in block.named_modules():
+                if not isinstance(child, (nn.Linear, nn.Conv2d)) or (is_conv3x3(child) and not with_convs):
+                    continue
+                path = f"{block_path}.{child_path}"
+                targets.append(Target(kohya_name(arch, component, path, unet_config), component, path,
+                                      is_conv3x3(child)))
+    return targets
+
+
+class Network:
+    """An adapter on the UNet and/or text encoders of one base model."""
+
+    kind: str
+    exports_as: str = "lora"  # what loaders see: "lora" (LoRA/LoCon keys) or "lycoris" (LoHa/LoKr keys)
+
+    def __init__(self, cfg, arch: str, components: dict[str, nn.Module]):
+        self.cfg = cfg
+        self.arch = arch
+        self.components = components
+        self.targets = {t.name: t for t in find_targets(arch, components, self.uses_convs())}
+
+    def uses_convs(self) -> bool:
+        return self.cfg.conv_dim > 0
+
+    def inject(self) -> int:
+        """Wrap every target; returns how many were wrapped and raises if that is not every target."""
+        raise NotImplementedError
+
+    def parameters_of(self, component: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW of one module at multiplier 1, shaped like the base weight."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors the file stores for one module, by kohya / LyCORIS parameter name (`lora_down.weight`, …)."""
+        raise NotImplementedError
+
+    def set_multiplier(self, value: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable adapter tensors, for resumable checkpoints."""
+        return {f"{c}.{i}": p.detach() for c in self.components for i, p in enumerate(self.parameters_of(c))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for c in self.components:
+                for i, p in enumerate(self.parameters_of(c)):
+                    p.copy_(state[f"{c}.{i}"])
+
+    def names(self) -> list[str]:
+        return list(self.targets)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.targets.values():
+            out[t.component] = out.get(t.component, 0) + 1
+        return out
+
+    def _check_count(self, wrapped: int) -> int:
+        if wrapped != len(self.targets):
+            raise RuntimeError(f"{self.kind}: wrapped {wrapped} modules, expected {len(self.targets)}")
+        return wrapped
+
+
+def create(cfg, arch: str, components: dict[str, nn.Module]) -> Network:
+    """The network named by `cfg.network_type`, injected into `components`."""
+    import trainer.networks  # noqa: F401  (registers the methods)
+
+    if cfg.network_type not in NETWORKS:
+        raise KeyError(f"unknown network_type {cfg.network_type!r}; choose one of {sorted(NETWORKS)}")
+    for model in components.values():
+        model.requires_grad_(False)
+    net = NETWORKS[cfg.network_type](cfg, arch, components)
+    net.inject()
+    return net
