@@ -110,3 +110,37 @@ def test_lokr_never_writes_tucker(tiny_models):
     model = load_base(tiny_models["sd1"][1])
     net = create(net_config("lokr", conv_dim=8), "sd1", components(model))
     assert not any(k.endswith("lokr_t2") for k in to_kohya(net, torch.float16))
+
+
+@pytest.mark.parametrize("arch, te_count, unet_count", [("sd1", 72, 192), ("sdxl", 264, 722)])
+def test_full_size_module_counts_match_kohya(arch, te_count, unet_count):
+    """Full-size models from the shipped configs, on the meta device: kohya sd-scripts wraps exactly this many."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.single_file import MODEL_CONFIGS
+
+    def te(name, cls):
+        return cls(CLIPTextConfig(**json.loads((MODEL_CONFIGS / arch / name / "config.json").read_text())))
+
+    with init_empty_weights():
+        comps = {"unet": UNet2DConditionModel.from_config(json.loads((MODEL_CONFIGS / arch / "unet" / "config.json")
+                                                                     .read_text())),
+                 "text_encoder": te("text_encoder", CLIPTextModel)}
+        if arch == "sdxl":
+            comps["text_encoder_2"] = te("text_encoder_2", CLIPTextModelWithProjection)
+    targets = find_targets(arch, comps, with_convs=False)
+    assert sum(t.component == "unet" for t in targets) == unet_count
+    assert sum(t.component != "unet" for t in targets) == te_count
+    assert len({t.name for t in targets}) == len(targets)
+    names = {t.name for t in targets}
+    if arch == "sd1":
+        assert "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2" in names
+        assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in names
+    else:
+        assert "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_0_proj" in names
+        assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in names
+        assert "lora_te2_text_model_encoder_layers_31_self_attn_v_proj" in names
