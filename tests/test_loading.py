@@ -128,3 +128,9 @@ def test_prediction_type_override(tiny_models):
 def test_the_network_is_blocked():
     with pytest.raises(NetworkBlocked):
         socket.create_connection(("93.184.216.34", 80), timeout=1)
+
+
+def test_family_is_read_without_loading(tiny_models):
+    from trainer.single_file import family_of
+
+    assert [family_of(tiny_models[a][i]) for a in ARCHES for i in (0, 1)] == ["sd15"] * 4 + ["sdxl"] * 2

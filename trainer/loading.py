@@ -80,9 +80,12 @@ def _own_memory(pipe) -> None:
     same weights from a .safetensors and a diffusers folder would give outputs a few ulp apart. Own copies make the
     two loads identical and release the file.
     """
-    for module in pipe.components.values():
+    for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
-            for t in list(module.parameters()) + list(module.buffers()):
+            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if t.is_meta:
+                    raise CheckpointError(f"the {name} of this model has no weights for {key}: the file is "
+                                          "incomplete or of an unknown variant")
                 t.data = t.data.clone()
 
 

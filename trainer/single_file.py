@@ -218,3 +218,17 @@ def write_config_dir(arch: str, shapes: Shapes, pred: str, out: Path) -> Path:
     sched["prediction_type"] = pred
     sched_file.write_text(json.dumps(sched, indent=2))
     return out
+
+
+def family_of(source: str | Path) -> str:
+    """"sdxl" or "sd15" (SD 1.x and 2.x share presets), read cheaply: a folder's model_index.json or a
+    .safetensors header. Needs no torch, so the web UI can pick a preset variant as soon as a model is chosen."""
+    path = Path(source)
+    if str(source) == "demo":
+        return "sd15"
+    if path.is_dir() and (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        return "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return "sdxl" if detect(read_safetensors_shapes(path), path.name) == "sdxl" else "sd15"
+    return "sdxl" if "xl" in str(source).lower() else "sd15"  # a .ckpt or hub id: the name is the best cheap hint
