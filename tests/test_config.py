@@ -1,0 +1,113 @@
+"""The one typed config: presets, layers, TOML round trips, field-named errors, kohya import."""
+
+import subprocess
+import sys
+
+import pytest
+
+from trainer import config
+from trainer.config import ConfigError
+
+
+@pytest.mark.parametrize("preset", config.list_presets())
+@pytest.mark.parametrize("family", config.FAMILIES)
+def test_every_preset_builds_and_round_trips(tmp_path, preset, family):
+    cfg = config.build(preset, family)
+    assert cfg.preset == preset and cfg.family == family
+    config.save(cfg, tmp_path / "config.toml")
+    assert config.load(tmp_path / "config.toml") == cfg
+
+
+def test_presets_hold_what_the_field_uses():
+    assert config.list_presets() == ["character", "lokr", "scene", "style"]
+    c = config.build("character", "sd15")
+    assert (c.optimizer.unet_lr, c.optimizer.text_encoder_lr) == (5e-4, 5e-5)
+    assert (c.network.network_dim, c.network.network_alpha, c.data.resolution) == (32, 16.0, 512)
+    x = config.build("character", "sdxl")
+    assert (x.data.resolution, x.data.repeats_budget, x.data.max_bucket_reso) == (1024, 200, 2048)
+    s = config.build("style", "sd15")
+    assert s.network.network_train_unet_only and s.optimizer.text_encoder_lr == 0
+    k = config.build("lokr", "sd15")
+    assert (k.network.network_type, k.network.lokr_factor, k.optimizer.unet_lr) == ("lokr", 8, 1e-3)
+    assert config.resolve_repeats(c, 8) == 50 and config.resolve_repeats(x, 8) == 25
+
+
+def test_layers_override_the_preset_flat_or_sectioned():
+    flat = config.build("character", "sd15", {"network_dim": 8, "sample_prompts": ["a", "b"]})
+    sectioned = config.build("character", "sd15", {"network": {"network_dim": 8}, "sample": {"sample_prompts": ["a", "b"]}})
+    assert flat == sectioned and flat.network.network_dim == 8 and flat.sample.sample_prompts == ["a", "b"]
+    over = config.parse_overrides(["network_dim=8", "network.network_alpha=4", 'sample_prompts=["a", "b"]',
+                                   "output_name=my lora"])
+    assert over == {"network_dim": 8, "network_alpha": 4, "sample_prompts": ["a", "b"], "output_name": "my lora"}
+    assert config.build("character", "sd15", {"network_dim": "16"}).network.network_dim == 16  # form strings
+
+
+@pytest.mark.parametrize("layer, field, words", [
+    ({"network_alpha": -1}, "network.network_alpha", ["-1", "> 0", "1024"]),
+    ({"resolution": 500}, "data.resolution", ["500", "multiple of 64"]),
+    ({"train_batch_size": 0}, "training.train_batch_size", ["0", ">= 1", "256"]),
+    ({"sample_sampler": "foo"}, "sample.sample_sampler", ["'foo'", "euler_a", "ddim"]),
+    ({"netwrok_dim": 8}, "netwrok_dim", ["did you mean 'network_dim'"]),
+    ({"network_dim": "lots"}, "network.network_dim", ["'lots'", "number"]),
+    ({"resolution": 2048}, "data.resolution", ["between min_bucket_reso", "max_bucket_reso (1024)"]),
+])
+def test_bad_values_name_the_field_value_and_range(layer, field, words):
+    with pytest.raises(ConfigError) as e:
+        config.build("character", "sd15", layer)
+    assert e.value.field == field
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'portrait'; choose one of: character, lokr, scene, style"):
+        config.build("portrait", "sd15")
+
+
+def test_load_applies_overrides_and_reports_bad_toml(tmp_path):
+    path = tmp_path / "config.toml"
+    config.save(config.build("style", "sdxl"), path)
+    cfg = config.load(path, ["network_dim=4", "seed=7"])
+    assert (cfg.network.network_dim, cfg.training.seed, cfg.data.resolution) == (4, 7, 1024)
+    path.write_text("[network\nnetwork_dim = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(path)
+
+
+def test_field_help_for_the_ui():
+    info = config.field_help("network_alpha")
+    assert info["range"] == (0, 1024) and info["section"] == "network" and info["type"] == "float"
+    assert config.field_help("sample_sampler")["choices"][0] == "euler_a"
+
+
+def test_kohya_toml_imports(tmp_path):
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text('''
+pretrained_model_name_or_path = "/models/sd15.safetensors"
+network_module = "networks.lora"
+network_args = ["conv_dim=4", "conv_alpha=1"]
+network_dim = 16
+network_alpha = 8
+learning_rate = 1e-4
+unet_lr = 2e-4
+text_encoder_lr = 5e-5
+resolution = "512,512"
+train_batch_size = 2
+xformers = true
+output_dir = "/out"
+mystery_knob = 3
+''')
+    flat, warnings = config.import_kohya(kohya)
+    cfg = config.build(None, "sd15", flat)
+    assert (cfg.network.network_type, cfg.network.conv_dim, cfg.network.network_dim) == ("locon", 4, 16)
+    assert (cfg.optimizer.unet_lr, cfg.data.resolution, cfg.model.attention) == (2e-4, 512, "xformers")
+    assert any(w.startswith("output_dir") for w in warnings) and any("mystery_knob" in w for w in warnings)
+    flat, _ = config.import_kohya({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]})
+    assert flat == {"network_type": "lokr", "lokr_factor": 8}
+    with pytest.raises(ConfigError, match="networks.dylora"):
+        config.import_kohya({"network_module": "networks.dylora"})
+
+
+def test_config_module_stays_light():
+    code = "import sys, trainer.config; assert 'torch' not in sys.modules and 'gradio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=config.PRESETS_DIR.parent)

@@ -1,0 +1,246 @@
+"""Real training runs on the tiny models: the loop, the file it writes, resume after SIGTERM, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+from tests import lora_files
+from tests.test_networks import base_weights
+from trainer import config
+from trainer.events import read_all
+from trainer.loading import load_base
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {  # small enough that a step takes well under a second on one CPU thread
+    "data": {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "num_repeats": 1,
+             "bucket_no_upscale": False, "trigger_word": "zxq"},
+    "network": {"network_dim": 4, "network_alpha": 2.0},
+    "training": {"train_batch_size": 2, "max_train_epochs": 2, "max_train_steps": 0, "save_every_n_epochs": 1,
+                 "save_every_n_steps": 0, "save_precision": "float"},
+    "sample": {"sample_every_n_epochs": 0, "sample_every_n_steps": 0, "sample_steps": 3},
+}
+REQUIRED_METADATA = [
+    "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2",
+    "ss_output_name", "ss_sd_model_name", "ss_resolution", "ss_clip_skip", "ss_num_train_images", "ss_num_epochs",
+    "ss_epoch", "ss_steps", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_optimizer",
+    "ss_mixed_precision", "ss_seed", "ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info",
+    "ss_training_started_at", "ss_training_finished_at", "modelspec.sai_model_spec", "modelspec.architecture",
+    "modelspec.title", "modelspec.resolution", "modelspec.date", "modelspec.prediction_type",
+    "modelspec.trigger_phrase"]
+
+
+def draw_dataset(folder: Path, n: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = (64, 64) if i % 2 else (96, 64)
+        im = Image.new("RGB", (w, h), (255, 255, 255))
+        ImageDraw.Draw(im).ellipse((8 + i, 8, 48 + i, 48), fill=(200, 30 + 20 * i, 30))
+        im.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("zxq, red circle, white background")
+    return folder
+
+
+def make_run(tmp_path: Path, base: Path, *layers: dict, preset: str = "character") -> tuple[Path, config.TrainConfig]:
+    run_dir = tmp_path / "run"
+    dataset = draw_dataset(run_dir / "dataset")
+    family = "sdxl" if "sdxl" in Path(base).name else "sd15"
+    cfg = config.build(preset, family, TINY, {"model": {"pretrained_model_name_or_path": str(base)},
+                                              "data": {"train_data_dir": str(dataset)}}, *layers)
+    config.save(cfg, run_dir / "config.toml")
+    return run_dir, cfg
+
+
+def train_run(run_dir: Path) -> Path | None:
+    from trainer.train import train
+
+    return train(config.load(run_dir / "config.toml"), run_dir)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_all(run_dir) if e["type"] == "step"}
+
+
+def check_file(path: Path, model, arch: str, prediction: str) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    assert not missing, missing
+    fresh = base_weights(model)
+    for name, params in lora_files.modules(path).items():
+        assert name in fresh, name
+        for param, tensor in params.items():
+            assert tensor.dtype == torch.float32
+        assert lora_files.delta(params, fresh[name].shape).shape == fresh[name].shape
+    versions = {("sd1", "epsilon"): "sd_v1", ("sd2", "v_prediction"): "sd_v2_v", ("sdxl", "epsilon"): "sdxl_base_v1-0"}
+    assert meta["ss_base_model_version"] == versions[(arch, prediction)]
+    assert meta["ss_v2"] == str(arch == "sd2")
+    assert meta["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
+    assert meta["modelspec.trigger_phrase"] == "zxq"
+    assert json.loads(meta["ss_tag_frequency"]) == {"dataset": {"zxq": 6, "red circle": 6, "white background": 6}}
+    assert meta["ss_num_train_images"] == "6"
+    return meta
+
+
+@pytest.mark.parametrize("arch, form", [("sd1", 0), ("sd2", 1), ("sdxl", 1)])
+def test_a_run_finishes_and_writes_a_loadable_file(tiny_models, tmp_path, arch, form):
+    source = tiny_models[arch][form]
+    run_dir, cfg = make_run(tmp_path, source, {"sample": {"sample_every_n_epochs": 1,
+                                                          "sample_prompts": ["{trigger}, a red circle"]}})
+    final = train_run(run_dir)
+    assert final == run_dir / "output" / "lora.safetensors" and final.is_file()
+    steps = losses(run_dir)
+    assert len(steps) == 6 and all(torch.isfinite(torch.tensor(v)) for v in steps.values())
+    assert (run_dir / "output" / "lora-000001.safetensors").is_file()  # epoch 1 of 2; epoch 2 is the final
+    model = load_base(source)
+    meta = check_file(final, model, arch, model.prediction_type)
+    assert meta["ss_steps"] == "6" and meta["ss_epoch"] == "2"
+    samples = [e for e in read_all(run_dir) if e["type"] == "sample"]
+    assert [e["step"] for e in samples] == [0, 3, 6]
+    image = Image.open(run_dir / samples[-1]["path"])
+    assert image.size == (64, 64)
+    assert "Steps: 3, Sampler: Euler a" in image.text["parameters"]
+    assert [e["type"] for e in read_all(run_dir)][-1] == "done"
+
+
+def test_diffusers_loads_the_file_and_it_changes_the_output(tiny_models, tmp_path):
+    run_dir, _ = make_run(tmp_path, tiny_models["sdxl"][1], {"network": {"network_type": "locon", "conv_dim": 2,
+                                                                         "conv_alpha": 1.0}})
+    final = train_run(run_dir)
+    pipe = load_base(tiny_models["sdxl"][0]).pipeline
+
+    def image():
+        return pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    before = image()
+    pipe.load_lora_weights(str(final))
+    adapters = pipe.get_list_adapters()
+    assert set(adapters) == {"unet", "text_encoder", "text_encoder_2"}
+    assert abs(image() - before).max() > 1e-4
+
+
+def test_the_file_holds_exactly_the_trained_update(tiny_models, tmp_path):
+    from trainer.networks import create
+    from trainer.train import train
+
+    for kind in ("lora", "lokr"):
+        run_dir, cfg = make_run(tmp_path / kind, tiny_models["sd1"][1], {"network": {"network_type": kind}})
+        final = train(cfg, run_dir)
+        model = load_base(tiny_models["sd1"][1])
+        components = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
+        net = create(cfg.network, "sd1", components)
+        from trainer.checkpoint import latest, load_adapter
+
+        load_adapter(latest(run_dir), net)
+        fresh = base_weights(load_base(tiny_models["sd1"][1]))
+        for name, params in lora_files.modules(final).items():
+            want = net.delta(name)
+            assert want.abs().max() > 0, name
+            assert (lora_files.delta(params, fresh[name].shape) - want).abs().max() <= 1e-5, name
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_models, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from trainer.loss import DenoisingLoss
+    from trainer.networks import create
+
+    model = load_base(tiny_models["sd1"][1])
+    cfg = config.build("character", "sd15", TINY)
+    net = create(cfg.network, "sd1", {"unet": model.unet})
+    loss_fn = DenoisingLoss(DDPMScheduler.from_config(model.pipeline.scheduler.config), "epsilon")
+    latents, hidden = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 64)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return loss_fn(model.unet, latents, hidden, generator=torch.Generator().manual_seed(0)).item()
+
+    opt = torch.optim.AdamW(net.parameters_of("unet"), lr=3e-3)
+    before = fixed_loss()
+    for _ in range(30):
+        loss = loss_fn(model.unet, latents, hidden, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert fixed_loss() < 0.7 * before
+
+
+def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):
+    import trainer.train
+    from trainer.loss import TrainingError
+
+    def broken_base(*args, **kwargs):  # weights that overflowed, as a too-high learning rate leaves them
+        model = load_base(*args, **kwargs)
+        with torch.no_grad():
+            model.unet.conv_out.weight.fill_(float("inf"))
+        return model
+
+    monkeypatch.setattr(trainer.train, "load_base", broken_base)
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"model": {"mixed_precision": "fp16"}})
+    with pytest.raises(TrainingError, match="learning rate is probably too high"):
+        train_run(run_dir)
+    assert not (run_dir / "output").exists()
+
+
+def worker(run_dir: Path, *launcher: str) -> subprocess.Popen:
+    cmd = [*launcher, "-m", "trainer", str(run_dir)] if launcher else [sys.executable, "-m", "trainer", str(run_dir)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
+    layer = {"training": {"max_train_epochs": 4, "save_every_n_steps": 2, "save_every_n_epochs": 1}}
+    alone, _ = make_run(tmp_path / "alone", tiny_models["sd1"][1], layer)
+    assert train_run(alone) is not None
+    reference = losses(alone)
+
+    run_dir, _ = make_run(tmp_path / "cut", tiny_models["sd1"][1], layer)
+    proc = worker(run_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "checkpoint" and "state" in e["path"]
+                                             for e in read_all(run_dir)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, out
+    events = read_all(run_dir)
+    assert events[-1]["type"] == "cancelled"
+    cut_at = events[-1]["step"]
+    assert cut_at < len(reference)
+    files_before = {p: p.stat().st_mtime_ns for p in (run_dir / "output").glob("*.safetensors")}
+
+    proc = worker(run_dir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    resumed = losses(run_dir)
+    assert set(resumed) == set(reference)
+    for step in range(cut_at + 1, len(reference) + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    for p, mtime in files_before.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p.name} was overwritten"
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_identical_adapter(tiny_models, tmp_path):
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"training": {"max_train_epochs": 2}})
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    proc = worker(run_dir, accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    messages = [e["message"] for e in read_all(run_dir) if e["type"] == "status"]
+    assert any("2 processes hold identical adapters" in m for m in messages), messages
+    assert (run_dir / "output" / "lora.safetensors").is_file()
+    assert sum(e["type"] == "done" for e in read_all(run_dir)) == 1  # one writer of events

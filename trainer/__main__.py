@@ -1,0 +1,117 @@
+"""The training worker's command line.
+
+    python -m trainer RUN_DIR [--set key=value ...]
+        Train the run whose config.toml is in RUN_DIR, resuming from its newest state if it has one.
+    python -m trainer new --base MODEL --images DIR --preset NAME --runs-dir DIR [--set key=value ...] [--no-train]
+        Make a run directory from a base model, a folder of images (with optional .txt captions), a preset and
+        overrides; print its path; then train it.
+
+Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
+Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_CANCELLED = 3
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] == "new":
+        p = argparse.ArgumentParser(prog="python -m trainer new", description="Make a run directory and train it.")
+        p.add_argument("--base", required=True, help="diffusers folder, .safetensors/.ckpt file, hub id, or 'demo'")
+        p.add_argument("--images", required=True, type=Path, help="folder of images with optional .txt captions")
+        p.add_argument("--preset", required=True, help="character, style, scene or lokr")
+        p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+        p.add_argument("--name", help="run folder name (default: date-time and preset)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--no-train", action="store_true", help="only make the run directory")
+        args = p.parse_args(argv[1:])
+        args.command = "new"
+        return args
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a run directory holding config.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    args.command = "train"
+    return args
+
+
+def setup_logging(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "worker.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler()])
+    logging.captureWarnings(True)
+
+
+def install_signals(stop) -> None:
+    def handler(signum, frame):
+        if stop.requested:  # the second signal: end now
+            logging.getLogger("trainer").warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        stop.requested = True
+        logging.getLogger("trainer").info("%s: saving state and stopping", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(run_dir: Path, overrides: list[str]) -> int:
+    from trainer import config
+    from trainer.events import EventWriter
+    from trainer.train import StopFlag, train
+
+    setup_logging(run_dir)
+    stop = StopFlag()
+    install_signals(stop)
+    events = EventWriter(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        cfg = config.load(run_dir / "config.toml", overrides)
+        final = train(cfg, run_dir, stop)
+    except Exception as e:
+        logging.getLogger("trainer").error("training failed:\n%s", traceback.format_exc())
+        events.emit("error", message=user_message(e))
+        return 1
+    if final is None:
+        return EXIT_CANCELLED
+    print(final)
+    return 0
+
+
+def user_message(e: Exception) -> str:
+    from trainer.config import ConfigError
+    from trainer.loss import TrainingError
+    from trainer.single_file import CheckpointError
+
+    if isinstance(e, (ConfigError, TrainingError, CheckpointError)):
+        return str(e)
+    if "out of memory" in str(e).lower():
+        return ("The GPU ran out of memory. Lower train_batch_size or resolution, turn on gradient_checkpointing, "
+                "or use cache_latents. Details are in worker.log.")
+    return f"{type(e).__name__}: {e} (the full traceback is in worker.log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "new":
+        from trainer.rundir import create_run
+
+        run_dir = create_run(args.runs_dir, args.base, args.images, args.preset, args.overrides, args.name)
+        print(run_dir, flush=True)
+        return 0 if args.no_train else run(run_dir, [])
+    if not (args.run_dir / "config.toml").is_file():
+        print(f"{args.run_dir}: no config.toml (make a run with `python -m trainer new ...`)", file=sys.stderr)
+        return 2
+    return run(args.run_dir, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

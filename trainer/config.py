@@ -1,0 +1,439 @@
+"""One typed config: the only thing that crosses from the web UI to the training worker (DESIGN §2).
+
+Field names are kohya sd-scripts' wherever kohya has the option, so a kohya user's settings carry over. A config is
+built from a preset (data in presets/), then layers on top (a run's TOML, a form, `--set key=value`), then validated:
+every error names the field, the value and what is allowed. Standard library only: the web UI imports this.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
+
+
+class ConfigError(ValueError):
+    """A bad value; `str(e)` reads like `network.network_alpha = -1: must be > 0 and <= 1024`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if not message.startswith(field) else message)
+        self.field = field
+
+
+def opt(default, help: str, range: tuple | None = None, choices: tuple | None = None, exclusive_low: bool = False):
+    meta = {"help": help}
+    if range is not None:
+        meta["range"] = range
+        meta["exclusive_low"] = exclusive_low
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str = opt("demo", "diffusers folder, .safetensors/.ckpt file, hub id, or 'demo'")
+    prediction_type: str = opt("auto", "auto = read from the checkpoint", choices=("auto", "epsilon", "v_prediction"))
+    clip_skip: int = opt(1, "text-encoder layer from the end (1 = last; 2 for anime-style SD1 models)", (1, 12))
+    mixed_precision: str = opt("auto", "auto = bf16 on a bf16 GPU, fp16 on other GPUs, off on CPU",
+                               choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "recompute activations: much less memory, ~30% slower")
+    attention: str = opt("sdpa", "attention kernel (xformers when installed on CUDA)", choices=("sdpa", "xformers"))
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network_type: str = opt("lora", "adapter method", choices=NETWORK_TYPES)
+    network_dim: int = opt(32, "rank of the linear layers", (1, 1024))
+    network_alpha: float = opt(16.0, "scale = alpha / dim", (0, 1024), exclusive_low=True)
+    conv_dim: int = opt(0, "rank of 3x3 convs (LoCon / LoHa / LoKr); 0 = no convs", (0, 1024))
+    conv_alpha: float = opt(1.0, "scale of 3x3 convs = conv_alpha / conv_dim", (0, 1024), exclusive_low=True)
+    lokr_factor: int = opt(-1, "LoKr Kronecker factor; -1 = automatic", (-1, 64))
+    network_dropout: float = opt(0.0, "dropout on the adapter's input", (0.0, 1.0))
+    network_train_unet_only: bool = opt(False, "leave the text encoder untouched")
+    network_train_text_encoder_only: bool = opt(False, "train only the text encoder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_data_dir: str = opt("", "folder of images with .txt captions (kohya N_name sub-folders allowed)")
+    resolution: int = opt(512, "training size: a bucket holds at most resolution² pixels", (64, 4096))
+    enable_bucket: bool = opt(True, "aspect-ratio buckets instead of square crops")
+    min_bucket_reso: int = opt(256, "smallest bucket side", (64, 4096))
+    max_bucket_reso: int = opt(1024, "largest bucket side", (64, 8192))
+    bucket_no_upscale: bool = opt(True, "never enlarge a small image to fill a bucket")
+    num_repeats: int = opt(0, "times each image is seen per epoch; 0 = auto from repeats_budget", (0, 10000))
+    repeats_budget: int = opt(400, "auto repeats = ceil(repeats_budget / number of images)", (1, 100000))
+    caption_extension: str = opt(".txt", "caption sidecar extension")
+    shuffle_caption: bool = opt(False, "shuffle comma-separated tags each step")
+    keep_tokens: int = opt(0, "leading tags kept in place when shuffling", (0, 75))
+    caption_dropout_rate: float = opt(0.0, "chance a caption is dropped (trains unconditional)", (0.0, 1.0))
+    flip_aug: bool = opt(False, "random horizontal flips (not for asymmetric subjects)")
+    cache_latents: bool = opt(True, "encode images once instead of every step")
+    cache_latents_to_disk: bool = opt(False, "keep the cached latents on disk for the next run")
+    cache_text_encoder_outputs: bool = opt(True, "encode captions once when the text encoder is frozen")
+    trigger_word: str = opt("", "word that calls up the concept; kept first in every caption")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str = opt("AdamW", "optimizer", choices=("AdamW", "AdamW8bit", "Prodigy", "Adafactor"))
+    learning_rate: float = opt(1e-4, "default learning rate", (0, 1), exclusive_low=True)
+    unet_lr: float = opt(0.0, "UNet learning rate; 0 = learning_rate", (0.0, 1.0))
+    text_encoder_lr: float = opt(5e-5, "text-encoder learning rate; 0 = text encoder not trained", (0.0, 1.0))
+    lr_scheduler: str = opt("cosine", "learning-rate schedule", choices=(
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: float = opt(0.0, "warm-up steps, or a fraction of all steps when below 1", (0.0, 1e6))
+    lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts", (1, 100))
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 = off", (0.0, 1e4))
+    weight_decay: float = opt(0.01, "AdamW weight decay", (0.0, 1.0))
+    optimizer_args: list = opt([], 'extra optimizer arguments, e.g. ["betas=0.9,0.99"]')
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    train_batch_size: int = opt(1, "images per step", (1, 256))
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step", (1, 1024))
+    max_train_epochs: int = opt(10, "epochs; 0 = use max_train_steps", (0, 10000))
+    max_train_steps: int = opt(0, "cap on optimizer steps; 0 = no cap", (0, 1_000_000))
+    seed: int = opt(42, "random seed", (0, 2**32 - 1))
+    min_snr_gamma: float = opt(5.0, "min-SNR loss weighting γ; 0 = off", (0.0, 20.0))
+    noise_offset: float = opt(0.0, "noise offset (darker darks, brighter brights); 0 = off", (0.0, 1.0))
+    save_every_n_epochs: int = opt(1, "write a .safetensors every N epochs; 0 = only the final", (0, 10000))
+    save_every_n_steps: int = opt(0, "write a resumable state every N steps; 0 = at the end and on cancel",
+                                  (0, 1_000_000))
+    output_name: str = opt("lora", "file name of the LoRA (letters, digits, - _ . and spaces)")
+    save_precision: str = opt("fp16", "precision of the saved file", choices=("fp16", "bf16", "float"))
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sample_every_n_steps: int = opt(0, "sample every N steps; 0 = off", (0, 1_000_000))
+    sample_every_n_epochs: int = opt(1, "sample every N epochs; 0 = off", (0, 10000))
+    sample_prompts: list = opt(["{trigger}"], "prompts; {trigger} becomes the trigger word")
+    sample_sampler: str = opt("euler_a", "sampler", choices=("euler_a", "euler", "dpm++_2m_karras", "ddim"))
+    sample_steps: int = opt(20, "sampling steps", (1, 150))
+    sample_cfg_scale: float = opt(7.0, "classifier-free guidance scale", (1.0, 30.0))
+    sample_seed: int = opt(1234, "seed of every sample", (0, 2**32 - 1))
+    sample_width: int = opt(0, "width; 0 = resolution", (0, 4096))
+    sample_height: int = opt(0, "height; 0 = resolution", (0, 4096))
+
+
+SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "training": TrainingConfig, "sample": SampleConfig}
+SECTION_OF = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+TOP_LEVEL = ("preset", "family", "description")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preset: str = ""
+    family: str = "sd15"
+
+
+# --- building ---
+
+def _field(name: str):
+    return next(f for f in fields(SECTIONS[SECTION_OF[name]]) if f.name == name)
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, list(SECTION_OF), n=1)
+    return ConfigError(key, f"unknown setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def _flatten(d: dict) -> dict:
+    """Sectioned or flat -> flat {field: value}; unknown keys raise, naming the closest real one."""
+    flat = {}
+    for key, value in d.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                if SECTION_OF.get(k) != key:
+                    raise _unknown(f"{key}.{k}") if k not in SECTION_OF else ConfigError(
+                        f"{key}.{k}", f"belongs in [{SECTION_OF[k]}], not [{key}]")
+                flat[k] = v
+        elif key in TOP_LEVEL:
+            flat[key] = value
+        elif key in SECTION_OF:
+            flat[key] = value
+        else:
+            raise _unknown(key)
+    return flat
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _field(name)
+    want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str,
+                                                     "list": list}[str(f.type)]
+    where = f"{SECTION_OF[name]}.{name}"
+    if want is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"{where} = {value!r}: must be true or false")
+        return value
+    if want in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if want is float or "." in value or "e" in value.lower() else int(value)
+            except ValueError:
+                raise ConfigError(where, f"{where} = {value!r}: must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"{where} = {value!r}: must be a number")
+        if want is int:
+            if float(value) != int(value):
+                raise ConfigError(where, f"{where} = {value!r}: must be a whole number")
+            return int(value)
+        return float(value)
+    if want is list:
+        if isinstance(value, str):
+            return [value] if value else []
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(where, f"{where} = {value!r}: must be a list of strings")
+        return list(value)
+    return str(value)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    flat = _flatten(d)
+    sections = {s: {} for s in SECTIONS}
+    for key, value in flat.items():
+        if key in TOP_LEVEL:
+            continue
+        sections[SECTION_OF[key]][key] = _coerce(key, value)
+    cfg = TrainConfig(**{s: SECTIONS[s](**v) for s, v in sections.items()},
+                      preset=str(flat.get("preset", "")), family=str(flat.get("family", "sd15")))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise the first ConfigError: ranges and choices of every field, then the rules between fields."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            value, meta, where = getattr(obj, f.name), f.metadata, f"{section}.{f.name}"
+            if "choices" in meta and value not in meta["choices"]:
+                raise ConfigError(where, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}")
+            if "range" in meta:
+                lo, hi = meta["range"]
+                low_ok = value > lo if meta.get("exclusive_low") else value >= lo
+                if not (low_ok and value <= hi):
+                    rel = ">" if meta.get("exclusive_low") else ">="
+                    raise ConfigError(where, f"{where} = {value!r}: must be {rel} {lo} and <= {hi}")
+    d, n, t = cfg.data, cfg.network, cfg.training
+    for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+        if getattr(d, name) % 64:
+            raise ConfigError(f"data.{name}", f"data.{name} = {getattr(d, name)}: must be a multiple of 64")
+    if d.enable_bucket and not d.min_bucket_reso <= d.resolution <= d.max_bucket_reso:
+        raise ConfigError("data.resolution", f"data.resolution = {d.resolution}: must lie between min_bucket_reso "
+                                             f"({d.min_bucket_reso}) and max_bucket_reso ({d.max_bucket_reso})")
+    for name in ("sample_width", "sample_height"):
+        if getattr(cfg.sample, name) % 64:
+            raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
+                                                "multiple of 64 (or 0 = resolution)")
+    if n.network_train_unet_only and n.network_train_text_encoder_only:
+        raise ConfigError("network.network_train_unet_only",
+                          "network_train_unet_only and network_train_text_encoder_only cannot both be true")
+    if n.lokr_factor == 0:
+        raise ConfigError("network.lokr_factor", "network.lokr_factor = 0: use -1 (automatic) or 1..64")
+    if not t.max_train_epochs and not t.max_train_steps:
+        raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
+    if not re.fullmatch(r"[\w\-. ]+", t.output_name):
+        raise ConfigError("training.output_name", f"training.output_name = {t.output_name!r}: use letters, "
+                                                  "digits, - _ . and spaces")
+    if cfg.family not in FAMILIES:
+        raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def deep_merge(*layers: dict) -> dict:
+    """Later layers win; each layer may be flat or sectioned."""
+    out: dict = {}
+    for layer in layers:
+        out |= _flatten(layer)
+    return out
+
+
+# --- presets ---
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_dict(name: str, family: str) -> dict:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    if family not in FAMILIES:
+        raise ConfigError("family", f"family = {family!r}: choose one of {', '.join(FAMILIES)}")
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    variant = data.pop(family, {}) if family != "sd15" else {}
+    data.pop("sdxl", None)
+    description = data.pop("description", "")
+    flat = deep_merge(data, variant)
+    return flat | {"preset": name, "family": family, "description": description}
+
+
+def build(preset: str | None, family: str, *layers: dict) -> TrainConfig:
+    base = preset_dict(preset, family) if preset else {"family": family}
+    merged = deep_merge(base, *layers)
+    merged.pop("description", None)
+    return from_dict(merged)
+
+
+def resolve_repeats(cfg: TrainConfig, num_images: int) -> int:
+    d = cfg.data
+    return d.num_repeats if d.num_repeats > 0 else max(1, math.ceil(d.repeats_budget / max(num_images, 1)))
+
+
+# --- TOML ---
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """["network_dim=8", "network.network_alpha=4", 'sample_prompts=["a", "b"]'] -> a flat dict."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(item, f"override {item!r}: expected key=value")
+        key = key.strip().split(".")[-1]
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key] = value
+    return out
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    out: dict = {"preset": cfg.preset, "family": cfg.family}
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        out[section] = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    d = to_dict(cfg)
+    lines = [f"preset = {_toml_value(d.pop('preset'))}", f"family = {_toml_value(d.pop('family'))}"]
+    for section, values in d.items():
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save(cfg: TrainConfig, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load(path: Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A run's TOML; `preset`/`family` at its top start it from that preset, overrides go on top."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"{path}: not valid TOML ({e})") from None
+    preset, family = data.get("preset") or None, data.get("family", "sd15")
+    return build(preset, family, data, parse_overrides(overrides))
+
+
+def field_help(name: str) -> dict:
+    """For the UI: help text, range or choices, default and type of one field."""
+    f = _field(name.split(".")[-1])
+    default = f.default if f.default is not MISSING else f.default_factory()
+    info = {"help": f.metadata.get("help", ""), "default": default, "section": SECTION_OF[f.name],
+            "type": f.type if isinstance(f.type, str) else f.type.__name__}
+    for key in ("range", "choices"):
+        if key in f.metadata:
+            info[key] = f.metadata[key]
+    return info
+
+
+def with_values(cfg: TrainConfig, **values) -> TrainConfig:
+    """A copy with some fields changed (flat names), validated."""
+    sections = {s: {k: v for k, v in values.items() if SECTION_OF.get(k) == s} for s in SECTIONS}
+    new = replace(cfg, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items() if v})
+    validate(new)
+    return new
+
+
+# --- kohya sd-scripts training TOML ---
+
+KOHYA_ONLY = {"output_dir", "logging_dir", "save_model_as", "log_with", "log_prefix", "sample_prompts_file",
+              "persistent_data_loader_workers", "max_data_loader_n_workers", "save_state", "dataset_config",
+              "huggingface_repo_id", "wandb_api_key", "sdpa", "mem_eff_attn", "lowram", "highvram", "v2",
+              "v_parameterization", "sdxl", "network_weights", "in_json", "reg_data_dir", "full_fp16", "full_bf16"}
+KOHYA_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+
+
+def import_kohya(source) -> tuple[dict, list[str]]:
+    """A kohya sd-scripts training TOML (flat keys; its [sections] are ignored, as kohya does) -> (our flat dict,
+    warnings). Unknown keys become warnings; an unsupported network is an error."""
+    data = tomllib.loads(Path(source).read_text(encoding="utf-8")) if not isinstance(source, dict) else source
+    flat: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= value
+        else:
+            flat[key] = value
+    out, warnings = {}, []
+    args = dict(a.split("=", 1) for a in flat.pop("network_args", []) if "=" in a)
+    module = flat.pop("network_module", "networks.lora")
+    if module == "networks.lora":
+        out["network_type"] = "locon" if int(args.get("conv_dim", 0) or 0) > 0 else "lora"
+    elif module == "lycoris.kohya":
+        algo = args.get("algo", "lora").lower()
+        if algo not in KOHYA_ALGOS:
+            raise ConfigError("network_module", f"LyCORIS algo {algo!r} is not supported; use one of "
+                                                f"{', '.join(KOHYA_ALGOS)}")
+        out["network_type"] = KOHYA_ALGOS[algo]
+    else:
+        raise ConfigError("network_module", f"network_module {module!r} is not supported; use networks.lora or "
+                                            "lycoris.kohya")
+    for key in ("conv_dim", "conv_alpha"):
+        if key in args:
+            out[key] = float(args[key]) if key == "conv_alpha" else int(args[key])
+    if "factor" in args:
+        out["lokr_factor"] = int(args["factor"])
+    if flat.pop("xformers", False):
+        out["attention"] = "xformers"
+    if "pretrained_model_name_or_path" in flat:
+        out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
+    for key, value in flat.items():
+        if key in SECTION_OF:
+            out[key] = value
+        elif key in KOHYA_ONLY:
+            warnings.append(f"{key}: a kohya option with no effect here; ignored")
+        else:
+            warnings.append(f"{key}: unknown setting; ignored")
+    if isinstance(out.get("resolution"), str):  # kohya writes "512" or "512,768"
+        out["resolution"] = max(int(v) for v in out["resolution"].split(","))
+    return out, warnings

@@ -1,0 +1,130 @@
+"""The training set: images with captions, in aspect-ratio buckets, drawn as batches of one bucket at a time.
+
+The order of every epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches the
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from datasets_tools.buckets import bucket_batches, bucket_for_image, cover_crop_box, make_buckets
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # `10_name class`: 10 repeats, class text "name class"
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    caption: str
+    repeats: int
+    size: tuple[int, int]  # original (w, h)
+    bucket: tuple[int, int]  # training (w, h)
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def scan(folder: Path, caption_extension: str = ".txt") -> list[tuple[Path, str, int | None]]:
+    """(image, caption, repeats or None) for the images in `folder` and in kohya `N_name` sub-folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"train_data_dir {folder} is not a folder")
+    places: list[tuple[Path, int | None, str]] = [(folder, None, "")]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if m := KOHYA_FOLDER.match(sub.name):
+            places.append((sub, int(m.group(1)), m.group(2)))
+    found = []
+    for place, repeats, class_text in places:
+        for image in sorted(p for p in place.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            sidecar = image.with_suffix(caption_extension)
+            caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else class_text
+            found.append((image, " ".join(caption.split()), repeats))
+    return found
+
+
+def build_items(found, resolution: int, min_reso: int, max_reso: int, no_upscale: bool, repeats: int,
+                enable_bucket: bool = True) -> tuple[list[Item], list[str]]:
+    """Items with their buckets, and a message for each image that could not be read (it is skipped)."""
+    buckets = make_buckets(resolution, min_reso, max_reso) if enable_bucket else [(resolution, resolution)]
+    items, skipped = [], []
+    for path, caption, own_repeats in found:
+        try:
+            with Image.open(path) as im:
+                w, h = ImageOps.exif_transpose(im).size if _rotated(im) else im.size
+        except Exception as e:  # a broken file must not stop the run: name it and go on
+            skipped.append(f"{path.name}: {type(e).__name__}: {e}")
+            continue
+        bucket = bucket_for_image(w, h, buckets, no_upscale=no_upscale) if enable_bucket else (resolution, resolution)
+        items.append(Item(path, caption, own_repeats or repeats, (w, h), tuple(bucket)))
+    if not items:
+        raise DatasetError("no readable images in the dataset" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    return items, skipped
+
+
+def _rotated(im: Image.Image) -> bool:
+    return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def load_pixels(item: Item, flip: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image resized to cover its bucket and centre-cropped: [3, h, w] in [-1, 1], and the crop's (top, left)."""
+    with Image.open(item.path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB") if im.mode != "RGBA" else _flatten(im)
+        bw, bh = item.bucket
+        (rw, rh), (left, top) = cover_crop_box(im.width, im.height, bw, bh)
+        im = im.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + bw, top + bh))
+    if flip:
+        im = ImageOps.mirror(im)
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, (top, left)
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    background = Image.new("RGB", im.size, (255, 255, 255))
+    background.paste(im, mask=im.getchannel("A"))
+    return background
+
+
+def epoch_batches(items: list[Item], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of item indices for one epoch: each item `repeats` times, never two bucket sizes in a batch."""
+    slots = [i for i, item in enumerate(items) for _ in range(item.repeats)]
+    batches = bucket_batches([items[i].bucket for i in slots], batch_size, random.Random(f"{seed}/{epoch}"))
+    return [[slots[k] for k in batch] for batch in batches]
+
+
+def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This process's share; every process gets the same number of batches."""
+    usable = len(batches) // world * world
+    return batches[rank:usable:world]
+
+
+def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: float, rng: random.Random) -> str:
+    """kohya's caption augmentation: drop the whole caption with probability `dropout`, else shuffle the
+    comma-separated tags after the first `keep_tokens`."""
+    if dropout > 0 and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+def tag_frequency(items: list[Item]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts

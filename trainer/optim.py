@@ -1,0 +1,67 @@
+"""Optimizer and learning-rate schedule from the config's [optimizer] section."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+class OptimizerUnavailable(RuntimeError):
+    pass
+
+
+def parse_args(items) -> dict:
+    """kohya's optimizer_args: ["betas=0.9,0.99", "weight_decay=0.01", "decouple=True"]."""
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        values = [_value(v.strip()) for v in raw.split(",")]
+        out[key.strip()] = tuple(values) if len(values) > 1 else values[0]
+    return out
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def make_optimizer(cfg, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """`groups`: torch parameter groups, each with its own "lr"."""
+    kind = cfg.optimizer_type
+    kwargs = {"weight_decay": cfg.weight_decay} | parse_args(cfg.optimizer_args)
+    if kind == "AdamW":
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None, **kwargs)
+    if kind == "AdamW8bit":
+        if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
+            raise OptimizerUnavailable("optimizer.optimizer_type = \"AdamW8bit\" needs bitsandbytes and a CUDA GPU "
+                                       "(pip install -r requirements-gpu.txt); use \"AdamW\" here")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **kwargs)
+    if kind == "Prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy finds the step size itself: its lr is a multiplier, 1.0 as its authors recommend
+        for g in groups:
+            g["lr"] = 1.0 if g["lr"] == cfg.learning_rate else g["lr"] / cfg.learning_rate
+        return Prodigy(groups, lr=1.0, **kwargs)
+    if kind == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False} | kwargs
+        return Adafactor(groups, lr=cfg.learning_rate, **kwargs)
+    raise OptimizerUnavailable(f"optimizer.optimizer_type = {kind!r} is not supported")
+
+
+def make_scheduler(cfg, optimizer, total_steps: int):
+    warmup = cfg.lr_warmup_steps
+    warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) and 0 < warmup < 1 else int(warmup)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps, num_cycles=cfg.lr_scheduler_num_cycles)

@@ -1,0 +1,61 @@
+"""Sample images during training with the adapter in place, under the sampler names WebUI and ComfyUI use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from trainer import text
+
+SAMPLERS = {  # config name -> (WebUI label, scheduler class, extra config)
+    "euler_a": ("Euler a", EulerAncestralDiscreteScheduler, {}),
+    "euler": ("Euler", EulerDiscreteScheduler, {}),
+    "dpm++_2m_karras": ("DPM++ 2M Karras", DPMSolverMultistepScheduler,
+                        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIM", DDIMScheduler, {}),
+}
+
+
+@torch.no_grad()
+def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
+             clip_skip: int = 1, negative: str = "") -> Image.Image:
+    """One image from the base model as it is now (with whatever adapter is injected into it)."""
+    pipe = base.pipeline
+    _, cls, extra = SAMPLERS[sampler]
+    scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    device = base.unet.device
+    embeds, pooled = text.encode(base.arch, base.tokenizers, base.text_encoders, [prompt, negative], clip_skip, device)
+    kwargs = dict(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:])
+    if base.arch == "sdxl":
+        kwargs |= dict(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
+        return pipe(num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
+                    generator=generator, output_type="pil", **kwargs).images[0]
+    finally:
+        pipe.scheduler = original
+
+
+def parameters_text(prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
+                    model: str, negative: str = "") -> str:
+    """The PNG `parameters` chunk in WebUI's format, so its PNG Info tab (and ComfyUI's readers) show them."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(f"Steps: {steps}, Sampler: {SAMPLERS[sampler][0]}, CFG scale: {cfg_scale}, Seed: {seed}, "
+                 f"Size: {width}x{height}, Model: {model}")
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path

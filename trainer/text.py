@@ -1,0 +1,38 @@
+"""Captions to the UNet's conditioning, as kohya sd-scripts and the original models compute it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode(arch: str, tokenizers, text_encoders, captions: list[str], clip_skip: int = 1,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [B, 77, C], pooled [B, P] for SDXL else None).
+
+    SD 1/2: the last layer, or with clip_skip=k the k-th from last passed through the final layer norm (kohya's
+    meaning: 1 = last). SDXL: the penultimate layer of both encoders side by side, and CLIP-G's projected pooled
+    output, as SDXL was trained; clip_skip does not apply.
+    """
+    if arch != "sdxl":
+        (tokenizer,), (encoder,) = tokenizers, text_encoders
+        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+        if clip_skip <= 1:
+            return out.last_hidden_state, None
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_norm(out.hidden_states[-clip_skip]), None
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", None)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w)."""
+    return torch.tensor([*original, *crop, *target], dtype=torch.float32)
