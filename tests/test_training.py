@@ -244,3 +244,42 @@ def test_two_processes_train_one_identical_adapter(tiny_models, tmp_path):
     assert any("2 processes hold identical adapters" in m for m in messages), messages
     assert (run_dir / "output" / "lora.safetensors").is_file()
     assert sum(e["type"] == "done" for e in read_all(run_dir)) == 1  # one writer of events
+
+
+@pytest.mark.parametrize("optimizer", ["Prodigy", "Adafactor"])
+def test_other_optimizers_train(tiny_models, tmp_path, optimizer):
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"optimizer": {"optimizer_type": optimizer},
+                                                            "training": {"max_train_epochs": 1}})
+    assert train_run(run_dir).is_file()
+    assert len(losses(run_dir)) == 3
+
+
+def test_adamw8bit_without_cuda_is_refused_with_the_reason(tiny_models, tmp_path):
+    from trainer.optim import OptimizerUnavailable
+
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"optimizer": {"optimizer_type": "AdamW8bit"}})
+    with pytest.raises(OptimizerUnavailable, match="needs bitsandbytes and a CUDA GPU"):
+        train_run(run_dir)
+
+
+def test_cli_new_makes_a_run_and_trains_it(tiny_models, tmp_path):
+    images = draw_dataset(tmp_path / "pictures")
+    cmd = [sys.executable, "-m", "trainer", "new", "--base", str(tiny_models["sd1"][1]), "--images", str(images),
+           "--preset", "style", "--runs-dir", str(tmp_path / "runs"), "--name", "first",
+           "--set", "resolution=64", "--set", "min_bucket_reso=64", "--set", "max_bucket_reso=128",
+           "--set", "num_repeats=1", "--set", "max_train_epochs=1", "--set", "sample_every_n_epochs=0",
+           "--set", "cache_latents_to_disk=true"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = tmp_path / "runs" / "first"
+    assert r.stdout.splitlines()[0] == str(run_dir)
+    cfg = config.load(run_dir / "config.toml")
+    assert cfg.preset == "style" and cfg.network.network_train_unet_only and cfg.data.resolution == 64
+    assert sorted(p.name for p in (run_dir / "dataset").iterdir())[:2] == ["img0.png", "img0.txt"]
+    assert (run_dir / "output" / "lora.safetensors").is_file()
+    assert len(list((run_dir / "cache" / "latents").glob("*.safetensors"))) == 12  # style flips: 6 x 2
+    assert "lora_te" not in " ".join(lora_files.modules(run_dir / "output" / "lora.safetensors"))  # unet only
+    bad = subprocess.run([sys.executable, "-m", "trainer", "new", "--base", "demo", "--images", str(images),
+                          "--preset", "character", "--runs-dir", str(tmp_path / "runs"), "--set", "network_alpha=-1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "network.network_alpha = -1" in bad.stderr

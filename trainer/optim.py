@@ -48,9 +48,10 @@ def make_optimizer(cfg, groups: list[dict], device: torch.device) -> torch.optim
     if kind == "Prodigy":
         from prodigyopt import Prodigy
 
-        # Prodigy finds the step size itself: its lr is a multiplier, 1.0 as its authors recommend
+        # Prodigy finds the step size itself: lr 1.0 as its authors recommend, and it accepts no other ratio
+        # between groups, so a group is either trained (1.0) or not (0)
         for g in groups:
-            g["lr"] = 1.0 if g["lr"] == cfg.learning_rate else g["lr"] / cfg.learning_rate
+            g["lr"] = 1.0 if g["lr"] > 0 else 0.0
         return Prodigy(groups, lr=1.0, **kwargs)
     if kind == "Adafactor":
         from transformers.optimization import Adafactor
