@@ -48,7 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def setup_logging(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "worker.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler()])
+    logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler()], force=True)
     logging.captureWarnings(True)
 
 

@@ -1,0 +1,177 @@
+"""The web app in Debian's chromium, driven by Playwright, against the app on 127.0.0.1: what a user clicks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_training import draw_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = ROOT / "docs" / "screenshots"
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")]
+TINY_FORM = {"resolution": "64", "max-train-epochs": "2", "num-repeats": "1", "train-batch-size": "2",
+             "network-dim": "4", "network-alpha": "2"}
+TINY_ADVANCED = {"min-bucket-reso": "64", "max-bucket-reso": "128", "sample-every-n-epochs": "1",
+                 "save-every-n-epochs": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, runs_dir: Path, models_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "app.py", "--port", str(self.port), "--runs-dir", str(runs_dir),
+                     "--models-dir", str(models_dir)]
+        self.proc = None
+
+    def start(self) -> "App":
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("the app did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture()
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def models(tiny_models, tmp_path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_models["sd1"][1], folder / "tiny-sd15.safetensors")
+    return folder
+
+
+def queued(page) -> None:
+    status = page.locator("#train-status")
+    try:
+        status.get_by_text("Queued").wait_for(state="attached", timeout=30000)
+    except Exception:
+        raise AssertionError(f"not queued; the Train tab says: {status.text_content()!r}") from None
+
+
+def last_step_plotted(page) -> float:
+    """The right end of the loss plot's step axis (its tick labels are text in the plot's SVG)."""
+    labels = page.locator("#monitor-loss svg text").all_text_contents()
+    ticks = labels[: labels.index("step")]
+    return max(float(t) for t in ticks)
+
+
+def fill(page, elem: str, value: str) -> None:
+    box = page.locator(f"#train-{elem} input, #train-{elem} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def set_up_run(page, app: App, images: list[Path], trigger: str = "zxq") -> None:
+    page.goto(app.url)
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
+    page.get_by_text(f"Added {len([p for p in images if p.suffix == '.png'])} picture(s)").wait_for(timeout=30000)
+    page.locator("#dataset-trigger textarea, #dataset-trigger input").first.fill(trigger)
+    page.locator("#dataset-apply-trigger").click()
+    page.get_by_text(f"“{trigger}” is first in").wait_for(timeout=15000)
+    page.get_by_role("tab", name="Train").click()
+    base = page.locator("#train-base input")
+    base.click()
+    page.get_by_role("option", name="tiny-sd15.safetensors").click()
+    # choosing a base model refills the form from the preset: wait until that has happened, then edit
+    page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
+    page.wait_for_function("() => document.querySelector('#train-network-alpha input').value === '16'")
+    page.wait_for_timeout(2000)
+    for elem, value in TINY_FORM.items():
+        fill(page, elem, value)
+    page.locator("#train-advanced").get_by_text("Advanced").click()
+    for elem, value in TINY_ADVANCED.items():
+        fill(page, elem, value)
+
+
+def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
+    from safetensors import safe_open
+
+    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
+    app = App(tmp_path / "runs", models).start()
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        set_up_run(page, app, images)
+        page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+        page.locator("#train-start").click()
+        queued(page)
+        progress = page.locator("#monitor-progress")
+        progress.get_by_text(re.compile(r"Step \d+ / 8")).wait_for(timeout=120000)
+        page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)  # the plot has data
+        first_reach = last_step_plotted(page)
+        page.locator("#monitor-samples img").first.wait_for(timeout=120000)
+        page.get_by_text("— done").wait_for(timeout=180000)
+        assert "Step 8 / 8" in progress.inner_text()
+        page.wait_for_timeout(2500)  # one more tick of the plot
+        assert last_step_plotted(page) == 8 >= first_reach
+        with page.expect_download() as download:
+            page.locator('#monitor-files a[download="lora.safetensors"]').click()
+        path = tmp_path / "downloaded.safetensors"
+        download.value.save_as(path)
+        with safe_open(str(path), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "zxq"
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_num_train_images"] == "8"
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
+    finally:
+        app.stop()
+
+
+def test_invalid_value_is_refused_beside_the_field(browser, models, tmp_path):
+    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
+    app = App(tmp_path / "runs", models).start()
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        set_up_run(page, app, images)
+        fill(page, "network-alpha", "-1")
+        page.locator("#train-start").click()
+        beside = page.locator("#train-network-alpha")
+        beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
+        assert "network_alpha = -1" in beside.inner_text()
+        assert not any((tmp_path / "runs").glob("2*"))  # no run was made
+    finally:
+        app.stop()

@@ -1,0 +1,116 @@
+"""Train tab: base model, preset, the main settings up front and the rest under Advanced; Train queues a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from trainer import config
+from trainer.single_file import CheckpointError, family_of
+
+MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
+               "text_encoder_lr", "train_batch_size"]
+ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "min_bucket_reso", "max_bucket_reso",
+                   "optimizer_type", "lr_scheduler",
+                   "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "mixed_precision",
+                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "shuffle_caption",
+                   "keep_tokens", "caption_dropout_rate", "flip_aug", "cache_latents", "save_every_n_epochs",
+                   "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_prompts", "seed",
+                   "output_name"]
+LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
+          "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
+          "text_encoder_lr": "Text encoder learning rate (0 = frozen)", "train_batch_size": "Batch size",
+          "sample_prompts": "Sample prompts (one per line; {trigger} = the trigger word)"}
+SUFFIXES = (".safetensors", ".ckpt")
+
+
+def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
+    """("label", value) for the demo and every checkpoint or diffusers folder in the models folder."""
+    choices = [("Demo model (built in, tiny, CPU-friendly)", "demo")]
+    if models_dir.is_dir():
+        for p in sorted(models_dir.iterdir()):
+            if p.suffix.lower() in SUFFIXES or (p / "model_index.json").is_file():
+                choices.append((p.name, str(p)))
+    return choices
+
+
+def component_for(name: str, value):
+    """A form component built from the config field's own help, range and choices."""
+    info = config.field_help(name)
+    label = LABELS.get(name, name.replace("_", " ").capitalize())
+    hint = info.get("help", "")
+    if "range" in info:
+        lo, hi = info["range"]
+        hint = f"{hint} ({lo}–{hi})".strip()
+    elem = f"train-{name.replace('_', '-')}"
+    if name == "sample_prompts":
+        return gr.Textbox(value="\n".join(value or []), label=label, lines=3, elem_id=elem, info=hint)
+    if "choices" in info:
+        return gr.Dropdown(choices=list(info["choices"]), value=value, label=label, elem_id=elem, info=hint)
+    if isinstance(value, bool):
+        return gr.Checkbox(value=value, label=label, elem_id=elem, info=hint)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return gr.Number(value=value, label=label, elem_id=elem, info=hint)
+    return gr.Textbox(value=str(value), label=label, elem_id=elem, info=hint)
+
+
+def flat_preset(preset: str, family: str) -> dict:
+    cfg = config.build(preset, family)
+    return {k: v for section in config.to_dict(cfg).values() if isinstance(section, dict) for k, v in section.items()}
+
+
+def form_layer(names: list[str], values: list) -> dict:
+    """Form values -> a flat config layer (lists from text lines, whole numbers back to ints)."""
+    layer = {}
+    for name, value in zip(names, values):
+        if name == "sample_prompts":
+            value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        elif isinstance(value, float) and value.is_integer() and config.field_help(name).get("type") == "int":
+            value = int(value)
+        layer[name] = value
+    return layer
+
+
+def family_or_default(base: str) -> str:
+    try:
+        return family_of(base) if base else "sd15"
+    except (CheckpointError, OSError):
+        return "sd15"
+
+
+def display_value(name: str, value):
+    return "\n".join(value) if name == "sample_prompts" else value
+
+
+def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str, names: list[str], values: list):
+    """The run's config, or a ConfigError naming the field. Raises CheckpointError for an unreadable base."""
+    if dataset_dir is None or not Path(dataset_dir).is_dir() or not any(Path(dataset_dir).iterdir()):
+        raise ValueError("Add pictures on the Dataset tab first (or click “Try the demo” there).")
+    family = family_of(base) if base else "sd15"
+    layer = form_layer(names, values)
+    layer |= {"pretrained_model_name_or_path": base or "demo", "train_data_dir": str(dataset_dir),
+              "trigger_word": trigger or ""}
+    return config.build(preset, family, layer)
+
+
+def field_errors(names: list[str], error: config.ConfigError | None) -> list:
+    """One update per form field: the error text beside the bad one (as its info line), normal help elsewhere."""
+    updates = []
+    for name in names:
+        if error is not None and error.field.split(".")[-1] == name:
+            updates.append(gr.update(info=f"⚠ {error}", elem_classes=["field-error"]))
+        else:
+            info = config.field_help(name)
+            hint = info.get("help", "")
+            if "range" in info:
+                hint = f"{hint} ({info['range'][0]}–{info['range'][1]})".strip()
+            updates.append(gr.update(info=hint, elem_classes=[]))
+    return updates
+
+
+def explain_base(base: str) -> str:
+    try:
+        return f"Detected: **{family_of(base).upper().replace('SD15', 'SD 1.x / 2.x')}** presets apply."
+    except (CheckpointError, OSError) as e:
+        return f"⚠ {e}"
