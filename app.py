@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(runs_dir=args.runs_dir, models_dir=args.models_dir)
     print(f"LoRA Studio: open http://{'127.0.0.1' if args.host in LOCAL_HOSTS else args.host}:{args.port}", flush=True)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                        show_error=True, inbrowser=False)
+                        show_error=True, inbrowser=False, allowed_paths=[str(args.runs_dir.resolve())])
 
 
 if __name__ == "__main__":

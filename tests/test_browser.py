@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -133,7 +134,11 @@ def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         set_up_run(page, app, images)
-        page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+        page.get_by_role("tab", name="Dataset").click()
+        page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+        page.get_by_role("tab", name="Train").click()
         page.locator("#train-start").click()
         queued(page)
         progress = page.locator("#monitor-progress")
@@ -155,8 +160,10 @@ def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
         assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_num_train_images"] == "8"
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
-        SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
+        page.get_by_role("tab", name="Runs").click()
+        page.locator("#runs-table").get_by_text("done").filter(visible=True).first.wait_for(timeout=10000)
+        page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
     finally:
         app.stop()
 
@@ -173,5 +180,73 @@ def test_invalid_value_is_refused_beside_the_field(browser, models, tmp_path):
         beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
         assert "network_alpha = -1" in beside.inner_text()
         assert not any((tmp_path / "runs").glob("2*"))  # no run was made
+    finally:
+        app.stop()
+
+
+def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:
+    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
+    set_up_run(page, app, images)
+    fill(page, "max-train-epochs", str(epochs))
+    fill(page, "sample-every-n-epochs", "0")
+    page.locator("#train-start").click()
+    queued(page)
+    page.locator("#monitor-progress").get_by_text(re.compile(r"Step \d+ /")).wait_for(timeout=120000)
+
+
+def test_cancel_stops_the_worker_and_resume_continues(browser, models, tmp_path):
+    from trainer.checkpoint import latest
+    from trainer.events import read_all
+
+    app = App(tmp_path / "runs", models).start()
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        start_training(page, app, tmp_path, epochs=60)
+        run_dir = next((tmp_path / "runs").glob("2*"))
+        pid = json.loads((run_dir / "status.json").read_text())["pid"]
+        page.locator("#monitor-cancel").click()
+        clicked = time.time()
+        page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+        assert time.time() - clicked < 10
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+        cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
+        assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
+        page.locator("#monitor-resume").click()
+        page.wait_for_function(f"""() => {{
+            const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
+            return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
+        page.locator("#monitor-cancel").click()
+        page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+        resumed = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
+        assert resumed == sorted(set(resumed)) and resumed[0] == 1  # continued, never restarted from 0
+    finally:
+        app.stop()
+
+
+def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
+    from trainer.events import read_all
+
+    app = App(tmp_path / "runs", models).start()
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        start_training(page, app, tmp_path, epochs=100)  # ~400 steps: still training when the app is back
+    finally:
+        app.stop()
+    run_dir = next((tmp_path / "runs").glob("2*"))
+    before = len([e for e in read_all(run_dir) if e["type"] == "step"])
+    app = App(tmp_path / "runs", models).start()
+    try:
+        page.goto(app.url)
+        page.get_by_role("tab", name="Runs").click()
+        page.locator("#runs-table").get_by_text(run_dir.name).filter(visible=True).first.wait_for(timeout=15000)
+        page.locator("#runs-choose input").click()
+        page.get_by_role("option", name=run_dir.name).click()
+        page.locator("#runs-open").click()
+        page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)
+        page.get_by_text("— done").wait_for(timeout=240000)
+        page.wait_for_timeout(2500)
+        steps = [e for e in read_all(run_dir) if e["type"] == "step"]
+        assert len(steps) == steps[-1]["total_steps"] > before  # it kept training while the app was down
+        assert last_step_plotted(page) == steps[-1]["step"]
     finally:
         app.stop()

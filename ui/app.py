@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from trainer import config
-from ui import dataset_tab, train_tab
+from ui import api, dataset_tab, train_tab
 from ui.jobs import JobManager
 from ui.monitor import RunView
 
@@ -79,7 +79,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                 log = gr.Textbox(label="Worker log (tail)", lines=10, max_lines=10, autoscroll=True,
                                  elem_id="monitor-log")
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
-                runs_table = gr.Dataframe(headers=["run", "state", "message"], interactive=False,
+                runs_table_view = gr.Dataframe(headers=["run", "state", "message"], interactive=False,
                                           elem_id="runs-table")
                 with gr.Row():
                     chosen = gr.Dropdown(label="Run", choices=[], elem_id="runs-choose", scale=3)
@@ -147,12 +147,12 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
         resume.click(on_resume, current_run, run_title)
 
         # --- Runs ---
-        def list_runs():
+        def runs_table():
             runs = jobs.runs()
             table = [[r.run_id, r.state, r.message] for r in runs]
             return table, gr.update(choices=[r.run_id for r in runs])
 
-        timer.tick(list_runs, None, [runs_table, chosen])
+        timer.tick(runs_table, None, [runs_table_view, chosen])
         open_btn.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
                        chosen, [current_run, view, tabs])
 
@@ -164,5 +164,6 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
             return f"Deleted {run_id}.", ("" if current == run_id else current)
 
         delete_btn.click(on_delete, [chosen, current_run], [runs_status, current_run])
+        api.register(jobs)
     demo.css = CSS
     return demo

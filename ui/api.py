@@ -1,0 +1,72 @@
+"""The same jobs for scripts, through the Gradio API (`gradio_client`): create, status, cancel, resume, files."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from datasets_tools import dataset_folder
+from trainer import config
+from trainer.single_file import family_of
+from ui.jobs import JobManager
+
+
+def register(jobs: JobManager) -> None:
+    """Add the endpoints to the Blocks being built."""
+
+    def create_run(images: list[FileData], preset: str = "character", base: str = "demo",
+                   settings: dict | None = None, trigger: str = "") -> dict:
+        """Make a run from pictures (with .txt captions alongside, optional), a preset, a base model and
+        settings by kohya name ({"network_dim": 8, ...}); it is queued at once. Returns its status."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            result = dataset_folder.add_files([Path(f["path"] if isinstance(f, dict) else f.path) for f in images],
+                                              folder)
+            if not result.added:
+                raise gr.Error("no readable pictures: " + "; ".join(f"{n}: {r}" for n, r in result.skipped))
+            if trigger:
+                dataset_folder.apply_trigger(folder, trigger)
+            try:
+                layer = dict(settings or {}) | {"pretrained_model_name_or_path": base, "trigger_word": trigger,
+                                                "train_data_dir": str(folder)}
+                cfg = config.build(preset, family_of(base), layer)
+            except config.ConfigError as e:
+                raise gr.Error(str(e)) from None
+            return status(jobs.create(cfg, folder).run_id)
+
+    def status(run_id: str) -> dict:
+        """State (queued, running, done, failed, cancelled, interrupted), message and the last step's numbers."""
+        info = jobs.info(run_id)
+        from trainer.events import read_all
+
+        steps = [e for e in read_all(info.path) if e["type"] == "step"]
+        last = steps[-1] if steps else {}
+        return {"run_id": run_id, "state": info.state, "message": info.message, "step": last.get("step", 0),
+                "total_steps": last.get("total_steps"), "loss": last.get("loss")}
+
+    def cancel(run_id: str) -> dict:
+        """Stop a run: it saves a resumable state and exits."""
+        jobs.cancel(run_id)
+        return status(run_id)
+
+    def resume(run_id: str) -> dict:
+        """Queue a cancelled, interrupted or failed run again; it continues from its last state."""
+        try:
+            jobs.resume(run_id)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return status(run_id)
+
+    def list_runs() -> dict:
+        """{"runs": every run, newest first}."""
+        return {"runs": [{"run_id": r.run_id, "state": r.state, "message": r.message} for r in jobs.runs()]}
+
+    def files(run_id: str) -> list[FileData]:
+        """The run's .safetensors files (one per saved epoch and the final) and its config.toml."""
+        return [FileData(path=str(p)) for p in jobs.files(run_id) if p.is_file()]
+
+    for fn in (create_run, status, cancel, resume, list_runs, files):
+        gr.api(fn, api_name=fn.__name__)
