@@ -283,3 +283,28 @@ def test_cli_new_makes_a_run_and_trains_it(tiny_models, tmp_path):
                           "--preset", "character", "--runs-dir", str(tmp_path / "runs"), "--set", "network_alpha=-1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "network.network_alpha = -1" in bad.stderr
+
+
+@pytest.mark.parametrize("options", [
+    {"model": {"gradient_checkpointing": True, "clip_skip": 2},
+     "training": {"gradient_accumulation_steps": 2, "noise_offset": 0.1, "min_snr_gamma": 1.0},
+     "sample": {"sample_sampler": "dpm++_2m_karras"}},
+    {"data": {"flip_aug": True, "shuffle_caption": True, "keep_tokens": 1, "caption_dropout_rate": 0.5,
+              "cache_latents": False},
+     "optimizer": {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2},
+     "sample": {"sample_sampler": "ddim"}},
+    {"network": {"network_type": "loha", "conv_dim": 2, "conv_alpha": 1.0}, "sample": {"sample_sampler": "euler"}},
+], ids=["checkpointing-accumulation-clipskip", "augmentations-uncached", "loha"])
+def test_training_options_run(tiny_models, tmp_path, options):
+    layer = options | {"sample": options["sample"] | {"sample_every_n_epochs": 2, "sample_prompts": ["{trigger}"]}}
+    run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], layer)
+    assert train_run(run_dir).is_file()
+    steps = losses(run_dir)
+    accumulation = cfg.training.gradient_accumulation_steps
+    assert len(steps) == 2 * (3 // accumulation + (3 % accumulation > 0))  # 3 batches an epoch, 2 epochs
+    sample = [e for e in read_all(run_dir) if e["type"] == "sample"][-1]
+    label = {"dpm++_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM", "euler": "Euler,"}[cfg.sample.sample_sampler]
+    assert label in Image.open(run_dir / sample["path"]).text["parameters"]
+    lrs = [e["lr"] for e in read_all(run_dir) if e["type"] == "step"]
+    if cfg.optimizer.lr_scheduler == "constant_with_warmup":
+        assert lrs[0] < lrs[1] == lrs[-1]
