@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
@@ -291,9 +292,16 @@ def preset_dict(name: str, family: str) -> dict:
     return flat | {"preset": name, "family": family, "description": description}
 
 
+def base_settings(base: str) -> dict:
+    """Settings a base model needs whatever the preset: the built-in demo model was trained at 64 px."""
+    path = DEMO_SETTINGS if base == "demo" else None
+    return tomllib.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+
+
 def build(preset: str | None, family: str, *layers: dict) -> TrainConfig:
     base = preset_dict(preset, family) if preset else {"family": family}
-    merged = deep_merge(base, *layers)
+    model = deep_merge(base, *layers).get("pretrained_model_name_or_path", "")
+    merged = deep_merge(base, base_settings(model), *layers)
     merged.pop("description", None)
     return from_dict(merged)
 

@@ -31,7 +31,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
     jobs.start_background()
     drafts = Path(runs_dir) / ".datasets"
     field_names = train_tab.MAIN_FIELDS + train_tab.ADVANCED_FIELDS
-    defaults = train_tab.flat_preset("character", "sd15")
+    defaults = train_tab.flat_preset("character", "sd15", "demo")
 
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown(INTRO, elem_id="intro")
@@ -91,7 +91,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
         # --- Train ---
         def on_preset(preset_name, base_value):
             family = train_tab.family_or_default(base_value)
-            values = train_tab.flat_preset(preset_name, family)
+            values = train_tab.flat_preset(preset_name, family, base_value)
             info = config.preset_dict(preset_name, family).get("description", "")
             return [gr.update(value=train_tab.display_value(n, values[n])) for n in field_names] + [info]
 

@@ -55,8 +55,8 @@ def component_for(name: str, value):
     return gr.Textbox(value=str(value), label=label, elem_id=elem, info=hint)
 
 
-def flat_preset(preset: str, family: str) -> dict:
-    cfg = config.build(preset, family)
+def flat_preset(preset: str, family: str, base: str = "") -> dict:
+    cfg = config.build(preset, family, {"pretrained_model_name_or_path": base} if base else {})
     return {k: v for section in config.to_dict(cfg).values() if isinstance(section, dict) for k, v in section.items()}
 
 
