@@ -206,3 +206,47 @@ if __name__ == "__main__":
     write_dataset()
     if sys.argv[1:] != ["dataset"]:
         build_base()
+
+
+# --- judging pictures by the drawing rules ---
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of integer (x, y) points (Andrew's monotone chain, then the shoelace formula)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    hull = half(pts)[:-1] + half(pts[::-1])[:-1]
+    x, y = np.array(hull, dtype=float).T
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def judge(image: Image.Image) -> dict:
+    """What a picture shows, by the rules it was drawn with: the background is the colour of the border, the
+    shape is what differs from it; a star is far from convex (solidity), a square fills its box, a circle ~79 %."""
+    a = np.asarray(image.convert("RGB"), dtype=float)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.abs(a - background).sum(-1) > 90
+    area = int(mask.sum())
+    if area < 0.02 * mask.size:
+        return {"shape": "none", "colour": "none", "solidity": 0.0, "area": area}
+    ys, xs = np.nonzero(mask)
+    solidity = area / max(_hull_area(np.stack([xs, ys], 1)), 1.0)
+    fill = area / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+    if solidity < 0.8:
+        shape = "star"
+    else:
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.68 else "triangle"
+    mean = a[mask].mean(0)
+    colour = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - mean).sum())
+    return {"shape": shape, "colour": colour, "solidity": round(float(solidity), 3), "area": area}

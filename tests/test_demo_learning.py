@@ -1,0 +1,74 @@
+"""Does training teach the concept? A LoRA trained on the demo stars, measured on stars it never saw.
+
+- held-out stars: the LoRA lowers their denoising loss (fixed noise and timesteps) by at least 30 % against the base;
+- samples for the trigger prompt: a detector written from the drawing rules finds a star on most seeds with the
+  LoRA and on few without;
+- at strength 0 the adapter gives the base's numbers back, so the test can fail.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from demo import build_demo as world
+from trainer import config, text
+from trainer.checkpoint import latest, load_adapter
+from trainer.loading import DEMO_MODEL, load_base
+from trainer.loss import DenoisingLoss
+from trainer.networks import create
+from trainer.sampling import generate
+from trainer.train import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo/base-model is not built")]
+PROMPT = f"{world.TRIGGER}, a yellow star on a black background"
+SEEDS = range(8)
+
+
+def held_out_loss(model, pictures) -> float:
+    """Mean denoising loss over held-out pictures, at noise and timesteps fixed by a seed."""
+    latents = model.vae.encode(world.to_tensor([im for im, _ in pictures])).latent_dist.mean
+    latents = latents * model.vae.config.scaling_factor
+    hidden, _ = text.encode("sd1", model.tokenizers, model.text_encoders, [c for _, c in pictures])
+    loss = DenoisingLoss(DDPMScheduler.from_config(model.pipeline.scheduler.config), "epsilon")
+    values = [loss(model.unet, latents, hidden, generator=torch.Generator().manual_seed(k)).item() for k in range(4)]
+    return sum(values) / len(values)
+
+
+def stars(model) -> int:
+    return sum(world.judge(generate(model, PROMPT, sampler="euler", steps=20, cfg_scale=5.0, seed=s, width=64,
+                                    height=64))["shape"] == "star" for s in SEEDS)
+
+
+@torch.no_grad()
+def test_the_lora_learns_the_star(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": "demo",
+                                             "train_data_dir": str(world.DEMO / "dataset"),
+                                             "sample_every_n_epochs": 0, "save_every_n_epochs": 0})
+    started = time.time()
+    with torch.enable_grad():
+        train(cfg, run_dir)
+    minutes = (time.time() - started) / 60
+
+    base = load_base("demo")
+    held_out = world.concept_pictures(seed=1, n=8)
+    base_loss, base_stars = held_out_loss(base, held_out), stars(base)
+
+    tuned = load_base("demo")
+    comps = {"unet": tuned.unet, "text_encoder": tuned.text_encoders[0]}
+    net = create(cfg.network, "sd1", comps)
+    load_adapter(latest(run_dir), net)
+    lora_loss, lora_stars = held_out_loss(tuned, held_out), stars(tuned)
+    net.set_multiplier(0.0)
+    off_loss, off_stars = held_out_loss(tuned, held_out), stars(tuned)
+
+    report = {"train_minutes": round(minutes, 2), "base_loss": round(base_loss, 4), "lora_loss": round(lora_loss, 4),
+              "loss_drop": round(1 - lora_loss / base_loss, 3), "base_stars": base_stars, "lora_stars": lora_stars,
+              "strength0_loss": round(off_loss, 4), "strength0_stars": off_stars, "seeds": len(SEEDS)}
+    print(json.dumps(report))
+    assert lora_loss <= 0.7 * base_loss, report
+    assert lora_stars >= 5 and base_stars <= 2, report
+    assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_stars == base_stars, report
