@@ -88,6 +88,9 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                 runs_status = gr.Markdown(elem_id="runs-status")
         timer = gr.Timer(1.0)
 
+        ds.check.click(dataset_tab.health_markdown, [dataset_dir, comps["resolution"], comps["min_bucket_reso"],
+                                                      comps["max_bucket_reso"], comps["train_batch_size"]], ds.health)
+
         # --- Train ---
         def on_preset(preset_name, base_value):
             family = train_tab.family_or_default(base_value)

@@ -17,6 +17,8 @@ DEMO_DATASET = Path(__file__).resolve().parent.parent / "demo" / "dataset"
 class DatasetTab:
     trigger: gr.Textbox
     gallery: gr.Gallery
+    check: gr.Button
+    health: gr.Markdown
 
 
 def gallery_items(folder: str) -> list[tuple[str, str]]:
@@ -52,6 +54,9 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
         selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected", scale=2)
         caption = gr.Textbox(label="Caption", elem_id="dataset-caption", scale=4)
         save_caption = gr.Button("Save caption", elem_id="dataset-save-caption")
+    with gr.Row():
+        check = gr.Button("Check the dataset (health report and buckets)", elem_id="dataset-check")
+    health = gr.Markdown(elem_id="dataset-health")
     with gr.Accordion("Tags", open=False, elem_id="dataset-tags"):
         tags = gr.Dataframe(headers=["tag", "count"], interactive=False, elem_id="dataset-tag-table")
         with gr.Row():
@@ -128,4 +133,14 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
         return refresh(folder, f"“{old}” {verb} in {n} captions.")
 
     tag_apply.click(on_tag, [dataset_dir, tag_from, tag_to], outputs)
-    return DatasetTab(trigger=trigger, gallery=gallery)
+    return DatasetTab(trigger=trigger, gallery=gallery, check=check, health=health)
+
+
+def health_markdown(folder: str, resolution, min_reso, max_reso, batch) -> str:
+    """The health report at the Train tab's resolution and batch size."""
+    from datasets_tools.health import report
+
+    if not folder:
+        return "Add pictures first."
+    r = report(Path(folder), int(resolution), int(min_reso), int(max_reso), int(batch))
+    return f"At {int(resolution)} px, batch {int(batch)}:\n\n" + r.to_markdown()

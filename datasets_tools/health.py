@@ -1,0 +1,96 @@
+"""A health report of a dataset folder before training: what a user should fix, and where each picture trains."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datasets_tools import buckets as B
+from datasets_tools.dataset_folder import items, split_tags
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """Difference hash: 64 bits of 'is this pixel brighter than its right neighbour' on a 9x8 grey thumbnail."""
+    a = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (a[:, 1:] > a[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+@dataclass
+class Report:
+    count: int
+    sizes: dict[str, tuple[int, int]]  # name -> (w, h)
+    too_small: list[str]
+    near_duplicates: list[tuple[str, str, int]]  # (a, b, differing bits of 64)
+    unreadable: list[tuple[str, str]]
+    captioned: int
+    mean_caption_words: float
+    tag_frequency: dict[str, int]
+    bucket_of: dict[str, tuple[int, int]]
+    bucket_fill: dict[tuple[int, int], int]
+    batch_size: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        if not self.count:
+            return "No pictures yet."
+        shorts = sorted(min(s) for s in self.sizes.values())
+        lines = [f"**{self.count} pictures**, shorter side {shorts[0]}–{shorts[-1]} px "
+                 f"(median {int(statistics.median(shorts))}); "
+                 f"{self.captioned}/{self.count} captioned, {self.mean_caption_words:.1f} words on average."]
+        lines += [f"- ⚠ {w}" for w in self.warnings]
+        lines.append("\n| bucket (w×h) | pictures |\n|---|---|")
+        lines += [f"| {w}×{h} | {n} |" for (w, h), n in sorted(self.bucket_fill.items())]
+        return "\n".join(lines)
+
+
+def report(folder: Path, resolution: int, min_reso: int = 256, max_reso: int = 1024, batch_size: int = 1,
+           no_upscale: bool = True, duplicate_bits: int = 5) -> Report:
+    found = items(folder)
+    buckets = B.make_buckets(resolution, min_reso, max_reso)
+    sizes, hashes, unreadable = {}, {}, []
+    for item in found:
+        try:
+            with Image.open(item.image) as im:
+                sizes[item.image.name] = im.size
+                hashes[item.image.name] = dhash(im)
+        except Exception as e:  # a report never crashes on a bad file: it names it
+            unreadable.append((item.image.name, str(e) or type(e).__name__))
+    small = [n for n, (w, h) in sizes.items() if min(w, h) < resolution // 2]
+    names = sorted(hashes)
+    dupes = [(a, b, hamming(hashes[a], hashes[b])) for i, a in enumerate(names) for b in names[i + 1:]
+             if hamming(hashes[a], hashes[b]) <= duplicate_bits]
+    captions = {i.image.name: i.caption for i in found}
+    tags: dict[str, int] = {}
+    for c in captions.values():
+        for t in split_tags(c):
+            tags[t] = tags.get(t, 0) + 1
+    bucket_of = {n: B.bucket_for_image(w, h, buckets, no_upscale) for n, (w, h) in sizes.items()}
+    fill: dict[tuple[int, int], int] = {}
+    for b in bucket_of.values():
+        fill[b] = fill.get(b, 0) + 1
+    r = Report(len(found), sizes, small, dupes, unreadable, sum(bool(c) for c in captions.values()),
+               statistics.mean([len(c.split()) for c in captions.values()]) if captions else 0.0, tags, bucket_of,
+               fill, batch_size)
+    if small:
+        r.warnings.append(f"{len(small)} picture(s) smaller than half the training resolution ({resolution} px): "
+                          + ", ".join(small[:5]))
+    for a, b, bits in dupes:
+        r.warnings.append(f"{a} and {b} look nearly identical ({bits}/64 bits differ)")
+    for name, why in unreadable:
+        r.warnings.append(f"{name} cannot be read ({why}); it will be skipped")
+    if r.captioned < r.count:
+        r.warnings.append(f"{r.count - r.captioned} picture(s) have no caption")
+    for b, n in sorted(fill.items()):
+        if n < batch_size:
+            r.warnings.append(f"bucket {b[0]}×{b[1]} holds {n} picture(s), fewer than the batch size {batch_size}: "
+                              "its batches will be smaller")
+    return r

@@ -1,0 +1,137 @@
+"""Importing a messy set of pictures: every bad input is converted or skipped with its name and a reason, nothing
+crashes, nothing is written outside the target folder. Plus bucketing and the health report."""
+
+import io
+import math
+import random
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets_tools import buckets as B
+from datasets_tools import dataset_folder as D
+from datasets_tools.health import report
+
+
+def png_bomb_header(path: Path) -> None:
+    """A valid PNG header that claims 100,000 x 100,000 pixels (a decompression bomb), with one tiny IDAT."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(src / "good.jpg")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(buf, "JPEG")
+    (src / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.png").write_text("this is not an image")
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(src / "tiny.png")
+    png_bomb_header(src / "bomb.png")
+    Image.new("CMYK", (20, 20), (255, 0, 0, 0)).save(src / "cmyk.jpg")  # pure cyan ink
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(src / "deep.png")
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(src / "alpha.png")
+    frames = [Image.new("RGB", (12, 12), c) for c in ((0, 0, 255), (255, 255, 0))]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    photo = Image.new("RGB", (40, 20), (90, 90, 90))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    photo.save(src / "rotated.jpg", exif=exif)
+    (src / "good.txt").write_bytes("café, ünïcode".encode("cp1252"))  # not UTF-8
+    with zipfile.ZipFile(src / "pack.zip", "w") as z:
+        b = io.BytesIO()
+        Image.new("RGB", (16, 16), (5, 5, 250)).save(b, "PNG")
+        z.writestr("inside.png", b.getvalue())
+        z.writestr("inside.txt", "from the zip")
+        z.writestr("../escape.png", b.getvalue())
+        link = zipfile.ZipInfo("link.png")
+        link.external_attr = (0o120777 << 16)
+        z.writestr(link, "/etc/passwd")
+    return src
+
+
+def test_every_bad_input_is_converted_or_named(corpus, tmp_path):
+    target = tmp_path / "dataset"
+    before = {p for p in tmp_path.rglob("*")}
+    result = D.add_files(sorted(corpus.iterdir()), target, background=(255, 255, 255))
+    skipped = dict(result.skipped)
+    assert set(skipped) == {"truncated.jpg", "empty.png", "notes.png", "bomb.png", "../escape.png", "link.png"}
+    assert "not an image" in skipped["notes.png"] or "cannot identify" in skipped["notes.png"]
+    assert "too large" in skipped["bomb.png"] or "decompression" in skipped["bomb.png"].lower()
+    assert "outside" in skipped["../escape.png"] and "symbolic link" in skipped["link.png"]
+    assert sorted(result.added) == sorted(["good.png", "tiny.png", "cmyk.png", "deep.png", "alpha.png", "anim.png",
+                                           "rotated.png", "inside.png"])
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert all(target in p.parents or p == target for p in written)  # nothing outside the target
+    px = lambda name, xy=(0, 0): Image.open(target / name).convert("RGB").getpixel(xy)  # noqa: E731
+    assert px("alpha.png", (5, 5)) == (255, 255, 255) and px("alpha.png") == (0, 0, 255)  # alpha on the background
+    assert Image.open(target / "rotated.png").size == (20, 40)  # EXIF orientation applied
+    assert px("anim.png") == (0, 0, 255)  # the first frame
+    assert px("deep.png") == (255, 255, 255)  # 16-bit white stays white
+    r, g, b = px("cmyk.png")
+    assert r < 60 and g > 180 and b > 180  # cyan
+    assert D.read_caption(target / "good.png") == "café, ünïcode"
+    assert D.read_caption(target / "inside.png") == "from the zip"
+    assert result.to_markdown().startswith("Added **8** picture(s).")
+
+
+def test_caption_edits():
+    assert D.with_trigger("red, zxc, circle", "zxc") == "zxc, red, circle"
+    assert D.renamed("a, b, c", "b", "c") == "a, c"
+    assert D.renamed("a, b, c", "b", "") == "a, c"
+
+
+@pytest.mark.parametrize("resolution, lo, hi", [(512, 256, 1024), (1024, 512, 2048), (64, 64, 128)])
+def test_buckets_keep_the_budget_and_the_steps(resolution, lo, hi):
+    buckets = B.make_buckets(resolution, lo, hi)
+    assert (resolution, resolution) in buckets
+    for w, h in buckets:
+        assert w * h <= resolution ** 2 and w % 64 == h % 64 == 0 and lo <= w <= hi and lo <= h <= hi
+    rng = random.Random(0)
+    for _ in range(200):
+        w, h = rng.randint(300, 4000), rng.randint(300, 4000)
+        chosen = B.bucket_for_image(w, h, buckets, no_upscale=False)
+        best = min(abs(math.log(b[0] / b[1]) - math.log(w / h)) for b in buckets)
+        assert abs(math.log(chosen[0] / chosen[1]) - math.log(w / h)) == pytest.approx(best)
+
+
+def test_small_pictures_are_not_upscaled_and_batches_never_mix_sizes():
+    buckets = B.make_buckets(512, 256, 1024)
+    assert B.bucket_for_image(300, 200, buckets, no_upscale=True) == (256, 192) or \
+        B.bucket_for_image(300, 200, buckets, no_upscale=True)[0] <= 300
+    sizes = [(800, 600), (600, 800), (512, 512), (1000, 500)] * 5
+    assigned = B.assign_buckets(sizes, buckets)
+    for batch in B.bucket_batches(assigned, 3, random.Random(1)):
+        assert len({assigned[i] for i in batch}) == 1
+    (rw, rh), (left, top) = B.cover_crop_box(1000, 500, 512, 448)
+    assert rw >= 512 and rh == 448 and left == (rw - 512) // 2 and top == 0
+    preview = B.crop_preview(Image.new("RGB", (1000, 500), (200, 200, 200)), (512, 448))
+    assert preview.getpixel((500, 250)) == (200, 200, 200) and preview.getpixel((5, 250))[0] < 200  # cut part dimmed
+
+
+def test_health_report_names_what_to_fix(corpus, tmp_path):
+    target = tmp_path / "dataset"
+    D.add_files(sorted(corpus.iterdir()), target)
+    D.add_files([corpus / "good.jpg"], target)  # a duplicate
+    (target / "broken.png").write_bytes(b"junk")
+    r = report(target, resolution=64, min_reso=64, max_reso=128, batch_size=10)
+    assert r.count == 10 and ("broken.png", ) == tuple(n for n, _ in r.unreadable)
+    assert "tiny.png" in r.too_small
+    assert ("good-2.png", "good.png", 0) in [tuple(sorted(d[:2])) + (d[2],) for d in r.near_duplicates] or \
+        any({"good.png", "good-2.png"} == {a, b} for a, b, _ in r.near_duplicates)
+    assert r.tag_frequency["café"] == 2
+    text = r.to_markdown()
+    assert "**10 pictures**" in text and "nearly identical" in text and "fewer than the batch size 10" in text
