@@ -254,3 +254,24 @@ def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
         assert last_step_plotted(page) == steps[-1]["step"]
     finally:
         app.stop()
+
+
+def test_captioning_in_the_browser(browser, models, tmp_path):
+    from tests.test_datasets_captioners import tiny_tagger
+
+    tagger = tiny_tagger(tmp_path / "tagger")
+    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
+    app = App(tmp_path / "runs", models).start()
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app.url)
+        page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
+        page.get_by_text("Added 8 picture(s)").wait_for(timeout=30000)
+        page.locator("#dataset-captioner").get_by_text("Caption the pictures").click()
+        page.locator("#dataset-captioner-source textarea, #dataset-captioner-source input").first.fill(str(tagger))
+        page.locator("#dataset-caption-run").click()
+        page.get_by_text("Captioned 8 pictures with wd14.").wait_for(timeout=60000)
+        page.locator("#dataset-gallery").get_by_text("^_^, 1girl, blue hair").first.wait_for(
+            state="attached", timeout=10000)  # the tagger's default thresholds: 0.35 general, 0.85 character
+    finally:
+        app.stop()

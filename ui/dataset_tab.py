@@ -45,6 +45,16 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
                                  visible=DEMO_DATASET.is_dir())
             clear = gr.Button("Start over", elem_id="dataset-clear")
     report = gr.Markdown(elem_id="dataset-report")
+    with gr.Accordion("Caption the pictures", open=False, elem_id="dataset-captioner"):
+        with gr.Row():
+            captioner_kind = gr.Dropdown(choices=[("WD14 tagger (tags, for anime / illustration)", "wd14"),
+                                                  ("BLIP (a sentence)", "blip"),
+                                                  ("Florence-2 (a detailed sentence)", "florence2")],
+                                         value="wd14", label="Captioner", elem_id="dataset-captioner-kind")
+            captioner_source = gr.Textbox(label="Model folder (or hub id when online; empty = the default)",
+                                          elem_id="dataset-captioner-source", scale=2)
+            overwrite = gr.Checkbox(label="Replace existing captions", value=False, elem_id="dataset-overwrite")
+        run_captioner = gr.Button("Caption", elem_id="dataset-caption-run")
     with gr.Row():
         trigger = gr.Textbox(label="Trigger word (kept first in every caption)", elem_id="dataset-trigger", scale=3)
         apply_trigger = gr.Button("Apply to all captions", elem_id="dataset-apply-trigger")
@@ -99,6 +109,29 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
     add_folder.click(on_folder, [folder_path, dataset_dir], outputs)
     try_demo.click(on_demo, dataset_dir, outputs + [trigger])
     clear.click(lambda: ("", "", [], []), None, outputs)
+
+    def on_caption(folder, kind, source, replace, progress=gr.Progress()):
+        from PIL import Image
+
+        from datasets_tools.captioners import CaptionerUnavailable, load_captioner
+
+        if not folder:
+            return refresh(folder, "Add pictures first.")
+        todo = [i for i in folder_ops.items(Path(folder)) if replace or not i.caption]
+        if not todo:
+            return refresh(folder, "Every picture has a caption (tick “Replace existing captions” to redo them).")
+        try:
+            captioner = load_captioner(kind, source.strip() or None)
+        except (CaptionerUnavailable, OSError) as e:
+            return refresh(folder, f"⚠ {e}")
+        progress(0, desc=f"Captioning {len(todo)} pictures")
+        texts = captioner.caption([Image.open(i.image) for i in todo],
+                                  progress=lambda done, total: progress(done / total, desc=f"{done}/{total}"))
+        for item, text in zip(todo, texts):
+            folder_ops.set_caption(item.image, text)
+        return refresh(folder, f"Captioned {len(todo)} pictures with {kind}.")
+
+    run_captioner.click(on_caption, [dataset_dir, captioner_kind, captioner_source, overwrite], outputs)
 
     def on_select(folder, evt: gr.SelectData):
         items = folder_ops.items(Path(folder)) if folder else []
