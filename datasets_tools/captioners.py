@@ -140,9 +140,10 @@ class Seq2Seq:
             kwargs = {"text": self.prompt} if self.prompt else {}
             inputs = self._processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
             with torch.no_grad():
-                ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=3,
+                                           do_sample=False)
             text = self._processor.batch_decode(ids, skip_special_tokens=True)[0]
-            out.append(" ".join(text.replace(self.prompt, "").split()) or "(empty)")
+            out.append(" ".join(text.replace(self.prompt, "").split()))
             if progress:
                 progress(i + 1, len(images))
         return out

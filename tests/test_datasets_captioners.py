@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets_tools.captioners import CaptionerUnavailable, clean_tag, load_captioner, select_tags
@@ -65,8 +66,7 @@ def test_blip_captions_on_a_tiny_model(tmp_path):
                               BlipProcessor)
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "on", "white"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), bos_token="[CLS]")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, bos_token="[CLS]")
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                               tokenizer=tokenizer)
     config = BlipConfig(
@@ -75,9 +75,42 @@ def test_blip_captions_on_a_tiny_model(tmp_path):
                      "sep_token_id": 3, "pad_token_id": 0, "encoder_hidden_size": 32},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8}, projection_dim=32)
-    BlipForConditionalGeneration(config).save_pretrained(tmp_path / "blip")
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():  # steer the untrained head to words (not special tokens), as the tagger test does
+        model.text_decoder.cls.predictions.bias[5:] += 10.0
+    model.save_pretrained(tmp_path / "blip")
     processor.save_pretrained(tmp_path / "blip")
     calls = []
     blip = load_captioner("blip", tmp_path / "blip", max_new_tokens=5)
     out = blip.caption([Image.new("RGB", (40, 30), (200, 0, 0))] * 2, progress=lambda i, n: calls.append(i))
     assert len(out) == 2 and all(isinstance(t, str) and t for t in out) and calls == [1, 2]
+    assert set(" ".join(out).split()) <= set(words[5:])
+
+
+def test_florence2_captions_on_a_tiny_model(tmp_path):
+    from transformers import (BartConfig, BartTokenizerFast, CLIPImageProcessorPil, Florence2Config,
+                              Florence2ForConditionalGeneration, Florence2Processor, Florence2VisionConfig)
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4, "Ġred": 5, "Ġcircle": 6, "Ġon": 7, "Ġwhite": 8}
+    tokenizer = BartTokenizerFast(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False, image_seq_length=17)
+    vision = Florence2VisionConfig(embed_dim=(16, 32), depths=(1, 1), num_heads=(1, 2), num_groups=(1, 2),
+                                   patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1),
+                                   patch_prenorm=(False, True), window_size=2, projection_dim=32)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                      max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
+                                                              image_token_id=tokenizer.image_token_id))
+    with torch.no_grad():  # special tokens' embeddings to zero: the untrained decoder then says words
+        model.get_input_embeddings().weight[[0, 1, 2, 3, tokenizer.image_token_id]] = 0
+    model.save_pretrained(tmp_path / "florence2")
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp_path / "florence2")
+    calls = []
+    florence = load_captioner("florence2", tmp_path / "florence2", max_new_tokens=5)
+    out = florence.caption([Image.new("RGB", (40, 30), (200, 0, 0))] * 2, progress=lambda i, n: calls.append(i))
+    assert len(out) == 2 and all(isinstance(t, str) and t for t in out) and calls == [1, 2]
+    assert set(" ".join(out).split()) <= {"a", "red", "circle", "on", "white"}  # words of its vocabulary
