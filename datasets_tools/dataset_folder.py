@@ -9,6 +9,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import re
+
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -16,6 +18,7 @@ CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_ZIP_FILES = 5000
 MAX_ZIP_BYTES = 4 << 30  # uncompressed
 MAX_PIXELS = 64_000_000  # bigger than any camera; more is a decompression bomb
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # `10_name class`: 10 repeats, class text "name class"
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,10 @@ def renamed(caption: str, old: str, new: str) -> str:
 # --- the folder ---
 
 def items(folder: Path) -> list[Item]:
-    return [Item(p, read_caption(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    """The pictures of the folder and of its kohya `N_name` sub-folders."""
+    places = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
+    return [Item(p, read_caption(p)) for place in places for p in sorted(place.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def read_caption(image: Path) -> str:
@@ -120,7 +126,11 @@ def add_files(paths: list[Path], target: Path, background=(255, 255, 255)) -> Ad
         if path.is_dir():
             for p in sorted(path.rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES:
-                    _add_image(p, p.read_bytes, read_caption(p), target, result, background)
+                    # kohya `10_name class` folders keep their name (their repeats) and lend their class text
+                    kohya = KOHYA_FOLDER.match(p.parent.name) if p.parent != path else None
+                    place = target / p.parent.name if kohya else target
+                    caption = read_caption(p) or (kohya.group(2) if kohya else "")
+                    _add_image(p, p.read_bytes, caption, place, result, background)
         elif zipfile.is_zipfile(path):
             _add_zip(path, target, result, background)
         elif path.suffix.lower() in CAPTION_SUFFIXES:
@@ -167,6 +177,7 @@ def _add_image(source: Path, read, caption: str, target: Path, result: AddResult
     except Exception as e:  # one bad file must never stop the import: name it and go on
         result.skipped.append((source.name, _reason(e)))
         return
+    target.mkdir(parents=True, exist_ok=True)
     name = _free_name(target, source.stem)
     im.save(target / f"{name}.png")
     if caption:

@@ -135,3 +135,20 @@ def test_health_report_names_what_to_fix(corpus, tmp_path):
     assert r.tag_frequency["café"] == 2
     text = r.to_markdown()
     assert "**10 pictures**" in text and "nearly identical" in text and "fewer than the batch size 10" in text
+
+
+def test_kohya_folders_keep_their_repeats_and_class(tmp_path):
+    src = tmp_path / "kohya"
+    (src / "10_zxc star").mkdir(parents=True)
+    (src / "3_scenery").mkdir()
+    Image.new("RGB", (16, 16)).save(src / "10_zxc star" / "a.png")
+    Image.new("RGB", (16, 16)).save(src / "3_scenery" / "b.png")
+    (src / "3_scenery" / "b.txt").write_text("hills, river")
+    target = tmp_path / "dataset"
+    D.add_files([src], target)
+    found = {str(i.image.relative_to(target)): i.caption for i in D.items(target)}
+    assert found == {"10_zxc star/a.png": "zxc star", "3_scenery/b.png": "hills, river"}
+    from trainer.data import scan
+
+    assert sorted((p.name, c, r) for p, c, r in scan(target)) == [("a.png", "zxc star", 10),
+                                                                  ("b.png", "hills, river", 3)]

@@ -138,7 +138,7 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
         if evt.index is None or evt.index >= len(items):
             return "", ""
         item = items[evt.index]
-        return item.image.name, item.caption
+        return str(item.image.relative_to(folder)), item.caption
 
     gallery.select(on_select, dataset_dir, [selected, caption])
 
