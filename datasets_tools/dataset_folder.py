@@ -62,6 +62,23 @@ def renamed(caption: str, old: str, new: str) -> str:
     return ", ".join(out)
 
 
+def with_prefix_suffix(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """Tags added at the front / end unless already there (the trigger word stays first: use with_trigger after)."""
+    tags = split_tags(caption)
+    head = [t for t in split_tags(prefix) if t not in tags]
+    tail = [t for t in split_tags(suffix) if t not in tags]
+    return ", ".join(head + tags + tail)
+
+
+def replaced(caption: str, find: str, replace: str) -> str:
+    """Plain text find and replace over the whole caption."""
+    return " ".join(caption.replace(find, replace).split()) if find else caption
+
+
+def first_tags(caption: str, n: int) -> str:
+    return ", ".join(split_tags(caption)[:n])
+
+
 # --- the folder ---
 
 def items(folder: Path) -> list[Item]:
@@ -107,14 +124,19 @@ def apply_trigger(folder: Path, trigger: str) -> int:
     return len(items(folder))
 
 
-def rename_tag(folder: Path, old: str, new: str) -> int:
+def edit_all(folder: Path, edit) -> int:
+    """Apply `edit(caption) -> caption` to every caption; returns how many changed."""
     changed = 0
     for item in items(folder):
-        after = renamed(item.caption, old, new)
+        after = edit(item.caption)
         if after != item.caption:
             set_caption(item.image, after)
             changed += 1
     return changed
+
+
+def rename_tag(folder: Path, old: str, new: str) -> int:
+    return edit_all(folder, lambda c: renamed(c, old, new))
 
 
 def add_files(paths: list[Path], target: Path, background=(255, 255, 255)) -> AddResult:

@@ -273,5 +273,11 @@ def test_captioning_in_the_browser(browser, models, tmp_path):
         page.get_by_text("Captioned 8 pictures with wd14.").wait_for(timeout=60000)
         page.locator("#dataset-gallery").get_by_text("^_^, 1girl, blue hair").first.wait_for(
             state="attached", timeout=10000)  # the tagger's default thresholds: 0.35 general, 0.85 character
+        page.locator("#dataset-gallery img").first.click()  # a thumbnail
+        page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
+        assert page.locator("#dataset-caption textarea").input_value() == "^_^, 1girl, blue hair"
+        page.locator("#dataset-caption textarea").fill("zxq, my own words")
+        page.locator("#dataset-save-caption").click()
+        page.get_by_text("Saved the caption of").wait_for(timeout=10000)
     finally:
         app.stop()

@@ -88,8 +88,15 @@ def test_every_bad_input_is_converted_or_named(corpus, tmp_path):
     assert result.to_markdown().startswith("Added **8** picture(s).")
 
 
-def test_caption_edits():
+def test_caption_edits(tmp_path):
     assert D.with_trigger("red, zxc, circle", "zxc") == "zxc, red, circle"
+    assert D.with_prefix_suffix("red, circle", "photo, red", "high quality") == "photo, red, circle, high quality"
+    assert D.replaced("a red  circle, red", "red", "blue") == "a blue circle, blue"
+    assert D.first_tags("a, b, c, d", 2) == "a, b"
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    D.set_caption(tmp_path / "x.png", "one, two, three")
+    assert D.edit_all(tmp_path, lambda c: D.first_tags(c, 1)) == 1 and D.read_caption(tmp_path / "x.png") == "one"
+    assert (tmp_path / "x.txt").read_text(encoding="utf-8") == "one\n"
     assert D.renamed("a, b, c", "b", "c") == "a, c"
     assert D.renamed("a, b, c", "b", "") == "a, c"
 

@@ -88,6 +88,9 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                 runs_status = gr.Markdown(elem_id="runs-status")
         timer = gr.Timer(1.0)
 
+        ds.gallery.select(dataset_tab.selection, [dataset_dir, comps["resolution"], comps["min_bucket_reso"],
+                                                  comps["max_bucket_reso"], comps["bucket_no_upscale"]],
+                          [ds.selected, ds.caption, ds.crop])
         ds.check.click(dataset_tab.health_markdown, [dataset_dir, comps["resolution"], comps["min_bucket_reso"],
                                                       comps["max_bucket_reso"], comps["train_batch_size"]], ds.health)
 

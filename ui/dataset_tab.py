@@ -19,6 +19,9 @@ class DatasetTab:
     gallery: gr.Gallery
     check: gr.Button
     health: gr.Markdown
+    selected: gr.Textbox
+    caption: gr.Textbox
+    crop: gr.Image
 
 
 def gallery_items(folder: str) -> list[tuple[str, str]]:
@@ -73,6 +76,15 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             tag_from = gr.Textbox(label="Tag", elem_id="dataset-tag-from")
             tag_to = gr.Textbox(label="Rename to (empty = remove)", elem_id="dataset-tag-to")
             tag_apply = gr.Button("Rename / remove in every caption", elem_id="dataset-tag-apply")
+        with gr.Row():
+            prefix = gr.Textbox(label="Add tags at the front", elem_id="dataset-prefix")
+            suffix = gr.Textbox(label="Add tags at the end", elem_id="dataset-suffix")
+            find = gr.Textbox(label="Find", elem_id="dataset-find")
+            replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
+            keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, elem_id="dataset-keep")
+            bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
+    crop = gr.Image(label="Crop preview of the selected picture (kept area outlined)", interactive=False,
+                    height=256, elem_id="dataset-crop-preview")
 
     def ensure(folder: str) -> Path:
         if folder:
@@ -133,14 +145,17 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
 
     run_captioner.click(on_caption, [dataset_dir, captioner_kind, captioner_source, overwrite], outputs)
 
-    def on_select(folder, evt: gr.SelectData):
-        items = folder_ops.items(Path(folder)) if folder else []
-        if evt.index is None or evt.index >= len(items):
-            return "", ""
-        item = items[evt.index]
-        return str(item.image.relative_to(folder)), item.caption
+    def on_bulk(folder, pre, post, old, new, n):
+        if not folder:
+            return refresh(folder, "Add pictures first.")
 
-    gallery.select(on_select, dataset_dir, [selected, caption])
+        def edit(c: str) -> str:
+            c = folder_ops.with_prefix_suffix(folder_ops.replaced(c, old, new), pre, post)
+            return folder_ops.first_tags(c, int(n)) if n else c
+
+        return refresh(folder, f"Changed {folder_ops.edit_all(Path(folder), edit)} captions.")
+
+    bulk.click(on_bulk, [dataset_dir, prefix, suffix, find, replace, keep], outputs)
 
     def on_save(folder, name, text):
         if not folder or not name:
@@ -166,7 +181,25 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
         return refresh(folder, f"“{old}” {verb} in {n} captions.")
 
     tag_apply.click(on_tag, [dataset_dir, tag_from, tag_to], outputs)
-    return DatasetTab(trigger=trigger, gallery=gallery, check=check, health=health)
+    return DatasetTab(trigger=trigger, gallery=gallery, check=check, health=health, selected=selected,
+                      caption=caption, crop=crop)
+
+
+def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
+    """The picture clicked in the gallery: its name, its caption and where it will be cropped."""
+    from PIL import Image
+
+    from datasets_tools import buckets
+
+    items = folder_ops.items(Path(folder)) if folder else []
+    if evt.index is None or evt.index >= len(items):
+        return "", "", None
+    item = items[evt.index]
+    with Image.open(item.image) as im:
+        grid = buckets.make_buckets(int(resolution), int(min_reso), int(max_reso))
+        bucket = buckets.bucket_for_image(im.width, im.height, grid, bool(no_upscale))
+        preview = buckets.crop_preview(im, bucket)
+    return str(item.image.relative_to(folder)), item.caption, preview
 
 
 def health_markdown(folder: str, resolution, min_reso, max_reso, batch) -> str:
