@@ -312,3 +312,17 @@ def test_training_options_run(tiny_models, tmp_path, options):
     lrs = [e["lr"] for e in read_all(run_dir) if e["type"] == "step"]
     if cfg.optimizer.lr_scheduler == "constant_with_warmup":
         assert lrs[0] < lrs[1] == lrs[-1]
+
+
+def test_lora_fa_keeps_a_at_its_initial_values(tiny_models, tmp_path):
+    from trainer.networks import create
+
+    run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], {"network": {"network_type": "lora_fa"}})
+    final = train_run(run_dir)
+    model = load_base(tiny_models["sd1"][1])
+    torch.manual_seed(cfg.training.seed)  # as the trainer does before creating the network
+    initial = create(cfg.network, "sd1", {"unet": model.unet, "text_encoder": model.text_encoders[0]})
+    stored = lora_files.modules(final)
+    for name in initial.names():
+        assert torch.equal(stored[name]["lora_down.weight"], initial.factors(name)["lora_down.weight"]), name
+    assert any(stored[n]["lora_up.weight"].abs().max() > 0 for n in initial.names())  # B learned

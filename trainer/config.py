@@ -12,13 +12,13 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "rslora", "lora_fa")
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
 
@@ -383,14 +383,6 @@ def field_help(name: str) -> dict:
         if key in f.metadata:
             info[key] = f.metadata[key]
     return info
-
-
-def with_values(cfg: TrainConfig, **values) -> TrainConfig:
-    """A copy with some fields changed (flat names), validated."""
-    sections = {s: {k: v for k, v in values.items() if SECTION_OF.get(k) == s} for s in SECTIONS}
-    new = replace(cfg, **{s: replace(getattr(cfg, s), **v) for s, v in sections.items() if v})
-    validate(new)
-    return new
 
 
 # --- kohya sd-scripts training TOML ---

@@ -49,10 +49,14 @@ class LoRA(Network):
     def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
         return [p for n, p in self.components[component].named_parameters() if "lora_" in n]
 
+    def base_scale(self, layer) -> float:
+        """The update's scale at multiplier 1: alpha / r."""
+        return layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+
     def delta(self, name: str) -> torch.Tensor:
         layer = self.layer(name)
         scaling = layer.scaling[ADAPTER]
-        layer.scaling[ADAPTER] = layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]  # at multiplier 1
+        layer.scaling[ADAPTER] = self.base_scale(layer)
         try:
             return layer.get_delta_weight(ADAPTER).detach()
         finally:
@@ -69,7 +73,7 @@ class LoRA(Network):
     def set_multiplier(self, value: float) -> None:
         for name in self.targets:
             layer = self.layer(name)
-            layer.scaling[ADAPTER] = value * layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
+            layer.scaling[ADAPTER] = value * self.base_scale(layer)
 
 
 @register("locon")
@@ -78,3 +82,40 @@ class LoCon(LoRA):
 
     def uses_convs(self) -> bool:
         return True
+
+
+@register("rslora")
+class RsLoRA(LoRA):
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale alpha/sqrt(r) instead of alpha/r, so higher ranks keep
+    learning. Exported as plain LoRA whose stored alpha is alpha*sqrt(r): loaders compute alpha/r and get the same."""
+
+    def peft_config(self, paths, conv_paths) -> LoraConfig:
+        config = super().peft_config(paths, conv_paths)
+        config.use_rslora = True
+        return config
+
+    def factors(self, name: str) -> dict[str, torch.Tensor]:
+        out = super().factors(name)
+        r = self.layer(name).r[ADAPTER]
+        out["alpha"] = torch.tensor(float(self.layer(name).lora_alpha[ADAPTER]) * r ** 0.5)
+        return out
+
+    def base_scale(self, layer) -> float:
+        return layer.lora_alpha[ADAPTER] / layer.r[ADAPTER] ** 0.5
+
+
+@register("lora_fa")
+class LoRAFA(LoRA):
+    """LoRA-FA (Zhang et al. 2023): A stays at its random init, only B trains: about half the optimizer memory.
+    Exported as plain LoRA."""
+
+    def inject(self) -> int:
+        wrapped = super().inject()
+        for model in self.components.values():
+            for n, p in model.named_parameters():
+                if "lora_A" in n:
+                    p.requires_grad_(False)
+        return wrapped
+
+    def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.components[component].named_parameters() if "lora_B" in n]
