@@ -326,3 +326,28 @@ def test_lora_fa_keeps_a_at_its_initial_values(tiny_models, tmp_path):
     for name in initial.names():
         assert torch.equal(stored[name]["lora_down.weight"], initial.factors(name)["lora_down.weight"]), name
     assert any(stored[n]["lora_up.weight"].abs().max() > 0 for n in initial.names())  # B learned
+
+
+def test_lora_plus_gives_b_ratio_times_the_learning_rate(tiny_models, tmp_path):
+    import trainer.train
+
+    seen = {}
+    make = trainer.train.make_optimizer
+
+    def spy(cfg, groups, device):
+        optimizer = make(cfg, groups, device)
+        seen["optimizer"] = optimizer
+        return optimizer
+
+    trainer.train.make_optimizer = spy
+    try:
+        run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], {"network": {"loraplus_lr_ratio": 16.0},
+                                                                  "training": {"max_train_epochs": 1}})
+        train_run(run_dir)
+    finally:
+        trainer.train.make_optimizer = make
+    groups = seen["optimizer"].param_groups
+    assert len(groups) == 4  # (A, B) for the UNet and for the text encoder
+    for a, b in (groups[0:2], groups[2:4]):
+        assert b["initial_lr"] == pytest.approx(16 * a["initial_lr"]) and a["initial_lr"] > 0
+        assert all(p.shape[-1] == 4 or p.shape[1] == 4 for p in b["params"])  # B: [out, r]

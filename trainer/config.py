@@ -62,6 +62,8 @@ class NetworkConfig:
     conv_alpha: float = opt(1.0, "scale of 3x3 convs = conv_alpha / conv_dim", (0, 1024), exclusive_low=True)
     lokr_factor: int = opt(-1, "LoKr Kronecker factor; -1 = automatic", (-1, 64))
     network_dropout: float = opt(0.0, "dropout on the adapter's input", (0.0, 1.0))
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+: B learns this many times faster than A (16 suggested); 0 = off",
+                                   (0.0, 1000.0))
     network_train_unet_only: bool = opt(False, "leave the text encoder untouched")
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder")
 

@@ -11,7 +11,7 @@ from trainer.single_file import CheckpointError, family_of
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
-ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "min_bucket_reso", "max_bucket_reso",
+ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "min_bucket_reso", "max_bucket_reso",
                    "bucket_no_upscale",
                    "optimizer_type", "lr_scheduler",
                    "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "mixed_precision",

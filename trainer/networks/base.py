@@ -86,6 +86,10 @@ class Network:
     def parameters_of(self, component: str) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    def param_groups(self, component: str, lr: float) -> list[dict]:
+        """Optimizer parameter groups of one component (a method may give parts of itself other rates)."""
+        return [{"params": self.parameters_of(component), "lr": lr}]
+
     def delta(self, name: str) -> torch.Tensor:
         """ΔW of one module at multiplier 1, shaped like the base weight."""
         raise NotImplementedError

@@ -49,6 +49,16 @@ class LoRA(Network):
     def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
         return [p for n, p in self.components[component].named_parameters() if "lora_" in n]
 
+    def param_groups(self, component: str, lr: float) -> list[dict]:
+        """With loraplus_lr_ratio (LoRA+, Hayou et al. 2024), B learns `ratio` times faster than A."""
+        ratio = getattr(self.cfg, "loraplus_lr_ratio", 0)
+        if not ratio:
+            return super().param_groups(component, lr)
+        trained = {id(p) for p in self.parameters_of(component)}
+        named = [(n, p) for n, p in self.components[component].named_parameters() if id(p) in trained]
+        return [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
+                {"params": [p for n, p in named if "lora_B" in n], "lr": lr * ratio}]
+
     def base_scale(self, layer) -> float:
         """The update's scale at multiplier 1: alpha / r."""
         return layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
