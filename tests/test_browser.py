@@ -167,6 +167,9 @@ def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
         page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
         page.get_by_role("tab", name="Runs").click()
         page.locator("#runs-table").get_by_text("done").filter(visible=True).first.wait_for(timeout=10000)
+        page.locator("#runs-choose input").click()
+        page.get_by_role("option").first.click()
+        page.locator('#runs-files a[download="lora-000001.safetensors"]').wait_for(timeout=10000)  # an epoch file
         page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
     finally:
         app.stop()

@@ -86,6 +86,8 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                     open_btn = gr.Button("Open in Monitor", elem_id="runs-open")
                     delete_btn = gr.Button("Delete", variant="stop", elem_id="runs-delete")
                 runs_status = gr.Markdown(elem_id="runs-status")
+                run_files = gr.File(label="Files of the chosen run", file_count="multiple", interactive=False,
+                                    elem_id="runs-files")
         timer = gr.Timer(1.0)
 
         ds.gallery.select(dataset_tab.selection, [dataset_dir, comps["resolution"], comps["min_bucket_reso"],
@@ -159,6 +161,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
             return table, gr.update(choices=[r.run_id for r in runs])
 
         timer.tick(runs_table, None, [runs_table_view, chosen])
+        chosen.change(lambda r: [str(p) for p in jobs.files(r) if p.is_file()] if r else None, chosen, run_files)
         open_btn.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
                        chosen, [current_run, view, tabs])
 
