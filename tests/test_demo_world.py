@@ -35,3 +35,14 @@ def test_drawing_is_deterministic_and_draws_the_colour_asked():
     shape = np.abs(a.astype(int) - world.BACKGROUNDS["white"]).sum(-1) > 60
     assert 0.05 < shape.mean() < 0.6
     assert np.abs(a[shape].mean(0) - world.COLOURS["blue"]).max() < 25
+
+
+def test_the_detector_reads_the_drawing_rules():
+    for shape in ("circle", "square", "triangle", "star"):
+        for seed in range(10):
+            colour = list(world.COLOURS)[seed % 6]
+            background = "grey" if colour in ("yellow", "purple") else ["white", "black"][seed % 2]
+            judged = world.judge(world.draw(shape, colour, background, random.Random(seed)))
+            assert (judged["shape"], judged["colour"]) == (shape, colour)
+    blob = world.draw("circle", "red", "white", random.Random(0)).resize((16, 16)).resize((64, 64))
+    assert world.judge(blob)["shape"] != "star"  # a blurred shape is no star

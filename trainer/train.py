@@ -49,6 +49,7 @@ class Batch:
 def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
     """Train the run in `run_dir` (resuming from its newest state); returns the final file, or None if stopped."""
     run_dir, stop = Path(run_dir), stop or StopFlag()
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.model.mixed_precision),
                       cpu=not torch.cuda.is_available())
