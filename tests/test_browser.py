@@ -119,11 +119,19 @@ def set_up_run(page, app: App, images: list[Path], trigger: str = "zxq") -> None
     page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
     page.wait_for_function("() => document.querySelector('#train-network-alpha input').value === '16'")
     page.wait_for_timeout(2000)
-    for elem, value in TINY_FORM.items():
-        fill(page, elem, value)
     page.locator("#train-advanced").get_by_text("Advanced").click()
-    for elem, value in TINY_ADVANCED.items():
-        fill(page, elem, value)
+    wanted = TINY_FORM | TINY_ADVANCED
+    for _ in range(5):  # a late refill from the preset may overwrite a field: fill until the form holds still
+        for elem, value in wanted.items():
+            fill(page, elem, value)
+        page.wait_for_timeout(1500)
+        if all(field_value(page, e) == v for e, v in wanted.items()):
+            return
+    raise AssertionError({e: field_value(page, e) for e in wanted})
+
+
+def field_value(page, elem: str) -> str:
+    return page.locator(f"#train-{elem} input, #train-{elem} textarea").first.input_value()
 
 
 def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
