@@ -62,6 +62,15 @@ def renamed(caption: str, old: str, new: str) -> str:
     return ", ".join(out)
 
 
+def count_tags(captions) -> dict[str, int]:
+    """How many captions carry each tag."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in split_tags(caption):
+            counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
 def with_prefix_suffix(caption: str, prefix: str = "", suffix: str = "") -> str:
     """Tags added at the front / end unless already there (the trigger word stays first: use with_trigger after)."""
     tags = split_tags(caption)
@@ -106,11 +115,7 @@ def set_caption(image: Path, caption: str) -> None:
 
 
 def tag_frequency(folder: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items(folder):
-        for tag in split_tags(item.caption):
-            counts[tag] = counts.get(tag, 0) + 1
-    return counts
+    return count_tags(item.caption for item in items(folder))
 
 
 def first_tag(folder: Path) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from datasets_tools import buckets as B
-from datasets_tools.dataset_folder import items, split_tags
+from datasets_tools.dataset_folder import count_tags, items
 
 
 def dhash(image: Image.Image, size: int = 8) -> int:
@@ -69,10 +69,7 @@ def report(folder: Path, resolution: int, min_reso: int = 256, max_reso: int = 1
     dupes = [(a, b, hamming(hashes[a], hashes[b])) for i, a in enumerate(names) for b in names[i + 1:]
              if hamming(hashes[a], hashes[b]) <= duplicate_bits]
     captions = {i.image.name: i.caption for i in found}
-    tags: dict[str, int] = {}
-    for c in captions.values():
-        for t in split_tags(c):
-            tags[t] = tags.get(t, 0) + 1
+    tags = count_tags(captions.values())
     bucket_of = {n: B.bucket_for_image(w, h, buckets, no_upscale) for n, (w, h) in sizes.items()}
     fill: dict[tuple[int, int], int] = {}
     for b in bucket_of.values():

@@ -7,7 +7,6 @@ uninterrupted one would have seen.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import torch
 from PIL import Image, ImageOps
 
 from datasets_tools.buckets import bucket_batches, bucket_for_image, cover_crop_box, make_buckets
+from datasets_tools.dataset_folder import IMAGE_SUFFIXES, KOHYA_FOLDER, count_tags, split_tags
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # `10_name class`: 10 repeats, class text "name class"
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,11 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: floa
         return ""
     if not shuffle:
         return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    tags = split_tags(caption)
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
 
 
 def tag_frequency(items: list[Item]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        for tag in (t.strip() for t in item.caption.split(",")):
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return counts
+    return count_tags(item.caption for item in items)

@@ -128,7 +128,7 @@ def _from_file(path: Path, dtype: torch.dtype):
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     arch = single_file.detect(shapes, path.name)
     pred = single_file.prediction_type(arch, shapes, path, tensor=lambda key: _tensor(path, state, key))
-    del state
+    state = None  # a .ckpt's tensors are read again by diffusers: do not hold two copies
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     with tempfile.TemporaryDirectory(prefix="sd-config-") as tmp:
         config = single_file.write_config_dir(arch, shapes, pred, Path(tmp))

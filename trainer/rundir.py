@@ -6,12 +6,9 @@ import shutil
 import time
 from pathlib import Path
 
+from datasets_tools.dataset_folder import CAPTION_SUFFIXES, IMAGE_SUFFIXES
 from trainer import config
-from trainer.data import IMAGE_SUFFIXES
 from trainer.single_file import family_of
-
-CAPTION_SUFFIXES = (".txt", ".caption")
-
 
 def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: list[str],
                name: str | None = None) -> Path:
