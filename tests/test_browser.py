@@ -76,6 +76,19 @@ def browser():
 
 
 @pytest.fixture()
+def app(models, tmp_path):
+    """The app on 127.0.0.1 over a fresh runs folder, stopped after the test."""
+    running = App(tmp_path / "runs", models).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def page(browser):
+    return browser.new_page(viewport={"width": 1280, "height": 1000})
+
+
+@pytest.fixture()
 def models(tiny_models, tmp_path) -> Path:
     folder = tmp_path / "models"
     folder.mkdir()
@@ -134,69 +147,59 @@ def field_value(page, elem: str) -> str:
     return page.locator(f"#train-{elem} input, #train-{elem} textarea").first.input_value()
 
 
-def test_from_pictures_to_a_downloaded_lora(browser, models, tmp_path):
+def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     from safetensors import safe_open
 
     images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
-    app = App(tmp_path / "runs", models).start()
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        set_up_run(page, app, images)
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
-        page.get_by_role("tab", name="Dataset").click()
-        page.locator("#dataset-check").click()
-        health = page.locator("#dataset-health")
-        health.get_by_text("8 pictures").wait_for(timeout=30000)
-        assert "At 64 px, batch 2" in health.inner_text() and "64×64" in health.inner_text()
-        page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
-        page.get_by_role("tab", name="Train").click()
-        page.locator("#train-start").click()
-        queued(page)
-        progress = page.locator("#monitor-progress")
-        progress.get_by_text(re.compile(r"Step \d+ / 8")).wait_for(timeout=120000)
-        page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)  # the plot has data
-        first_reach = last_step_plotted(page)
-        page.locator("#monitor-samples img").first.wait_for(timeout=120000)
-        page.get_by_text("— done").wait_for(timeout=180000)
-        assert "Step 8 / 8" in progress.inner_text()
-        page.wait_for_timeout(2500)  # one more tick of the plot
-        assert last_step_plotted(page) == 8 >= first_reach
-        with page.expect_download() as download:
-            page.locator('#monitor-files a[download="lora.safetensors"]').click()
-        path = tmp_path / "downloaded.safetensors"
-        download.value.save_as(path)
-        with safe_open(str(path), "pt") as f:
-            meta, keys = f.metadata(), list(f.keys())
-        assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "zxq"
-        assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_num_train_images"] == "8"
-        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
-        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
-        page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
-        page.get_by_role("tab", name="Runs").click()
-        page.locator("#runs-table").get_by_text("done").filter(visible=True).first.wait_for(timeout=10000)
-        page.locator("#runs-choose input").click()
-        page.get_by_role("option").first.click()
-        page.locator('#runs-files a[download="lora-000001.safetensors"]').wait_for(timeout=10000)  # an epoch file
-        page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
-    finally:
-        app.stop()
+    set_up_run(page, app, images)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+    page.get_by_role("tab", name="Dataset").click()
+    page.locator("#dataset-check").click()
+    health = page.locator("#dataset-health")
+    health.get_by_text("8 pictures").wait_for(timeout=30000)
+    assert "At 64 px, batch 2" in health.inner_text() and "64×64" in health.inner_text()
+    page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-start").click()
+    queued(page)
+    progress = page.locator("#monitor-progress")
+    progress.get_by_text(re.compile(r"Step \d+ / 8")).wait_for(timeout=120000)
+    page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)  # the plot has data
+    first_reach = last_step_plotted(page)
+    page.locator("#monitor-samples img").first.wait_for(timeout=120000)
+    page.get_by_text("— done").wait_for(timeout=180000)
+    assert "Step 8 / 8" in progress.inner_text()
+    page.wait_for_timeout(2500)  # one more tick of the plot
+    assert last_step_plotted(page) == 8 >= first_reach
+    with page.expect_download() as download:
+        page.locator('#monitor-files a[download="lora.safetensors"]').click()
+    path = tmp_path / "downloaded.safetensors"
+    download.value.save_as(path)
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "zxq"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_num_train_images"] == "8"
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
+    page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-table").get_by_text("done").filter(visible=True).first.wait_for(timeout=10000)
+    page.locator("#runs-choose input").click()
+    page.get_by_role("option").first.click()
+    page.locator('#runs-files a[download="lora-000001.safetensors"]').wait_for(timeout=10000)  # an epoch file
+    page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
 
 
-def test_invalid_value_is_refused_beside_the_field(browser, models, tmp_path):
+def test_invalid_value_is_refused_beside_the_field(app, page, tmp_path):
     images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
-    app = App(tmp_path / "runs", models).start()
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        set_up_run(page, app, images)
-        fill(page, "network-alpha", "-1")
-        page.locator("#train-start").click()
-        beside = page.locator("#train-network-alpha")
-        beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
-        assert "network_alpha = -1" in beside.inner_text()
-        assert not any((tmp_path / "runs").glob("2*"))  # no run was made
-    finally:
-        app.stop()
+    set_up_run(page, app, images)
+    fill(page, "network-alpha", "-1")
+    page.locator("#train-start").click()
+    beside = page.locator("#train-network-alpha")
+    beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
+    assert "network_alpha = -1" in beside.inner_text()
+    assert not any((tmp_path / "runs").glob("2*"))  # no run was made
 
 
 def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:
@@ -209,33 +212,28 @@ def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:
     page.locator("#monitor-progress").get_by_text(re.compile(r"Step \d+ /")).wait_for(timeout=120000)
 
 
-def test_cancel_stops_the_worker_and_resume_continues(browser, models, tmp_path):
+def test_cancel_stops_the_worker_and_resume_continues(app, page, tmp_path):
     from trainer.checkpoint import latest
     from trainer.events import read_all
 
-    app = App(tmp_path / "runs", models).start()
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        start_training(page, app, tmp_path, epochs=60)
-        run_dir = next((tmp_path / "runs").glob("2*"))
-        pid = json.loads((run_dir / "status.json").read_text())["pid"]
-        page.locator("#monitor-cancel").click()
-        clicked = time.time()
-        page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
-        assert time.time() - clicked < 10
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
-        cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
-        assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
-        page.locator("#monitor-resume").click()
-        page.wait_for_function(f"""() => {{
-            const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
-            return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
-        page.locator("#monitor-cancel").click()
-        page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
-        resumed = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
-        assert resumed == sorted(set(resumed)) and resumed[0] == 1  # continued, never restarted from 0
-    finally:
-        app.stop()
+    start_training(page, app, tmp_path, epochs=60)
+    run_dir = next((tmp_path / "runs").glob("2*"))
+    pid = json.loads((run_dir / "status.json").read_text())["pid"]
+    page.locator("#monitor-cancel").click()
+    clicked = time.time()
+    page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+    assert time.time() - clicked < 10
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+    cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
+    assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
+    page.locator("#monitor-resume").click()
+    page.wait_for_function(f"""() => {{
+        const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
+        return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
+    page.locator("#monitor-cancel").click()
+    page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+    resumed = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
+    assert resumed == sorted(set(resumed)) and resumed[0] == 1  # continued, never restarted from 0
 
 
 def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
@@ -267,28 +265,23 @@ def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
         app.stop()
 
 
-def test_captioning_in_the_browser(browser, models, tmp_path):
+def test_captioning_in_the_browser(app, page, tmp_path):
     from tests.test_datasets_captioners import tiny_tagger
 
     tagger = tiny_tagger(tmp_path / "tagger")
     images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
-    app = App(tmp_path / "runs", models).start()
-    try:
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(app.url)
-        page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
-        page.get_by_text("Added 8 picture(s)").wait_for(timeout=30000)
-        page.locator("#dataset-captioner").get_by_text("Caption the pictures").click()
-        page.locator("#dataset-captioner-source textarea, #dataset-captioner-source input").first.fill(str(tagger))
-        page.locator("#dataset-caption-run").click()
-        page.get_by_text("Captioned 8 pictures with wd14.").wait_for(timeout=60000)
-        page.locator("#dataset-gallery").get_by_text("^_^, 1girl, blue hair").first.wait_for(
-            state="attached", timeout=10000)  # the tagger's default thresholds: 0.35 general, 0.85 character
-        page.locator("#dataset-gallery img").first.click()  # a thumbnail
-        page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
-        assert page.locator("#dataset-caption textarea").input_value() == "^_^, 1girl, blue hair"
-        page.locator("#dataset-caption textarea").fill("zxq, my own words")
-        page.locator("#dataset-save-caption").click()
-        page.get_by_text("Saved the caption of").wait_for(timeout=10000)
-    finally:
-        app.stop()
+    page.goto(app.url)
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
+    page.get_by_text("Added 8 picture(s)").wait_for(timeout=30000)
+    page.locator("#dataset-captioner").get_by_text("Caption the pictures").click()
+    page.locator("#dataset-captioner-source textarea, #dataset-captioner-source input").first.fill(str(tagger))
+    page.locator("#dataset-caption-run").click()
+    page.get_by_text("Captioned 8 pictures with wd14.").wait_for(timeout=60000)
+    page.locator("#dataset-gallery").get_by_text("^_^, 1girl, blue hair").first.wait_for(
+        state="attached", timeout=10000)  # the tagger's default thresholds: 0.35 general, 0.85 character
+    page.locator("#dataset-gallery img").first.click()  # a thumbnail
+    page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
+    assert page.locator("#dataset-caption textarea").input_value() == "^_^, 1girl, blue hair"
+    page.locator("#dataset-caption textarea").fill("zxq, my own words")
+    page.locator("#dataset-save-caption").click()
+    page.get_by_text("Saved the caption of").wait_for(timeout=10000)
