@@ -15,8 +15,12 @@ def modules(path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """The update a loader adds to a weight of `shape` at strength 1."""
+def delta(p: dict[str, torch.Tensor], shape: torch.Size, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The update a loader adds to a weight of `shape` at strength 1 (DoRA's depends on the base weight too)."""
+    if "dora_scale" in p:
+        assert base is not None, "a DoRA update depends on the base weight"
+        plain = delta({k: v.double() for k, v in p.items() if k != "dora_scale"}, shape)
+        return (dora_weight(p["dora_scale"].double(), base.double(), plain) - base.double()).float()
     if "lora_up.weight" in p:
         up, down = p["lora_up.weight"], p["lora_down.weight"]
         scale = p["alpha"].item() / down.shape[0]
@@ -39,3 +43,12 @@ def delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         scale = p["alpha"].item() / dim if dim is not None else 1.0
         return torch.kron(w1, w2).reshape(shape) * scale
     raise ValueError(f"unknown adapter params {sorted(p)}")
+
+
+def dora_weight(dora_scale: torch.Tensor, weight: torch.Tensor, lora_diff: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's weight_decompose (and AUTOMATIC1111's apply_weight_decompose) at strength 1: the merged weight
+    rescaled so each input channel's norm (taken over outputs and kernel) is dora_scale."""
+    merged = weight + lora_diff
+    norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1))
+    return merged * (dora_scale / norm)

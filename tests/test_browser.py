@@ -285,3 +285,37 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-caption textarea").fill("zxq, my own words")
     page.locator("#dataset-save-caption").click()
     page.get_by_text("Saved the caption of").wait_for(timeout=10000)
+
+
+def test_lora_methods_and_the_resize_tool_in_the_browser(app, page, tiny_models, tmp_path):
+    from safetensors import safe_open
+
+    from tests.test_resize import lora_file
+
+    page.goto(app.url)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-advanced").get_by_text("Advanced").click()
+    page.locator("#train-network-type input").click()
+    for method in ("dora", "vera", "adalora", "rslora", "lora_fa"):
+        page.get_by_role("option", name=method, exact=True).wait_for(timeout=10000)
+    page.keyboard.press("Escape")
+    assert page.locator("#train-unet-quantization").is_visible() and page.locator("#train-prune-energy").is_visible()
+
+    source = lora_file(tiny_models, "sd1", tmp_path / "mine.safetensors")
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#resize-section").get_by_text("Resize a LoRA file").click()
+    page.locator("#resize-source input[type=file]").set_input_files(str(source))
+    energy = page.locator("#resize-energy input")
+    energy.fill("0.5")
+    energy.press("Tab")
+    page.locator("#resize-run").click()
+    page.locator("#resize-report").get_by_text("dropped").wait_for(timeout=60000)
+    report = page.locator("#resize-report").text_content()
+    assert "129 in, 129 kept, 0 dropped" in report and "of Σσ² kept overall" in report, report
+    result = app.args[app.args.index("--runs-dir") + 1]
+    resized = Path(result) / ".resized" / "mine-resized.safetensors"
+    page.locator("#resize-result").get_by_text("mine-resized.safetensors").wait_for(timeout=10000)
+    assert resized.stat().st_size < source.stat().st_size
+    with safe_open(str(resized), "pt") as f:
+        assert json.loads(f.metadata()["ss_resize"])["energy"] == 0.5
+    page.screenshot(path=str(SHOTS / "resize.png"), full_page=True)

@@ -1,13 +1,12 @@
 """Every adapter method through the same checks: it wraps kohya's targets, changes the output, and its exported file
 reproduces its weight update under the names ComfyUI, WebUI and diffusers read."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from tests import lora_files
 from tests.conftest import ARCHES
+from trainer.config import LINEAR_ONLY_TYPES, NetworkConfig
 from trainer.export import to_kohya, save_atomic
 from trainer.loading import load_base
 from trainer.networks import NETWORKS, create, find_targets
@@ -15,10 +14,10 @@ from trainer.networks import NETWORKS, create, find_targets
 KINDS = sorted(NETWORKS)
 
 
-def net_config(kind: str, **over) -> SimpleNamespace:
-    values = dict(network_type=kind, network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0,
-                  network_dropout=0.0, lokr_factor=4)
-    return SimpleNamespace(**(values | over))
+def net_config(kind: str, **over) -> NetworkConfig:
+    values = dict(network_type=kind, network_dim=4, network_alpha=2.0, conv_dim=0 if kind in LINEAR_ONLY_TYPES else 2,
+                  conv_alpha=1.0, network_dropout=0.0, lokr_factor=4)
+    return NetworkConfig(**(values | over))
 
 
 def components(model) -> dict:
@@ -59,7 +58,7 @@ def test_export_reproduces_the_update(tiny_models, tmp_path, arch, kind):
         assert name in fresh, f"{name} maps to no module of the base"
         want = net.delta(name)
         assert want.shape == fresh[name].shape
-        got = lora_files.delta(params, fresh[name].shape)
+        got = lora_files.delta(params, fresh[name].shape, fresh[name])
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), name
         assert params["alpha"].dim() == 0
 

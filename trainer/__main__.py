@@ -5,6 +5,9 @@
     python -m trainer new --base MODEL --images DIR --preset NAME --runs-dir DIR [--set key=value ...] [--no-train]
         Make a run directory from a base model, a folder of images (with optional .txt captions), a preset and
         overrides; print its path; then train it.
+    python -m trainer resize SRC DST [--rank N] [--energy F] [--drop F] [--precision fp16|bf16|float]
+        Shrink a kohya LoRA/LoCon file: cut each module to rank N and/or to the smallest rank keeping a fraction F
+        of its energy (Σσ²), drop the fraction F of modules whose update is smallest; print a summary.
 
 Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
 Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once.
@@ -36,6 +39,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args = p.parse_args(argv[1:])
         args.command = "new"
         return args
+    if argv and argv[0] == "resize":
+        return parse_resize(argv[1:])
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory holding config.toml")
@@ -43,6 +48,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.command = "train"
     return args
+
+
+def parse_resize(argv: list[str]) -> argparse.Namespace:
+    from trainer.resize import ResizeError, check_args
+
+    p = argparse.ArgumentParser(prog="python -m trainer resize", description="Shrink a kohya LoRA/LoCon file.")
+    p.add_argument("src", type=Path, help="a kohya LoRA/LoCon .safetensors file")
+    p.add_argument("dst", type=Path, help="where to write the reduced file")
+    p.add_argument("--rank", type=int, help="new rank of every module (a cap, with --energy)")
+    p.add_argument("--energy", type=float, help="keep the smallest rank holding this fraction of Σσ², in (0, 1]")
+    p.add_argument("--drop", type=float, default=0.0, help="fraction of modules to remove, least ‖ΔW‖ first, [0, 1)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "float"], default="fp16")
+    args = p.parse_args(argv)
+    try:
+        check_args(args.rank, args.energy, args.drop)
+    except ResizeError as e:
+        p.error(str(e))  # exits 2
+    args.command = "resize"
+    return args
+
+
+def resize(args: argparse.Namespace) -> int:
+    from trainer.resize import ResizeError, resize_file, summary
+
+    try:
+        report = resize_file(args.src, args.dst, args.rank, args.energy, args.drop, args.precision)
+    except ResizeError as e:
+        print(f"python -m trainer resize: {e}", file=sys.stderr)
+        return 2
+    print(summary(report, args.src, args.dst))
+    return 0
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -89,9 +125,11 @@ def run(run_dir: Path, overrides: list[str]) -> int:
 def user_message(e: Exception) -> str:
     from trainer.config import ConfigError
     from trainer.loss import TrainingError
+    from trainer.optim import OptimizerUnavailable
+    from trainer.quantize import QuantizationUnavailable
     from trainer.single_file import CheckpointError
 
-    if isinstance(e, (ConfigError, TrainingError, CheckpointError)):
+    if isinstance(e, (ConfigError, TrainingError, CheckpointError, OptimizerUnavailable, QuantizationUnavailable)):
         return str(e)
     if "out of memory" in str(e).lower():
         return ("The GPU ran out of memory. Lower train_batch_size or resolution, turn on gradient_checkpointing, "
@@ -101,6 +139,8 @@ def user_message(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "resize":
+        return resize(args)
     if args.command == "new":
         from trainer.rundir import create_run
 

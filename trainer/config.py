@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "rslora", "lora_fa")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora", "rslora", "lora_fa", "vera", "adalora")
+PEFT_TYPES = ("lora", "locon", "rslora", "lora_fa", "vera", "adalora")  # trained through peft, exported as LoRA
+LINEAR_ONLY_TYPES = ("vera",)
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
 
@@ -51,11 +53,16 @@ class ModelConfig:
                                choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute activations: much less memory, ~30% slower")
     attention: str = opt("sdpa", "attention kernel (xformers when installed on CUDA)", choices=("sdpa", "xformers"))
+    unet_quantization: str = opt("none", "QLoRA: hold the frozen UNet's linear layers in 4-bit NF4 with double "
+                                 "quantisation (bitsandbytes, CUDA only)", choices=("none", "nf4"))
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network_type: str = opt("lora", "adapter method", choices=NETWORK_TYPES)
+    network_type: str = opt("lora", "adapter method: lora; locon (+ 3x3 convs); loha; lokr; dora (direction + "
+                                    "magnitude); rslora (alpha/√dim); lora_fa (A frozen); vera (shared random A, B; "
+                                    "trained scales); adalora (rank moves to where it helps). See the README",
+                            choices=NETWORK_TYPES)
     network_dim: int = opt(32, "rank of the linear layers", (1, 1024))
     network_alpha: float = opt(16.0, "scale = alpha / dim", (0, 1024), exclusive_low=True)
     conv_dim: int = opt(0, "rank of 3x3 convs (LoCon / LoHa / LoKr); 0 = no convs", (0, 1024))
@@ -64,6 +71,16 @@ class NetworkConfig:
     network_dropout: float = opt(0.0, "dropout on the adapter's input", (0.0, 1.0))
     loraplus_lr_ratio: float = opt(0.0, "LoRA+: B learns this many times faster than A (16 suggested); 0 = off",
                                    (0.0, 1000.0))
+    network_bias: str = opt("none", "peft bias mode: also train the biases of adapted layers (lora_only) or of every "
+                            "layer (all). Changes training only: no bias key in a LoRA file is read by both ComfyUI "
+                            "and WebUI, so the file leaves them out", choices=("none", "lora_only", "all"))
+    adalora_init_r: int = opt(0, "AdaLoRA: starting rank of every module, re-allocated during training to average "
+                                 "network_dim; 0 = 1.5 × network_dim", (0, 1024))
+    prune_rank: int = opt(0, "resize when saving: cap every module's rank by SVD; 0 = off", (0, 1024))
+    prune_energy: float = opt(0.0, "resize when saving: keep the smallest rank holding this fraction of each module's "
+                                   "update energy (Σσ²); 0 = off", (0.0, 1.0))
+    prune_drop: float = opt(0.0, "LoRA-drop when saving: remove this fraction of the modules whose update is "
+                                 "smallest", (0.0, 0.99))
     network_train_unet_only: bool = opt(False, "leave the text encoder untouched")
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder")
 
@@ -91,7 +108,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    optimizer_type: str = opt("AdamW", "optimizer", choices=("AdamW", "AdamW8bit", "Prodigy", "Adafactor"))
+    optimizer_type: str = opt("AdamW", "optimizer", choices=("AdamW", "AdamW8bit", "PagedAdamW8bit",
+                                                                         "Prodigy", "Adafactor"))
     learning_rate: float = opt(1e-4, "default learning rate", (0, 1), exclusive_low=True)
     unet_lr: float = opt(0.0, "UNet learning rate; 0 = learning_rate", (0.0, 1.0))
     text_encoder_lr: float = opt(5e-5, "text-encoder learning rate; 0 = text encoder not trained", (0.0, 1.0))
@@ -257,6 +275,21 @@ def validate(cfg: TrainConfig) -> None:
                           "network_train_unet_only and network_train_text_encoder_only cannot both be true")
     if n.lokr_factor == 0:
         raise ConfigError("network.lokr_factor", "network.lokr_factor = 0: use -1 (automatic) or 1..64")
+    peft_only = f"works with {', '.join(PEFT_TYPES)}, not with network_type {n.network_type!r}"
+    if n.network_bias != "none" and n.network_type not in PEFT_TYPES:
+        raise ConfigError("network.network_bias", f"network.network_bias = {n.network_bias!r}: peft's bias mode "
+                                                  f"{peft_only}")
+    if cfg.model.unet_quantization != "none" and n.network_type not in PEFT_TYPES:
+        raise ConfigError("model.unet_quantization", f"model.unet_quantization = {cfg.model.unet_quantization!r}: "
+                                                     f"a 4-bit UNet {peft_only}")
+    pruning = {"prune_rank": n.prune_rank, "prune_energy": n.prune_energy, "prune_drop": n.prune_drop}
+    for name, value in pruning.items():
+        if value and n.network_type not in PEFT_TYPES:
+            raise ConfigError(f"network.{name}", f"network.{name} = {value}: pruning reduces LoRA-form files; it "
+                                                 f"{peft_only}")
+    if n.network_type in LINEAR_ONLY_TYPES and n.conv_dim:
+        raise ConfigError("network.conv_dim", f"network.conv_dim = {n.conv_dim}: {n.network_type} adapts linear "
+                                              "layers only; set conv_dim = 0")
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
     if not re.fullmatch(r"[\w\-. ]+", t.output_name):
@@ -417,6 +450,8 @@ def import_kohya(source) -> tuple[dict, list[str]]:
             raise ConfigError("network_module", f"LyCORIS algo {algo!r} is not supported; use one of "
                                                 f"{', '.join(KOHYA_ALGOS)}")
         out["network_type"] = KOHYA_ALGOS[algo]
+        if algo in ("lora", "locon") and str(args.get("dora_wd", "")).lower() == "true":
+            out["network_type"] = "dora"
     else:
         raise ConfigError("network_module", f"network_module {module!r} is not supported; use networks.lora or "
                                             "lycoris.kohya")

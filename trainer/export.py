@@ -34,19 +34,14 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
              mixed_precision: str) -> dict[str, str]:
     """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands."""
     n, o, t = cfg.network, cfg.optimizer, cfg.training
-    network_args = {"algo": net.kind} if net.exports_as == "lycoris" else {}
-    if net.uses_convs():
-        network_args |= {"conv_dim": str(n.conv_dim), "conv_alpha": str(n.conv_alpha)}
-    if net.kind == "lokr":
-        network_args["factor"] = str(n.lokr_factor)
     v2 = arch == "sd2"
     spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
     now = datetime.now(timezone.utc)
     fields = {
         "ss_network_module": NETWORK_MODULE[net.exports_as],
-        "ss_network_dim": str(n.network_dim),
-        "ss_network_alpha": str(n.network_alpha),
-        "ss_network_args": json.dumps(network_args),
+        "ss_network_dim": "Dynamic" if net.dynamic_rank else str(n.network_dim),
+        "ss_network_alpha": "Dynamic" if net.dynamic_rank else str(n.network_alpha),
+        "ss_network_args": json.dumps(net.network_args()),
         "ss_base_model_version": BASE_MODEL_VERSION[(arch, prediction_type)],
         "ss_v2": str(v2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),

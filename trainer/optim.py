@@ -38,13 +38,13 @@ def make_optimizer(cfg, groups: list[dict], device: torch.device) -> torch.optim
     if kind == "AdamW":
         fused = device.type == "cuda"
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None, **kwargs)
-    if kind == "AdamW8bit":
+    if kind in ("AdamW8bit", "PagedAdamW8bit"):  # paged: optimizer state spills to CPU memory under pressure
         if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
-            raise OptimizerUnavailable("optimizer.optimizer_type = \"AdamW8bit\" needs bitsandbytes and a CUDA GPU "
+            raise OptimizerUnavailable(f"optimizer.optimizer_type = \"{kind}\" needs bitsandbytes and a CUDA GPU "
                                        "(pip install -r requirements-gpu.txt); use \"AdamW\" here")
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **kwargs)
+        return getattr(bnb.optim, kind)(groups, lr=cfg.learning_rate, **kwargs)
     if kind == "Prodigy":
         from prodigyopt import Prodigy
 

@@ -16,13 +16,14 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from trainer import checkpoint, data, export, sampling, text
+from trainer import checkpoint, data, export, resize, sampling, text
 from trainer.checkpoint import Progress
 from trainer.events import EventWriter
 from trainer.loading import load_base
 from trainer.loss import DenoisingLoss
 from trainer.networks import create as create_network
 from trainer.optim import make_optimizer, make_scheduler
+from trainer.quantize import quantize_unet_nf4
 
 
 class StopFlag:
@@ -69,18 +70,15 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
     components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
     if train_te:
         components |= dict(zip(te_names, base.text_encoders))
-    torch.manual_seed(t.seed)  # the same initial adapter on every process, and in every rerun
-    net = create_network(n, base.arch, components)
-    for c in components:
-        for p in net.parameters_of(c):
-            p.data = p.data.float()  # adapters train in fp32 under autocast
+    if cfg.model.unet_quantization == "nf4":
+        count = quantize_unet_nf4(base.unet, weight_dtype, acc.device)
+        events.status("loading", f"UNet held in 4-bit NF4 ({count} linear layers)")
     if cfg.model.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for te in base.text_encoders if train_te else []:
             te.gradient_checkpointing_enable()
     if cfg.model.attention == "xformers" and acc.device.type == "cuda":
         base.unet.enable_xformers_memory_efficient_attention()
-    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules")
 
     # --- data ---
     found = data.scan(Path(d.train_data_dir), d.caption_extension)
@@ -101,6 +99,12 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
     if t.max_train_steps:
         total_steps = min(total_steps, t.max_train_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
+    torch.manual_seed(t.seed)  # the same initial adapter on every process, and in every rerun
+    net = create_network(n, base.arch, components, total_steps)
+    for c in components:
+        for p in net.parameters_of(c):
+            p.data = p.data.float()  # adapters train in fp32 under autocast
+    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules")
     lrs = {"unet": o.unet_lr or o.learning_rate, "text_encoder": o.text_encoder_lr, "text_encoder_2": o.text_encoder_lr}
     groups = [g for c in components for g in net.param_groups(c, lrs[c]) if g["params"]]
     params = [p for g in groups for p in g["params"]]
@@ -115,14 +119,20 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
         checkpoint.load(state, acc, net, progress)
         events.status("loading", f"Resuming from step {progress.step} (epoch {progress.epoch + 1})")
 
+    prunes = bool(n.prune_rank or n.prune_energy or n.prune_drop)
+
     def save_file(name: str, epoch: int) -> Path:
         meta = export.metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, net=net,
                                base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
                                epoch=epoch, step=progress.step, tag_frequency=data.tag_frequency(items),
                                bucket_info=bucket_info(items), started_at=started, resolution=d.resolution,
                                mixed_precision=acc.mixed_precision)
-        path = export.save_atomic(export.to_kohya(net, export.DTYPES[t.save_precision]), meta,
-                                  run_dir / "output" / name)
+        if prunes:  # LoRA-drop / resize: SVD in full precision, then the save precision
+            tensors, meta, _ = resize.prune(export.to_kohya(net, torch.float32), meta, n.prune_rank or None,
+                                            n.prune_energy or None, n.prune_drop, t.save_precision)
+        else:
+            tensors = export.to_kohya(net, export.DTYPES[t.save_precision])
+        path = export.save_atomic(tensors, meta, run_dir / "output" / name)
         events.emit("checkpoint", step=progress.step, epoch=epoch, path=str(path.relative_to(run_dir)))
         return path
 
@@ -147,7 +157,7 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
             batch = make_batch(batches[i], items, latents_of, encode, base, d, rng, acc.device)
             with acc.autocast():
                 loss = loss_fn(base.unet, batch.latents, batch.hidden, batch.added_cond)
-            acc.backward(loss / t.gradient_accumulation_steps)
+            acc.backward((loss + net.regularization()) / t.gradient_accumulation_steps)
             losses.append(loss.item())
             progress.batch = i + 1
             if progress.batch % t.gradient_accumulation_steps and progress.batch < len(batches):
@@ -157,8 +167,9 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
                 acc.clip_grad_norm_(params, o.max_grad_norm)
             optimizer.step()
             lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            net.after_step(progress.step)
+            optimizer.zero_grad(set_to_none=True)
 
             elapsed, tick = time.time() - tick, time.time()
             events.emit("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1,

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from trainer import config
-from ui import api, dataset_tab, train_tab
+from ui import api, dataset_tab, resize_tool, train_tab
 from ui.jobs import JobManager
 from ui.monitor import RunView
 
@@ -88,6 +88,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                 runs_status = gr.Markdown(elem_id="runs-status")
                 run_files = gr.File(label="Files of the chosen run", file_count="multiple", interactive=False,
                                     elem_id="runs-files")
+                resize_tool.build(Path(runs_dir) / ".resized")
         timer = gr.Timer(1.0)
 
         ds.gallery.select(dataset_tab.selection, [dataset_dir, comps["resolution"], comps["min_bucket_reso"],

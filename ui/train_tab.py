@@ -11,9 +11,9 @@ from trainer.single_file import CheckpointError, family_of
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
-ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "min_bucket_reso", "max_bucket_reso",
-                   "bucket_no_upscale",
-                   "optimizer_type", "lr_scheduler",
+ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "adalora_init_r",
+                   "network_bias", "network_dropout", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
+                   "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "lr_scheduler",
                    "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "mixed_precision",
                    "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "shuffle_caption",
                    "keep_tokens", "caption_dropout_rate", "flip_aug", "cache_latents", "save_every_n_epochs",

@@ -8,6 +8,7 @@ for it under kohya's names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,13 +69,19 @@ class Network:
     """An adapter on the UNet and/or text encoders of one base model."""
 
     kind: str
-    exports_as: str = "lora"  # what loaders see: "lora" (LoRA/LoCon keys) or "lycoris" (LoHa/LoKr keys)
+    exports_as: str = "lora"  # what loaders see: "lora" (LoRA/LoCon keys) or "lycoris" (LoHa/LoKr/DoRA keys)
+    linear_only: bool = False  # the method wraps nn.Linear only (SD1's 1x1 proj_in/proj_out convs are left out)
+    dynamic_rank: bool = False  # ranks differ per module in the file
 
-    def __init__(self, cfg, arch: str, components: dict[str, nn.Module]):
+    def __init__(self, cfg, arch: str, components: dict[str, nn.Module], total_steps: int = 0):
         self.cfg = cfg
         self.arch = arch
         self.components = components
-        self.targets = {t.name: t for t in find_targets(arch, components, self.uses_convs())}
+        self.total_steps = total_steps  # for methods whose schedule depends on it (AdaLoRA)
+        targets = find_targets(arch, components, self.uses_convs())
+        if self.linear_only:
+            targets = [t for t in targets if isinstance(components[t.component].get_submodule(t.path), nn.Linear)]
+        self.targets = {t.name: t for t in targets}
 
     def uses_convs(self) -> bool:
         return self.cfg.conv_dim > 0
@@ -84,7 +91,13 @@ class Network:
         raise NotImplementedError
 
     def parameters_of(self, component: str) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The trainable tensors of one component: create() froze the base, the method unfroze its own."""
+        return [p for p in self.components[component].parameters() if p.requires_grad]
+
+    def layer(self, name: str) -> nn.Module:
+        """The wrapped module of one target (peft replaces the module in place)."""
+        t = self.targets[name]
+        return self.components[t.component].get_submodule(t.path)
 
     def param_groups(self, component: str, lr: float) -> list[dict]:
         """Optimizer parameter groups of one component (a method may give parts of itself other rates)."""
@@ -100,6 +113,20 @@ class Network:
 
     def set_multiplier(self, value: float) -> None:
         raise NotImplementedError
+
+    def regularization(self) -> torch.Tensor | float:
+        """A term the method adds to the loss (AdaLoRA's orthogonality); 0 for most."""
+        return 0.0
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step, before the gradients are cleared (AdaLoRA re-allocates ranks here)."""
+
+    def network_args(self) -> dict[str, str]:
+        """`ss_network_args` of the file: what a loader or a re-run needs to rebuild this network."""
+        args = {} if self.kind in ("lora", "locon") or self.exports_as == "lycoris" else {"trained_as": self.kind}
+        if self.uses_convs():
+            args |= {"conv_dim": str(self.cfg.conv_dim), "conv_alpha": str(self.cfg.conv_alpha)}
+        return args
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable adapter tensors, for resumable checkpoints."""
@@ -126,7 +153,25 @@ class Network:
         return wrapped
 
 
-def create(cfg, arch: str, components: dict[str, nn.Module]) -> Network:
+def blend_outputs(layers: list[tuple[nn.Module, Callable]], value: float, hooks: list) -> list:
+    """Apply an adapter at strength `value` the way loaders apply a file: base(x) + value·(adapted(x) − base(x)).
+    For methods whose own multiplier means something else (DoRA's) or that have none (VeRA). `layers` pairs each
+    wrapped module with its base forward; returns the new hook handles (none at strength 1)."""
+    for handle in hooks:
+        handle.remove()
+    if value == 1.0:
+        return []
+
+    def hook_for(base_forward):
+        def blend(module, args, out):
+            base = base_forward(*args)
+            return base + value * (out - base)
+        return blend
+
+    return [layer.register_forward_hook(hook_for(base_forward)) for layer, base_forward in layers]
+
+
+def create(cfg, arch: str, components: dict[str, nn.Module], total_steps: int = 0) -> Network:
     """The network named by `cfg.network_type`, injected into `components`."""
     import trainer.networks  # noqa: F401  (registers the methods)
 
@@ -134,6 +179,6 @@ def create(cfg, arch: str, components: dict[str, nn.Module]) -> Network:
         raise KeyError(f"unknown network_type {cfg.network_type!r}; choose one of {sorted(NETWORKS)}")
     for model in components.values():
         model.requires_grad_(False)
-    net = NETWORKS[cfg.network_type](cfg, arch, components)
+    net = NETWORKS[cfg.network_type](cfg, arch, components, total_steps)
     net.inject()
     return net

@@ -1,4 +1,8 @@
-"""LoRA and LoCon through peft. The file stores lora_down = A, lora_up = B and alpha: ΔW = B·A·alpha/r."""
+"""LoRA and LoCon through peft. The file stores lora_down = A, lora_up = B and alpha: ΔW = B·A·alpha/r.
+
+`network_bias` (peft's bias modes) trains biases too; they change training only: a LoRA module has no bias key that
+both ComfyUI and WebUI apply (WebUI reads `diff_b` only in full-weight diffs), so the file leaves them out.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class LoRA(Network):
             rank_pattern={k: self.cfg.conv_dim for k in exact},
             alpha_pattern={k: self.cfg.conv_alpha for k in exact},
             init_lora_weights=True,  # A: Kaiming uniform, B: zeros, as kohya
+            bias=self.cfg.network_bias,
         )
 
     def inject(self) -> int:
@@ -42,16 +47,9 @@ class LoRA(Network):
             wrapped += sum(hasattr(model.get_submodule(t.path), "lora_A") for t in targets)
         return self._check_count(wrapped)
 
-    def layer(self, name: str):
-        t = self.targets[name]
-        return self.components[t.component].get_submodule(t.path)
-
-    def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.components[component].named_parameters() if "lora_" in n]
-
     def param_groups(self, component: str, lr: float) -> list[dict]:
         """With loraplus_lr_ratio (LoRA+, Hayou et al. 2024), B learns `ratio` times faster than A."""
-        ratio = getattr(self.cfg, "loraplus_lr_ratio", 0)
+        ratio = self.cfg.loraplus_lr_ratio
         if not ratio:
             return super().param_groups(component, lr)
         trained = {id(p) for p in self.parameters_of(component)}
@@ -126,6 +124,3 @@ class LoRAFA(LoRA):
                 if "lora_A" in n:
                     p.requires_grad_(False)
         return wrapped
-
-    def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.components[component].named_parameters() if "lora_B" in n]

@@ -1,17 +1,19 @@
-"""LoHa and LoKr through LyCORIS, which writes the hada_* / lokr_* keys ComfyUI and WebUI read natively."""
+"""LoHa, LoKr and DoRA through LyCORIS, which writes the hada_* / lokr_* / dora_scale keys ComfyUI and WebUI read."""
 
 from __future__ import annotations
 
 import torch
 from lycoris import LycorisNetwork
+from lycoris.functional.general import weight_decompose
 
-from trainer.networks.base import Network, register
+from trainer.networks.base import Network, blend_outputs, register
 
 PREFIX = "lycoris"
 
 
 class _LyCORIS(Network):
     algo: str
+    module_kwargs: dict = {}
     exports_as = "lycoris"
 
     def uses_convs(self) -> bool:
@@ -32,7 +34,7 @@ class _LyCORIS(Network):
                                  conv_lora_dim=self.cfg.conv_dim, alpha=self.cfg.network_alpha,
                                  conv_alpha=self.cfg.conv_alpha, dropout=self.cfg.network_dropout,
                                  network_module=self.algo, use_tucker=False, factor=self.cfg.lokr_factor,
-                                 warn_on_unmatched=False)
+                                 warn_on_unmatched=False, **self.module_kwargs)
             net.apply_to()
             by_name = {lora.lora_name: lora for lora in net.loras}
             for t in targets:
@@ -62,6 +64,9 @@ class _LyCORIS(Network):
         for net in self.networks.values():
             net.set_multiplier(value)
 
+    def network_args(self) -> dict[str, str]:
+        return {"algo": self.algo} | super().network_args()
+
 
 @register("loha")
 class LoHa(_LyCORIS):
@@ -75,3 +80,35 @@ class LoKr(_LyCORIS):
     """Kronecker product of a small and a (low-rank) large factor; `lokr_factor` sets the split."""
 
     algo = "lokr"
+
+    def network_args(self) -> dict[str, str]:
+        return super().network_args() | {"factor": str(self.cfg.lokr_factor)}
+
+
+@register("dora")
+class DoRA(_LyCORIS):
+    """DoRA (Liu et al. 2024): LoRA trains the direction of each weight and a vector its magnitude,
+    W' = m · (W + ΔW) / ‖W + ΔW‖. The norm is taken per input channel (LyCORIS `wd_on_out=False`): the
+    decomposition AUTOMATIC1111 applies to `dora_scale`; ComfyUI reads the axis from dora_scale's shape [1, in]."""
+
+    algo = "lora"
+    module_kwargs = {"weight_decompose": True, "wd_on_out": False}
+    hooks: list = []
+
+    def delta(self, name: str) -> torch.Tensor:
+        """W' − W in float64: in float32 the subtraction of two near-equal weights loses the small update."""
+        m = self.modules[name]
+        with torch.no_grad():
+            weight = m.org_weight.double()
+            merged = weight_decompose(weight + m.make_weight().double() * m.scale, m.dora_scale.double(), 1,
+                                      m.wd_on_out)
+            return (merged - weight).float()
+
+    def set_multiplier(self, value: float) -> None:
+        # LyCORIS' multiplier scales only the magnitude step; loaders blend the whole update: W + s·(W' − W).
+        # LyCORIS replaces the wrapped module's forward, so the hook goes on that module.
+        layers = [(m.org_module[0], m.org_forward) for m in self.modules.values()]
+        self.hooks = blend_outputs(layers, value, self.hooks)
+
+    def network_args(self) -> dict[str, str]:
+        return super().network_args() | {"dora_wd": "True", "wd_on_output": "False"}

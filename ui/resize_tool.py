@@ -1,0 +1,49 @@
+"""Runs tab, "Resize a LoRA": any kohya LoRA/LoCon file through `python -m trainer resize` (rank cut by SVD, kept
+energy, LoRA-drop). The work runs in a child process, so the UI process never loads torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def resize(source: str | None, rank: float, energy: float, drop: float, out_dir: Path) -> tuple[str, str | None]:
+    """(summary or error message, path of the new file or None)."""
+    if not source:
+        return "⚠ Choose a .safetensors LoRA file first.", None
+    src = Path(source)
+    dst = Path(out_dir) / f"{src.stem}-resized.safetensors"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "trainer", "resize", str(src), str(dst)]
+    if rank:
+        command += ["--rank", str(int(rank))]
+    if energy:
+        command += ["--energy", str(energy)]
+    if drop:
+        command += ["--drop", str(drop)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["the resize failed"])[-1]
+        return f"⚠ {message}", None
+    return "```\n" + done.stdout.strip() + "\n```", str(dst)
+
+
+def build(out_dir: Path) -> None:
+    with gr.Accordion("Resize a LoRA file (smaller rank, kept energy, LoRA-drop)", open=False,
+                      elem_id="resize-section"):
+        gr.Markdown("Works on any kohya-format LoRA / LoCon file, ours or downloaded. Give a rank cap, an energy "
+                    "to keep (e.g. 0.9 keeps 90 % of each module's update), a fraction of modules to drop, or several.")
+        source = gr.File(label="LoRA file (.safetensors)", file_types=[".safetensors"], elem_id="resize-source")
+        with gr.Row():
+            rank = gr.Number(value=0, label="Rank cap (0 = off)", precision=0, elem_id="resize-rank")
+            energy = gr.Number(value=0.9, label="Energy to keep (0 = off)", elem_id="resize-energy")
+            drop = gr.Number(value=0, label="Drop this fraction of modules", elem_id="resize-drop")
+        button = gr.Button("Resize", elem_id="resize-run")
+        report = gr.Markdown(elem_id="resize-report")
+        result = gr.File(label="Resized file", interactive=False, elem_id="resize-result")
+    button.click(lambda s, r, e, d: resize(s, r, e, d, out_dir), [source, rank, energy, drop], [report, result])
