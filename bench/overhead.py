@@ -131,8 +131,9 @@ def bare_loop(model_dir: Path, images: Path, steps: int, cached: bool = True) ->
     return times
 
 
-def our_run(model_dir: Path, images: Path, root: Path, steps: int, cached: bool = True) -> list[float]:
-    """The same training through trainer.train: step times from its own events."""
+def our_run(model_dir: Path, images: Path, root: Path, steps: int, cached: bool = True,
+            extra: dict | None = None) -> list[float]:
+    """The same training through trainer.train (with `extra` settings on top): step times from its own events."""
     from trainer import config
     from trainer.events import read_all
     from trainer.train import train
@@ -146,7 +147,7 @@ def our_run(model_dir: Path, images: Path, root: Path, steps: int, cached: bool 
         "cache_latents": cached, "cache_text_encoder_outputs": False, "shuffle_caption": False, "caption_dropout_rate": 0.0, "min_snr_gamma": 0.0,
         "noise_offset": 0.0, "save_every_n_epochs": 0, "save_every_n_steps": 0, "sample_every_n_epochs": 0,
         "sample_every_n_steps": 0, "max_grad_norm": 0.0, "lr_scheduler": "constant", "lr_warmup_steps": 0,
-        "mixed_precision": "no"})
+        "mixed_precision": "no"}, extra or {})
     train(cfg, run_dir)
     stamps = [e["time"] for e in read_all(run_dir) if e["type"] == "step"]
     return [b - a for a, b in zip(stamps, stamps[1:])]

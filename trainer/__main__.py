@@ -58,7 +58,8 @@ def parse_resize(argv: list[str]) -> argparse.Namespace:
     p.add_argument("dst", type=Path, help="where to write the reduced file")
     p.add_argument("--rank", type=int, help="new rank of every module (a cap, with --energy)")
     p.add_argument("--energy", type=float, help="keep the smallest rank holding this fraction of Σσ², in (0, 1]")
-    p.add_argument("--drop", type=float, default=0.0, help="fraction of modules to remove, least ‖ΔW‖ first, [0, 1)")
+    p.add_argument("--drop", type=float, default=0.0,
+                   help="fraction of modules to remove, least ‖ΔW‖ first, [0, 1)")
     p.add_argument("--precision", choices=["fp16", "bf16", "float"], default="fp16")
     args = p.parse_args(argv)
     try:

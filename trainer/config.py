@@ -21,6 +21,7 @@ DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora", "rslora", "lora_fa", "vera", "adalora")
 PEFT_TYPES = ("lora", "locon", "rslora", "lora_fa", "vera", "adalora")  # trained through peft, exported as LoRA
 LINEAR_ONLY_TYPES = ("vera",)
+LORAPLUS_TYPES = ("lora", "locon", "rslora", "lora_fa")  # the methods with a B matrix of their own to speed up
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
 
@@ -287,6 +288,10 @@ def validate(cfg: TrainConfig) -> None:
         if value and n.network_type not in PEFT_TYPES:
             raise ConfigError(f"network.{name}", f"network.{name} = {value}: pruning reduces LoRA-form files; it "
                                                  f"{peft_only}")
+    if n.loraplus_lr_ratio and n.network_type not in LORAPLUS_TYPES:
+        raise ConfigError("network.loraplus_lr_ratio", f"network.loraplus_lr_ratio = {n.loraplus_lr_ratio}: LoRA+ "
+                                                       f"speeds up LoRA's B matrix; it works with "
+                                                       f"{', '.join(LORAPLUS_TYPES)}, not with {n.network_type!r}")
     if n.network_type in LINEAR_ONLY_TYPES and n.conv_dim:
         raise ConfigError("network.conv_dim", f"network.conv_dim = {n.conv_dim}: {n.network_type} adapts linear "
                                               "layers only; set conv_dim = 0")

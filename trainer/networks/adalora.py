@@ -46,7 +46,7 @@ class AdaLoRA(Network):
         return self._check_count(wrapped)
 
     def regularization(self) -> torch.Tensor | float:
-        """peft adds this inside AdaLoraModel.forward only for models that return `.loss`: ‖AAᵀ − I‖ + ‖BᵀB − I‖."""
+        """‖AAᵀ − I‖ + ‖BᵀB − I‖, which peft adds inside AdaLoraModel.forward only for models returning `.loss`."""
         terms = []
         for name in self.targets:
             layer = self.layer(name)
