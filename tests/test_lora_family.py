@@ -175,3 +175,24 @@ def test_pruning_when_saving_keeps_the_energy_asked_and_records_it(tiny_models, 
     with safe_open(str(pruned), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["ss_resize"])["energy"] == 0.6 and meta["ss_network_dim"] == "Dynamic"
+
+
+def test_adalora_resumed_after_its_budget_is_fixed_keeps_the_masked_ranks(tiny_models):
+    """A resumed run has no rank pattern in memory: it is read back from E's zeros, then enforced."""
+    from tests.test_networks import components, net_config, randomize
+
+    net = create(net_config("adalora"), "sd1", components(load_base(tiny_models["sd1"][1])), total_steps=10)
+    randomize(net)
+    name = next(iter(net.names()))
+    e = net.layer(name).lora_E["default"]
+    with torch.no_grad():
+        e[0] = 0.0  # as the budget left it before the checkpoint
+    net.after_step(9)  # past total - tfinal = 8: the final phase
+    pattern = net.tuners["unet"].peft_config["default"].rank_pattern
+    assert pattern[f"{net.targets[name].path}.lora_E.default"][0] is False
+    assert sum(map(sum, pattern.values())) == sum(p.numel() for n, p in net.components["unet"].named_parameters()
+                                                  if "lora_E" in n) - 1
+    with torch.no_grad():
+        e[0] = 1.0  # an optimizer step moved it
+    net.after_step(10)
+    assert e[0].item() == 0.0
