@@ -1,13 +1,17 @@
 """Build the demo world: a toy base model that draws shapes, and a dataset of a shape it has never seen.
 
-    python demo/build_demo.py            # both (about 25 minutes on one CPU thread)
+    python demo/build_demo.py            # both (about 26 minutes on one CPU thread)
     python demo/build_demo.py dataset    # only demo/dataset/ (seconds)
+    python demo/build_demo.py OUT VAE_STEPS POOL UNET_STEPS    # an experiment, saved under OUT instead of demo/
 
 The world: 64x64 pictures of a circle, square or triangle, in one of six colours, on a white, black or grey
 background, at varied positions and sizes, captioned "a red circle on a white background". A small model of the
-SD 1.5 architecture (VAE, UNet, CLIP text encoder with the real CLIP tokenizer) is trained from scratch on an
-endless stream of such pictures and saved as `demo/base-model/` (diffusers) and `demo/base-model.safetensors`
-(single file, CompVis layout). The demo dataset shows stars, which the base model never saw, captioned with the
+SD 1.5 architecture (VAE, UNet, CLIP text encoder with the real CLIP tokenizer) is trained from scratch on such
+pictures in fixed numbers of steps, so the result does not depend on the machine's speed: the VAE for 1,800 steps
+of 4 fresh pictures (edge-weighted L1 + MSE, a very little KL); then a pool of 12,000 pictures is encoded once; then
+the UNet and the text encoder for 1,100 steps of 32 latents from the pool (min-SNR-5 weighting, warm-up and cosine
+decay, EMA). It is saved as `demo/base-model/` (diffusers) and `demo/base-model.safetensors` (single file, CompVis
+layout). The demo dataset shows rings (discs with a hole), which the base model never saw, captioned with the
 trigger word "zxc". Everything is seeded: the same command gives the same pictures and, on the same machine and
 torch version, the same weights.
 """
@@ -33,7 +37,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
            "purple": (150, 60, 190), "orange": (240, 140, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128)}
 TRIGGER = "zxc"
-CONCEPT = "star"
+CONCEPT = "ring"
 
 
 def polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -54,8 +58,10 @@ def draw(shape: str, colour: str, background: str, rng: random.Random, size: int
     cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
     im = Image.new("RGB", (big, big), BACKGROUNDS[background])
     d = ImageDraw.Draw(im)
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+        if shape == "ring":  # a disc with a hole of half its radius
+            d.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=BACKGROUNDS[background])
     else:
         d.polygon(polygon(shape, cx, cy, r), fill=COLOURS[colour])
     return im.resize((size, size), Image.Resampling.LANCZOS)
@@ -77,7 +83,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def concept_pictures(seed: int, n: int) -> list[tuple[Image.Image, str]]:
-    """Stars in the world's colours and backgrounds: the demo dataset (seed 0) and held-out sets (other seeds)."""
+    """The concept in the world's colours and backgrounds: the demo dataset (seed 0) and held-out sets (other seeds)."""
     rng = random.Random(f"concept/{seed}")
     out = []
     for _ in range(n):
@@ -88,9 +94,11 @@ def concept_pictures(seed: int, n: int) -> list[tuple[Image.Image, str]]:
 
 def write_dataset(folder: Path = DEMO / "dataset", n: int = 10) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("*.png"), *folder.glob("*.txt")]:  # the folder holds this dataset and nothing else
+        old.unlink()
     for i, (im, text) in enumerate(concept_pictures(0, n)):
-        im.save(folder / f"star-{i:02d}.png")
-        (folder / f"star-{i:02d}.txt").write_text(text + "\n")
+        im.save(folder / f"{CONCEPT}-{i:02d}.png")
+        (folder / f"{CONCEPT}-{i:02d}.txt").write_text(text + "\n")
     return folder
 
 
@@ -112,70 +120,121 @@ def build_models():
                                 attention_head_dim=8, sample_size=SIZE // 8, norm_num_groups=32,
                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    with torch.no_grad():  # start the latents' log-variance at -8: nearly deterministic codes from the first step
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
     return vae, text, unet
 
 
-def train_vae(vae, minutes: float, log) -> float:
-    """Reconstruction + a little KL, on fresh pictures every step. Returns the latents' scaling factor."""
+def schedule(opt, steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to a tenth of the learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+
+def edge_weight(x: torch.Tensor) -> torch.Tensor:
+    """1 on flat colour, 5 on and beside the shape's outline: the outline is what tells the shapes apart."""
+    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True), (0, 0, 0, 1))
+    dx = torch.nn.functional.pad((x[..., :, 1:] - x[..., :, :-1]).abs().sum(1, keepdim=True), (0, 1, 0, 0))
+    return 1 + 4 * torch.nn.functional.max_pool2d(((dx + dy) > 0.1).float(), 3, 1, 1)
+
+
+def train_vae(vae, steps: int, log, batch: int = 4) -> None:
+    """Edge-weighted L1 + MSE reconstruction and a very little KL, on fresh pictures every step (small batches:
+    more updates per second, which is what a VAE on one CPU thread is short of)."""
     rng = random.Random("vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    end, step = time.time() + minutes * 60, 0
-    while time.time() < end:
-        x = to_tensor([sample_world(rng)[0] for _ in range(16)])
+    lr = schedule(opt, steps, warmup=30)
+    for step in range(1, steps + 1):
+        x = to_tensor([sample_world(rng)[0] for _ in range(batch)])
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
-        kl = dist.kl().mean() / (SIZE * SIZE * 3)
-        loss = torch.nn.functional.mse_loss(recon, x) + 1e-4 * kl
+        loss = ((recon - x).abs() * edge_weight(x)).mean() + torch.nn.functional.mse_loss(recon, x)
+        loss = loss + 1e-6 * dist.kl().mean() / x[0].numel()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        step += 1
-        if step % 50 == 0:
-            log(f"vae step {step}: loss {loss.item():.4f}")
-    with torch.no_grad():
-        x = to_tensor([sample_world(random.Random(f"std/{i}"))[0] for i in range(64)])
-        return float(1.0 / vae.encode(x).latent_dist.mean.std())
+        lr.step()
+        if step % 200 == 0:
+            log(f"vae step {step}/{steps}: loss {loss.item():.4f}")
 
 
-def train_diffusion(vae, text, unet, tokenizer, minutes: float, log) -> None:
-    from diffusers import DDPMScheduler
+@torch.no_grad()
+def check_vae(vae, out: Path | None = None) -> str:
+    """How many of 36 reconstructed pictures the detector still reads as the shape drawn."""
+    rng = random.Random("check")
+    drawn = [(draw(s, c, "grey" if c in ("yellow", "purple") else b, rng), s)
+             for s in SHAPES for c in COLOURS for b in ("white", "black")]
+    x = to_tensor([im for im, _ in drawn])
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pictures = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for p in y]
+    right = sum(judge(p)["shape"] == s for p, (_, s) in zip(pictures, drawn))
+    if out is not None:
+        grid = Image.new("RGB", (SIZE * 12, SIZE * 6))
+        for k, (p, (im, _)) in enumerate(zip(pictures, drawn)):
+            grid.paste(im, ((k % 12) * SIZE, (k // 12) * 2 * SIZE))
+            grid.paste(p, ((k % 12) * SIZE, (k // 12 * 2 + 1) * SIZE))
+        out.mkdir(parents=True, exist_ok=True)
+        grid.save(out / "vae-check.png")
+    return f"vae reconstructions: shape right on {right}/{len(drawn)}, mean abs error {(y - x).abs().mean():.3f}"
 
+
+@torch.no_grad()
+def encode_pool(vae, tokenizer, n: int, log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """A fixed pool of n pictures, encoded once: latent means and deviations, token ids, captions."""
     from trainer.text import tokenize
 
+    rng = random.Random("pool")
+    means, stds, captions = [], [], []
+    for start in range(0, n, 64):
+        batch = [sample_world(rng) for _ in range(min(64, n - start))]
+        dist = vae.encode(to_tensor([im for im, _ in batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        captions += [c for _, c in batch]
+    log(f"encoded a pool of {n} pictures")
+    return torch.cat(means), torch.cat(stds), tokenize(tokenizer, captions), captions
+
+
+def train_diffusion(text, unet, pool, empty: torch.Tensor, steps: int, log, batch: int = 32) -> None:
+    """epsilon prediction with min-SNR-5 weighting, 10 % empty captions (for guidance), EMA of the UNet."""
+    from diffusers import DDPMScheduler
+
+    from trainer.loss import DenoisingLoss
+
+    means, stds, ids = pool
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    vae.requires_grad_(False)
+    loss_fn = DenoisingLoss(sched, "epsilon", min_snr_gamma=5.0)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    lr = schedule(opt, steps, warmup=100)
     ema = [p.detach().clone() for p in unet.parameters()]
-    rng = random.Random("unet")
-    end, step = time.time() + minutes * 60, 0
-    while time.time() < end:
-        batch = [sample_world(rng) for _ in range(32)]
-        captions = [c if rng.random() > 0.1 else "" for _, c in batch]  # unconditional too, for guidance
-        with torch.no_grad():
-            latents = vae.encode(to_tensor([im for im, _ in batch])).latent_dist.sample()
-            latents = latents * vae.config.scaling_factor
-        hidden = text(tokenize(tokenizer, captions)).last_hidden_state
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (len(batch),))
-        pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        pick = torch.randint(0, len(means), (batch,), generator=gen)
+        latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=gen)
+        tokens = torch.where(torch.rand(batch, 1, generator=gen) < 0.1, empty, ids[pick])
+        loss = loss_fn(unet, latents, text(tokens).last_hidden_state, generator=gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
+        lr.step()
+        decay = min(0.995, step / (step + 10))
         with torch.no_grad():
             for e, p in zip(ema, unet.parameters()):
-                e.lerp_(p, 0.02 if step > 200 else 1.0)
-        step += 1
+                e.lerp_(p, 1 - decay)
         if step % 50 == 0:
-            log(f"unet step {step}: loss {loss.item():.4f}")
+            log(f"unet step {step}/{steps}: loss {loss.item():.4f}")
     with torch.no_grad():
         for e, p in zip(ema, unet.parameters()):
             p.copy_(e)
 
 
-def build_base(vae_minutes: float = 6, unet_minutes: float = 18) -> None:
+VAE_STEPS, POOL, UNET_STEPS = 1_800, 12_000, 1_100
+
+
+def build_base(out: Path = DEMO, vae_steps: int = VAE_STEPS, pool: int = POOL, unet_steps: int = UNET_STEPS) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from tests.tiny_models import to_single_file, tokenizer as clip_tokenizer
@@ -188,24 +247,36 @@ def build_base(vae_minutes: float = 6, unet_minutes: float = 18) -> None:
 
     vae, text, unet = build_models()
     tokenizer = clip_tokenizer()
-    vae.register_to_config(scaling_factor=train_vae(vae, vae_minutes, log))
-    log(f"vae scaling factor {vae.config.scaling_factor:.4f}")
-    train_diffusion(vae, text, unet, tokenizer, unet_minutes, log)
+    scratch = out.resolve() != DEMO  # an experiment: keep the VAE (reused by the next run there) and its pictures
+    if scratch and (out / "vae-cache.pt").exists():
+        vae.load_state_dict(torch.load(out / "vae-cache.pt"))
+    else:
+        train_vae(vae, vae_steps, log)
+        if scratch:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(vae.state_dict(), out / "vae-cache.pt")
+    vae.requires_grad_(False)
+    log(check_vae(vae, out if scratch else None))
+    means, stds, ids, _ = encode_pool(vae, tokenizer, pool, log)
+    scale = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scale)
+    log(f"vae scaling factor {scale:.4f}")
+    train_diffusion(text, unet, (means * scale, stds * scale, ids), tokenize_empty(tokenizer), unet_steps, log)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                               set_alpha_to_one=False, prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
-    pipe.save_pretrained(DEMO / "base-model")
-    to_single_file(pipe, "sd1", DEMO / "base-model.safetensors")
-    log("saved demo/base-model and demo/base-model.safetensors")
+    pipe.save_pretrained(out / "base-model")
+    to_single_file(pipe, "sd1", out / "base-model.safetensors")
+    log(f"saved {out / 'base-model'} and {out / 'base-model.safetensors'}")
 
 
-if __name__ == "__main__":
-    write_dataset()
-    if sys.argv[1:] != ["dataset"]:
-        build_base()
+def tokenize_empty(tokenizer) -> torch.Tensor:
+    from trainer.text import tokenize
+
+    return tokenize(tokenizer, [""])
 
 
 # --- judging pictures by the drawing rules ---
@@ -249,13 +320,31 @@ def spikes(mask: np.ndarray, bins: int = 72, prominence: float = 0.35) -> int:
     return count
 
 
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a mask (a shape is one piece; specks of noise elsewhere are not part of it)."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        p = np.pad(labels, 1)
+        h, w = mask.shape
+        spread = np.maximum.reduce([p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        spread = np.where(mask, spread, 0)
+        if np.array_equal(spread, labels):
+            break
+        labels = spread
+    if not mask.any():
+        return mask
+    values, counts = np.unique(labels[mask], return_counts=True)
+    return labels == values[counts.argmax()]
+
+
 def judge(image: Image.Image) -> dict:
     """What a picture shows, by the rules it was drawn with: the background is the colour of the border, the
-    shape is what differs from it; a star is far from convex (solidity), a square fills its box, a circle ~79 %."""
+    shape is the largest piece that differs from it; a ring has background at its centre, a star is far from convex
+    (solidity) with five points, a square fills its box, a circle ~79 %, a triangle ~50 %."""
     a = np.asarray(image.convert("RGB"), dtype=float)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    border = np.concatenate([a[2], a[-3], a[:, 2], a[:, -3]])  # just inside the edge, where decoders smear
     background = np.median(border, axis=0)
-    mask = np.abs(a - background).sum(-1) > 90
+    mask = largest_piece(np.abs(a - background).sum(-1) > 90)
     area = int(mask.sum())
     if area < 0.02 * mask.size:
         return {"shape": "none", "colour": "none", "solidity": 0.0, "spikes": 0, "area": area}
@@ -263,7 +352,11 @@ def judge(image: Image.Image) -> dict:
     solidity = area / max(_hull_area(np.stack([xs, ys], 1)), 1.0)
     fill = area / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
     points = spikes(mask)
-    if points >= 4 and solidity < 0.8:
+    cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+    hole = not mask[max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2].any()  # background all round the centroid
+    if hole and solidity < 0.9:
+        shape = "ring"
+    elif points >= 4 and solidity < 0.8:
         shape = "star"
     elif points >= 4:
         shape = "square" if fill > 0.9 else "circle" if fill > 0.68 else "triangle"
@@ -272,3 +365,14 @@ def judge(image: Image.Image) -> dict:
     mean = a[mask].mean(0)
     colour = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - mean).sum())
     return {"shape": shape, "colour": colour, "solidity": round(float(solidity), 3), "spikes": points, "area": area}
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args == ["dataset"]:
+        write_dataset()
+    elif args:  # an experiment: python demo/build_demo.py OUT VAE_STEPS POOL UNET_STEPS
+        build_base(Path(args[0]), *map(int, args[1:]))
+    else:
+        write_dataset()
+        build_base()

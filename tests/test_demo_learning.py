@@ -1,10 +1,10 @@
-"""Does training teach the concept? A LoRA trained on the demo stars, measured on stars it never saw.
+"""Does training teach the concept? A LoRA trained on the demo dataset, measured on pictures it never saw.
 
-- held-out stars: the LoRA lowers their denoising loss (fixed noise and timesteps) by at least 30 % against the base;
-- at strength 0 the adapter gives the base's numbers back, so the test can fail;
-- samples for the trigger prompt are judged by a detector written from the drawing rules (`demo.build_demo.judge`).
-  The toy base draws blurred shapes, and so far neither it nor the LoRA draws a star the detector accepts: the
-  counts are printed and recorded in the issue, not yet asserted (issue #7 stays open on this point).
+- held-out pictures of the concept: the LoRA lowers their denoising loss (fixed noise and timesteps) by at least
+  30 % against the base;
+- samples for the trigger prompt (8 seeds, euler, 20 steps, cfg 5) are judged by a detector written from the
+  drawing rules (`demo.build_demo.judge`): the LoRA's show the concept on at least 5 of 8, the base's on at most 2;
+- at strength 0 the adapter gives the base's numbers back exactly (loss and judged samples), so the test can fail.
 """
 
 import json
@@ -24,7 +24,7 @@ from trainer.sampling import generate
 from trainer.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo/base-model is not built")]
-PROMPT = f"{world.TRIGGER}, a yellow star on a black background"
+PROMPT = f"{world.TRIGGER}, a yellow {world.CONCEPT} on a black background"
 SEEDS = range(8)
 
 
@@ -38,13 +38,14 @@ def held_out_loss(model, pictures) -> float:
     return sum(values) / len(values)
 
 
-def stars(model) -> int:
+def shows_concept(model) -> int:
+    """On how many of the seeds the trigger prompt's sample is judged to show the concept."""
     return sum(world.judge(generate(model, PROMPT, sampler="euler", steps=20, cfg_scale=5.0, seed=s, width=64,
-                                    height=64))["shape"] == "star" for s in SEEDS)
+                                    height=64))["shape"] == world.CONCEPT for s in SEEDS)
 
 
 @torch.no_grad()
-def test_the_lora_learns_the_star(tmp_path):
+def test_the_lora_learns_the_concept(tmp_path):
     run_dir = tmp_path / "run"
     cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": "demo",
                                              "train_data_dir": str(world.DEMO / "dataset"),
@@ -56,19 +57,22 @@ def test_the_lora_learns_the_star(tmp_path):
 
     base = load_base("demo")
     held_out = world.concept_pictures(seed=1, n=8)
-    base_loss, base_stars = held_out_loss(base, held_out), stars(base)
+    base_loss, base_hits = held_out_loss(base, held_out), shows_concept(base)
 
     tuned = load_base("demo")
     comps = {"unet": tuned.unet, "text_encoder": tuned.text_encoders[0]}
     net = create(cfg.network, "sd1", comps)
     load_adapter(latest(run_dir), net)
-    lora_loss, lora_stars = held_out_loss(tuned, held_out), stars(tuned)
+    lora_loss, lora_hits = held_out_loss(tuned, held_out), shows_concept(tuned)
     net.set_multiplier(0.0)
-    off_loss, off_stars = held_out_loss(tuned, held_out), stars(tuned)
+    off_loss, off_hits = held_out_loss(tuned, held_out), shows_concept(tuned)
 
-    report = {"train_minutes": round(minutes, 2), "base_loss": round(base_loss, 4), "lora_loss": round(lora_loss, 4),
-              "loss_drop": round(1 - lora_loss / base_loss, 3), "base_stars": base_stars, "lora_stars": lora_stars,
-              "strength0_loss": round(off_loss, 4), "strength0_stars": off_stars, "seeds": len(SEEDS)}
+    report = {"concept": world.CONCEPT, "train_minutes": round(minutes, 2), "base_loss": round(base_loss, 4),
+              "lora_loss": round(lora_loss, 4), "loss_drop": round(1 - lora_loss / base_loss, 3),
+              "base_hits": base_hits, "lora_hits": lora_hits, "strength0_loss": round(off_loss, 4),
+              "strength0_hits": off_hits, "seeds": len(SEEDS)}
     print(json.dumps(report))
     assert lora_loss <= 0.7 * base_loss, report
-    assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_stars == base_stars, report
+    assert lora_hits >= 5, report
+    assert base_hits <= 2, report
+    assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_hits == base_hits, report

@@ -1,4 +1,4 @@
-"""The built-in demo: a toy base model that draws shapes, and a dataset of stars it never saw."""
+"""The built-in demo: a toy base model that draws shapes, and a dataset of a shape it never saw."""
 
 import random
 
@@ -20,7 +20,7 @@ def test_demo_model_loads_from_both_forms_identically():
     assert folder.tokenizers[0]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_demo_dataset_is_stars_with_the_trigger_first():
+def test_demo_dataset_is_the_concept_with_the_trigger_first():
     files = sorted((world.DEMO / "dataset").glob("*.png"))
     assert 8 <= len(files) <= 12
     for f in files:
@@ -38,11 +38,11 @@ def test_drawing_is_deterministic_and_draws_the_colour_asked():
 
 
 def test_the_detector_reads_the_drawing_rules():
-    for shape in ("circle", "square", "triangle", "star"):
+    for shape in (*world.SHAPES, "star", "ring"):
         for seed in range(10):
             colour = list(world.COLOURS)[seed % 6]
             background = "grey" if colour in ("yellow", "purple") else ["white", "black"][seed % 2]
             judged = world.judge(world.draw(shape, colour, background, random.Random(seed)))
             assert (judged["shape"], judged["colour"]) == (shape, colour)
     blob = world.draw("circle", "red", "white", random.Random(0)).resize((16, 16)).resize((64, 64))
-    assert world.judge(blob)["shape"] != "star"  # a blurred shape is no star
+    assert world.judge(blob)["shape"] not in ("star", "ring")  # a blurred disc is neither a star nor a ring
