@@ -1,9 +1,10 @@
 """What each adapter method costs against plain LoRA, on this machine's CPU: step time, trained parameters, file size.
 
 The overhead benchmark's SD1.5-shaped model and pictures, trained through `trainer.train` on the UNet at rank 4
-(LoCon adds 3x3 convs at conv rank 4); methods run interleaved, rounds after a warm-up, medians compared.
+(LoCon adds 3x3 convs at conv rank 4); methods run interleaved, each round in a rotated order, after a warm-up;
+medians compared.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/methods.py [--steps 20] [--rounds 2]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/methods.py [--steps 20] [--rounds 3]
 
 The last line is machine-readable: <method>_step=<ratio to lora> … for every method.
 """
@@ -40,7 +41,7 @@ def trained_parameters(model_dir: Path, kind: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -48,8 +49,8 @@ def main() -> None:
         our_run(model_dir, images, root, 4)  # warm-up
         times: dict[str, list[float]] = {kind: [] for kind in METHODS}
         sizes: dict[str, int] = {}
-        for _ in range(args.rounds):
-            for kind in METHODS:
+        for r in range(args.rounds):
+            for kind in METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]:  # each round starts elsewhere
                 runs = root / kind
                 runs.mkdir(exist_ok=True)
                 times[kind] += our_run(model_dir, images, runs, args.steps, extra=settings(kind))[2:]

@@ -57,7 +57,8 @@ def assert_file_is_the_update(final, net, fresh) -> dict:
 
 
 @pytest.mark.parametrize("arch, kind", [("sd1", "dora"), ("sdxl", "dora"), ("sd1", "vera"), ("sd2", "vera"),
-                                        ("sd1", "adalora"), ("sdxl", "adalora"), ("sd1", "rslora")])
+                                        ("sd1", "adalora"), ("sdxl", "adalora"), ("sd1", "rslora"),
+                                        ("sd1", "lora_fa")])  # its frozen A comes back from the checkpoint
 def test_a_method_trains_and_its_file_is_its_update(tiny_models, tmp_path, arch, kind):
     network = {"network_type": kind, "conv_dim": 0 if kind == "vera" else 2, "conv_alpha": 1.0}
     _, _, final, net = trained(tiny_models, tmp_path, arch, network)

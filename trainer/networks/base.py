@@ -128,14 +128,18 @@ class Network:
             args |= {"conv_dim": str(self.cfg.conv_dim), "conv_alpha": str(self.cfg.conv_alpha)}
         return args
 
+    def saved_parameters(self, component: str) -> list[nn.Parameter]:
+        """What a resumable checkpoint keeps: the trained tensors, and any frozen ones the file depends on."""
+        return self.parameters_of(component)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable adapter tensors, for resumable checkpoints."""
-        return {f"{c}.{i}": p.detach() for c in self.components for i, p in enumerate(self.parameters_of(c))}
+        """Adapter tensors, for resumable checkpoints."""
+        return {f"{c}.{i}": p.detach() for c in self.components for i, p in enumerate(self.saved_parameters(c))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for c in self.components:
-                for i, p in enumerate(self.parameters_of(c)):
+                for i, p in enumerate(self.saved_parameters(c)):
                     p.copy_(state[f"{c}.{i}"])
 
     def names(self) -> list[str]:

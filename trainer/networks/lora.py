@@ -124,3 +124,7 @@ class LoRAFA(LoRA):
                 if "lora_A" in n:
                     p.requires_grad_(False)
         return wrapped
+
+    def saved_parameters(self, component: str) -> list[torch.nn.Parameter]:
+        """The frozen A too: a resumed run or a reloaded checkpoint must not depend on re-drawing it."""
+        return [p for n, p in self.components[component].named_parameters() if "lora_" in n]
