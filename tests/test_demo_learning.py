@@ -2,8 +2,9 @@
 
 - held-out pictures of the concept: the LoRA lowers their denoising loss (fixed noise and timesteps) by at least
   30 % against the base;
-- samples for the trigger prompt (8 seeds, euler, 20 steps, cfg 5) are judged by a detector written from the
-  drawing rules (`demo.build_demo.judge`): the LoRA's show the concept on at least 5 of 8, the base's on at most 2;
+- samples for the trigger prompt (16 seeds, euler, 20 steps, cfg 5) are judged by a detector written from the
+  drawing rules (`demo.build_demo.judge`): the LoRA's show the concept on most seeds (9 or more), the base's on
+  at most 2;
 - at strength 0 the adapter gives the base's numbers back exactly (loss and judged samples), so the test can fail.
 """
 
@@ -25,7 +26,7 @@ from trainer.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo/base-model is not built")]
 PROMPT = f"{world.TRIGGER}, a yellow {world.CONCEPT} on a black background"
-SEEDS = range(8)
+SEEDS = range(16)
 
 
 def held_out_loss(model, pictures) -> float:
@@ -73,6 +74,6 @@ def test_the_lora_learns_the_concept(tmp_path):
               "strength0_hits": off_hits, "seeds": len(SEEDS)}
     print(json.dumps(report))
     assert lora_loss <= 0.7 * base_loss, report
-    assert lora_hits >= 5, report
+    assert lora_hits > len(SEEDS) // 2, report  # most seeds
     assert base_hits <= 2, report
     assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_hits == base_hits, report
