@@ -1,7 +1,8 @@
 """AdaLoRA (Zhang et al. 2023) through peft: adapters in SVD form ΔW = B·diag(E)·A·alpha/r, whose rank budget is
 re-allocated during training. Every module starts at `adalora_init_r`; from 10 % of the steps to 80 % the least
 important singular values (by gradient × weight sensitivity) are masked until ranks average `network_dim`, then the
-ranks stay fixed. Exported as plain LoRA whose rank differs per module; its alpha keeps each module's scale.
+ranks stay fixed. Exported as plain LoRA whose rank differs per module, with one alpha for all of them and each
+module's own scale folded into its lora_up.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ class AdaLoRA(Network):
     """SVD-form LoRA that moves rank to the modules that need it."""
 
     dynamic_rank = True
-
-    def uses_convs(self) -> bool:
-        return self.cfg.conv_dim > 0
 
     def peft_config(self, paths: list[str]) -> AdaLoraConfig:
         total = max(self.total_steps, 2)
