@@ -341,34 +341,56 @@ def largest_piece(mask: np.ndarray) -> np.ndarray:
     return labels == values[counts.argmax()]
 
 
+def template(shape: str, cx: float, cy: float, area: float, size: int = SIZE) -> np.ndarray:
+    """The mask of a shape as `draw` draws it (circle; upright square; triangle pointing up) with its centre at
+    pixel (cx, cy) and the given area in pixels."""
+    big = size * 4
+    radius = {"circle": math.sqrt(area / math.pi), "square": math.sqrt(area) / 2,
+              "triangle": math.sqrt(area / (3 * math.sqrt(3) / 4))}[shape] * 4
+    x, y = (cx + 0.5) * 4, (cy + 0.5) * 4
+    im = Image.new("L", (big, big), 0)
+    if shape == "circle":
+        ImageDraw.Draw(im).ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
+    else:
+        ImageDraw.Draw(im).polygon(polygon(shape, x, y, radius), fill=255)
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR)) > 127
+
+
+FIT = 0.7  # the least overlap (IoU) with its template for a piece to count as that shape; drawn pictures score > 0.96
+
+
 def judge(image: Image.Image) -> dict:
     """What a picture shows, by the rules it was drawn with: the background is the colour of the border, the
     shape is the largest piece that differs from it; a ring has background at its centre, a star is far from convex
-    (solidity) with five points, a square fills its box, a circle ~79 %, a triangle ~50 %."""
+    (solidity) with five points; otherwise the piece is the circle, square or triangle whose template of the same
+    centre and area it overlaps most, if that overlap (`fit`) is at least FIT, and a "blob" if not."""
     a = np.asarray(image.convert("RGB"), dtype=float)
     border = np.concatenate([a[2], a[-3], a[:, 2], a[:, -3]])  # just inside the edge, where decoders smear
     background = np.median(border, axis=0)
     mask = largest_piece(np.abs(a - background).sum(-1) > 90)
     area = int(mask.sum())
     if area < 0.02 * mask.size:
-        return {"shape": "none", "colour": "none", "solidity": 0.0, "spikes": 0, "area": area}
+        return {"shape": "none", "colour": "none", "solidity": 0.0, "spikes": 0, "fit": 0.0, "area": area}
     ys, xs = np.nonzero(mask)
     solidity = area / max(_hull_area(np.stack([xs, ys], 1)), 1.0)
-    fill = area / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
     points = spikes(mask)
     cy, cx = int(round(ys.mean())), int(round(xs.mean()))
     hole = not mask[max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2].any()  # background all round the centroid
+    fits = {}
+    for candidate in SHAPES:
+        t = template(candidate, xs.mean(), ys.mean(), area, mask.shape[0])
+        fits[candidate] = float((t & mask).sum() / (t | mask).sum())
+    best = max(fits, key=fits.get)
     if hole and solidity < 0.9:
         shape = "ring"
     elif points >= 4 and solidity < 0.8:
         shape = "star"
-    elif points >= 4:
-        shape = "square" if fill > 0.9 else "circle" if fill > 0.68 else "triangle"
     else:
-        shape = "square" if fill > 0.9 else "circle" if fill > 0.68 else "triangle"
+        shape = best if fits[best] >= FIT else "blob"
     mean = a[mask].mean(0)
     colour = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - mean).sum())
-    return {"shape": shape, "colour": colour, "solidity": round(float(solidity), 3), "spikes": points, "area": area}
+    return {"shape": shape, "colour": colour, "solidity": round(float(solidity), 3), "spikes": points,
+            "fit": round(fits[best], 3), "area": area}
 
 
 if __name__ == "__main__":
