@@ -78,3 +78,16 @@ def test_the_base_draws_the_prompted_shape_and_colour():
     print({"shape": shape_right, "colour": colour_right, "both": both, "of": len(judged), **per_shape})
     assert shape_right >= 30 and colour_right >= 30 and both >= 27, (shape_right, colour_right, both)
     assert min(per_shape.values()) >= 9, per_shape  # each shape drawn as asked on at least 9 of 12
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm++_2m_karras", "ddim"])
+@torch.no_grad()
+def test_every_sampler_draws_the_prompted_shape(sampler):
+    from trainer.sampling import generate
+
+    model = load_base("demo")
+    prompts = world_prompts()[::3]  # six: each shape in two colours
+    judged = [(shape, world.judge(generate(model, world.caption(shape, colour, background), sampler=sampler,
+                                           steps=20, cfg_scale=5.0, seed=0, width=64, height=64))["shape"])
+              for shape, colour, background in prompts]
+    assert sum(shape == seen for shape, seen in judged) >= 5, judged

@@ -16,7 +16,9 @@ SAMPLERS = {  # config name -> (WebUI label, scheduler class, extra config)
     "euler": ("Euler", EulerDiscreteScheduler, {}),
     "dpm++_2m_karras": ("DPM++ 2M Karras", DPMSolverMultistepScheduler,
                         {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "ddim": ("DDIM", DDIMScheduler, {}),
+    # x0 is never clipped, as in WebUI's and ComfyUI's DDIM: diffusers clips it to [-1, 1] unless the model's
+    # scheduler config says otherwise, and a diffusers folder saved from PNDMScheduler does not say
+    "ddim": ("DDIM", DDIMScheduler, {"clip_sample": False}),
 }
 
 
