@@ -275,6 +275,9 @@ def build_base(out: Path = DEMO, vae_steps: int = VAE_STEPS, pool: int = POOL, u
     pipe.save_pretrained(out / "base-model")
     to_single_file(pipe, "sd1", out / "base-model.safetensors")
     log(f"saved {out / 'base-model'} and {out / 'base-model.safetensors'}")
+    from trainer.loading import load_base
+
+    log(f"samples of the saved model: {score(load_base(out / 'base-model'))}")
 
 
 def tokenize_empty(tokenizer) -> torch.Tensor:
@@ -284,6 +287,35 @@ def tokenize_empty(tokenizer) -> torch.Tensor:
 
 
 # --- judging pictures by the drawing rules ---
+
+def world_prompts() -> list[tuple[str, str, str]]:
+    """Every shape in every colour once, on backgrounds in turn (never yellow on white or purple on black)."""
+    out = []
+    for i, shape in enumerate(SHAPES):
+        for j, colour in enumerate(COLOURS):
+            background = "grey" if colour in ("yellow", "purple") else ["white", "black", "grey"][(i + j) % 3]
+            out.append((shape, colour, background))
+    return out
+
+
+@torch.no_grad()
+def score(model, prompts=None, seeds=(0, 1), sampler: str = "euler") -> dict:
+    """How often a loaded base model (trainer.loading) draws the shape and the colour asked (default: every
+    prompt of world_prompts())."""
+    from trainer.sampling import generate
+
+    counts = {"shape": 0, "colour": 0, "both": 0, "of": 0} | {s: 0 for s in SHAPES}
+    for shape, colour, background in prompts or world_prompts():
+        for seed in seeds:
+            seen = judge(generate(model, caption(shape, colour, background), sampler=sampler, steps=20, cfg_scale=5.0,
+                                  seed=seed, width=SIZE, height=SIZE))
+            counts["shape"] += seen["shape"] == shape
+            counts[shape] += seen["shape"] == shape
+            counts["colour"] += seen["colour"] == colour
+            counts["both"] += seen["shape"] == shape and seen["colour"] == colour
+            counts["of"] += 1
+    return counts
+
 
 def _hull_area(points: np.ndarray) -> float:
     """Area of the convex hull of integer (x, y) points (Andrew's monotone chain, then the shoelace formula)."""
