@@ -241,6 +241,7 @@ def build_base(out: Path = DEMO, vae_steps: int = VAE_STEPS, pool: int = POOL, u
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from tests.tiny_models import to_single_file, tokenizer as clip_tokenizer
+    from trainer.loading import load_base
 
     torch.set_num_threads(1)
     start = time.time()
@@ -275,8 +276,6 @@ def build_base(out: Path = DEMO, vae_steps: int = VAE_STEPS, pool: int = POOL, u
     pipe.save_pretrained(out / "base-model")
     to_single_file(pipe, "sd1", out / "base-model.safetensors")
     log(f"saved {out / 'base-model'} and {out / 'base-model.safetensors'}")
-    from trainer.loading import load_base
-
     log(f"samples of the saved model: {score(load_base(out / 'base-model'))}")
 
 
@@ -289,7 +288,7 @@ def tokenize_empty(tokenizer) -> torch.Tensor:
 # --- judging pictures by the drawing rules ---
 
 def world_prompts() -> list[tuple[str, str, str]]:
-    """Every shape in every colour once, on backgrounds in turn (never yellow on white or purple on black)."""
+    """Every shape in every colour once, on backgrounds in turn (yellow and purple on grey, where both show)."""
     out = []
     for i, shape in enumerate(SHAPES):
         for j, colour in enumerate(COLOURS):
@@ -381,10 +380,11 @@ def template(shape: str, cx: float, cy: float, area: float, size: int = SIZE) ->
               "triangle": math.sqrt(area / (3 * math.sqrt(3) / 4))}[shape] * 4
     x, y = (cx + 0.5) * 4, (cy + 0.5) * 4
     im = Image.new("L", (big, big), 0)
+    d = ImageDraw.Draw(im)
     if shape == "circle":
-        ImageDraw.Draw(im).ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
+        d.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
     else:
-        ImageDraw.Draw(im).polygon(polygon(shape, x, y, radius), fill=255)
+        d.polygon(polygon(shape, x, y, radius), fill=255)
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR)) > 127
 
 
