@@ -25,6 +25,7 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # `10_name class`: 10 repeats, class
 class Item:
     image: Path
     caption: str
+    repeats: int | None = None  # from a kohya `N_name` folder; None = the run's own
 
 
 @dataclass
@@ -90,15 +91,23 @@ def first_tags(caption: str, n: int) -> str:
 
 # --- the folder ---
 
-def items(folder: Path) -> list[Item]:
-    """The pictures of the folder and of its kohya `N_name` sub-folders."""
-    places = [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
-    return [Item(p, read_caption(p)) for place in places for p in sorted(place.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES]
+def items(folder: Path, caption_suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> list[Item]:
+    """The pictures of the folder and of its kohya `N_name` sub-folders, each with its caption (a kohya folder's
+    class text when it has none) and its folder's repeats. The one reader of a dataset folder: the trainer, the
+    health report, the Dataset tab and the command line all see what this returns."""
+    out = []
+    for place in [folder] + sorted(p for p in folder.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name)):
+        kohya = KOHYA_FOLDER.match(place.name) if place != folder else None
+        for p in sorted(place.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                caption = read_caption(p, caption_suffixes) or (kohya.group(2) if kohya else "")
+                out.append(Item(p, caption, int(kohya.group(1)) if kohya else None))
+    return out
 
 
-def read_caption(image: Path) -> str:
-    for suffix in CAPTION_SUFFIXES:
+def read_caption(image: Path, suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> str:
+    """The first sidecar that exists, in UTF-8 (with or without BOM), else cp1252, else latin-1; white space folded."""
+    for suffix in suffixes:
         side = image.with_suffix(suffix)
         if side.is_file():
             raw = side.read_bytes()

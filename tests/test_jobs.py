@@ -37,3 +37,118 @@ def test_cancel_before_start_and_delete(tmp_path):
     assert jobs.cancel("q").state == "cancelled"
     jobs.delete("q")
     assert [r.run_id for r in jobs.runs()] == ["r"]
+
+
+def fake_worker(tmp_path):
+    """A stand-in for the Python interpreter the manager launches workers with: it records its arguments and
+    CUDA_VISIBLE_DEVICES, then waits until the test lets it go."""
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\nrun=$(eval echo \\${$#})\n"
+                      'echo "$CUDA_VISIBLE_DEVICES|$*" > "$run/launched"\n'
+                      'while [ ! -e "$run/finish" ]; do sleep 0.05; done\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def queue(jobs, tmp_path, name, gpus=1):
+    from trainer.rundir import create
+
+    cfg = config.build("character", "sd15", {"num_gpus": gpus})
+    return create(jobs.runs_dir, cfg, lambda d: d.mkdir(), state="queued", name=name)
+
+
+def launched(run):
+    path = run.path / "launched"
+    return path.read_text().strip().split("|") if path.is_file() else None
+
+
+def finish(jobs, run):
+    (run.path / "finish").touch()
+    jobs._procs[run.id].wait(timeout=10)
+    jobs.tick()
+
+
+def test_one_run_per_gpu_with_a_fake_device_list(tmp_path):
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=["0", "1"])
+    runs = [queue(jobs, tmp_path, name) for name in ("a", "b", "c")]
+    wide = queue(jobs, tmp_path, "d", gpus=2)
+    too_wide = queue(jobs, tmp_path, "e", gpus=3)
+    try:
+        jobs.tick()
+        wait_for(lambda: launched(runs[0]) and launched(runs[1]))
+        assert {launched(runs[0])[0], launched(runs[1])[0]} == {"0", "1"}  # a GPU each
+        assert jobs.info("c").state == "queued" and launched(runs[2]) is None
+        assert jobs.info("e").state == "failed" and "asks for 3 GPUs" in jobs.info("e").message
+        freed = launched(runs[1])[0]
+        finish(jobs, runs[1])
+        wait_for(lambda: launched(runs[2]))
+        assert launched(runs[2])[0] == freed and jobs.info("c").devices == [freed]
+        assert jobs.info("d").state == "queued"  # waits for two free GPUs
+        finish(jobs, runs[0])
+        finish(jobs, runs[2])
+        wait_for(lambda: launched(wide))
+        devices, argv = launched(wide)
+        assert devices == "0,1" and "accelerate.commands.launch --multi_gpu --num_processes 2 -m trainer" in argv
+    finally:
+        for run in runs + [wide]:
+            (run.path / "finish").touch()
+
+
+def test_on_a_cpu_machine_one_run_at_a_time(tmp_path):
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    a, b = queue(jobs, tmp_path, "a"), queue(jobs, tmp_path, "b")
+    try:
+        jobs.tick()
+        wait_for(lambda: launched(a))
+        assert launched(a) == ["", f"-m trainer {a.path}"] and jobs.info("b").state == "queued"
+        finish(jobs, a)
+        wait_for(lambda: launched(b))
+        assert jobs.info("a").state == "interrupted"  # the fake wrote no "done" event
+    finally:
+        (a.path / "finish").touch()
+        (b.path / "finish").touch()
+
+
+def test_runs_made_by_the_command_line_are_never_started_by_the_app(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_rundir import ROOT, hold_lock
+    from tests.test_training import draw_dataset
+
+    runs_dir = tmp_path / "runs"
+    r = subprocess.run([sys.executable, "-m", "trainer", "new", "--base", str(tiny_models["sd1"][1]), "--images",
+                        str(draw_dataset(tmp_path / "pictures")), "--preset", "style", "--runs-dir", str(runs_dir),
+                        "--name", "cli", "--no-train"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    bare = runs_dir / "bare"  # a config and no status: made by hand, or a CLI run caught half-written
+    bare.mkdir()
+    config.save(config.build("style", "sd15"), bare / "config.toml")
+    jobs = JobManager(runs_dir, python=fake_worker(tmp_path), devices=[])
+    jobs.tick()
+    assert jobs.info("cli").state == "created" and jobs.info("bare").state == "unknown"
+    assert "python -m trainer" in jobs.info("bare").message and not jobs._procs
+    # the command line trains it: its worker holds the lock; a resume from the app is refused while it lives
+    holder = hold_lock(runs_dir / "cli")
+    try:
+        with pytest.raises(ValueError, match=f"being trained by pid {holder.pid}"):
+            jobs.resume("cli")
+        jobs.tick()
+        assert not jobs._procs
+    finally:
+        holder.kill()
+        holder.wait()
+    assert jobs.resume("cli").state == "running"  # handed to the app: it runs it
+    wait_for(lambda: launched(jobs.run_dir("cli")))
+    (runs_dir / "cli" / "finish").touch()
+
+
+def wait_for(condition, timeout=10.0):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")

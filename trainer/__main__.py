@@ -3,14 +3,16 @@
     python -m trainer RUN_DIR [--set key=value ...]
         Train the run whose config.toml is in RUN_DIR, resuming from its newest state if it has one.
     python -m trainer new --base MODEL --images DIR --preset NAME --runs-dir DIR [--set key=value ...] [--no-train]
-        Make a run directory from a base model, a folder of images (with optional .txt captions), a preset and
-        overrides; print its path; then train it.
+        Make a run directory from a base model, a folder of images (with optional .txt/.caption captions), a
+        preset and overrides; the pictures are imported as the Dataset tab imports them (skipped files and health
+        warnings printed); print its path; then train it.
     python -m trainer resize SRC DST [--rank N] [--energy F] [--drop F] [--precision fp16|bf16|float]
         Shrink a kohya LoRA/LoCon file: cut each module to rank N and/or to the smallest rank keeping a fraction F
         of its energy (Σσ²), drop the fraction F of modules whose update is smallest; print a summary.
 
 Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
 Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once.
+One worker per run: the worker holds RUN_DIR/worker.lock while it lives; a second one refuses (code 4).
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
 EXIT_CANCELLED = 3
+EXIT_LOCKED = 4
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] == "new":
         p = argparse.ArgumentParser(prog="python -m trainer new", description="Make a run directory and train it.")
         p.add_argument("--base", required=True, help="diffusers folder, .safetensors/.ckpt file, hub id, or 'demo'")
-        p.add_argument("--images", required=True, type=Path, help="folder of images with optional .txt captions")
+        p.add_argument("--images", required=True, type=Path, help="folder of images with optional .txt/.caption captions")
         p.add_argument("--preset", required=True, help="character, style, scene or lokr")
         p.add_argument("--runs-dir", type=Path, default=Path("runs"))
         p.add_argument("--name", help="run folder name (default: date-time and preset)")
@@ -102,23 +106,41 @@ def install_signals(stop) -> None:
 
 
 def run(run_dir: Path, overrides: list[str]) -> int:
+    """Train the run, holding its lock throughout: a second worker on the same run refuses (exit 4)."""
     from trainer import config
     from trainer.events import EventWriter
+    from trainer.rundir import RunDir, RunLocked
     from trainer.train import StopFlag, train
 
-    setup_logging(run_dir)
+    run_dir = RunDir(run_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        lock = run_dir.acquire() if main_process else None
+    except RunLocked as e:
+        print(f"python -m trainer: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    setup_logging(run_dir.path)
     stop = StopFlag()
     install_signals(stop)
-    events = EventWriter(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0)
+    events = EventWriter(run_dir.path, enabled=main_process)
+    record = run_dir.write_status if main_process else (lambda **fields: None)
+    record(state="running", pid=os.getpid(), pgid=os.getpgrp(), message="", started=time.time())
     try:
-        cfg = config.load(run_dir / "config.toml", overrides)
-        final = train(cfg, run_dir, stop)
+        cfg = config.load(run_dir.config, overrides)
+        final = train(cfg, run_dir.path, stop)
     except Exception as e:
         logging.getLogger("trainer").error("training failed:\n%s", traceback.format_exc())
-        events.emit("error", message=user_message(e))
+        message = user_message(e)
+        events.emit("error", message=message)
+        record(state="failed", message=message, pid=None)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     if final is None:
+        record(state="cancelled", message="stopped; resumable", pid=None)
         return EXIT_CANCELLED
+    record(state="done", message="", pid=None)
     print(final)
     return 0
 
@@ -143,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "resize":
         return resize(args)
     if args.command == "new":
-        from trainer.rundir import create_run
+        from trainer.new_run import create_run
 
-        run_dir = create_run(args.runs_dir, args.base, args.images, args.preset, args.overrides, args.name)
+        run_dir = create_run(args.runs_dir, args.base, args.images, args.preset, args.overrides, args.name).path
         print(run_dir, flush=True)
         return 0 if args.no_train else run(run_dir, [])
     if not (args.run_dir / "config.toml").is_file():

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageOps
 
 from datasets_tools.buckets import bucket_batches, bucket_for_image, cover_crop_box, make_buckets
-from datasets_tools.dataset_folder import IMAGE_SUFFIXES, KOHYA_FOLDER, count_tags, split_tags
+from datasets_tools import dataset_folder
+from datasets_tools.dataset_folder import CAPTION_SUFFIXES, count_tags, split_tags
 
 
 
@@ -33,21 +34,13 @@ class DatasetError(ValueError):
 
 
 def scan(folder: Path, caption_extension: str = ".txt") -> list[tuple[Path, str, int | None]]:
-    """(image, caption, repeats or None) for the images in `folder` and in kohya `N_name` sub-folders."""
+    """(image, caption, repeats or None) for the images in `folder` and in kohya `N_name` sub-folders, read by the
+    dataset tools' one reader; `caption_extension` is tried first, then the other caption suffixes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"train_data_dir {folder} is not a folder")
-    places: list[tuple[Path, int | None, str]] = [(folder, None, "")]
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if m := KOHYA_FOLDER.match(sub.name):
-            places.append((sub, int(m.group(1)), m.group(2)))
-    found = []
-    for place, repeats, class_text in places:
-        for image in sorted(p for p in place.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            sidecar = image.with_suffix(caption_extension)
-            caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else class_text
-            found.append((image, " ".join(caption.split()), repeats))
-    return found
+    suffixes = (caption_extension,) + tuple(s for s in CAPTION_SUFFIXES if s != caption_extension)
+    return [(item.image, item.caption, item.repeats) for item in dataset_folder.items(folder, suffixes)]
 
 
 def build_items(found, resolution: int, min_reso: int, max_reso: int, no_upscale: bool, repeats: int,

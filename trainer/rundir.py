@@ -1,33 +1,176 @@
-"""Make a run directory from the command line: config.toml + dataset/ (DESIGN §1)."""
+"""The run directory, the whole record of one training (DESIGN §1): its layout, its id, its status and the lock its
+worker holds for as long as it lives.
+
+The web app, the worker and the command line all go through this module, so there is one run-id format, one way to
+read and write `status.json`, and no second worker on a run. Standard library only: the web process imports it.
+
+    runs/<id>/config.toml    the frozen config          events.jsonl   the event log (trainer.events)
+              dataset/       images + .txt captions     status.json    state, pid, message (this module)
+              samples/       PNGs                       output/        .safetensors files
+              state/         resumable checkpoints      worker.log     the worker's log (worker.out: its stdout)
+              worker.lock    held (flock) by the worker that trains the run; names its holder
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+import socket
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from datasets_tools.dataset_folder import CAPTION_SUFFIXES, IMAGE_SUFFIXES
 from trainer import config
-from trainer.single_file import family_of
 
-def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: list[str],
-               name: str | None = None) -> Path:
-    images = Path(images)
-    if not images.is_dir():
-        raise SystemExit(f"--images {images}: not a folder")
-    run_dir = Path(runs_dir) / (name or f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}")
-    if run_dir.exists():
-        raise SystemExit(f"{run_dir} already exists; choose another --name")
-    family = family_of(base)
-    layer = {"model": {"pretrained_model_name_or_path": str(base)},
-             "data": {"train_data_dir": str((run_dir / "dataset").resolve())}}
-    cfg = config.build(preset, family, layer, config.parse_overrides(overrides))  # validate before writing anything
-    dataset = run_dir / "dataset"
-    dataset.mkdir(parents=True)
-    for src in sorted(images.rglob("*")):
-        if src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES | set(CAPTION_SUFFIXES):
-            dst = dataset / src.relative_to(images)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    config.save(cfg, run_dir / "config.toml")
-    return run_dir
+STATES = ("created", "queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL_STATES = {"done", "failed", "cancelled", "interrupted"}
+RESUMABLE_STATES = {"created", "cancelled", "interrupted", "failed"}
+# "created": made by `python -m trainer new`, whose own worker trains it; the app never starts it by itself.
+# A folder with config.toml and no readable status.json is "unknown": not the app's to start either.
+UNKNOWN = "unknown"
+
+
+class RunLocked(RuntimeError):
+    """Another worker holds the run; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    config = property(lambda self: self.path / "config.toml")
+    dataset = property(lambda self: self.path / "dataset")
+    events = property(lambda self: self.path / "events.jsonl")
+    status_file = property(lambda self: self.path / "status.json")
+    samples = property(lambda self: self.path / "samples")
+    output = property(lambda self: self.path / "output")
+    state = property(lambda self: self.path / "state")
+    log = property(lambda self: self.path / "worker.log")
+    stdout = property(lambda self: self.path / "worker.out")
+    lock_file = property(lambda self: self.path / "worker.lock")
+
+    # --- status ---
+    def status(self) -> dict:
+        """The status as written, or {} when there is none or it cannot be read."""
+        try:
+            status = json.loads(self.status_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return status if isinstance(status, dict) else {}
+
+    def state_name(self) -> str:
+        state = self.status().get("state")
+        return state if state in STATES else UNKNOWN
+
+    def write_status(self, **fields) -> dict:
+        """Merge `fields` into status.json, written whole (a reader never sees half of it)."""
+        status = self.status()
+        status = {"created": time.time()} | status | fields | {"updated": time.time()}
+        tmp = self.path / f".{self.status_file.name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(status), encoding="utf-8")
+        os.replace(tmp, self.status_file)
+        return status
+
+    def files(self) -> list[Path]:
+        """What a user downloads: the saved LoRAs (every epoch and the final) and the config."""
+        return sorted(self.output.glob("*.safetensors")) + ([self.config] if self.config.is_file() else [])
+
+    # --- the worker's lock ---
+    def acquire(self) -> "WorkerLock":
+        """Hold the run for this process's lifetime (the kernel lets go when it exits, even by kill -9)."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLocked(f"{self.path} is being trained by {describe(self.holder())}; "
+                            "cancel that worker first (one worker per run)") from None
+        holder = {"pid": os.getpid(), "pgid": os.getpgrp(), "host": socket.gethostname(), "since": time.time(),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        return WorkerLock(fd)
+
+    def holder(self) -> dict | None:
+        """Who holds the run now ({pid, pgid, host, since, command}), or None when no worker does."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    return json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    return {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+class WorkerLock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> "WorkerLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe(holder: dict | None) -> str:
+    if not holder:
+        return "another worker"
+    since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {since} ({holder.get('command', '?')})"
+
+
+# --- making runs ---
+
+def new_id(runs_dir: Path, preset: str) -> str:
+    """`<date>-<time>-<preset>`, with a counter when two runs start in the same second."""
+    stem = time.strftime("%Y%m%d-%H%M%S") + f"-{preset or 'custom'}"
+    run_id, n = stem, 1
+    while (Path(runs_dir) / run_id).exists():
+        n += 1
+        run_id = f"{stem}-{n}"
+    return run_id
+
+
+def create(runs_dir: Path, cfg, fill_dataset: Callable[[Path], None], state: str, name: str | None = None) -> RunDir:
+    """A new run: its dataset/ filled by `fill_dataset(folder)`, its config pointing there, its status `state`
+    ("queued" for the app's queue, "created" for a command-line run). The status is written last, so the app never
+    sees a queued run that is not whole."""
+    run = RunDir(Path(runs_dir) / (name or new_id(runs_dir, cfg.preset)))
+    if run.path.exists():
+        raise FileExistsError(f"{run.path} already exists; choose another name")
+    run.path.mkdir(parents=True)
+    try:
+        fill_dataset(run.dataset)
+        cfg = config.from_dict(config.deep_merge(config.to_dict(cfg), {"train_data_dir": str(run.dataset.resolve())}))
+        config.save(cfg, run.config)
+        run.write_status(state=state, message="")
+    except BaseException:
+        shutil.rmtree(run.path, ignore_errors=True)  # no half-made run is left behind
+        raise
+    return run

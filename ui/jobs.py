@@ -1,12 +1,12 @@
-"""The job manager: run directories, a queue, one worker process per run, cancel and resume.
+"""The job manager: the queue of run directories, one worker process per run, one run per GPU, cancel and resume.
 
-It imports neither gradio nor torch. Everything it knows is on disk (DESIGN §1), so the app can be stopped and
-started again and find every run as it is: a worker runs in its own process session and outlives the app.
+It imports neither gradio nor torch. Everything it knows is on disk (`trainer.rundir`), so the app can be stopped and
+started again and find every run as it is: a worker runs in its own process session, outlives the app, and holds
+its run's lock while it lives, so the app never starts a second worker on a run (nor on one the command line trains).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,67 +14,80 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.events import EVENTS_FILE, EventReader, read_all
+from trainer.events import read_all
+from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe
 
 ROOT = Path(__file__).resolve().parent.parent
-STATUS_FILE = "status.json"
-FINAL_STATES = {"done", "failed", "cancelled", "interrupted"}
+__all__ = ["FINAL_STATES", "JobManager", "RunInfo", "detect_gpus"]
 
 
 @dataclass
 class RunInfo:
     run_id: str
     path: Path
-    state: str  # queued | running | done | failed | cancelled | interrupted
+    state: str  # created | queued | running | done | failed | cancelled | interrupted | unknown
     created: float
     pid: int | None = None
     message: str = ""
+    devices: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return f"{self.run_id}: {self.state}" + (f" ({self.message})" if self.message else "")
 
 
-def _read_status(run_dir: Path) -> dict:
+def detect_gpus() -> list[str]:
+    """The CUDA devices this machine offers (CUDA_VISIBLE_DEVICES when set), found without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
     try:
-        return json.loads((run_dir / STATUS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
 
 
-def _write_status(run_dir: Path, **fields) -> dict:
-    status = _read_status(run_dir) | fields | {"updated": time.time()}
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(status))
-    os.replace(tmp, run_dir / STATUS_FILE)
-    return status
+def requested_gpus(run: RunDir) -> int:
+    """training.num_gpus of the run's config (1 when it says nothing or cannot be read)."""
+    try:
+        data = tomllib.loads(run.config.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return 1
+    value = data.get("training", {}).get("num_gpus", data.get("num_gpus", 1))
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
-def _alive(pid: int | None, run_dir: Path) -> bool:
-    """Is `pid` still our worker for `run_dir` (not a recycled pid)?"""
+def worker_alive(run: RunDir, pid: int | None) -> bool:
+    """Does a worker train `run` now? Its lock says so; a pid we started counts until it takes the lock."""
+    if run.holder() is not None:
+        return True
     if not pid:
         return False
     try:
         os.kill(pid, 0)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        zombie = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
     except (ProcessLookupError, PermissionError, FileNotFoundError):
         return False
-    if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
-        return False  # a zombie: finished, not yet reaped
-    return "trainer" in cmdline and str(run_dir.name) in cmdline
+    return not zombie and "trainer" in cmdline and run.id in cmdline
 
 
-def final_state_from_events(run_dir: Path) -> tuple[str, str]:
+def final_state_from_events(run: RunDir) -> tuple[str, str]:
     """What the worker's own log says about how it ended: (state, message)."""
-    for event in reversed(read_all(run_dir)):
-        if event["type"] == "done":
+    for event in reversed(read_all(run.path)):
+        if event.get("type") == "done":
             return "done", ""
-        if event["type"] == "cancelled":
-            return "cancelled", f"stopped at step {event['step']}; resumable"
-        if event["type"] == "error":
-            return "failed", event["message"]
+        if event.get("type") == "cancelled":
+            return "cancelled", f"stopped at step {event.get('step')}; resumable"
+        if event.get("type") == "error":
+            return "failed", str(event.get("message", ""))
     return "interrupted", "the worker stopped without finishing; resumable from its last checkpoint"
 
 
@@ -83,8 +96,8 @@ class JobManager:
     runs_dir: Path
     python: str = sys.executable
     poll_s: float = 1.0
+    devices: list[str] | None = None  # CUDA devices to hand out, one run each; None = detect; [] = CPU only
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _readers: dict[str, EventReader] = field(default_factory=dict)
     _cancels: dict[str, int] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _thread: threading.Thread | None = None
@@ -92,6 +105,8 @@ class JobManager:
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        if self.devices is None:
+            self.devices = detect_gpus()
         self.recover()
 
     # --- what is there ---
@@ -99,105 +114,143 @@ class JobManager:
         infos = [self.info(p.name) for p in self.runs_dir.iterdir() if (p / "config.toml").is_file()]
         return sorted(infos, key=lambda r: r.created, reverse=True)
 
+    def run_dir(self, run_id: str) -> RunDir:
+        return RunDir(self.runs_dir / run_id)
+
     def info(self, run_id: str) -> RunInfo:
-        path = self.runs_dir / run_id
-        s = _read_status(path)
-        return RunInfo(run_id, path, s.get("state", "queued"), s.get("created", path.stat().st_mtime), s.get("pid"),
-                       s.get("message", ""))
+        run = self.run_dir(run_id)
+        s = run.status()
+        state = run.state_name()
+        message = s.get("message", "") if state != UNKNOWN else (
+            "no status.json: not made by this app, so it does not start it (train it with python -m trainer "
+            f"{run.path})")
+        created = s.get("created") if isinstance(s.get("created"), (int, float)) else run.path.stat().st_mtime
+        return RunInfo(run_id, run.path, state, created, s.get("pid"), str(message), list(s.get("devices") or []))
 
     def recover(self) -> None:
         """At start-up: runs marked running whose worker is gone ended while the app was away."""
         for run in self.runs():
-            if run.state == "running" and not _alive(run.pid, run.path):
-                state, message = final_state_from_events(run.path)
-                _write_status(run.path, state=state, message=message, pid=None)
+            if run.state == "running" and not worker_alive(self.run_dir(run.run_id), run.pid):
+                self._record_end(run.run_id)
 
     # --- changes ---
     def create(self, cfg, dataset: Path) -> RunInfo:
-        """A new run directory from a config and a dataset folder (copied, so later edits do not touch it)."""
-        from trainer import config
-
-        run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.preset or 'custom'}"
-        while (self.runs_dir / run_id).exists():
-            run_id += "x"
-        run_dir = self.runs_dir / run_id
-        shutil.copytree(dataset, run_dir / "dataset", ignore=shutil.ignore_patterns(".*"))
-        cfg = config.from_dict(config.deep_merge(config.to_dict(cfg),
-                                                 {"train_data_dir": str((run_dir / "dataset").resolve())}))
-        config.save(cfg, run_dir / "config.toml")
-        return self.register(run_dir)
-
-    def register(self, run_dir: Path) -> RunInfo:
-        """Queue a run directory that holds config.toml and dataset/ (made by the caller)."""
-        _write_status(run_dir, state="queued", created=time.time(), message="")
+        """A new queued run from a config and a dataset folder (copied, so later edits do not touch it)."""
+        run = create(self.runs_dir, cfg, lambda target: shutil.copytree(dataset, target,
+                                                                        ignore=shutil.ignore_patterns(".*")),
+                     state="queued")
         self.tick()
-        return self.info(run_dir.name)
+        return self.info(run.id)
 
     def resume(self, run_id: str) -> RunInfo:
         run = self.info(run_id)
-        if run.state not in ("cancelled", "interrupted", "failed"):
+        if run.state not in RESUMABLE_STATES:
             raise ValueError(f"{run_id} is {run.state}; only a cancelled, interrupted or failed run can resume")
-        _write_status(run.path, state="queued", message="resuming")
+        if (holder := self.run_dir(run_id).holder()) is not None:
+            raise ValueError(f"{run_id} is being trained by {describe(holder)}")
+        self.run_dir(run_id).write_status(state="queued", message="resuming")
         self.tick()
         return self.info(run_id)
 
     def cancel(self, run_id: str) -> RunInfo:
         """First cancel: SIGTERM, the worker saves a resumable state and exits. Second: SIGKILL."""
         with self._lock:
-            run = self.info(run_id)
+            run, rd = self.info(run_id), self.run_dir(run_id)
             if run.state == "queued":
-                _write_status(run.path, state="cancelled", message="cancelled before it started")
-            elif run.state == "running" and run.pid:
+                rd.write_status(state="cancelled", message="cancelled before it started")
+            elif run.state == "running":
                 count = self._cancels.get(run_id, 0) + 1
                 self._cancels[run_id] = count
+                group = rd.status().get("pgid") or run.pid
                 try:
-                    os.killpg(run.pid, signal.SIGTERM if count == 1 else signal.SIGKILL)
+                    if group:
+                        os.killpg(group, signal.SIGTERM if count == 1 else signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                _write_status(run.path, message="cancelling: saving state" if count == 1 else "killed")
+                rd.write_status(message="cancelling: saving state" if count == 1 else "killed")
             return self.info(run_id)
 
     def delete(self, run_id: str) -> None:
         run = self.info(run_id)
-        if run.state == "running":
+        if run.state == "running" or self.run_dir(run_id).holder() is not None:
             raise ValueError(f"{run_id} is running: cancel it first")
         shutil.rmtree(run.path)
-        self._readers.pop(run_id, None)
 
     # --- the queue ---
     def tick(self) -> None:
-        """Reap finished workers and start the oldest queued run if nothing runs (one run at a time per GPU)."""
+        """Reap finished workers, then start queued runs, oldest first, while GPUs are free (one run at a time on
+        a machine without one)."""
         with self._lock:
-            runs = self.runs()
-            for run in runs:
+            for run in self.runs():
+                proc = self._procs.get(run.run_id)
+                if proc is not None and proc.poll() is not None:
+                    self._procs.pop(run.run_id)
                 if run.state == "running" and not self._running(run):
-                    proc = self._procs.pop(run.run_id, None)
-                    if proc is not None:
-                        proc.wait()
-                    state, message = final_state_from_events(run.path)
-                    _write_status(run.path, state=state, message=message, pid=None)
-                    self._cancels.pop(run.run_id, None)
-            if any(self._running(r) for r in self.runs() if r.state == "running"):
-                return
+                    self._record_end(run.run_id)
+            for run in (r for r in self.runs() if r.state == "queued"):
+                self._refuse_if_too_wide(run)
+            running = [r for r in self.runs() if r.state == "running"]
             queued = sorted((r for r in self.runs() if r.state == "queued"), key=lambda r: r.created)
-            if queued:
-                self._start(queued[0])
+            for run in queued:
+                devices = self._devices_for(requested_gpus(self.run_dir(run.run_id)), running)
+                if devices is None:
+                    break  # first come, first served: a later run does not overtake one waiting for GPUs
+                self._start(run, devices)
+                running.append(self.info(run.run_id))
+
+    def _refuse_if_too_wide(self, run: RunInfo) -> None:
+        wanted = requested_gpus(self.run_dir(run.run_id))
+        if self.devices and wanted > len(self.devices):
+            self.run_dir(run.run_id).write_status(
+                state="failed", message=f"asks for {wanted} GPUs (training.num_gpus); this machine has "
+                                        f"{len(self.devices)}")
+
+    def _devices_for(self, wanted: int, running: list[RunInfo]) -> list[str] | None:
+        """The GPUs to give a run that wants `wanted` now, [] on a CPU machine, or None when it must wait."""
+        if not self.devices:
+            return None if running else []
+        busy = {d for r in running for d in r.devices}
+        free = [d for d in self.devices if d not in busy]
+        if any(not r.devices for r in running):
+            return None  # a run started before we knew its devices (or outside the app) may be on any of them
+        return free[:wanted] if len(free) >= wanted else None
 
     def _running(self, run: RunInfo) -> bool:
         proc = self._procs.get(run.run_id)
         if proc is not None:
             return proc.poll() is None
-        return _alive(run.pid, run.path)
+        return worker_alive(self.run_dir(run.run_id), run.pid)
 
-    def _start(self, run: RunInfo) -> None:
-        log = open(run.path / "worker.out", "ab")
+    def _record_end(self, run_id: str) -> None:
+        """The worker is gone while the status says running: it died (a worker that ends writes its own state)."""
+        rd = self.run_dir(run_id)
+        state, message = final_state_from_events(rd)
+        rd.write_status(state=state, message=message, pid=None)
+        self._cancels.pop(run_id, None)
+
+    def worker_command(self, run: RunDir) -> list[str]:
+        """`python -m trainer RUN`, or accelerate's launcher for a run that asks for several processes."""
+        processes = requested_gpus(run)
+        if processes == 1:
+            return [self.python, "-m", "trainer", str(run.path)]
+        return [self.python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "-m", "trainer", str(run.path)]
+
+    def _start(self, run: RunInfo, devices: list[str]) -> None:
+        rd = self.run_dir(run.run_id)
+        if (holder := rd.holder()) is not None:  # trained by a worker we did not start: leave it to that one
+            rd.write_status(state="running", message=f"trained by {describe(holder)}", pid=holder.get("pid"))
+            return
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([self.python, "-m", "trainer", str(run.path)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # its own session: it outlives the app, and cancel
-        log.close()                                       # reaches its whole process group
-        self._procs[run.run_id] = proc
-        _write_status(run.path, state="running", pid=proc.pid, message="", started=time.time())
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        with open(rd.stdout, "ab") as log:
+            proc = subprocess.Popen(self.worker_command(rd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)  # its own session: it outlives the app, and cancel
+        self._procs[run.run_id] = proc                          # reaches its whole process group
+        rd.write_status(state="running", pid=proc.pid, pgid=proc.pid, devices=devices, message="",
+                        started=time.time())
 
     def start_background(self) -> None:
         def loop():
@@ -213,19 +266,12 @@ class JobManager:
             self._thread.start()
 
     # --- reading a run ---
-    def new_events(self, run_id: str) -> list[dict]:
-        """Events appended since the last call for this run (read from the last offset, never the whole file)."""
-        reader = self._readers.setdefault(run_id, EventReader(self.runs_dir / run_id / EVENTS_FILE))
-        return reader.read_new()
-
     def files(self, run_id: str) -> list[Path]:
-        path = self.runs_dir / run_id
-        return sorted((path / "output").glob("*.safetensors")) + [path / "config.toml"]
+        return self.run_dir(run_id).files()
 
     def log_tail(self, run_id: str, lines: int = 40) -> str:
-        text = ""
-        for name in ("worker.log", "worker.out"):
-            f = self.runs_dir / run_id / name
+        rd, text = self.run_dir(run_id), ""
+        for f in (rd.log, rd.stdout):
             if f.is_file():
                 with open(f, "rb") as fh:
                     fh.seek(max(0, f.stat().st_size - 20000))

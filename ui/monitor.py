@@ -1,8 +1,17 @@
-"""What the Monitor tab shows, folded from a run's events: plain data, no gradio, testable without a browser."""
+"""What the Monitor tab shows, folded from a run's events: plain data, no gradio, testable without a browser.
+
+Each view (a browser tab, a reload, a run reopened from Runs) owns its cursor into `events.jsonl`: a new view reads
+the whole history, then only what was appended since its own last read.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from trainer.events import EventReader
+from trainer.rundir import RunDir
+
+MAX_PLOT_POINTS = 600  # per curve: a long run is downsampled before it is sent to the browser
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -21,8 +30,17 @@ def eta_text(seconds: float) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
+def downsample(n: int, limit: int = MAX_PLOT_POINTS) -> list[int]:
+    """At most `limit` evenly spread indices of 0..n-1, always keeping the first and the last."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
 @dataclass
 class RunView:
+    run_id: str = ""
+    reader: EventReader | None = None
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
@@ -31,7 +49,24 @@ class RunView:
     phase: str = ""
     message: str = ""
     ended: str = ""  # "done" | "cancelled" | "failed" | ""
-    shown_files: list[str] = field(default_factory=list)  # what the page shows now
+    shown: dict = field(default_factory=dict)  # what the page shows now, per component: send only changes
+
+    @classmethod
+    def of(cls, run: RunDir) -> "RunView":
+        return cls(run_id=run.id, reader=EventReader(run.events))
+
+    def read(self) -> bool:
+        """Fold in the events appended since this view last read; True if any came."""
+        events = self.reader.read_new() if self.reader is not None else []
+        self.add(events)
+        return bool(events)
+
+    def changed(self, name: str, value) -> bool:
+        """Is `value` new for component `name` (and remember it)? Unchanged components are not sent again."""
+        if self.shown.get(name) == value:
+            return False
+        self.shown[name] = value
+        return True
 
     def add(self, events: list[dict]) -> "RunView":
         for e in events:
@@ -57,10 +92,12 @@ class RunView:
                 self.ended, self.message = "failed", e["message"]
         return self
 
-    def loss_rows(self) -> list[dict]:
-        """Rows for a line plot: the raw loss and its smoothed curve."""
-        rows = [{"step": s, "loss": v, "curve": "raw"} for s, v in zip(self.steps, self.losses)]
-        rows += [{"step": s, "loss": v, "curve": "smoothed"} for s, v in zip(self.steps, smooth(self.losses))]
+    def loss_rows(self, limit: int = MAX_PLOT_POINTS) -> list[dict]:
+        """Rows for a line plot: the raw loss and its smoothed curve (smoothed over every step), downsampled."""
+        keep = downsample(len(self.steps), limit)
+        smoothed = smooth(self.losses)
+        rows = [{"step": self.steps[i], "loss": self.losses[i], "curve": "raw"} for i in keep]
+        rows += [{"step": self.steps[i], "loss": smoothed[i], "curve": "smoothed"} for i in keep]
         return rows
 
     def progress_text(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -24,6 +25,64 @@ LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "
           "text_encoder_lr": "Text encoder learning rate (0 = frozen)", "train_batch_size": "Batch size",
           "sample_prompts": "Sample prompts (one per line; {trigger} = the trigger word)"}
 SUFFIXES = (".safetensors", ".ckpt")
+FIELDS = MAIN_FIELDS + ADVANCED_FIELDS
+
+
+@dataclass
+class TrainTab:
+    base: gr.Dropdown
+    preset: gr.Radio
+    base_info: gr.Markdown
+    preset_info: gr.Markdown
+    fields: dict  # config field name -> its component
+    start: gr.Button
+    status: gr.Markdown
+
+    def form(self) -> list:
+        return [self.fields[n] for n in FIELDS]
+
+
+def build(models_dir: Path) -> TrainTab:
+    defaults = flat_preset("character", "sd15", "demo")
+    with gr.Row():
+        base = gr.Dropdown(choices=base_model_choices(Path(models_dir)), value="demo", allow_custom_value=True,
+                           label="Base model (or type a path / hub id)", elem_id="train-base", scale=3)
+        preset = gr.Radio(choices=config.list_presets(), value="character", label="Preset", elem_id="train-preset",
+                          scale=2)
+    base_info = gr.Markdown(explain_base("demo"), elem_id="train-base-info")
+    preset_info = gr.Markdown(elem_id="train-preset-info")
+    fields = {}
+    for row in (MAIN_FIELDS[:4], MAIN_FIELDS[4:]):
+        with gr.Row():
+            fields |= {name: component_for(name, defaults[name]) for name in row}
+    with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+        for start in range(0, len(ADVANCED_FIELDS), 4):
+            with gr.Row():
+                fields |= {name: component_for(name, defaults[name]) for name in ADVANCED_FIELDS[start:start + 4]}
+    start = gr.Button("Train", variant="primary", elem_id="train-start")
+    status = gr.Markdown(elem_id="train-status")
+    return TrainTab(base, preset, base_info, preset_info, fields, start, status)
+
+
+def on_preset(preset_name: str, base: str) -> list:
+    """The form refilled from a preset for the base's family, then the preset's description."""
+    family = family_or_default(base)
+    values = flat_preset(preset_name, family, base)
+    info = config.preset_dict(preset_name, family).get("description", "")
+    return [gr.update(value=display_value(n, values[n])) for n in FIELDS] + [info]
+
+
+def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *values) -> list:
+    """Queue a run from the form: [field updates…, status text, tab switch, the Monitor's run, its view]."""
+    no_change = [gr.update(), "", gr.update()]
+    try:
+        cfg = build_config(base, preset_name, Path(folder) if folder else None, trigger, FIELDS, list(values))
+        run = jobs.create(cfg, Path(folder))
+    except config.ConfigError as e:
+        return [*field_errors(FIELDS, e), f"⚠ {e}", *no_change]
+    except (ValueError, OSError) as e:
+        return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
+    return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
 
 
 def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
@@ -36,14 +95,20 @@ def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
     return choices
 
 
+def hint_of(name: str) -> str:
+    """The field's help with its allowed range, as the form shows it under the field."""
+    info = config.field_help(name)
+    hint = info.get("help", "")
+    if "range" in info:
+        hint = f"{hint} ({info['range'][0]}–{info['range'][1]})".strip()
+    return hint
+
+
 def component_for(name: str, value):
     """A form component built from the config field's own help, range and choices."""
     info = config.field_help(name)
     label = LABELS.get(name, name.replace("_", " ").capitalize())
-    hint = info.get("help", "")
-    if "range" in info:
-        lo, hi = info["range"]
-        hint = f"{hint} ({lo}–{hi})".strip()
+    hint = hint_of(name)
     elem = f"train-{name.replace('_', '-')}"
     if name == "sample_prompts":
         return gr.Textbox(value="\n".join(value or []), label=label, lines=3, elem_id=elem, info=hint)
@@ -102,11 +167,7 @@ def field_errors(names: list[str], error: config.ConfigError | None) -> list:
         if error is not None and error.field.split(".")[-1] == name:
             updates.append(gr.update(info=f"⚠ {error}", elem_classes=["field-error"]))
         else:
-            info = config.field_help(name)
-            hint = info.get("help", "")
-            if "range" in info:
-                hint = f"{hint} ({info['range'][0]}–{info['range'][1]})".strip()
-            updates.append(gr.update(info=hint, elem_classes=[]))
+            updates.append(gr.update(info=hint_of(name), elem_classes=[]))
     return updates
 
 

@@ -1,0 +1,113 @@
+"""The Train, Monitor and Runs tabs' handlers without a browser: plain values in, plain values out."""
+
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.test_jobs import fake_worker, launched, wait_for
+from trainer import config
+from trainer.rundir import create
+from ui import monitor_tab, runs_tab, train_tab
+from ui.jobs import JobManager
+from ui.monitor import RunView, downsample
+
+UNCHANGED = {"__type__": "update"}
+
+
+def step(n, total=6):
+    return {"type": "step", "time": n, "step": n, "total_steps": total, "epoch": 1, "loss": 1.0 / n, "lr": 1e-4,
+            "samples_per_s": 2.0, "eta_s": 1.0}
+
+
+@pytest.fixture()
+def jobs(tmp_path):
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    jobs.tick = lambda: None  # keep the queue still: these runs are written by the test
+    return jobs
+
+
+def finished_run(jobs, name="r", steps=3):
+    run = create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="done", name=name)
+    run.samples.mkdir()
+    run.output.mkdir()
+    events = [step(n) for n in range(1, steps + 1)]
+    for i, prompt in enumerate(("a", "b")):
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(run.samples / f"step-000003-p{i}.png")
+        events.append({"type": "sample", "time": 9, "step": 3, "prompt": prompt, "seed": 1, "index": i,
+                       "path": f"samples/step-000003-p{i}.png"})
+    (run.output / "lora.safetensors").write_bytes(b"x")
+    events.append({"type": "done", "time": 10, "path": "output/lora.safetensors"})
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_every_view_sees_the_whole_history(jobs):
+    run = finished_run(jobs)
+    first = monitor_tab.refresh(jobs, "r", None)
+    second = monitor_tab.refresh(jobs, "r", None)  # another tab, a reload, or the run reopened from Runs
+    for title, progress, plot, gallery, files, log, view in (first, second):
+        assert "done" in title and "Step 3 / 6" in progress
+        assert isinstance(plot, pd.DataFrame) and sorted(plot[plot.curve == "raw"].step) == [1, 2, 3]
+        assert [c for _, c in gallery["value"]] == ["step 3 · a", "step 3 · b"] and gallery["columns"] == 2
+        assert files == [str(run.output / "lora.safetensors"), str(run.config)]
+        assert view.run_id == "r"
+
+
+def test_only_what_changed_is_sent_again(jobs):
+    run = finished_run(jobs, steps=2)
+    *_, view = monitor_tab.refresh(jobs, "r", None)
+    again = monitor_tab.refresh(jobs, "r", view)
+    assert again[:6] == [UNCHANGED] * 6  # nothing new: nothing sent
+    with open(run.events, "a") as f:
+        f.write(json.dumps(step(3)) + "\n")
+    title, progress, plot, gallery, files, log, view = monitor_tab.refresh(jobs, "r", view)
+    assert list(plot[plot.curve == "raw"].step) == [1, 2, 3] and "Step 3 / 6" in progress
+    assert gallery == files == title == UNCHANGED
+    assert monitor_tab.refresh(jobs, "r", view)[:6] == [UNCHANGED] * 6
+
+
+def test_a_long_run_is_downsampled_for_the_plot():
+    view = RunView().add([step(n, 5000) for n in range(1, 5001)])
+    raw = [r for r in view.loss_rows() if r["curve"] == "raw"]
+    assert len(raw) <= 600 and raw[0]["step"] == 1 and raw[-1]["step"] == 5000
+    assert downsample(10) == list(range(10)) and len(downsample(10_000, 100)) == 100
+
+
+def test_no_run_or_a_deleted_run(jobs):
+    assert monitor_tab.refresh(jobs, "", None)[:6] == [UNCHANGED] * 6
+    assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN
+
+
+def test_runs_table_files_and_delete(jobs):
+    finished_run(jobs, "old")
+    finished_run(jobs, "new")
+    rows, ids = runs_tab.table(jobs)
+    assert ids == ["new", "old"] and rows[0] == ["new", "done", ""]
+    assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
+    assert runs_tab.delete(jobs, "old", current="old") == ("Deleted old.", "")
+    assert runs_tab.delete(jobs, "old", current="new")[0].startswith("⚠")
+    assert runs_tab.table(jobs)[1] == ["new"]
+
+
+def test_train_handlers(tmp_path):
+    from tests.test_training import draw_dataset
+
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    values = train_tab.on_preset("style", "demo")
+    form = {n: v["value"] for n, v in zip(train_tab.FIELDS, values)}
+    assert values[-1].startswith("A") and form["resolution"] == 64  # the demo base trains at 64 px
+    n = len(train_tab.FIELDS)
+    out = train_tab.on_train(jobs, "demo", "style", "", "", *form.values())
+    assert out[n].startswith("⚠ Add pictures")
+    folder = str(draw_dataset(tmp_path / "pictures"))
+    bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"network_alpha": -1}).values())
+    alpha = train_tab.FIELDS.index("network_alpha")
+    assert "network_alpha = -1" in bad[alpha]["info"] and bad[alpha]["elem_classes"] == ["field-error"]
+    good = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *form.values())
+    run_id = good[n + 2]
+    assert good[n] == f"Queued **{run_id}**." and good[n + 1].selected == "monitor"
+    wait_for(lambda: launched(jobs.run_dir(run_id)))
+    assert config.load(jobs.run_dir(run_id).config).data.trigger_word == "zxq"
+    (jobs.run_dir(run_id).path / "finish").touch()

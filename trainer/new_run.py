@@ -1,0 +1,47 @@
+"""`python -m trainer new`: a run directory from a folder of pictures, imported exactly as the Dataset tab imports
+them (the same conversions, the same caption reading, the same skipped files), with the same health warnings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from datasets_tools import dataset_folder
+from datasets_tools.health import report
+from trainer import config, rundir
+from trainer.single_file import family_of
+
+
+def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: list[str],
+               name: str | None = None, out=sys.stderr) -> rundir.RunDir:
+    """Validate the config, import the pictures, write the run ("created": its own worker trains it)."""
+    images = Path(images)
+    if not images.is_dir():
+        raise SystemExit(f"--images {images}: not a folder")
+    layer = {"model": {"pretrained_model_name_or_path": str(base)}}
+    cfg = config.build(preset, family_of(base), layer, config.parse_overrides(overrides))  # before writing anything
+    results: list[dataset_folder.AddResult] = []
+
+    def fill(dataset: Path) -> None:
+        results.append(dataset_folder.add_files([images], dataset))
+        if not results[0].added:
+            raise SystemExit(f"--images {images}: no readable pictures. " + skipped_text(results[0]))
+
+    try:
+        run = rundir.create(runs_dir, cfg, fill, state="created", name=name)
+    except FileExistsError as e:
+        raise SystemExit(f"{e} (--name)") from None
+    imported = results[0]
+    d = cfg.data
+    low, high = config.bucket_limits(d.resolution, d.min_bucket_reso, d.max_bucket_reso)
+    health = report(run.dataset, d.resolution, low, high, cfg.training.train_batch_size, d.bucket_no_upscale)
+    print(f"Imported {len(imported.added)} picture(s) into {run.dataset}. {skipped_text(imported)}", file=out)
+    for warning in health.warnings:
+        print(f"warning: {warning}", file=out)
+    return run
+
+
+def skipped_text(result: dataset_folder.AddResult) -> str:
+    if not result.skipped:
+        return "Nothing skipped."
+    return f"Skipped {len(result.skipped)}: " + "; ".join(f"{name} ({why})" for name, why in result.skipped)

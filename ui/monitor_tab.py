@@ -1,0 +1,84 @@
+"""Monitor tab: the chosen run's progress, loss plot, samples, files and log, refreshed every second.
+
+The handlers are plain functions (values in, values out): `refresh` folds what the run appended since this view's
+own cursor and sends only the components that changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ui.jobs import JobManager
+from ui.monitor import RunView
+
+NO_RUN = "No run selected: start one on the Train tab or open one under Runs."
+
+
+@dataclass
+class MonitorTab:
+    title: gr.Markdown
+    progress: gr.Markdown
+    loss_plot: gr.LinePlot
+    samples: gr.Gallery
+    cancel: gr.Button
+    resume: gr.Button
+    files: gr.File
+    log: gr.Textbox
+
+    def outputs(self) -> list:
+        return [self.title, self.progress, self.loss_plot, self.samples, self.files, self.log]
+
+
+def build() -> MonitorTab:
+    title = gr.Markdown(NO_RUN, elem_id="monitor-title")
+    progress = gr.Markdown(elem_id="monitor-progress")
+    loss_plot = gr.LinePlot(None, x="step", y="loss", color="curve", title="Loss", height=280, elem_id="monitor-loss")
+    samples = gr.Gallery(label="Samples (rows: steps, columns: prompts)", columns=2, height=360,
+                         elem_id="monitor-samples")
+    with gr.Row():
+        cancel = gr.Button("Cancel", variant="stop", elem_id="monitor-cancel")
+        resume = gr.Button("Resume", elem_id="monitor-resume")
+    files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="monitor-files")
+    log = gr.Textbox(label="Worker log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="monitor-log")
+    return MonitorTab(title, progress, loss_plot, samples, cancel, resume, files, log)
+
+
+def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
+    """[title, progress, plot, gallery, files, log, view]: gr.update() (nothing sent) where nothing changed."""
+    same = gr.update()
+    if not run_id or not (jobs.runs_dir / run_id / "config.toml").is_file():
+        return [NO_RUN if run_id else same, same, same, same, same, same, None]
+    if view is None or view.run_id != run_id:
+        view = RunView.of(jobs.run_dir(run_id))  # a new view reads the whole history
+    view.read()
+    info = jobs.info(run_id)
+    title = f"### {run_id} — {info.state}" + (f": {info.message}" if info.message else "")
+    gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
+    files = [str(p) for p in jobs.files(run_id) if p.is_file()]
+    log = jobs.log_tail(run_id)
+    return [title if view.changed("title", title) else same,
+            progress if view.changed("progress", progress := view.progress_text()) else same,
+            plot_rows(view) if view.steps and view.changed("plot", len(view.steps)) else same,
+            gr.update(value=gallery, columns=view.prompts_per_step()) if view.changed("gallery", gallery) else same,
+            files if view.changed("files", files) else same,
+            log if view.changed("log", log) else same,
+            view]
+
+
+def plot_rows(view: RunView) -> pd.DataFrame:
+    # an empty frame would fix the plot's colour scale to the wrong type: the plot starts as None
+    return pd.DataFrame(view.loss_rows(), columns=["step", "loss", "curve"])
+
+
+def cancel(jobs: JobManager, run_id: str) -> str:
+    return jobs.cancel(run_id).summary() if run_id else "No run selected."
+
+
+def resume(jobs: JobManager, run_id: str) -> str:
+    try:
+        return jobs.resume(run_id).summary() if run_id else "No run selected."
+    except ValueError as e:
+        return f"⚠ {e}"

@@ -1,0 +1,56 @@
+"""Runs tab: every run in the runs folder, its files, open it in the Monitor, delete it; the resize tool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ui import resize_tool
+from ui.jobs import JobManager
+
+HEADERS = ["run", "state", "message"]
+
+
+@dataclass
+class RunsTab:
+    table: gr.Dataframe
+    chosen: gr.Dropdown
+    open: gr.Button
+    delete: gr.Button
+    status: gr.Markdown
+    files: gr.File
+
+
+def build(resized_dir: Path) -> RunsTab:
+    table = gr.Dataframe(headers=HEADERS, interactive=False, elem_id="runs-table")
+    with gr.Row():
+        chosen = gr.Dropdown(label="Run", choices=[], elem_id="runs-choose", scale=3)
+        open_btn = gr.Button("Open in Monitor", elem_id="runs-open")
+        delete_btn = gr.Button("Delete", variant="stop", elem_id="runs-delete")
+    status = gr.Markdown(elem_id="runs-status")
+    files = gr.File(label="Files of the chosen run", file_count="multiple", interactive=False, elem_id="runs-files")
+    resize_tool.build(resized_dir)
+    return RunsTab(table, chosen, open_btn, delete_btn, status, files)
+
+
+def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
+    """(rows of the table, run ids for the chooser), newest first."""
+    runs = jobs.runs()
+    return [[r.run_id, r.state, r.message] for r in runs], [r.run_id for r in runs]
+
+
+def files_of(jobs: JobManager, run_id: str) -> list[str] | None:
+    return [str(p) for p in jobs.files(run_id) if p.is_file()] if run_id else None
+
+
+def delete(jobs: JobManager, run_id: str, current: str) -> tuple[str, str]:
+    """(message, the Monitor's run afterwards: cleared if it was the deleted one)."""
+    if not run_id:
+        return "Choose a run first.", current
+    try:
+        jobs.delete(run_id)
+    except (ValueError, FileNotFoundError) as e:
+        return f"⚠ {e}", current
+    return f"Deleted {run_id}.", ("" if current == run_id else current)
