@@ -111,6 +111,28 @@ def last_step_plotted(page) -> float:
     return max(float(t) for t in ticks)
 
 
+def first_step_plotted(page) -> float:
+    labels = page.locator("#monitor-loss svg text").all_text_contents()
+    return min(float(t) for t in labels[: labels.index("step")])
+
+
+def shows_whole_history(page, run_dir: Path, done: bool) -> None:
+    """The Monitor of this page shows the run from its first step: the plot, every sample, the files."""
+    from trainer.events import read_all
+
+    page.get_by_role("tab", name="Monitor").click()
+    page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)
+    if done:
+        page.get_by_text("— done").wait_for(timeout=30000)
+        page.locator('#monitor-files a[download="lora.safetensors"]').wait_for(timeout=15000)
+    page.wait_for_timeout(2500)  # a tick or two more
+    events = read_all(run_dir)
+    steps = [e["step"] for e in events if e["type"] == "step"]
+    assert first_step_plotted(page) <= 1 and last_step_plotted(page) >= (steps[-1] if done else 1)
+    samples = [e for e in events if e["type"] == "sample"]
+    assert page.locator("#monitor-samples img").count() == len(samples) > 0 or not done
+
+
 def fill(page, elem: str, value: str) -> None:
     box = page.locator(f"#train-{elem} input, #train-{elem} textarea").first
     box.fill(value)
@@ -167,11 +189,26 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     progress.get_by_text(re.compile(r"Step \d+ / 8")).wait_for(timeout=120000)
     page.locator("#monitor-loss svg").get_by_text("smoothed").wait_for(timeout=30000)  # the plot has data
     first_reach = last_step_plotted(page)
+    run_dir = next((tmp_path / "runs").glob("2*"))
+    page.reload()  # mid-run: the page comes back on the same run, with its history
+    shows_whole_history(page, run_dir, done=False)
     page.locator("#monitor-samples img").first.wait_for(timeout=120000)
     page.get_by_text("— done").wait_for(timeout=180000)
     assert "Step 8 / 8" in progress.inner_text()
     page.wait_for_timeout(2500)  # one more tick of the plot
     assert last_step_plotted(page) == 8 >= first_reach
+    page.reload()
+    shows_whole_history(page, run_dir, done=True)
+    others = [page.context.browser.new_page(viewport={"width": 1280, "height": 1000}) for _ in range(2)]
+    for other in others:  # the finished run opened from Runs in two more tabs, side by side
+        other.goto(app.url)
+        other.get_by_role("tab", name="Runs").click()
+        other.locator("#runs-choose input").click()
+        other.get_by_role("option", name=run_dir.name).click()
+        other.locator("#runs-open").click()
+    for other in others:
+        shows_whole_history(other, run_dir, done=True)
+        other.close()
     with page.expect_download() as download:
         page.locator('#monitor-files a[download="lora.safetensors"]').click()
     path = tmp_path / "downloaded.safetensors"
