@@ -1,6 +1,7 @@
 """The job manager without a browser: recovery of runs whose worker died, the queue, resume rules."""
 
 import json
+import os
 
 import pytest
 
@@ -152,3 +153,20 @@ def wait_for(condition, timeout=10.0):
             return
         time.sleep(0.05)
     raise AssertionError("timed out")
+
+
+def test_cancel_never_signals_a_group_a_status_file_names_falsely(tmp_path):
+    from tests.test_rundir import hold_lock
+
+    run = fake_run(tmp_path, "r", "running")
+    holder = hold_lock(run)  # a live worker holds it, so the run counts as running
+    try:
+        jobs = JobManager(tmp_path, devices=[])
+        for group in (0, 1, os.getpgrp()):  # killpg(0) would stop this very process
+            jobs.run_dir("r").write_status(state="running", pgid=group, pid=None)
+            assert jobs.cancel("r").message == "cancelling: saving state"
+            jobs._cancels.clear()
+        assert holder.poll() is None  # nothing reached the worker either: its group was never named
+    finally:
+        holder.kill()
+        holder.wait()

@@ -44,34 +44,59 @@ class EventWriter:
         return self.emit("status", phase=phase, message=message)
 
 
+READ_CHUNK = 4 << 20  # bytes a read takes at most: a long history is caught up with over a few reads
+MAX_LINE = 1 << 20  # a longer line is not an event we wrote
+
+
+def is_event(value) -> bool:
+    """An object of a known type that carries that type's fields."""
+    if not (isinstance(value, dict) and value.get("type") in TYPES and "time" in value
+            and all(k in value for k in TYPES[value["type"]])):
+        return False
+    numbers = {"step": ("step", "total_steps", "epoch", "loss"), "sample": ("step",)}.get(value["type"], ())
+    return all(isinstance(value[k], (int, float)) and not isinstance(value[k], bool) for k in numbers)
+
+
 @dataclass
 class EventReader:
-    """Reads the events appended since the last call, from a byte offset: never the whole file again."""
+    """Reads the events appended since the last call, from a byte offset: never the whole file again.
+    A line that is not a whole, known event (a crash mid-write, a hand edit) is skipped and counted."""
 
     path: Path
     offset: int = 0
+    skipped: int = 0
     _partial: bytes = field(default=b"", repr=False)
 
     def read_new(self) -> list[dict]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
+                chunk = f.read(READ_CHUNK)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
             return []
         self.offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
+        lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()  # an unfinished last line waits for the next read
+        if len(self._partial) > MAX_LINE:
+            self._partial, self.skipped = b"", self.skipped + 1
         events = []
-        for line in lines:
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        for line in filter(bytes.strip, lines):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if is_event(event):
+                events.append(event)
+            else:
+                self.skipped += 1
         return events
 
 
 def read_all(run_dir: Path) -> list[dict]:
-    return EventReader(Path(run_dir) / EVENTS_FILE).read_new()
+    """Every event of a run, from the start."""
+    reader, events = EventReader(Path(run_dir) / EVENTS_FILE), []
+    while True:
+        before = reader.offset
+        events += reader.read_new()
+        if reader.offset == before:
+            return events

@@ -73,6 +73,22 @@ class RunDir:
         state = self.status().get("state")
         return state if state in STATES else UNKNOWN
 
+    def status_problem(self) -> str:
+        """Why the state is unknown, in words ("" when it is known)."""
+        try:
+            text = self.status_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return "no status.json"
+        except (OSError, UnicodeDecodeError) as e:
+            return f"status.json cannot be read ({type(e).__name__})"
+        try:
+            status = json.loads(text)
+        except ValueError:
+            return "status.json is not valid JSON (cut short?)"
+        if not isinstance(status, dict):
+            return "status.json does not hold an object"
+        return "" if status.get("state") in STATES else f"status.json names no known state ({status.get('state')!r})"
+
     def write_status(self, **fields) -> dict:
         """Merge `fields` into status.json, written whole (a reader never sees half of it)."""
         status = self.status()

@@ -112,7 +112,7 @@ class JobManager:
     # --- what is there ---
     def runs(self) -> list[RunInfo]:
         infos = [self.info(p.name) for p in self.runs_dir.iterdir() if (p / "config.toml").is_file()]
-        return sorted(infos, key=lambda r: r.created, reverse=True)
+        return sorted(infos, key=lambda r: float(r.created), reverse=True)
 
     def run_dir(self, run_id: str) -> RunDir:
         return RunDir(self.runs_dir / run_id)
@@ -122,10 +122,12 @@ class JobManager:
         s = run.status()
         state = run.state_name()
         message = s.get("message", "") if state != UNKNOWN else (
-            "no status.json: not made by this app, so it does not start it (train it with python -m trainer "
-            f"{run.path})")
+            f"{run.status_problem()}: this app does not start it (train it with python -m trainer {run.path}, "
+            "or delete it)")
         created = s.get("created") if isinstance(s.get("created"), (int, float)) else run.path.stat().st_mtime
-        return RunInfo(run_id, run.path, state, created, s.get("pid"), str(message), list(s.get("devices") or []))
+        pid = s.get("pid") if isinstance(s.get("pid"), int) else None
+        devices = [str(d) for d in s.get("devices")] if isinstance(s.get("devices"), list) else []
+        return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
 
     def recover(self) -> None:
         """At start-up: runs marked running whose worker is gone ended while the app was away."""
@@ -162,11 +164,12 @@ class JobManager:
                 count = self._cancels.get(run_id, 0) + 1
                 self._cancels[run_id] = count
                 group = rd.status().get("pgid") or run.pid
-                try:
-                    if group:
+                # a status file is data: never signal our own group (0, 1, the app's) on its word
+                if isinstance(group, int) and group > 1 and group != os.getpgrp():
+                    try:
                         os.killpg(group, signal.SIGTERM if count == 1 else signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                    except (ProcessLookupError, PermissionError):
+                        pass
                 rd.write_status(message="cancelling: saving state" if count == 1 else "killed")
             return self.info(run_id)
 

@@ -50,6 +50,7 @@ class RunView:
     message: str = ""
     ended: str = ""  # "done" | "cancelled" | "failed" | ""
     shown: dict = field(default_factory=dict)  # what the page shows now, per component: send only changes
+    _plotted: set = field(default_factory=set)
 
     @classmethod
     def of(cls, run: RunDir) -> "RunView":
@@ -72,8 +73,9 @@ class RunView:
         for e in events:
             kind = e["type"]
             if kind == "step":
-                if e["step"] in self.steps:  # a resumed run repeats nothing, but keep the plot clean if it did
+                if e["step"] in self._plotted:  # a resumed run repeats nothing, but keep the plot clean if it did
                     continue
+                self._plotted.add(e["step"])
                 self.steps.append(e["step"])
                 self.losses.append(e["loss"])
                 self.last_step = e

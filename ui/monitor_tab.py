@@ -56,6 +56,8 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
     view.read()
     info = jobs.info(run_id)
     title = f"### {run_id} — {info.state}" + (f": {info.message}" if info.message else "")
+    if view.reader.skipped:
+        title += f"\n\n⚠ {view.reader.skipped} line(s) of events.jsonl could not be read and were skipped"
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
     files = [str(p) for p in jobs.files(run_id) if p.is_file()]
     log = jobs.log_tail(run_id)
