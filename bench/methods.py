@@ -20,12 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.overhead import build_images, build_model, our_run  # noqa: E402
+from trainer.methods import CATALOG  # noqa: E402
 
-METHODS = ("lora", "locon", "loha", "lokr", "dora", "rslora", "lora_fa", "vera", "adalora")
+METHODS = tuple(CATALOG)
 
 
 def settings(kind: str) -> dict:
-    return {"network_type": kind, "conv_dim": 4 if kind == "locon" else 0, "conv_alpha": 2.0}
+    """3x3 convs only where the method requires them, so the others are measured on the same layers as LoRA."""
+    return {"network_type": kind, "conv_dim": 4 if CATALOG[kind].convs == "required" else 0, "conv_alpha": 2.0}
 
 
 def trained_parameters(model_dir: Path, kind: str) -> int:

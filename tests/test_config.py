@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from trainer import config
+from trainer import config, methods
 from trainer.config import ConfigError
 
 
@@ -24,7 +24,8 @@ def test_presets_hold_what_the_field_uses():
     assert (c.optimizer.unet_lr, c.optimizer.text_encoder_lr) == (5e-4, 5e-5)
     assert (c.network.network_dim, c.network.network_alpha, c.data.resolution) == (32, 16.0, 512)
     x = config.build("character", "sdxl")
-    assert (x.data.resolution, x.data.repeats_budget, x.data.max_bucket_reso) == (1024, 200, 2048)
+    assert (x.data.resolution, x.data.repeats_budget) == (1024, 200)
+    assert config.bucket_limits(x.data.resolution, x.data.min_bucket_reso, x.data.max_bucket_reso) == (512, 2048)
     s = config.build("style", "sd15")
     assert s.network.network_train_unet_only and s.optimizer.text_encoder_lr == 0
     k = config.build("lokr", "sd15")
@@ -49,14 +50,56 @@ def test_layers_override_the_preset_flat_or_sectioned():
     ({"sample_sampler": "foo"}, "sample.sample_sampler", ["'foo'", "euler_a", "ddim"]),
     ({"netwrok_dim": 8}, "netwrok_dim", ["did you mean 'network_dim'"]),
     ({"network_dim": "lots"}, "network.network_dim", ["'lots'", "number"]),
-    ({"resolution": 2048}, "data.resolution", ["between min_bucket_reso", "max_bucket_reso (1024)"]),
+    ({"resolution": 2048, "max_bucket_reso": 1024}, "data.max_bucket_reso",
+     ["between min_bucket_reso", "max_bucket_reso (1024)", "set max_bucket_reso = 0"]),
+    ({"resolution": 128, "min_bucket_reso": 256}, "data.min_bucket_reso",
+     ["min_bucket_reso (256)", "set min_bucket_reso = 0"]),
+    # combinations the worker could only fail on: refused with the fix
+    ({"network_train_text_encoder_only": True, "text_encoder_lr": 0}, "optimizer.text_encoder_lr",
+     ["set text_encoder_lr > 0", "network_train_text_encoder_only = false"]),
+    ({"network_type": "locon", "conv_dim": 0}, "network.conv_dim", ["set conv_dim > 0", 'network_type = "lora"']),
+    ({"network_type": "lora", "conv_dim": 8}, "network.conv_dim", ['network_type = "locon"', "conv_dim = 0"]),
+    ({"network_type": "rslora", "conv_dim": 8}, "network.conv_dim", ["rslora adapts no 3x3 convs", "conv_dim = 0"]),
+    ({"network_type": "vera", "conv_dim": 4}, "network.conv_dim", ["vera adapts linear layers only", "conv_dim = 0"]),
+    ({"network_type": "adalora", "network_dim": 8, "adalora_init_r": 8}, "network.adalora_init_r",
+     ["above network_dim (8)", "adalora_init_r = 0"]),
 ])
-def test_bad_values_name_the_field_value_and_range(layer, field, words):
+def test_bad_values_name_the_field_and_what_is_allowed(layer, field, words):
     with pytest.raises(ConfigError) as e:
         config.build("character", "sd15", layer)
     assert e.value.field == field
     for w in words:
         assert w in str(e.value)
+
+
+def test_the_fixes_named_are_accepted():
+    config.build("character", "sd15", {"network_train_text_encoder_only": True, "text_encoder_lr": 5e-5})
+    config.build("character", "sd15", {"network_type": "locon", "conv_dim": 8})
+    config.build("character", "sd15", {"network_type": "adalora", "network_dim": 8, "adalora_init_r": 9})
+    for kind in methods.names(convs="optional"):
+        config.build("character", "sd15", {"network_type": kind, "conv_dim": 0})
+        config.build("character", "sd15", {"network_type": kind, "conv_dim": 4})
+
+
+@pytest.mark.parametrize("resolution, limits", [(64, (64, 128)), (128, (64, 256)), (512, (256, 1024)),
+                                                (768, (384, 1536)), (1024, (512, 2048))])
+def test_bucket_limits_follow_the_resolution_unless_set(resolution, limits):
+    assert config.bucket_limits(resolution) == limits
+    assert config.bucket_limits(resolution, 128, 4096) == (128, 4096)
+    assert config.bucket_limits(resolution, 0, 4096) == (limits[0], 4096)
+    for preset in config.list_presets():  # every preset at every resolution, with no bucket setting by hand
+        cfg = config.build(preset, "sd15", {"resolution": resolution})
+        assert config.bucket_limits(cfg.data.resolution, cfg.data.min_bucket_reso, cfg.data.max_bucket_reso) == limits
+
+
+def test_a_form_built_from_a_preset_takes_a_new_resolution():
+    """The UI fills its form from the built config and sends every field back: automatic limits must stay 0 there,
+    or the preset's resolution would pin them."""
+    cfg = config.build("character", "sd15")
+    form = {k: v for section in config.to_dict(cfg).values() if isinstance(section, dict) for k, v in section.items()}
+    assert (form["min_bucket_reso"], form["max_bucket_reso"]) == (0, 0)
+    small = config.build("character", "sd15", form | {"resolution": 128})
+    assert config.bucket_limits(128, small.data.min_bucket_reso, small.data.max_bucket_reso) == (64, 256)
 
 
 def test_unknown_preset_lists_the_choices():

@@ -11,11 +11,12 @@ import torch
 from safetensors import safe_open
 
 from tests import lora_files
-from tests.test_networks import base_weights
+from tests.test_networks import assert_header_holds_the_tensors, base_weights
 from tests.test_training import losses, make_run
 from trainer import config
 from trainer.checkpoint import latest, load_adapter
 from trainer.loading import load_base
+from trainer.methods import CATALOG
 from trainer.networks import create, find_targets
 from trainer.train import train
 
@@ -60,9 +61,11 @@ def assert_file_is_the_update(final, net, fresh) -> dict:
                                         ("sd1", "adalora"), ("sdxl", "adalora"), ("sd1", "rslora"),
                                         ("sd1", "lora_fa")])  # its frozen A comes back from the checkpoint
 def test_a_method_trains_and_its_file_is_its_update(tiny_models, tmp_path, arch, kind):
-    network = {"network_type": kind, "conv_dim": 0 if kind == "vera" else 2, "conv_alpha": 1.0}
+    network = {"network_type": kind, "conv_dim": 0 if CATALOG[kind].convs == "never" else 2, "conv_alpha": 1.0}
     _, _, final, net = trained(tiny_models, tmp_path, arch, network)
     meta = assert_file_is_the_update(final, net, base_weights(load_base(tiny_models[arch][1])))
+    assert_header_holds_the_tensors(final, {t.name for t in net.targets.values() if t.conv3x3})
+    assert (meta["ss_network_dim"] == "Dynamic") == CATALOG[kind].dynamic_rank
     args = json.loads(meta["ss_network_args"])
     stored = lora_files.modules(final)
     if kind == "dora":  # LyCORIS' names, with the magnitude per input channel that both UIs read
@@ -76,7 +79,6 @@ def test_a_method_trains_and_its_file_is_its_update(tiny_models, tmp_path, arch,
         assert all(set(p) == {"lora_down.weight", "lora_up.weight", "alpha"} for p in stored.values())
     if kind == "adalora":  # ranks re-allocated: they differ per module and average the target
         ranks = [p["lora_down.weight"].shape[0] for p in stored.values()]
-        assert meta["ss_network_dim"] == "Dynamic"
         assert len(set(ranks)) > 1 and max(ranks) <= 6, ranks  # init_r = ceil(1.5 x 4)
         assert sum(ranks) <= 4 * len(ranks), ranks
     if kind == "vera":  # one shared random A per component: every layer's lora_down is a slice of it
@@ -176,6 +178,7 @@ def test_pruning_when_saving_keeps_the_energy_asked_and_records_it(tiny_models, 
     with safe_open(str(pruned), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["ss_resize"])["energy"] == 0.6 and meta["ss_network_dim"] == "Dynamic"
+    assert_header_holds_the_tensors(pruned, {n for n, p in small.items() if p["lora_down.weight"].shape[-1] == 3})
 
 
 def test_adalora_resumed_after_its_budget_is_fixed_keeps_the_masked_ranks(tiny_models):

@@ -1,22 +1,25 @@
 """Every adapter method through the same checks: it wraps kohya's targets, changes the output, and its exported file
 reproduces its weight update under the names ComfyUI, WebUI and diffusers read."""
 
+import json
+
 import pytest
 import torch
 
 from tests import lora_files
 from tests.conftest import ARCHES
-from trainer.config import LINEAR_ONLY_TYPES, NetworkConfig
+from trainer.config import NetworkConfig
 from trainer.export import to_kohya, save_atomic
 from trainer.loading import load_base
+from trainer.methods import CATALOG
 from trainer.networks import NETWORKS, create, find_targets
 
 KINDS = sorted(NETWORKS)
 
 
 def net_config(kind: str, **over) -> NetworkConfig:
-    values = dict(network_type=kind, network_dim=4, network_alpha=2.0, conv_dim=0 if kind in LINEAR_ONLY_TYPES else 2,
-                  conv_alpha=1.0, network_dropout=0.0, lokr_factor=4)
+    values = dict(network_type=kind, network_dim=4, network_alpha=2.0, conv_alpha=1.0, network_dropout=0.0,
+                  lokr_factor=4, conv_dim=0 if CATALOG[kind].convs == "never" else 2)
     return NetworkConfig(**(values | over))
 
 
@@ -143,3 +146,50 @@ def test_full_size_module_counts_match_kohya(arch, te_count, unet_count):
         assert "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_0_proj" in names
         assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in names
         assert "lora_te2_text_model_encoder_layers_31_self_attn_v_proj" in names
+
+
+def stored_rank(params: dict[str, torch.Tensor]) -> tuple[int, float] | None:
+    """(rank, alpha) as a loader scales the module by alpha / rank (tests/lora_files.delta); None for a LoKr
+    module whose factors are both full (applied at scale 1)."""
+    for key in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+        if key in params:
+            return params[key].shape[0], float(params["alpha"])
+    return None
+
+
+def assert_header_holds_the_tensors(path, conv3x3: set[str]) -> dict[str, str]:
+    """ss_network_dim / ss_network_alpha are the linear modules' rank and alpha, ss_network_args' conv_dim /
+    conv_alpha the 3x3 convs' ("Dynamic" where modules differ); no conv keys in a file without convs."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    ranks = {name: stored_rank(params) for name, params in lora_files.modules(path).items()}
+    args = json.loads(meta["ss_network_args"])
+
+    def header(values: list) -> str:
+        return str(values[0]) if len(set(values)) == 1 else "Dynamic"
+
+    linear = [r for n, r in ranks.items() if r and n not in conv3x3]
+    conv = [r for n, r in ranks.items() if r and n in conv3x3]
+    assert meta["ss_network_dim"] == header([r for r, _ in linear])
+    assert meta["ss_network_alpha"] == header([a for _, a in linear])
+    if conv:
+        assert (args["conv_dim"], args["conv_alpha"]) == (header([r for r, _ in conv]), header([a for _, a in conv]))
+    elif not set(ranks) & conv3x3:
+        assert "conv_dim" not in args and "conv_alpha" not in args
+    return meta
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_header_says_the_rank_and_alpha_the_tensors_hold(tiny_models, tmp_path, arch, kind):
+    """The config asks for dim 8 / alpha 4; rsLoRA stores alpha 4·√8 and VeRA alpha = rank: the header follows."""
+    model = load_base(tiny_models[arch][1])
+    cfg = net_config(kind, network_dim=8, network_alpha=4.0)
+    net = create(cfg, arch, components(model))
+    asked = {"ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_network_args": json.dumps(net.network_args())}
+    path = save_atomic(to_kohya(net, torch.float16), asked, tmp_path / "out.safetensors")
+    meta = assert_header_holds_the_tensors(path, {t.name for t in net.targets.values() if t.conv3x3})
+    if kind in ("rslora", "vera"):
+        assert float(meta["ss_network_alpha"]) == pytest.approx(4 * 8 ** 0.5 if kind == "rslora" else 8.0, rel=1e-6)

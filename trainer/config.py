@@ -16,12 +16,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainer import methods
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
-NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora", "rslora", "lora_fa", "vera", "adalora")
-PEFT_TYPES = ("lora", "locon", "rslora", "lora_fa", "vera", "adalora")  # trained through peft, exported as LoRA
-LINEAR_ONLY_TYPES = ("vera",)
-LORAPLUS_TYPES = ("lora", "locon", "rslora", "lora_fa")  # the methods with a B matrix of their own to speed up
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
 
@@ -60,13 +58,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network_type: str = opt("lora", "adapter method: lora; locon (+ 3x3 convs); loha; lokr; dora (direction + "
-                                    "magnitude); rslora (alpha/√dim); lora_fa (A frozen); vera (shared random A, B; "
-                                    "trained scales); adalora (rank moves to where it helps). See the README",
-                            choices=NETWORK_TYPES)
+    network_type: str = opt("lora", methods.help_text(), choices=methods.NAMES)
     network_dim: int = opt(32, "rank of the linear layers", (1, 1024))
     network_alpha: float = opt(16.0, "scale = alpha / dim", (0, 1024), exclusive_low=True)
-    conv_dim: int = opt(0, "rank of 3x3 convs (LoCon / LoHa / LoKr); 0 = no convs", (0, 1024))
+    conv_dim: int = opt(0, "rank of the 3x3 convs of res-blocks and samplers: required by locon, optional for "
+                           f"{', '.join(methods.names(convs='optional'))}; 0 = no convs. Refused with lora (use "
+                           "locon, as kohya's networks.lora with conv_dim is LoCon) and the other linear methods",
+                        (0, 1024))
     conv_alpha: float = opt(1.0, "scale of 3x3 convs = conv_alpha / conv_dim", (0, 1024), exclusive_low=True)
     lokr_factor: int = opt(-1, "LoKr Kronecker factor; -1 = automatic", (-1, 64))
     network_dropout: float = opt(0.0, "dropout on the adapter's input", (0.0, 1.0))
@@ -91,8 +89,9 @@ class DataConfig:
     train_data_dir: str = opt("", "folder of images with .txt captions (kohya N_name sub-folders allowed)")
     resolution: int = opt(512, "training size: a bucket holds at most resolution² pixels", (64, 4096))
     enable_bucket: bool = opt(True, "aspect-ratio buckets instead of square crops")
-    min_bucket_reso: int = opt(256, "smallest bucket side", (64, 4096))
-    max_bucket_reso: int = opt(1024, "largest bucket side", (64, 8192))
+    min_bucket_reso: int = opt(0, "smallest bucket side; 0 = automatic: resolution / 2 (a multiple of 64, at least "
+                                  "64)", (0, 4096))
+    max_bucket_reso: int = opt(0, "largest bucket side; 0 = automatic: resolution × 2", (0, 8192))
     bucket_no_upscale: bool = opt(True, "never enlarge a small image to fill a bucket")
     num_repeats: int = opt(0, "times each image is seen per epoch; 0 = auto from repeats_budget", (0, 10000))
     repeats_budget: int = opt(400, "auto repeats = ceil(repeats_budget / number of images)", (1, 100000))
@@ -127,6 +126,8 @@ class OptimizerConfig:
 class TrainingConfig:
     train_batch_size: int = opt(1, "images per step", (1, 256))
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step", (1, 1024))
+    num_gpus: int = opt(1, "GPUs this run trains on, in data parallel (accelerate); the app's queue gives it that "
+                           "many free ones (on a machine without a GPU: CPU processes)", (1, 64))
     max_train_epochs: int = opt(10, "epochs; 0 = use max_train_steps", (0, 10000))
     max_train_steps: int = opt(0, "cap on optimizer steps; 0 = no cap", (0, 1_000_000))
     seed: int = opt(42, "random seed", (0, 2**32 - 1))
@@ -247,61 +248,105 @@ def from_dict(d: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise the first ConfigError: ranges and choices of every field, then the rules between fields."""
+    """Raise the first ConfigError: ranges and choices of every field, then the rules between fields. Every
+    combination the worker could only fail on is refused here, naming the field and the fix."""
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
-            value, meta, where = getattr(obj, f.name), f.metadata, f"{section}.{f.name}"
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(where, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}")
-            if "range" in meta:
-                lo, hi = meta["range"]
-                low_ok = value > lo if meta.get("exclusive_low") else value >= lo
-                if not (low_ok and value <= hi):
-                    rel = ">" if meta.get("exclusive_low") else ">="
-                    raise ConfigError(where, f"{where} = {value!r}: must be {rel} {lo} and <= {hi}")
-    d, n, t = cfg.data, cfg.network, cfg.training
-    for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
-        if getattr(d, name) % 64:
-            raise ConfigError(f"data.{name}", f"data.{name} = {getattr(d, name)}: must be a multiple of 64")
-    if d.enable_bucket and not d.min_bucket_reso <= d.resolution <= d.max_bucket_reso:
-        raise ConfigError("data.resolution", f"data.resolution = {d.resolution}: must lie between min_bucket_reso "
-                                             f"({d.min_bucket_reso}) and max_bucket_reso ({d.max_bucket_reso})")
-    for name in ("sample_width", "sample_height"):
-        if getattr(cfg.sample, name) % 64:
-            raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
-                                                "multiple of 64 (or 0 = resolution)")
-    if n.network_train_unet_only and n.network_train_text_encoder_only:
-        raise ConfigError("network.network_train_unet_only",
-                          "network_train_unet_only and network_train_text_encoder_only cannot both be true")
-    if n.lokr_factor == 0:
-        raise ConfigError("network.lokr_factor", "network.lokr_factor = 0: use -1 (automatic) or 1..64")
-    peft_only = f"works with {', '.join(PEFT_TYPES)}, not with network_type {n.network_type!r}"
-    if n.network_bias != "none" and n.network_type not in PEFT_TYPES:
-        raise ConfigError("network.network_bias", f"network.network_bias = {n.network_bias!r}: peft's bias mode "
-                                                  f"{peft_only}")
-    if cfg.model.unet_quantization != "none" and n.network_type not in PEFT_TYPES:
-        raise ConfigError("model.unet_quantization", f"model.unet_quantization = {cfg.model.unet_quantization!r}: "
-                                                     f"a 4-bit UNet {peft_only}")
-    pruning = {"prune_rank": n.prune_rank, "prune_energy": n.prune_energy, "prune_drop": n.prune_drop}
-    for name, value in pruning.items():
-        if value and n.network_type not in PEFT_TYPES:
-            raise ConfigError(f"network.{name}", f"network.{name} = {value}: pruning reduces LoRA-form files; it "
-                                                 f"{peft_only}")
-    if n.loraplus_lr_ratio and n.network_type not in LORAPLUS_TYPES:
-        raise ConfigError("network.loraplus_lr_ratio", f"network.loraplus_lr_ratio = {n.loraplus_lr_ratio}: LoRA+ "
-                                                       f"speeds up LoRA's B matrix; it works with "
-                                                       f"{', '.join(LORAPLUS_TYPES)}, not with {n.network_type!r}")
-    if n.network_type in LINEAR_ONLY_TYPES and n.conv_dim:
-        raise ConfigError("network.conv_dim", f"network.conv_dim = {n.conv_dim}: {n.network_type} adapts linear "
-                                              "layers only; set conv_dim = 0")
+            _check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata)
+    _check_data(cfg.data)
+    _check_network(cfg)
+    t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
     if not re.fullmatch(r"[\w\-. ]+", t.output_name):
         raise ConfigError("training.output_name", f"training.output_name = {t.output_name!r}: use letters, "
                                                   "digits, - _ . and spaces")
+    for name in ("sample_width", "sample_height"):
+        if getattr(cfg.sample, name) % 64:
+            raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
+                                                "multiple of 64 (or 0 = resolution)")
     if cfg.family not in FAMILIES:
         raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def _check_field(where: str, value, meta) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(where, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}")
+    if "range" in meta:
+        lo, hi = meta["range"]
+        low_ok = value > lo if meta.get("exclusive_low") else value >= lo
+        if not (low_ok and value <= hi):
+            rel = ">" if meta.get("exclusive_low") else ">="
+            raise ConfigError(where, f"{where} = {value!r}: must be {rel} {lo} and <= {hi}")
+
+
+def bucket_limits(resolution: int, min_bucket_reso: int = 0, max_bucket_reso: int = 0) -> tuple[int, int]:
+    """The smallest and largest bucket side: the ones set, and for each left at 0 kohya's 256 / 1024 at 512 px
+    scaled to the resolution (resolution / 2 and × 2, multiples of 64, at least 64)."""
+    low = min_bucket_reso or max(64, resolution // 2 // 64 * 64)
+    return low, max_bucket_reso or max(64, resolution * 2 // 64 * 64)
+
+
+def _check_data(d: DataConfig) -> None:
+    for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+        if getattr(d, name) % 64:
+            raise ConfigError(f"data.{name}", f"data.{name} = {getattr(d, name)}: must be a multiple of 64")
+    low, high = bucket_limits(d.resolution, d.min_bucket_reso, d.max_bucket_reso)
+    if d.enable_bucket and not low <= d.resolution <= high:
+        field = "data.min_bucket_reso" if low > d.resolution else "data.max_bucket_reso"
+        raise ConfigError(field, f"data.resolution = {d.resolution}: must lie between min_bucket_reso ({low}) and "
+                                 f"max_bucket_reso ({high}); set {field.split('.')[1]} = 0 (automatic: follows the "
+                                 "resolution)")
+
+
+def _check_network(cfg: TrainConfig) -> None:
+    n, method = cfg.network, methods.CATALOG[cfg.network.network_type]
+    if n.network_train_unet_only and n.network_train_text_encoder_only:
+        raise ConfigError("network.network_train_unet_only",
+                          "network_train_unet_only and network_train_text_encoder_only cannot both be true")
+    if n.network_train_text_encoder_only and not cfg.optimizer.text_encoder_lr:
+        raise ConfigError("optimizer.text_encoder_lr", "optimizer.text_encoder_lr = 0 leaves nothing to train with "
+                                                       "network_train_text_encoder_only = true: set text_encoder_lr "
+                                                       "> 0 (e.g. 5e-5) or network_train_text_encoder_only = false")
+    if n.lokr_factor == 0:
+        raise ConfigError("network.lokr_factor", "network.lokr_factor = 0: use -1 (automatic) or 1..64")
+    _check_convs(n, method)
+    if n.adalora_init_r and n.network_type == "adalora" and n.adalora_init_r <= n.network_dim:
+        raise ConfigError("network.adalora_init_r", f"network.adalora_init_r = {n.adalora_init_r}: AdaLoRA only "
+                                                    f"takes rank away, so it must start above network_dim "
+                                                    f"({n.network_dim}); set adalora_init_r = 0 (1.5 × network_dim) "
+                                                    f"or a larger value")
+    peft = methods.names(trained_through="peft")
+    peft_only = f"works with {', '.join(peft)}, not with network_type {n.network_type!r}"
+    if n.network_bias != "none" and n.network_type not in peft:
+        raise ConfigError("network.network_bias", f"network.network_bias = {n.network_bias!r}: peft's bias mode "
+                                                  f"{peft_only}")
+    if cfg.model.unet_quantization != "none" and n.network_type not in peft:
+        raise ConfigError("model.unet_quantization", f"model.unet_quantization = {cfg.model.unet_quantization!r}: "
+                                                     f"a 4-bit UNet {peft_only}")
+    lora_form = methods.names(exports_as="lora")
+    for name in ("prune_rank", "prune_energy", "prune_drop"):
+        if getattr(n, name) and n.network_type not in lora_form:
+            raise ConfigError(f"network.{name}", f"network.{name} = {getattr(n, name)}: pruning reduces LoRA-form "
+                                                 f"files; it works with {', '.join(lora_form)}, not with network_type "
+                                                 f"{n.network_type!r}")
+    if n.loraplus_lr_ratio and not method.loraplus:
+        raise ConfigError("network.loraplus_lr_ratio", f"network.loraplus_lr_ratio = {n.loraplus_lr_ratio}: LoRA+ "
+                                                       f"speeds up LoRA's B matrix; it works with "
+                                                       f"{', '.join(methods.names(loraplus=True))}, not with "
+                                                       f"{n.network_type!r}")
+
+
+def _check_convs(n: NetworkConfig, method: methods.Method) -> None:
+    if method.convs == "required" and not n.conv_dim:
+        raise ConfigError("network.conv_dim", f"network.conv_dim = 0: {method.name} trains 3x3 convs at rank "
+                                              f"conv_dim; set conv_dim > 0 (e.g. 8) or network_type = \"lora\"")
+    if method.convs == "never" and n.conv_dim:
+        what = "adapts linear layers only" if method.linear_only else "adapts no 3x3 convs"
+        fix = f'network_type = "{method.with_convs}" (LoRA with 3x3 convs) or ' if method.with_convs else ""
+        raise ConfigError("network.conv_dim", f"network.conv_dim = {n.conv_dim}: {method.name} {what}; set "
+                                              f"{fix}conv_dim = 0")
 
 
 def deep_merge(*layers: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +18,8 @@ MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512"
                   "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 NETWORK_MODULE = {"lora": "networks.lora", "lycoris": "lycoris.kohya"}
+# kohya names of the 3x3 convs LoCon adapts: res-block convs and samplers (SD1/2 diffusers names, SDXL SGM names)
+CONV3X3 = re.compile(r"^lora_unet_.*_(conv|conv1|conv2|in_layers_2|out_layers_3|op)$")
 
 
 def to_kohya(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -39,8 +42,8 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
     now = datetime.now(timezone.utc)
     fields = {
         "ss_network_module": NETWORK_MODULE[net.exports_as],
-        "ss_network_dim": "Dynamic" if net.dynamic_rank else str(n.network_dim),
-        "ss_network_alpha": "Dynamic" if net.dynamic_rank else str(n.network_alpha),
+        "ss_network_dim": str(n.network_dim),  # what was asked; save_atomic writes what the tensors hold
+        "ss_network_alpha": str(n.network_alpha),
         "ss_network_args": json.dumps(net.network_args()),
         "ss_base_model_version": BASE_MODEL_VERSION[(arch, prediction_type)],
         "ss_v2": str(v2),
@@ -83,10 +86,52 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
     return fields
 
 
+def module_rank(params: dict[str, torch.Tensor]) -> tuple[int, float] | None:
+    """(rank, alpha) a loader reads from one module's tensors; None for a LoKr whose factors are both full (it
+    applies at scale 1 whatever alpha says)."""
+    for rank_of in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+        if rank_of in params:
+            rank = params[rank_of].shape[0]
+            return rank, float(params["alpha"]) if "alpha" in params else float(rank)
+    return None
+
+
+def uniform(values: list) -> str:
+    """One value as kohya writes it, or "Dynamic" when modules differ (as kohya writes for dynamic ranks)."""
+    return str(values[0]) if len(set(values)) == 1 else "Dynamic"
+
+
+def rank_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    """`meta` with the ranks and alphas the tensors hold: ss_network_dim / ss_network_alpha of the linear modules,
+    conv_dim / conv_alpha in ss_network_args of the 3x3 convs (removed when the file has none)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, param = key.partition(".")
+        modules.setdefault(name, {})[param] = value
+    ranks = {name: module_rank(params) for name, params in modules.items()}
+    convs = {name for name in modules if CONV3X3.match(name)}
+    linear = [r for name, r in ranks.items() if r and name not in convs]
+    conv = [r for name, r in ranks.items() if r and name in convs]
+    out = dict(meta)
+    if linear:
+        out |= {"ss_network_dim": uniform([r for r, _ in linear]), "ss_network_alpha": uniform([a for _, a in linear])}
+    try:
+        args = json.loads(meta.get("ss_network_args", "{}"))
+    except json.JSONDecodeError:
+        return out
+    if isinstance(args, dict) and (conv or not convs):
+        args = {k: v for k, v in args.items() if k not in ("conv_dim", "conv_alpha")}
+        if conv:
+            args |= {"conv_dim": uniform([r for r, _ in conv]), "conv_alpha": uniform([a for _, a in conv])}
+        out["ss_network_args"] = json.dumps(args)
+    return out
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file under its name."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file under its name. The
+    header's ranks and alphas are set from the tensors (`rank_metadata`), whoever wrote the rest of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=rank_metadata(tensors, meta))
     os.replace(tmp, path)
     return path

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer.export import DTYPES, save_atomic
+from trainer.export import DTYPES, rank_metadata, save_atomic
 
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "alpha"}
 # WebUI applies a text-encoder attention LoRA (SD2's OpenCLIP-H, SDXL's CLIP-G: one fused in_proj) only when q, k,
@@ -169,37 +169,18 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
     return out, report
 
 
-def uniform(values: list) -> str:
-    """One value as kohya writes it, or "Dynamic" when modules differ (as kohya's resize does)."""
-    return str(values[0]) if len(set(values)) == 1 else "Dynamic"
-
-
 def updated_metadata(meta: dict[str, str], tensors: dict[str, torch.Tensor], report: Report,
                      args: dict) -> dict[str, str]:
-    """The input's metadata with what the resize changed: ranks and alpha (linear modules in ss_network_dim/alpha,
-    3x3 convs in ss_network_args' conv_dim/conv_alpha), the module type, and a record of the resize. The input's
-    file hashes (sshs_*) no longer match, so they go."""
+    """The input's metadata with what the resize changed: ranks and alphas (`rank_metadata`), the module type, and a
+    record of the resize. The input's file hashes (sshs_*) no longer match, so they go."""
     meta = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
-    kept = [m for m in report.modules if m.new_rank]
-    alpha = str(float(tensors[f"{kept[0].name}.alpha"]))  # one for every module (shared_alpha)
-    conv = {m.name for m in kept if tensors[f"{m.name}.lora_down.weight"].dim() == 4
-            and tensors[f"{m.name}.lora_down.weight"].shape[-1] > 1}
-    linear = [m.new_rank for m in kept if m.name not in conv]
-    if linear:
-        meta |= {"ss_network_dim": uniform(linear), "ss_network_alpha": alpha}
-    try:
-        network_args = json.loads(meta.get("ss_network_args", "{}"))
-    except json.JSONDecodeError:
-        network_args = None
-    if conv and isinstance(network_args, dict) and "conv_dim" in network_args:
-        conv_dim = uniform([m.new_rank for m in kept if m.name in conv])
-        meta["ss_network_args"] = json.dumps(network_args | {"conv_dim": conv_dim, "conv_alpha": alpha})
     meta["ss_network_module"] = "networks.lora"
     if meta.get("modelspec.architecture", "").endswith("/lycoris"):
         meta["modelspec.architecture"] = meta["modelspec.architecture"].removesuffix("/lycoris") + "/lora"
-    meta["ss_resize"] = json.dumps(args | {"modules_before": len(report.modules), "modules_after": len(kept),
+    kept = sum(1 for m in report.modules if m.new_rank)
+    meta["ss_resize"] = json.dumps(args | {"modules_before": len(report.modules), "modules_after": kept,
                                            "kept_energy": round(report.kept_energy, 6)})
-    return meta
+    return rank_metadata(tensors, meta)
 
 
 def resize_file(src: Path, dst: Path, rank: int | None = None, energy: float | None = None, drop: float = 0.0,

@@ -23,8 +23,6 @@ ORTH_REG_WEIGHT = 0.5  # peft's default weight of the orthogonality penalty on A
 class AdaLoRA(Network):
     """SVD-form LoRA that moves rank to the modules that need it."""
 
-    dynamic_rank = True
-
     def peft_config(self, paths: list[str]) -> AdaLoraConfig:
         total = max(self.total_steps, 2)
         return AdaLoraConfig(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer.kohya_names import kohya_name
+from trainer.methods import CATALOG, Method
 
 NETWORKS: dict[str, type["Network"]] = {}
 
@@ -23,12 +24,21 @@ UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
+FACTS = ("kind", "exports_as", "linear_only", "dynamic_rank", "uses_convs")  # from the catalog only
+
+
 def register(name: str):
+    """Add a class to NETWORKS under a name of the catalog (trainer.methods), from which it takes its facts."""
     def add(cls):
+        if name not in CATALOG:
+            raise KeyError(f"network {name!r} is not in trainer.methods.CATALOG: add its entry there")
+        own = [f for f in FACTS for c in cls.__mro__ if c is not Network and f in vars(c)]
+        if own:
+            raise TypeError(f"{cls.__name__} sets {', '.join(own)}: {name}'s facts come from trainer.methods")
         if name in NETWORKS:
             raise KeyError(f"network {name!r} registered twice")
         NETWORKS[name] = cls
-        cls.kind = name
+        cls.method = CATALOG[name]
         return cls
 
     return add
@@ -68,10 +78,7 @@ def find_targets(arch: str, components: dict[str, nn.Module], with_convs: bool) 
 class Network:
     """An adapter on the UNet and/or text encoders of one base model."""
 
-    kind: str
-    exports_as: str = "lora"  # what loaders see: "lora" (LoRA/LoCon keys) or "lycoris" (LoHa/LoKr/DoRA keys)
-    linear_only: bool = False  # the method wraps nn.Linear only (SD1's 1x1 proj_in/proj_out convs are left out)
-    dynamic_rank: bool = False  # ranks differ per module in the file
+    method: Method  # set by register()
 
     def __init__(self, cfg, arch: str, components: dict[str, nn.Module], total_steps: int = 0):
         self.cfg = cfg
@@ -83,8 +90,20 @@ class Network:
             targets = [t for t in targets if isinstance(components[t.component].get_submodule(t.path), nn.Linear)]
         self.targets = {t.name: t for t in targets}
 
+    @property
+    def kind(self) -> str:
+        return self.method.name
+
+    @property
+    def exports_as(self) -> str:
+        return self.method.exports_as
+
+    @property
+    def linear_only(self) -> bool:
+        return self.method.linear_only
+
     def uses_convs(self) -> bool:
-        return self.cfg.conv_dim > 0
+        return self.method.convs == "required" or (self.method.convs == "optional" and self.cfg.conv_dim > 0)
 
     def inject(self) -> int:
         """Wrap every target; returns how many were wrapped and raises if that is not every target."""
@@ -123,7 +142,7 @@ class Network:
 
     def network_args(self) -> dict[str, str]:
         """`ss_network_args` of the file: what a loader or a re-run needs to rebuild this network."""
-        args = {} if self.kind in ("lora", "locon") or self.exports_as == "lycoris" else {"trained_as": self.kind}
+        args = {} if self.method.native else {"trained_as": self.kind}
         if self.uses_convs():
             args |= {"conv_dim": str(self.cfg.conv_dim), "conv_alpha": str(self.cfg.conv_alpha)}
         return args

@@ -20,9 +20,6 @@ ADAPTER = "default"
 class LoRA(Network):
     """Low-rank update of the attention and MLP projections (and 1x1 convs)."""
 
-    def uses_convs(self) -> bool:
-        return False
-
     def peft_config(self, paths: list[str], conv_paths: list[str]) -> LoraConfig:
         exact = {re.escape(p): None for p in conv_paths}
         return LoraConfig(
@@ -87,9 +84,6 @@ class LoRA(Network):
 @register("locon")
 class LoCon(LoRA):
     """LoRA plus the 3x3 convs of res-blocks and samplers (kohya's conv_dim / conv_alpha)."""
-
-    def uses_convs(self) -> bool:
-        return True
 
 
 @register("rslora")

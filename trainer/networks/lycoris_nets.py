@@ -14,10 +14,6 @@ PREFIX = "lycoris"
 class _LyCORIS(Network):
     algo: str
     module_kwargs: dict = {}
-    exports_as = "lycoris"
-
-    def uses_convs(self) -> bool:
-        return self.cfg.conv_dim > 0
 
     def inject(self) -> int:
         self.networks: dict[str, LycorisNetwork] = {}

@@ -22,11 +22,7 @@ class VeRA(Network):
     """Shared random projections, trained per-layer scaling vectors: the fewest trained parameters of any method.
     Usually run at a high rank (network_dim 256), since the rank costs no trained parameters."""
 
-    linear_only = True
     hooks: list = []
-
-    def uses_convs(self) -> bool:
-        return False
 
     def inject(self) -> int:
         self.tuners: dict[str, VeraModel] = {}  # each holds its component's shared projections
