@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -170,3 +171,24 @@ def test_cancel_never_signals_a_group_a_status_file_names_falsely(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_cancel_waits_for_the_save_and_a_third_kills(tmp_path):
+    script = tmp_path / "slow-saver"  # a worker whose save on SIGTERM takes a while
+    script.write_text("#!/bin/bash\nrun=${@: -1}\ntrap 'echo TERM >> \"$run/signals\"' TERM\n"
+                      'touch "$run/launched"\nwhile true; do sleep 0.05; done\n')
+    script.chmod(0o755)
+    jobs = JobManager(tmp_path / "runs", python=str(script), devices=[])
+    run = queue(jobs, tmp_path, "r")
+    jobs.tick()
+    wait_for(lambda: (run.path / "launched").exists())
+    proc = jobs._procs["r"]
+    assert jobs.cancel("r").message == "cancelling: saving state"
+    wait_for(lambda: (run.path / "signals").is_file())
+    assert "cancel once more" in jobs.cancel("r").message
+    time.sleep(0.5)
+    assert proc.poll() is None and (run.path / "signals").read_text() == "TERM\n"  # the save goes on
+    assert jobs.cancel("r").message == "killed"
+    assert proc.wait(timeout=10) == -9
+    jobs.tick()
+    assert jobs.info("r").state == "interrupted"

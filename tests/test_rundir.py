@@ -95,3 +95,18 @@ def test_the_worker_records_its_own_state_and_pid(tmp_path):
     assert status["started"] <= time.time() and run.holder() is None
     events = [json.loads(line) for line in run.events.read_text().splitlines()]
     assert events[-1]["type"] == "error"
+
+
+def test_a_worker_clears_what_a_killed_save_left(tmp_path):
+    run = RunDir(tmp_path)
+    (run.output).mkdir()
+    (run.output / ".lora.safetensors.tmp").write_bytes(b"half")
+    (run.output / "lora-000001.safetensors").write_bytes(b"whole")
+    (tmp_path / ".status.json.123.tmp").write_text("{")
+    (run.state / "step-00000004").mkdir(parents=True)  # never got its progress.json
+    (run.state / "step-00000002").mkdir()
+    (run.state / "step-00000002" / "progress.json").write_text("{}")
+    removed = sorted(p.name for p in run.clean_leftovers())
+    assert removed == [".lora.safetensors.tmp", ".status.json.123.tmp", "step-00000004"]
+    assert [p.name for p in run.output.iterdir()] == ["lora-000001.safetensors"]
+    assert [p.name for p in run.state.iterdir()] == ["step-00000002"]

@@ -120,6 +120,9 @@ def run(run_dir: Path, overrides: list[str]) -> int:
         print(f"python -m trainer: {e}", file=sys.stderr)
         return EXIT_LOCKED
     setup_logging(run_dir.path)
+    if main_process:
+        for path in run_dir.clean_leftovers():
+            logging.getLogger("trainer").info("removed %s, left by a worker that stopped mid-save", path.name)
     stop = StopFlag()
     install_signals(stop)
     events = EventWriter(run_dir.path, enabled=main_process)

@@ -98,6 +98,15 @@ class RunDir:
         os.replace(tmp, self.status_file)
         return status
 
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what a worker killed mid-save left: half-written files and state folders never completed.
+        Only the holder of the lock calls this (no other writer can be mid-save)."""
+        leftovers = [*self.output.glob(".*.tmp"), *self.path.glob(f".{self.status_file.name}.*.tmp"),
+                     *(p for p in self.state.glob("step-*") if not (p / "progress.json").is_file())]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return leftovers
+
     def files(self) -> list[Path]:
         """What a user downloads: the saved LoRAs (every epoch and the final) and the config."""
         return sorted(self.output.glob("*.safetensors")) + ([self.config] if self.config.is_file() else [])

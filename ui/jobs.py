@@ -155,7 +155,8 @@ class JobManager:
         return self.info(run_id)
 
     def cancel(self, run_id: str) -> RunInfo:
-        """First cancel: SIGTERM, the worker saves a resumable state and exits. Second: SIGKILL."""
+        """First cancel: SIGTERM, the worker saves a resumable state and exits. A second one waits for that save
+        (killing now would lose it); a third kills the worker."""
         with self._lock:
             run, rd = self.info(run_id), self.run_dir(run_id)
             if run.state == "queued":
@@ -163,15 +164,22 @@ class JobManager:
             elif run.state == "running":
                 count = self._cancels.get(run_id, 0) + 1
                 self._cancels[run_id] = count
-                group = rd.status().get("pgid") or run.pid
-                # a status file is data: never signal our own group (0, 1, the app's) on its word
-                if isinstance(group, int) and group > 1 and group != os.getpgrp():
-                    try:
-                        os.killpg(group, signal.SIGTERM if count == 1 else signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                if count == 2:
+                    rd.write_status(message="cancelling: still saving its state (cancel once more to kill it and "
+                                            "lose that save)")
+                    return self.info(run_id)
+                self._signal(rd, run, signal.SIGTERM if count == 1 else signal.SIGKILL)
                 rd.write_status(message="cancelling: saving state" if count == 1 else "killed")
             return self.info(run_id)
+
+    def _signal(self, rd: RunDir, run: RunInfo, sig: int) -> None:
+        group = rd.status().get("pgid") or run.pid
+        # a status file is data: never signal our own group (0, 1, the app's) on its word
+        if isinstance(group, int) and group > 1 and group != os.getpgrp():
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def delete(self, run_id: str) -> None:
         run = self.info(run_id)
@@ -190,6 +198,8 @@ class JobManager:
                     self._procs.pop(run.run_id)
                 if run.state == "running" and not self._running(run):
                     self._record_end(run.run_id)
+                if run.state != "running":
+                    self._cancels.pop(run.run_id, None)
             for run in (r for r in self.runs() if r.state == "queued"):
                 self._refuse_if_too_wide(run)
             running = [r for r in self.runs() if r.state == "running"]
@@ -229,7 +239,6 @@ class JobManager:
         rd = self.run_dir(run_id)
         state, message = final_state_from_events(rd)
         rd.write_status(state=state, message=message, pid=None)
-        self._cancels.pop(run_id, None)
 
     def worker_command(self, run: RunDir) -> list[str]:
         """`python -m trainer RUN`, or accelerate's launcher for a run that asks for several processes."""
