@@ -5,7 +5,8 @@
 - "florence2": Florence-2 through transformers.
 
 Each loads from a local folder, or from a hub id when online; offline with no model it says what to download and
-where. Heavy libraries are imported inside the backends: importing this module stays light.
+where. Each runs on `device` ("cuda" or "cpu"). Heavy libraries are imported inside the backends: importing this
+module stays light. The web app runs them in a child process, `python -m datasets_tools.caption`.
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ class WD14:
     folder: Path
     general_threshold: float = 0.35
     character_threshold: float = 0.85
+    device: str = "cpu"
     name: str = "wd14"
     _session: object = field(default=None, repr=False)
 
     def __post_init__(self):
         import onnxruntime as ort
 
-        self._session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=providers)
         with open(self.folder / "selected_tags.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         self.names = [r["name"] for r in rows]
@@ -122,6 +127,7 @@ class Seq2Seq:
     name: str
     prompt: str = ""
     max_new_tokens: int = 40
+    device: str = "cpu"
     _model: object = field(default=None, repr=False)
     _processor: object = field(default=None, repr=False)
 
@@ -130,7 +136,7 @@ class Seq2Seq:
 
         cls = {"blip": "BlipForConditionalGeneration", "florence2": "Florence2ForConditionalGeneration"}[self.name]
         self._processor = transformers.AutoProcessor.from_pretrained(self.folder)
-        self._model = getattr(transformers, cls).from_pretrained(self.folder).eval()
+        self._model = getattr(transformers, cls).from_pretrained(self.folder).eval().to(self.device)
 
     def caption(self, images: list[Image.Image], progress: Progress | None = None) -> list[str]:
         import torch
@@ -138,7 +144,7 @@ class Seq2Seq:
         out = []
         for i, image in enumerate(images):
             kwargs = {"text": self.prompt} if self.prompt else {}
-            inputs = self._processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
+            inputs = self._processor(images=image.convert("RGB"), return_tensors="pt", **kwargs).to(self.device)
             with torch.no_grad():
                 ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=3,
                                            do_sample=False)
@@ -149,12 +155,18 @@ class Seq2Seq:
         return out
 
 
+NEEDS = {"wd14": ("model.onnx", "selected_tags.csv"), "blip": ("config.json",), "florence2": ("config.json",)}
+
+
 def load_captioner(kind: str, source: str | Path | None = None, **options) -> Captioner:
-    if kind == "wd14":
-        return WD14(resolve(kind, source, ("model.onnx", "selected_tags.csv")), **options)
-    if kind == "blip":
-        return Seq2Seq(resolve(kind, source, ("config.json",)), "blip", **options)
-    if kind == "florence2":
-        return Seq2Seq(resolve(kind, source, ("config.json",)), "florence2", prompt="<MORE_DETAILED_CAPTION>",
-                       **options)
-    raise CaptionerUnavailable(f"unknown captioner {kind!r}; choose wd14, blip or florence2")
+    """The captioner `kind` from `source`; CaptionerUnavailable says why not (no model, or one that won't load)."""
+    if kind not in NEEDS:
+        raise CaptionerUnavailable(f"unknown captioner {kind!r}; choose wd14, blip or florence2")
+    folder = resolve(kind, source, NEEDS[kind])
+    try:
+        if kind == "wd14":
+            return WD14(folder, **options)
+        return Seq2Seq(folder, kind, prompt="<MORE_DETAILED_CAPTION>" if kind == "florence2" else "", **options)
+    except Exception as e:  # a broken or foreign model folder: say which, keep the cause for the log
+        raise CaptionerUnavailable(f"the {kind} captioner in {folder} could not be loaded: "
+                                   f"{(str(e).strip() or type(e).__name__).splitlines()[0]}") from e

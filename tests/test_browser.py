@@ -305,17 +305,28 @@ def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
 def test_captioning_in_the_browser(app, page, tmp_path):
     from tests.test_datasets_captioners import tiny_tagger
 
+    slow = tiny_tagger(tmp_path / "slow-tagger", size=2048)  # ~0.2 s a picture: long enough to watch and cancel
     tagger = tiny_tagger(tmp_path / "tagger")
-    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
+    images = sorted(draw_dataset(tmp_path / "pictures", 24).glob("*.png"))
     page.goto(app.url)
     page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
-    page.get_by_text("Added 8 picture(s)").wait_for(timeout=30000)
+    page.get_by_text("Added 24 picture(s)").wait_for(timeout=30000)
     page.locator("#dataset-captioner").get_by_text("Caption the pictures").click()
-    page.locator("#dataset-captioner-source textarea, #dataset-captioner-source input").first.fill(str(tagger))
+    source = page.locator("#dataset-captioner-source textarea, #dataset-captioner-source input").first
+    status = page.locator("#dataset-caption-status")
+    source.fill(str(slow))
     page.locator("#dataset-caption-run").click()
-    page.get_by_text("Captioned 8 pictures with wd14.").wait_for(timeout=60000)
+    status.get_by_text(re.compile(r"Captioning with wd14: \d+/24")).wait_for(timeout=60000)  # progress, polled
+    page.locator("#dataset-caption-cancel").click()
+    status.get_by_text("Cancelled: captioned").wait_for(timeout=30000)
+    done = int(re.search(r"captioned (\d+) of 24", status.inner_text()).group(1))
+    assert done < 24
+    source.fill(str(tagger))
+    page.locator("#dataset-caption-run").click()  # the rest: pictures with a caption are kept
+    page.get_by_text(f"Captioned {24 - done} pictures with wd14.").wait_for(timeout=60000)
     page.locator("#dataset-gallery").get_by_text("^_^, 1girl, blue hair").first.wait_for(
         state="attached", timeout=10000)  # the tagger's default thresholds: 0.35 general, 0.85 character
+    assert page.locator("#dataset-gallery").get_by_text("(no caption)").count() == 0
     page.locator("#dataset-gallery img").first.click()  # a thumbnail
     page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
     assert page.locator("#dataset-caption textarea").input_value() == "^_^, 1girl, blue hair"

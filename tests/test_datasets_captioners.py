@@ -1,8 +1,8 @@
-"""Each captioning backend's real code on a tiny model of its architecture, built in the test."""
+"""Each captioning backend's real code on a tiny model of its architecture, built in the test (torch is imported
+only where a test needs it: tiny_tagger serves tests of the web process too)."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from datasets_tools.captioners import CaptionerUnavailable, clean_tag, load_captioner, select_tags
@@ -62,6 +62,7 @@ def test_offline_without_a_model_says_how_to_get_one(tmp_path):
 
 
 def test_blip_captions_on_a_tiny_model(tmp_path):
+    import torch
     from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor)
 
@@ -89,6 +90,7 @@ def test_blip_captions_on_a_tiny_model(tmp_path):
 
 
 def test_florence2_captions_on_a_tiny_model(tmp_path):
+    import torch
     from transformers import (BartConfig, BartTokenizerFast, CLIPImageProcessorPil, Florence2Config,
                               Florence2ForConditionalGeneration, Florence2Processor, Florence2VisionConfig)
 

@@ -1,16 +1,29 @@
-"""Dataset tab: drop pictures (or a zip, or give a folder), see them with their captions, caption, edit, tag."""
+"""Dataset tab: drop pictures (or a zip, or give a folder), see them with their captions, caption, edit, tag.
+
+The handlers are module-level functions of plain values: the dataset folder is a path string ("" until the first
+picture arrives) and most of them answer `refresh(folder, message)`: the folder, a message, the gallery and the
+tag table. `build()` lays the components out and binds them. Captioning runs in a child process (ui.captioning).
+"""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
 from datasets_tools import dataset_folder as folder_ops
+from datasets_tools.caption import ALL_CAPTIONED, to_caption
+from ui.captioning import CaptionJob
 
 DEMO_DATASET = Path(__file__).resolve().parent.parent / "demo" / "dataset"
+CAPTIONERS = [("WD14 tagger (tags, for anime / illustration)", "wd14"), ("BLIP (a sentence)", "blip"),
+              ("Florence-2 (a detailed sentence)", "florence2")]
+POLL_S = 1.0  # how often the tab reads a running captioner's progress
+NO_PICTURES = "Add pictures first."
 
 
 @dataclass
@@ -23,6 +36,8 @@ class DatasetTab:
     caption: gr.Textbox
     crop: gr.Image
 
+
+# --- what the tab shows of a folder ---
 
 def gallery_items(folder: str) -> list[tuple[str, str]]:
     if not folder:
@@ -37,164 +52,118 @@ def tag_table(folder: str) -> list[list]:
     return [[tag, count] for tag, count in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
-    with gr.Row():
-        upload = gr.File(label="Drop pictures or a .zip here", file_count="multiple", elem_id="dataset-upload",
-                         scale=3)
-        with gr.Column(scale=2):
-            folder_path = gr.Textbox(label="…or a folder on this machine", elem_id="dataset-folder")
-            add_folder = gr.Button("Add folder", elem_id="dataset-add-folder")
-            try_demo = gr.Button("Try the demo dataset", elem_id="dataset-demo",
-                                 visible=DEMO_DATASET.is_dir())
-            clear = gr.Button("Start over", elem_id="dataset-clear")
-    report = gr.Markdown(elem_id="dataset-report")
-    with gr.Accordion("Caption the pictures", open=False, elem_id="dataset-captioner"):
-        with gr.Row():
-            captioner_kind = gr.Dropdown(choices=[("WD14 tagger (tags, for anime / illustration)", "wd14"),
-                                                  ("BLIP (a sentence)", "blip"),
-                                                  ("Florence-2 (a detailed sentence)", "florence2")],
-                                         value="wd14", label="Captioner", elem_id="dataset-captioner-kind")
-            captioner_source = gr.Textbox(label="Model folder (or hub id when online; empty = the default)",
-                                          elem_id="dataset-captioner-source", scale=2)
-            overwrite = gr.Checkbox(label="Replace existing captions", value=False, elem_id="dataset-overwrite")
-        run_captioner = gr.Button("Caption", elem_id="dataset-caption-run")
-    with gr.Row():
-        trigger = gr.Textbox(label="Trigger word (kept first in every caption)", elem_id="dataset-trigger", scale=3)
-        apply_trigger = gr.Button("Apply to all captions", elem_id="dataset-apply-trigger")
-    gallery = gr.Gallery(label="Pictures and captions (click one to edit its caption)", columns=6, height=360,
-                         allow_preview=False, elem_id="dataset-gallery")
-    with gr.Row():
-        selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected", scale=2)
-        caption = gr.Textbox(label="Caption", elem_id="dataset-caption", scale=4)
-        save_caption = gr.Button("Save caption", elem_id="dataset-save-caption")
-    with gr.Row():
-        check = gr.Button("Check the dataset (health report and buckets)", elem_id="dataset-check")
-    health = gr.Markdown(elem_id="dataset-health")
-    with gr.Accordion("Tags", open=False, elem_id="dataset-tags"):
-        tags = gr.Dataframe(headers=["tag", "count"], interactive=False, elem_id="dataset-tag-table")
-        with gr.Row():
-            tag_from = gr.Textbox(label="Tag", elem_id="dataset-tag-from")
-            tag_to = gr.Textbox(label="Rename to (empty = remove)", elem_id="dataset-tag-to")
-            tag_apply = gr.Button("Rename / remove in every caption", elem_id="dataset-tag-apply")
-        with gr.Row():
-            prefix = gr.Textbox(label="Add tags at the front", elem_id="dataset-prefix")
-            suffix = gr.Textbox(label="Add tags at the end", elem_id="dataset-suffix")
-            find = gr.Textbox(label="Find", elem_id="dataset-find")
-            replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
-            keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, elem_id="dataset-keep")
-            bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
-    crop = gr.Image(label="Crop preview of the selected picture (kept area outlined)", interactive=False,
-                    height=256, elem_id="dataset-crop-preview")
-
-    def ensure(folder: str) -> Path:
-        if folder:
-            return Path(folder)
-        path = drafts / uuid.uuid4().hex[:12]
-        path.mkdir(parents=True)
-        return path
-
-    def refresh(folder: str, message: str):
-        return folder, message, gallery_items(folder), tag_table(folder)
-
-    def on_upload(files, folder):
-        if not files:
-            return refresh(folder, "")
-        target = ensure(folder)
-        result = folder_ops.add_files([Path(f) for f in files], target)
-        return refresh(str(target), result.to_markdown())
-
-    def on_folder(path, folder):
-        if not path or not Path(path).expanduser().is_dir():
-            return refresh(folder, f"⚠ {path!r} is not a folder on this machine")
-        target = ensure(folder)
-        result = folder_ops.add_files([Path(path).expanduser()], target)
-        return refresh(str(target), result.to_markdown())
-
-    def on_demo(folder):
-        target = ensure("")
-        result = folder_ops.add_files([DEMO_DATASET], target)
-        trigger_word = folder_ops.first_tag(target)
-        return (*refresh(str(target), result.to_markdown()), trigger_word)
-
-    outputs = [dataset_dir, report, gallery, tags]
-    upload.upload(on_upload, [upload, dataset_dir], outputs)
-    add_folder.click(on_folder, [folder_path, dataset_dir], outputs)
-    try_demo.click(on_demo, dataset_dir, outputs + [trigger])
-    clear.click(lambda: ("", "", [], []), None, outputs)
-
-    def on_caption(folder, kind, source, replace, progress=gr.Progress()):
-        from PIL import Image
-
-        from datasets_tools.captioners import CaptionerUnavailable, load_captioner
-
-        if not folder:
-            return refresh(folder, "Add pictures first.")
-        todo = [i for i in folder_ops.items(Path(folder)) if replace or not i.caption]
-        if not todo:
-            return refresh(folder, "Every picture has a caption (tick “Replace existing captions” to redo them).")
-        try:
-            captioner = load_captioner(kind, source.strip() or None)
-        except (CaptionerUnavailable, OSError) as e:
-            return refresh(folder, f"⚠ {e}")
-        progress(0, desc=f"Captioning {len(todo)} pictures")
-        texts = captioner.caption([Image.open(i.image) for i in todo],
-                                  progress=lambda done, total: progress(done / total, desc=f"{done}/{total}"))
-        for item, text in zip(todo, texts):
-            folder_ops.set_caption(item.image, text)
-        return refresh(folder, f"Captioned {len(todo)} pictures with {kind}.")
-
-    run_captioner.click(on_caption, [dataset_dir, captioner_kind, captioner_source, overwrite], outputs)
-
-    def on_bulk(folder, pre, post, old, new, n):
-        if not folder:
-            return refresh(folder, "Add pictures first.")
-
-        def edit(c: str) -> str:
-            c = folder_ops.with_prefix_suffix(folder_ops.replaced(c, old, new), pre, post)
-            return folder_ops.first_tags(c, int(n)) if n else c
-
-        return refresh(folder, f"Changed {folder_ops.edit_all(Path(folder), edit)} captions.")
-
-    bulk.click(on_bulk, [dataset_dir, prefix, suffix, find, replace, keep], outputs)
-
-    def on_save(folder, name, text):
-        if not folder or not name:
-            return refresh(folder, "Select a picture first.")
-        folder_ops.set_caption(Path(folder) / name, text)
-        return refresh(folder, f"Saved the caption of {name}.")
-
-    save_caption.click(on_save, [dataset_dir, selected, caption], outputs)
-
-    def on_trigger(folder, word):
-        if not folder:
-            return refresh(folder, "Add pictures first.")
-        n = folder_ops.apply_trigger(Path(folder), word)
-        return refresh(folder, f"“{word}” is first in {n} captions.")
-
-    apply_trigger.click(on_trigger, [dataset_dir, trigger], outputs)
-
-    def on_tag(folder, old, new):
-        if not folder or not old:
-            return refresh(folder, "Name a tag first.")
-        n = folder_ops.rename_tag(Path(folder), old, new)
-        verb = f"renamed to “{new}”" if new else "removed"
-        return refresh(folder, f"“{old}” {verb} in {n} captions.")
-
-    tag_apply.click(on_tag, [dataset_dir, tag_from, tag_to], outputs)
-    return DatasetTab(trigger=trigger, gallery=gallery, check=check, health=health, selected=selected,
-                      caption=caption, crop=crop)
+def refresh(folder: str, message: str) -> tuple[str, str, list, list]:
+    return folder, message, gallery_items(folder), tag_table(folder)
 
 
-def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
-    """The picture clicked in the gallery: its name, its caption and where it will be cropped."""
+# --- adding pictures: into the session's folder, made under `drafts` on the first add ---
+
+def draft_folder(drafts: Path, folder: str) -> Path:
+    if folder:
+        return Path(folder)
+    path = Path(drafts) / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    return path
+
+
+def add(drafts: Path, sources: list[Path], folder: str) -> tuple[str, str, list, list]:
+    target = draft_folder(drafts, folder)
+    return refresh(str(target), folder_ops.add_files(sources, target).to_markdown())
+
+
+def on_upload(drafts: Path, files: list[str] | None, folder: str):
+    return add(drafts, [Path(f) for f in files], folder) if files else refresh(folder, "")
+
+
+def on_folder(drafts: Path, path: str, folder: str):
+    if not path or not Path(path).expanduser().is_dir():
+        return refresh(folder, f"⚠ {path!r} is not a folder on this machine")
+    return add(drafts, [Path(path).expanduser()], folder)
+
+
+def on_demo(drafts: Path):
+    """The demo pictures in a fresh folder, and their trigger word for the trigger box."""
+    folder, *shown = add(drafts, [DEMO_DATASET], "")
+    return folder, *shown, folder_ops.first_tag(Path(folder))
+
+
+def on_clear():
+    return refresh("", "")
+
+
+# --- caption edits ---
+
+def on_save(folder: str, name: str, text: str):
+    if not folder or not name:
+        return refresh(folder, "Select a picture first.")
+    folder_ops.set_caption(Path(folder) / name, text)
+    return refresh(folder, f"Saved the caption of {name}.")
+
+
+def on_trigger(folder: str, word: str):
+    if not folder:
+        return refresh(folder, NO_PICTURES)
+    n = folder_ops.apply_trigger(Path(folder), word)
+    return refresh(folder, f"“{word}” is first in {n} captions.")
+
+
+def on_tag(folder: str, old: str, new: str):
+    if not folder or not old:
+        return refresh(folder, "Name a tag first.")
+    n = folder_ops.rename_tag(Path(folder), old, new)
+    verb = f"renamed to “{new}”" if new else "removed"
+    return refresh(folder, f"“{old}” {verb} in {n} captions.")
+
+
+def on_bulk(folder: str, prefix: str, suffix: str, find: str, replace: str, keep: float | None):
+    """Find/replace, then tags added at the front and end, then only the first `keep` tags (0 = all)."""
+    if not folder:
+        return refresh(folder, NO_PICTURES)
+
+    def edit(c: str) -> str:
+        c = folder_ops.with_prefix_suffix(folder_ops.replaced(c, find, replace), prefix, suffix)
+        return folder_ops.first_tags(c, int(keep)) if keep else c
+
+    return refresh(folder, f"Changed {folder_ops.edit_all(Path(folder), edit)} captions.")
+
+
+# --- captioning in a child process; a timer polls it while it runs ---
+# Each returns (job, status message, the poll timer) and, from poll and cancel, the gallery and tag table.
+
+def on_caption_start(job: CaptionJob | None, folder: str, kind: str, source: str, replace: bool):
+    if job and job.running:
+        return job, job.progress(), gr.Timer(active=True)
+    if not folder:
+        return None, NO_PICTURES, gr.Timer(active=False)
+    if not to_caption(Path(folder), bool(replace)):
+        return None, ALL_CAPTIONED, gr.Timer(active=False)
+    job = CaptionJob(Path(folder), kind, source or "", bool(replace))
+    return job, job.progress(), gr.Timer(active=True)
+
+
+def on_caption_poll(job: CaptionJob | None, folder: str):
+    if job and job.running:
+        return job, job.progress(), gr.skip(), gr.skip(), gr.skip()
+    return None, job.result() if job else gr.skip(), gr.Timer(active=False), gallery_items(folder), tag_table(folder)
+
+
+def on_caption_cancel(job: CaptionJob | None, folder: str):
+    message = job.cancel() if job else "Nothing is being captioned."
+    return None, message, gr.Timer(active=False), gallery_items(folder), tag_table(folder)
+
+
+# --- the selected picture and the health report: ui/app.py binds them to the Train tab's bucket settings ---
+
+def picture_at(folder: str, index: int | None, resolution, min_reso, max_reso, no_upscale):
+    """The name of the picture at `index` in the gallery, its caption and where it will be cropped."""
     from PIL import Image
 
     from datasets_tools import buckets
 
     items = folder_ops.items(Path(folder)) if folder else []
-    if evt.index is None or evt.index >= len(items):
+    if index is None or index >= len(items):
         return "", "", None
-    item = items[evt.index]
+    item = items[index]
     with Image.open(item.image) as im:
         grid = buckets.make_buckets(int(resolution), int(min_reso), int(max_reso))
         bucket = buckets.bucket_for_image(im.width, im.height, grid, bool(no_upscale))
@@ -202,11 +171,93 @@ def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.S
     return str(item.image.relative_to(folder)), item.caption, preview
 
 
+def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
+    """The picture clicked in the gallery (see picture_at)."""
+    return picture_at(folder, evt.index, resolution, min_reso, max_reso, no_upscale)
+
+
 def health_markdown(folder: str, resolution, min_reso, max_reso, batch) -> str:
     """The health report at the Train tab's resolution and batch size."""
     from datasets_tools.health import report
 
     if not folder:
-        return "Add pictures first."
+        return NO_PICTURES
     r = report(Path(folder), int(resolution), int(min_reso), int(max_reso), int(batch))
     return f"At {int(resolution)} px, batch {int(batch)}:\n\n" + r.to_markdown()
+
+
+# --- layout ---
+
+def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
+    c = SimpleNamespace()
+    with gr.Row():
+        c.upload = gr.File(label="Drop pictures or a .zip here", file_count="multiple", elem_id="dataset-upload",
+                           scale=3)
+        with gr.Column(scale=2):
+            c.folder_path = gr.Textbox(label="…or a folder on this machine", elem_id="dataset-folder")
+            c.add_folder = gr.Button("Add folder", elem_id="dataset-add-folder")
+            c.demo = gr.Button("Try the demo dataset", elem_id="dataset-demo", visible=DEMO_DATASET.is_dir())
+            c.clear = gr.Button("Start over", elem_id="dataset-clear")
+    c.report = gr.Markdown(elem_id="dataset-report")
+    with gr.Accordion("Caption the pictures", open=False, elem_id="dataset-captioner"):
+        with gr.Row():
+            c.kind = gr.Dropdown(choices=CAPTIONERS, value="wd14", label="Captioner",
+                                 elem_id="dataset-captioner-kind")
+            c.source = gr.Textbox(label="Model folder (or hub id when online; empty = the default)",
+                                  elem_id="dataset-captioner-source", scale=2)
+            c.overwrite = gr.Checkbox(label="Replace existing captions", value=False, elem_id="dataset-overwrite")
+        with gr.Row():
+            c.caption_run = gr.Button("Caption", elem_id="dataset-caption-run")
+            c.caption_cancel = gr.Button("Cancel captioning", variant="stop", elem_id="dataset-caption-cancel")
+        c.caption_status = gr.Markdown(elem_id="dataset-caption-status")
+    with gr.Row():
+        c.trigger = gr.Textbox(label="Trigger word (kept first in every caption)", elem_id="dataset-trigger",
+                               scale=3)
+        c.apply_trigger = gr.Button("Apply to all captions", elem_id="dataset-apply-trigger")
+    c.gallery = gr.Gallery(label="Pictures and captions (click one to edit its caption)", columns=6, height=360,
+                           allow_preview=False, elem_id="dataset-gallery")
+    with gr.Row():
+        c.selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected", scale=2)
+        c.caption = gr.Textbox(label="Caption", elem_id="dataset-caption", scale=4)
+        c.save_caption = gr.Button("Save caption", elem_id="dataset-save-caption")
+    with gr.Row():
+        c.check = gr.Button("Check the dataset (health report and buckets)", elem_id="dataset-check")
+    c.health = gr.Markdown(elem_id="dataset-health")
+    with gr.Accordion("Tags", open=False, elem_id="dataset-tags"):
+        c.tags = gr.Dataframe(headers=["tag", "count"], interactive=False, elem_id="dataset-tag-table")
+        with gr.Row():
+            c.tag_from = gr.Textbox(label="Tag", elem_id="dataset-tag-from")
+            c.tag_to = gr.Textbox(label="Rename to (empty = remove)", elem_id="dataset-tag-to")
+            c.tag_apply = gr.Button("Rename / remove in every caption", elem_id="dataset-tag-apply")
+        with gr.Row():
+            c.prefix = gr.Textbox(label="Add tags at the front", elem_id="dataset-prefix")
+            c.suffix = gr.Textbox(label="Add tags at the end", elem_id="dataset-suffix")
+            c.find = gr.Textbox(label="Find", elem_id="dataset-find")
+            c.replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
+            c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, elem_id="dataset-keep")
+            c.bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
+    c.crop = gr.Image(label="Crop preview of the selected picture (kept area outlined)", interactive=False,
+                      height=256, elem_id="dataset-crop-preview")
+    bind(c, Path(drafts), dataset_dir)
+    return DatasetTab(trigger=c.trigger, gallery=c.gallery, check=c.check, health=c.health, selected=c.selected,
+                      caption=c.caption, crop=c.crop)
+
+
+def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
+    shown = [dataset_dir, c.report, c.gallery, c.tags]
+    c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir], shown)
+    c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir], shown)
+    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger])
+    c.clear.click(on_clear, None, shown)
+    c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown)
+    c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger], shown)
+    c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown)
+    c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)
+
+    job = gr.State(None)
+    poll = gr.Timer(POLL_S, active=False)
+    c.caption_run.click(on_caption_start, [job, dataset_dir, c.kind, c.source, c.overwrite],
+                        [job, c.caption_status, poll])
+    after = [job, c.caption_status, poll, c.gallery, c.tags]
+    poll.tick(on_caption_poll, [job, dataset_dir], after)
+    c.caption_cancel.click(on_caption_cancel, [job, dataset_dir], after)

@@ -1,0 +1,263 @@
+"""The Dataset tab's handlers, called as plain functions (no browser), and captioning in its child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.test_datasets_captioners import tiny_tagger
+from ui import dataset_tab as tab
+from ui.captioning import CaptionJob
+
+ROOT = Path(__file__).resolve().parent.parent
+TAGGED = "^_^, 1girl, blue hair"  # what tiny_tagger says at the default thresholds (0.35 general, 0.85 character)
+
+
+def pictures(folder: Path, n: int, captions: dict[int, str] | None = None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        path = folder / f"p{i}.png"
+        image = Image.new("RGB", (96, 64) if i % 2 else (64, 64), "white")
+        ImageDraw.Draw(image).rectangle((4 + 20 * i, 8, 24 + 20 * i, 40 + 5 * i), fill=(200, 40 * i, 30))
+        image.save(path)
+        if i in (captions or {}):
+            path.with_suffix(".txt").write_text(captions[i])
+        out.append(path)
+    return out
+
+
+def captions_of(folder: str | Path) -> dict[str, str]:
+    return {p.name: p.read_text().strip() for p in sorted(Path(folder).glob("*.txt"))}
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> str:
+    """A session's dataset folder of three captioned pictures, added through the upload handler."""
+    files = pictures(tmp_path / "src", 3, {0: "a, red", 1: "b, red", 2: "c, blue"})
+    files += [f.with_suffix(".txt") for f in files]
+    folder, message, _, _ = tab.on_upload(tmp_path / "drafts", [str(f) for f in files], "")
+    assert "Added **3** picture(s)" in message
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory) -> Path:
+    return tiny_tagger(tmp_path_factory.mktemp("captioners") / "wd14")
+
+
+def test_upload_makes_a_draft_folder_and_shows_pictures_captions_and_tags(tmp_path):
+    files = pictures(tmp_path / "src", 2, {0: "zxq, red circle"})
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
+        z.write(files[1], "inside.png")
+    drafts = tmp_path / "drafts"
+    folder, message, gallery, tags = tab.on_upload(drafts, [str(files[0]), str(files[0].with_suffix(".txt")),
+                                                             str(tmp_path / "more.zip")], "")
+    assert Path(folder).parent == drafts and "Added **2** picture(s)" in message
+    assert sorted(caption for _, caption in gallery) == ["(no caption)", "zxq, red circle"]
+    assert all(Path(image).parent == Path(folder) for image, _ in gallery)
+    assert tags == [["red circle", 1], ["zxq", 1]]
+    again = tab.on_upload(drafts, [str(files[1])], folder)  # the same session adds to its folder
+    assert again[0] == folder and len(again[2]) == 3
+    assert tab.on_upload(drafts, None, folder) == (folder, "", again[2], tags)  # a cleared upload box
+
+
+def test_add_folder_refuses_what_is_not_a_folder(tmp_path):
+    pictures(tmp_path / "mine", 2)
+    folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "nope"), "")
+    assert (folder, gallery) == ("", []) and "is not a folder on this machine" in message
+    folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "mine"), "")
+    assert "Added **2** picture(s)" in message and len(gallery) == 2
+    assert tab.on_clear() == ("", "", [], [])
+
+
+@pytest.mark.skipif(not tab.DEMO_DATASET.is_dir(), reason="no demo dataset in this checkout")
+def test_the_demo_dataset_comes_with_its_trigger_word(tmp_path):
+    folder, message, gallery, tags, trigger = tab.on_demo(tmp_path / "drafts")
+    assert trigger == "zxc" and len(gallery) == 10 and "Added **10** picture(s)" in message
+    assert ["zxc", 10] in tags
+
+
+def test_caption_edits_save_trigger_rename_and_bulk(dataset):
+    assert tab.on_save(dataset, "", "x")[1] == "Select a picture first."
+    _, message, gallery, _ = tab.on_save(dataset, "p1.png", "  b,   green ")
+    assert message == "Saved the caption of p1.png." and gallery[1][1] == "b, green"
+    assert tab.on_trigger(dataset, "zxq")[1] == "“zxq” is first in 3 captions."
+    assert captions_of(dataset) == {"p0.txt": "zxq, a, red", "p1.txt": "zxq, b, green", "p2.txt": "zxq, c, blue"}
+    _, message, _, tags = tab.on_tag(dataset, "red", "crimson")
+    assert message == "“red” renamed to “crimson” in 1 captions." and ["crimson", 1] in tags
+    assert tab.on_tag(dataset, "blue", "")[1] == "“blue” removed in 1 captions."
+    assert tab.on_tag(dataset, "", "x")[1] == "Name a tag first."
+    _, message, _, _ = tab.on_bulk(dataset, "solo", "photo", "green", "lime", 0)
+    assert message == "Changed 3 captions."
+    assert captions_of(dataset) == {"p0.txt": "solo, zxq, a, crimson, photo", "p1.txt": "solo, zxq, b, lime, photo",
+                                    "p2.txt": "solo, zxq, c, photo"}
+    tab.on_bulk(dataset, "", "", "", "", 2)
+    assert set(captions_of(dataset).values()) == {"solo, zxq"}
+    for handler in (lambda: tab.on_trigger("", "zxq"), lambda: tab.on_bulk("", "a", "", "", "", 0)):
+        assert handler() == ("", tab.NO_PICTURES, [], [])
+
+
+def test_the_selected_picture_shows_its_caption_and_crop(dataset):
+    name, caption, preview = tab.selection(dataset, 64, 64, 128, True, SimpleNamespace(index=1))
+    assert (name, caption) == ("p1.png", "b, red")
+    assert isinstance(preview, Image.Image) and preview.size[0] >= 96  # the picture with its kept area outlined
+    assert tab.picture_at(dataset, 3, 64, 64, 128, True) == ("", "", None)
+    assert tab.picture_at("", 0, 64, 64, 128, True) == ("", "", None)
+
+
+def test_the_health_report_at_the_train_tabs_settings(dataset):
+    report = tab.health_markdown(dataset, 64, 64, 128, 4)
+    assert report.startswith("At 64 px, batch 4:") and "**3 pictures**" in report and "3/3 captioned" in report
+    assert report.endswith("| 64×64 | 3 |")  # 64² pixels, sides 64 to 128: the only bucket
+    assert "bucket 64×64 holds 3 picture(s), fewer than the batch size 4" in report and "identical" not in report
+    assert tab.health_markdown("", 64, 64, 128, 2) == tab.NO_PICTURES
+
+
+def wait_for(condition, timeout=60.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_captioning_through_the_tab_start_poll_and_the_captions(dataset, tagger):
+    assert tab.on_caption_start(None, "", "wd14", "", False)[1] == tab.NO_PICTURES
+    job, message, timer = tab.on_caption_start(None, dataset, "wd14", str(tagger), False)
+    assert job is None and "Every picture has a caption" in message and timer.active is False
+    job, message, timer = tab.on_caption_start(None, dataset, "wd14", str(tagger), True)
+    assert isinstance(job, CaptionJob) and timer.active is True and "wd14" in message
+    assert tab.on_caption_start(job, dataset, "wd14", str(tagger), True)[0] is job  # one at a time
+    wait_for(lambda: not job.running)
+    job_after, message, timer, gallery, tags = tab.on_caption_poll(job, dataset)
+    assert job_after is None and message == "Captioned 3 pictures with wd14." and timer.active is False
+    assert [caption for _, caption in gallery] == [TAGGED] * 3 and ["1girl", 3] in tags
+    assert set(captions_of(dataset).values()) == {TAGGED}
+    assert [e["type"] for e in job.events] == ["status", "start", "caption", "caption", "caption", "done"]
+    assert tab.on_caption_cancel(None, dataset)[1] == "Nothing is being captioned."
+
+
+@pytest.fixture(scope="module")
+def slow_tagger(tmp_path_factory) -> Path:
+    """The tiny tagger at a 1024 px input: about 50 ms a picture, so a run of 40 is caught half-way."""
+    return tiny_tagger(tmp_path_factory.mktemp("captioners") / "wd14-slow", size=1024)
+
+
+def half_way(tmp_path, slow_tagger, n=40) -> tuple[Path, CaptionJob]:
+    folder = tmp_path / "ds"
+    pictures(folder, n)
+    job = CaptionJob(folder, "wd14", str(slow_tagger))
+    wait_for(lambda: job.counts()[0] >= 1)
+    return folder, job
+
+
+def test_a_running_poll_reports_progress_and_leaves_the_gallery(tmp_path, slow_tagger):
+    folder, job = half_way(tmp_path, slow_tagger)
+    os.kill(job._proc.pid, signal.SIGSTOP)  # frozen half-way, so that what it has said holds still
+    try:
+        time.sleep(0.3)
+        done, total = job.counts()
+        same, message, timer, gallery, tags = tab.on_caption_poll(job, str(folder))
+        assert same is job and message == f"Captioning with wd14: {done}/{total} (p{done - 1}.png)" and total == 40
+        assert timer == gallery == tags == gr.skip()  # the timer keeps ticking, the gallery stays
+    finally:
+        job.cancel(kill_after_s=1)
+
+
+def test_cancel_stops_after_the_current_picture_and_keeps_the_done_captions(tmp_path, slow_tagger):
+    folder, job = half_way(tmp_path, slow_tagger)
+    _, message, timer, gallery, _ = tab.on_caption_cancel(job, str(folder))
+    done, total = job.counts()
+    assert 1 <= done < total == 40 and timer.active is False
+    assert message == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
+    assert captions_of(folder) == {f"p{i}.txt": TAGGED for i in range(done)}  # the first ones, each whole
+    assert [c for _, c in gallery].count(TAGGED) == done
+    assert job.events[-1]["type"] == "cancelled" and job._proc.returncode == 0  # it stopped by itself
+
+
+def test_cancel_kills_a_captioner_that_does_not_stop(tmp_path, slow_tagger):
+    folder, job = half_way(tmp_path, slow_tagger)
+    os.kill(job._proc.pid, signal.SIGSTOP)  # hung: it cannot even take the SIGTERM
+    time.sleep(0.3)
+    done = job.counts()[0]
+    started = time.time()
+    assert job.cancel(kill_after_s=1) == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
+    assert time.time() - started < 10 and not job.running and job._proc.returncode == -signal.SIGKILL
+    assert set(captions_of(folder)) >= {f"p{i}.txt" for i in range(done)}
+
+
+def finished(job: CaptionJob) -> str:
+    wait_for(lambda: not job.running)
+    return job.result()
+
+
+def test_errors_come_back_as_messages(tmp_path):
+    folder = tmp_path / "ds"
+    pictures(folder, 1)
+    assert finished(CaptionJob(folder, "wd14")).startswith(
+        "⚠ the wd14 captioner model is not here and the model hub is offline. Download it")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a model")
+    (broken / "selected_tags.csv").write_text("tag_id,name,category,count\n")
+    assert finished(CaptionJob(folder, "wd14", str(broken))).startswith(
+        f"⚠ the wd14 captioner in {broken} could not be loaded: ")
+    (broken / "config.json").write_text("{ not json")
+    assert finished(CaptionJob(folder, "blip", str(broken))).startswith(
+        f"⚠ the blip captioner in {broken} could not be loaded: ")
+    assert captions_of(folder) == {}
+
+
+def test_a_captioner_that_crashes_says_so_with_its_last_words(tmp_path, tagger):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "bad.png").write_bytes(b"not a picture")
+    message = finished(CaptionJob(folder, "wd14", str(tagger)))
+    assert message.startswith("⚠ The wd14 captioner stopped (exit status 1) after 0 of 1 pictures: ")
+    assert "cannot identify image file" in message
+
+
+BUILD_AND_CAPTION = """
+import json, sys, time
+from pathlib import Path
+from ui.app import build_app
+from ui import dataset_tab
+build_app(Path(sys.argv[1]) / "runs", Path(sys.argv[1]) / "models")
+job, _, _ = dataset_tab.on_caption_start(None, sys.argv[2], "wd14", sys.argv[3], True)
+while job.running:
+    time.sleep(0.05)
+print(json.dumps({"result": job.result(), "loaded": sorted(m for m in sys.modules if m.split(".")[0] in
+                  ("torch", "transformers", "diffusers", "onnxruntime", "accelerate"))}))
+"""
+
+
+def test_the_web_app_builds_and_captions_without_loading_a_model_library(dataset, tagger, tmp_path):
+    done = subprocess.run([sys.executable, "-c", BUILD_AND_CAPTION, str(tmp_path), dataset, str(tagger)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"result": "Captioned 3 pictures with wd14.", "loaded": []}
+
+
+def test_the_tab_lays_out_every_control_with_its_elem_id(tmp_path):
+    with gr.Blocks() as demo:
+        parts = tab.build(tmp_path / "drafts", gr.State(""))
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"dataset-upload", "dataset-folder", "dataset-add-folder", "dataset-demo", "dataset-clear",
+            "dataset-report", "dataset-captioner", "dataset-captioner-kind", "dataset-captioner-source",
+            "dataset-overwrite", "dataset-caption-run", "dataset-caption-cancel", "dataset-caption-status",
+            "dataset-trigger", "dataset-apply-trigger", "dataset-gallery", "dataset-selected", "dataset-caption",
+            "dataset-save-caption", "dataset-check", "dataset-health", "dataset-tag-table", "dataset-tag-from",
+            "dataset-tag-to", "dataset-tag-apply", "dataset-bulk-apply", "dataset-crop-preview"} <= ids
+    assert parts.gallery.elem_id == "dataset-gallery" and parts.crop.elem_id == "dataset-crop-preview"
