@@ -4,6 +4,7 @@ crashes, nothing is written outside the target folder. Plus bucketing and the he
 import io
 import math
 import random
+import re
 import struct
 import zipfile
 import zlib
@@ -159,3 +160,36 @@ def test_kohya_folders_keep_their_repeats_and_class(tmp_path):
 
     assert sorted((p.name, c, r) for p, c, r in scan(target)) == [("a.png", "zxc star", 10),
                                                                   ("b.png", "hills, river", 3)]
+
+
+def test_the_command_line_and_the_dataset_tab_make_the_same_dataset(corpus, tmp_path):
+    """One importer: `trainer new --images` and the Dataset tab's "Add folder" give the same files, the same
+    caption bytes, the same skipped files, and the trainer reads the captions the tab shows."""
+    import subprocess
+    import sys
+
+    from trainer import data
+    from ui import dataset_tab
+
+    (corpus / "cmyk.caption").write_text("ink, cyan", encoding="utf-8")  # a .caption sidecar
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "trainer", "new", "--base", "demo", "--images", str(corpus),
+                        "--preset", "character", "--runs-dir", str(tmp_path / "runs"), "--name", "cli",
+                        "--no-train"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cli = tmp_path / "runs" / "cli" / "dataset"
+    folder, message, gallery, _ = dataset_tab.on_folder(tmp_path / "drafts", str(corpus), "")
+    tab = Path(folder)
+
+    def files(root_dir):
+        return {str(p.relative_to(root_dir)): p.read_bytes() for p in sorted(root_dir.rglob("*")) if p.is_file()}
+
+    assert files(cli) == files(tab) and len(files(cli)) > 8
+    skipped_by_tab = set(re.findall(r"- `([^`]+)`", message))
+    assert skipped_by_tab == {"truncated.jpg", "empty.png", "notes.png", "bomb.png"}
+    assert all(f"{name} (" in r.stderr for name in skipped_by_tab)
+    assert "tiny.png" in r.stderr and "smaller than half the training resolution" in r.stderr  # a health warning
+    trained = {p.name: caption for p, caption, _ in data.scan(cli)}
+    shown = {Path(path).name: caption for path, caption in gallery}
+    assert trained["good.png"] == shown["good.png"] == "café, ünïcode"  # cp1252 read as cp1252, not mojibake
+    assert trained["cmyk.png"] == shown["cmyk.png"] == "ink, cyan"

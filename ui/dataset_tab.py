@@ -17,6 +17,7 @@ import gradio as gr
 
 from datasets_tools import dataset_folder as folder_ops
 from datasets_tools.caption import ALL_CAPTIONED, to_caption
+from trainer.config import bucket_limits
 from ui.captioning import CaptionJob
 
 DEMO_DATASET = Path(__file__).resolve().parent.parent / "demo" / "dataset"
@@ -165,7 +166,7 @@ def picture_at(folder: str, index: int | None, resolution, min_reso, max_reso, n
         return "", "", None
     item = items[index]
     with Image.open(item.image) as im:
-        grid = buckets.make_buckets(int(resolution), int(min_reso), int(max_reso))
+        grid = buckets.make_buckets(int(resolution), *bucket_limits(int(resolution), int(min_reso), int(max_reso)))
         bucket = buckets.bucket_for_image(im.width, im.height, grid, bool(no_upscale))
         preview = buckets.crop_preview(im, bucket)
     return str(item.image.relative_to(folder)), item.caption, preview
@@ -182,7 +183,8 @@ def health_markdown(folder: str, resolution, min_reso, max_reso, batch) -> str:
 
     if not folder:
         return NO_PICTURES
-    r = report(Path(folder), int(resolution), int(min_reso), int(max_reso), int(batch))
+    r = report(Path(folder), int(resolution), *bucket_limits(int(resolution), int(min_reso), int(max_reso)),
+               int(batch))
     return f"At {int(resolution)} px, batch {int(batch)}:\n\n" + r.to_markdown()
 
 
