@@ -1,5 +1,6 @@
 """The one typed config: presets, layers, TOML round trips, field-named errors, kohya import."""
 
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,43 @@ mystery_knob = 3
 def test_config_module_stays_light():
     code = "import sys, trainer.config; assert 'torch' not in sys.modules and 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=config.PRESETS_DIR.parent)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["eps=0"], "AdamW's eps must be a number in (0, 1]"),  # the NaN LoRA of issue #14
+    (["betas=0.9,1.0"], "betas must be two numbers, each in [0, 1)"),
+    (["lr=1"], "'lr' is not an argument of AdamW"),
+    (["betas"], "expected name=value"),
+    (["amsgrad=yes"], "amsgrad must be True or False"),
+])
+def test_optimizer_args_are_checked_at_validation(args, says):
+    with pytest.raises(config.ConfigError, match=re.escape(says)) as e:
+        config.build("character", "sd15", {"optimizer_args": args})
+    assert e.value.field == "optimizer.optimizer_args"
+    assert config.build("character", "sd15", {"optimizer_args": ["betas=0.9,0.99", "eps=1e-8"]})
+
+
+def test_optimizer_args_name_what_each_optimizer_takes():
+    import inspect
+
+    import torch
+    from prodigyopt import Prodigy
+    from transformers.optimization import Adafactor
+
+    from trainer.optimizer_args import ALLOWED
+
+    for name, cls in {"AdamW": torch.optim.AdamW, "Prodigy": Prodigy, "Adafactor": Adafactor}.items():
+        takes = set(inspect.signature(cls).parameters)
+        assert set(ALLOWED[name]) <= takes, (name, set(ALLOWED[name]) - takes)
+
+
+@pytest.mark.parametrize("layer, field", [
+    ({"trigger_word": "zxq\x07"}, "data.trigger_word"),
+    ({"sample_prompts": ["a cat\nsitting"]}, "sample.sample_prompts"),
+    ({"pretrained_model_name_or_path": "models/a\x00b"}, "model.pretrained_model_name_or_path"),
+    ({"output_name": "x" * 10_000}, "training.output_name"),
+])
+def test_text_that_would_break_toml_names_or_png_chunks_is_refused(layer, field):
+    with pytest.raises(config.ConfigError) as e:
+        config.build("character", "sd15", layer)
+    assert e.value.field == field

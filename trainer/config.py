@@ -12,14 +12,17 @@ import math
 import os
 import re
 import tomllib
+import unicodedata
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainer import methods
+
+from trainer import methods, optimizer_args
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
+MAX_NAME = 120  # characters of an output file name
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
 
 
@@ -259,15 +262,31 @@ def validate(cfg: TrainConfig) -> None:
     t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
-    if not re.fullmatch(r"[\w\-. ]+", t.output_name):
-        raise ConfigError("training.output_name", f"training.output_name = {t.output_name!r}: use letters, "
-                                                  "digits, - _ . and spaces")
+    _check_text(cfg)
+    if not re.fullmatch(r"[\w\-. ]+", t.output_name) or len(t.output_name) > MAX_NAME:
+        raise ConfigError("training.output_name", f"training.output_name = {t.output_name[:40]!r}: use at most "
+                                                  f"{MAX_NAME} letters, digits, - _ . and spaces")
+    if bad := optimizer_args.problems(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args):
+        raise ConfigError("optimizer.optimizer_args", f"optimizer.optimizer_args: {'; '.join(bad)}")
     for name in ("sample_width", "sample_height"):
         if getattr(cfg.sample, name) % 64:
             raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
                                                 "multiple of 64 (or 0 = resolution)")
     if cfg.family not in FAMILIES:
         raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def _check_text(cfg: TrainConfig) -> None:
+    """Text reaches TOML, file names and PNG chunks: no control characters (a newline in a prompt list is fine as
+    separate prompts, not inside one)."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            for text in value if isinstance(value, list) else [value] if isinstance(value, str) else []:
+                if bad := [c for c in text if unicodedata.category(c) == "Cc"]:
+                    raise ConfigError(f"{section}.{f.name}", f"{section}.{f.name}: holds a control character "
+                                                             f"({bad[0]!r}); remove it")
 
 
 def _check_field(where: str, value, meta) -> None:

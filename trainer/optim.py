@@ -7,34 +7,17 @@ import importlib.util
 import torch
 from diffusers.optimization import get_scheduler
 
+from trainer import optimizer_args
+
 
 class OptimizerUnavailable(RuntimeError):
     pass
 
 
-def parse_args(items) -> dict:
-    """kohya's optimizer_args: ["betas=0.9,0.99", "weight_decay=0.01", "decouple=True"]."""
-    out = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        values = [_value(v.strip()) for v in raw.split(",")]
-        out[key.strip()] = tuple(values) if len(values) > 1 else values[0]
-    return out
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def make_optimizer(cfg, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     """`groups`: torch parameter groups, each with its own "lr"."""
     kind = cfg.optimizer_type
-    kwargs = {"weight_decay": cfg.weight_decay} | parse_args(cfg.optimizer_args)
+    kwargs = {"weight_decay": cfg.weight_decay} | optimizer_args.parse(cfg.optimizer_args)
     if kind == "AdamW":
         # the fused kernel updates every tensor in one pass: on CPU 8x faster than torch's default per-tensor loop
         fused = device.type in ("cuda", "cpu")
