@@ -181,7 +181,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_models, tmp_path):
 
 
 def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):
-    import trainer.train
+    import trainer.setup
     from trainer.loss import TrainingError
 
     def broken_base(*args, **kwargs):  # weights that overflowed, as a too-high learning rate leaves them
@@ -190,7 +190,7 @@ def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):
             model.unet.conv_out.weight.fill_(float("inf"))
         return model
 
-    monkeypatch.setattr(trainer.train, "load_base", broken_base)
+    monkeypatch.setattr(trainer.setup, "load_base", broken_base)
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"model": {"mixed_precision": "fp16"}})
     with pytest.raises(TrainingError, match="learning rate is probably too high"):
         train_run(run_dir)
@@ -329,23 +329,23 @@ def test_lora_fa_keeps_a_at_its_initial_values(tiny_models, tmp_path):
 
 
 def test_lora_plus_gives_b_ratio_times_the_learning_rate(tiny_models, tmp_path):
-    import trainer.train
+    import trainer.setup
 
     seen = {}
-    make = trainer.train.make_optimizer
+    make = trainer.setup.make_optimizer
 
     def spy(cfg, groups, device):
         optimizer = make(cfg, groups, device)
         seen["optimizer"] = optimizer
         return optimizer
 
-    trainer.train.make_optimizer = spy
+    trainer.setup.make_optimizer = spy
     try:
         run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], {"network": {"loraplus_lr_ratio": 16.0},
                                                                   "training": {"max_train_epochs": 1}})
         train_run(run_dir)
     finally:
-        trainer.train.make_optimizer = make
+        trainer.setup.make_optimizer = make
     groups = seen["optimizer"].param_groups
     assert len(groups) == 4  # (A, B) for the UNet and for the text encoder
     for a, b in (groups[0:2], groups[2:4]):

@@ -1,43 +1,26 @@
-"""Train one run: setup turns the config into objects, then one loop in a fixed order.
+"""Train one run: `setup` (trainer/setup.py) turns the config into a `Run`, then one loop in a fixed order.
 
 Order inside the loop, as nanoGPT's: batch -> loss -> backward -> (every accumulation) step -> log -> sample ->
-save -> stop. Everything that depends on an option is decided during setup.
+save -> stop. The loop reads no config: everything that depends on an option was decided during setup.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from diffusers import DDPMScheduler
 
-from trainer import checkpoint, data, export, resize, sampling, text
-from trainer.checkpoint import Progress
-from trainer.events import EventWriter
-from trainer.loading import load_base
-from trainer.loss import DenoisingLoss
-from trainer.networks import create as create_network
-from trainer.optim import make_optimizer, make_scheduler
-from trainer.quantize import quantize_unet_nf4
+from trainer import checkpoint, data, export, resize, sampling
+from trainer.setup import Run, encode_image, setup
 
 
 class StopFlag:
     """Set by the worker's signal handler; the loop saves and returns at the next step boundary."""
 
     requested = False
-
-
-def resolve_mixed_precision(value: str) -> str:
-    if value != "auto":
-        return value if torch.cuda.is_available() or value == "no" else "no"
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 @dataclass
@@ -49,181 +32,205 @@ class Batch:
 
 def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
     """Train the run in `run_dir` (resuming from its newest state); returns the final file, or None if stopped."""
-    run_dir, stop = Path(run_dir), stop or StopFlag()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.model.mixed_precision),
-                      cpu=not torch.cuda.is_available())
-    events = EventWriter(run_dir, enabled=acc.is_main_process)
-    n, o, t, d, s = cfg.network, cfg.optimizer, cfg.training, cfg.data, cfg.sample
+    run = setup(cfg, Path(run_dir))
+    if not loop(run, stop or StopFlag()):
+        return None
+    return finish(run)
 
-    # --- model and adapter ---
-    events.status("loading", f"Loading {cfg.model.pretrained_model_name_or_path}")
-    base = load_base(cfg.model.pretrained_model_name_or_path, cfg.model.prediction_type)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    base.unet.to(acc.device, dtype=weight_dtype)
-    base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
-    train_te = not n.network_train_unet_only and o.text_encoder_lr > 0
-    for te in base.text_encoders:
-        te.to(acc.device, dtype=weight_dtype)
-    te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
-    components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
-    if train_te:
-        components |= dict(zip(te_names, base.text_encoders))
-    if cfg.model.unet_quantization == "nf4":
-        count = quantize_unet_nf4(base.unet, weight_dtype, acc.device)
-        events.status("loading", f"UNet held in 4-bit NF4 ({count} linear layers)")
-    if cfg.model.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        for te in base.text_encoders if train_te else []:
-            te.gradient_checkpointing_enable()
-    if cfg.model.attention == "xformers" and acc.device.type == "cuda":
-        base.unet.enable_xformers_memory_efficient_attention()
 
-    # --- data ---
-    found = data.scan(Path(d.train_data_dir), d.caption_extension)
-    from trainer.config import resolve_repeats
-
-    items, skipped = data.build_items(found, d.resolution, d.min_bucket_reso, d.max_bucket_reso,
-                                      d.bucket_no_upscale, resolve_repeats(cfg, len(found)), d.enable_bucket)
-    for message in skipped:
-        events.status("loading", f"Skipped an unreadable image: {message}")
-    latents_of = cache_latents(items, base.vae, acc, d, run_dir, events) if d.cache_latents else None
-    encode = caption_encoder(base, cfg, items, acc, train_te, events)
-
-    # --- steps, optimizer, schedule ---
-    batches_per_epoch = len(data.shard(data.epoch_batches(items, t.train_batch_size, t.seed, 0),
-                                       acc.process_index, acc.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-    total_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    if t.max_train_steps:
-        total_steps = min(total_steps, t.max_train_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    torch.manual_seed(t.seed)  # the same initial adapter on every process, and in every rerun
-    net = create_network(n, base.arch, components, total_steps)
-    for c in components:
-        for p in net.parameters_of(c):
-            p.data = p.data.float()  # adapters train in fp32 under autocast
-    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules")
-    lrs = {"unet": o.unet_lr or o.learning_rate, "text_encoder": o.text_encoder_lr, "text_encoder_2": o.text_encoder_lr}
-    groups = [g for c in components for g in net.param_groups(c, lrs[c]) if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-    optimizer = acc.prepare(make_optimizer(o, groups, acc.device))
-    lr_schedule = make_scheduler(o, optimizer, total_steps)
-    acc.register_for_checkpointing(lr_schedule)
-    loss_fn = DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
-                            t.min_snr_gamma, t.noise_offset, acc.mixed_precision)
-
-    progress = Progress()
-    if (state := checkpoint.latest(run_dir)) is not None:
-        checkpoint.load(state, acc, net, progress)
-        events.status("loading", f"Resuming from step {progress.step} (epoch {progress.epoch + 1})")
-
-    prunes = bool(n.prune_rank or n.prune_energy or n.prune_drop)
-
-    def save_file(name: str, epoch: int) -> Path:
-        meta = export.metadata(cfg, arch=base.arch, prediction_type=base.prediction_type, net=net,
-                               base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
-                               epoch=epoch, step=progress.step, tag_frequency=data.tag_frequency(items),
-                               bucket_info=bucket_info(items), started_at=started, resolution=d.resolution,
-                               mixed_precision=acc.mixed_precision)
-        if prunes:  # LoRA-drop / resize: SVD in full precision, then the save precision
-            tensors, meta, _ = resize.prune(export.to_kohya(net, torch.float32), meta, n.prune_rank or None,
-                                            n.prune_energy or None, n.prune_drop, t.save_precision)
-        else:
-            tensors = export.to_kohya(net, export.DTYPES[t.save_precision])
-        path = export.save_atomic(tensors, meta, run_dir / "output" / name)
-        events.emit("checkpoint", step=progress.step, epoch=epoch, path=str(path.relative_to(run_dir)))
-        return path
-
-    def sample_all() -> None:
-        if acc.is_main_process and s.sample_prompts:
-            events.status("sampling", f"Sampling {len(s.sample_prompts)} prompt(s) at step {progress.step}")
-            for k, prompt in enumerate(s.sample_prompts):
-                sample(base, cfg, prompt.replace("{trigger}", d.trigger_word), k, progress.step, run_dir, acc, events)
-        acc.wait_for_everyone()
-
-    # --- the loop ---
-    events.status("training", f"Training {total_steps} steps ({epochs} epochs of {steps_per_epoch})")
-    if progress.step == 0 and (s.sample_every_n_steps or s.sample_every_n_epochs):
-        sample_all()  # the base model's pictures, to compare against
-    tick, losses = time.time(), []
-    for epoch in range(progress.epoch, epochs):
-        batches = data.shard(data.epoch_batches(items, t.train_batch_size, t.seed, epoch),
-                             acc.process_index, acc.num_processes)
-        for i in range(progress.batch, len(batches)):
-            rng = random.Random(f"{t.seed}/{epoch}/{i}/{acc.process_index}")
-            torch.manual_seed(rng.getrandbits(63))  # dropout and noise depend on the position alone: resumable
-            batch = make_batch(batches[i], items, latents_of, encode, base, d, rng, acc.device)
+def loop(run: Run, stop: StopFlag) -> bool:
+    """Train the steps left; False when stopped (a resumable state is saved first)."""
+    p, schedule, acc = run.progress, run.schedule, run.acc
+    run.events.status("training", f"Training {schedule.total_steps} steps ({schedule.epochs} epochs of "
+                                  f"{schedule.steps_per_epoch})")
+    if p.step == 0 and schedule.sample_at_start():
+        sample_all(run)  # the base model's pictures, to compare against
+    meter = Meter()
+    for epoch in range(p.epoch, schedule.epochs):
+        batches = epoch_batches(run, epoch)
+        for i in range(p.batch, len(batches)):
+            batch = make_batch(run, batches[i], position_rng(run, epoch, i))
             with acc.autocast():
-                loss = loss_fn(base.unet, batch.latents, batch.hidden, batch.added_cond)
-            acc.backward((loss + net.regularization()) / t.gradient_accumulation_steps)
-            losses.append(loss.item())
-            progress.batch = i + 1
-            if progress.batch % t.gradient_accumulation_steps and progress.batch < len(batches):
+                loss = run.loss_fn(run.base.unet, batch.latents, batch.hidden, batch.added_cond)
+            meter.add(loss.item())  # free here (the loss check synced); after backward it would wait for it
+            acc.backward((loss + run.net.regularization()) / schedule.accumulation)
+            p.batch = i + 1
+            if p.batch % schedule.accumulation and p.batch < len(batches):
                 continue
-            average_gradients(params, acc)
-            if o.max_grad_norm:
-                acc.clip_grad_norm_(params, o.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            progress.step += 1
-            net.after_step(progress.step)
-            optimizer.zero_grad(set_to_none=True)
-
-            elapsed, tick = time.time() - tick, time.time()
-            events.emit("step", step=progress.step, total_steps=total_steps, epoch=epoch + 1,
-                        loss=sum(losses) / len(losses), lr=lr_schedule.get_last_lr()[0],
-                        samples_per_s=len(losses) * t.train_batch_size * acc.num_processes / max(elapsed, 1e-9),
-                        eta_s=elapsed * (total_steps - progress.step))
-            losses = []
-            if s.sample_every_n_steps and progress.step % s.sample_every_n_steps == 0:
-                sample_all()
-            if t.save_every_n_steps and progress.step % t.save_every_n_steps == 0:
-                report_state(checkpoint.save(run_dir, acc, net, progress), progress, epoch, run_dir, events)
-            if stop.requested or progress.step >= total_steps:
+            optimizer_step(run)
+            log_step(run, epoch, meter)
+            if schedule.should_sample(p.step):
+                sample_all(run)
+            if schedule.should_save_state(p.step):
+                save_state(run, epoch)
+            if stop.requested or schedule.finished(p.step):
                 break
-        if progress.batch >= len(batches):
-            progress.epoch, progress.batch = epoch + 1, 0
-            if acc.is_main_process and t.save_every_n_epochs and progress.epoch % t.save_every_n_epochs == 0 \
-                    and progress.epoch < epochs:
-                save_file(f"{t.output_name}-{progress.epoch:06d}.safetensors", progress.epoch)
-            if s.sample_every_n_epochs and progress.epoch % s.sample_every_n_epochs == 0:
-                sample_all()
+        if p.batch >= len(batches):
+            end_epoch(run, epoch)
         if stop.requested:
-            events.status("cancelling", f"Cancelled at step {progress.step}: saving a resumable state")
-            report_state(checkpoint.save(run_dir, acc, net, progress), progress, epoch, run_dir, events)
-            events.emit("cancelled", step=progress.step)
-            return None
-        if progress.step >= total_steps:
+            cancel(run, epoch)
+            return False
+        if schedule.finished(p.step):
             break
+    return True
 
-    events.status("saving", "Saving the final LoRA")
-    check_replicas(net, acc, events)
-    final = run_dir / "output" / f"{t.output_name}.safetensors"  # written by the main process alone
+
+def epoch_batches(run: Run, epoch: int) -> list:
+    """This process's share of the epoch's batches (lists of item indices), the same on every rerun."""
+    t = run.cfg.training
+    return data.shard(data.epoch_batches(run.items, t.train_batch_size, t.seed, epoch),
+                      run.acc.process_index, run.acc.num_processes)
+
+
+def position_rng(run: Run, epoch: int, i: int) -> random.Random:
+    """Dropout, flips and noise depend on the position of the batch alone, so a resumed run draws the same."""
+    rng = random.Random(f"{run.cfg.training.seed}/{epoch}/{i}/{run.acc.process_index}")
+    torch.manual_seed(rng.getrandbits(63))
+    return rng
+
+
+def make_batch(run: Run, indices: list[int], rng: random.Random) -> Batch:
+    d, items, device = run.cfg.data, run.items, run.acc.device
+    flips = [d.flip_aug and rng.random() < 0.5 for _ in indices]
+    if run.latents_of is not None:
+        latents = torch.stack([run.latents_of[(i, f)] for i, f in zip(indices, flips)])
+    else:
+        latents = torch.stack([encode_image(items[i], f, run.base.vae, device, None) for i, f in zip(indices, flips)])
+    captions = [data.process_caption(items[i].caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, rng)
+                for i in indices]
+    hidden, pooled = run.encode(captions)
+    added = None
+    if run.time_ids is not None:
+        time_ids = torch.stack([run.time_ids[i] for i in indices]).to(device, hidden.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+    return Batch(latents, hidden, added)
+
+
+def optimizer_step(run: Run) -> None:
+    average_gradients(run.params, run.acc)
+    run.clip(run.params)
+    run.optimizer.step()
+    run.lr_schedule.step()
+    run.progress.step += 1
+    run.net.after_step(run.progress.step)  # before the gradients are cleared: AdaLoRA reads them
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+class Meter:
+    """The losses of the batches since the last step, and the time since then."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.tick = time.time()
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def take(self) -> tuple[float, int, float]:
+        """(mean loss, batches, seconds) since the last call; starts counting again."""
+        loss, batches = sum(self.losses) / len(self.losses), len(self.losses)
+        elapsed, self.tick = time.time() - self.tick, time.time()
+        self.losses = []
+        return loss, batches, elapsed
+
+
+def log_step(run: Run, epoch: int, meter: Meter) -> None:
+    loss, batches, elapsed = meter.take()
+    step, total = run.progress.step, run.schedule.total_steps
+    run.events.emit("step", step=step, total_steps=total, epoch=epoch + 1, loss=loss,
+                    lr=run.lr_schedule.get_last_lr()[0],
+                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=elapsed * (total - step))
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    p = run.progress
+    p.epoch, p.batch = epoch + 1, 0
+    if run.acc.is_main_process and run.schedule.should_save_file(p.epoch):
+        save_file(run, f"{run.cfg.training.output_name}-{p.epoch:06d}.safetensors", p.epoch)
+    if run.schedule.should_sample_epoch(p.epoch):
+        sample_all(run)
+
+
+def cancel(run: Run, epoch: int) -> None:
+    run.events.status("cancelling", f"Cancelled at step {run.progress.step}: saving a resumable state")
+    save_state(run, epoch)
+    run.events.emit("cancelled", step=run.progress.step)
+
+
+def finish(run: Run) -> Path:
+    """Save the final LoRA (and a state for it, unless the last step saved one); returns the file."""
+    p, acc = run.progress, run.acc
+    run.events.status("saving", "Saving the final LoRA")
+    check_replicas(run)
+    final = run.run_dir / "output" / f"{run.cfg.training.output_name}.safetensors"  # by the main process alone
     if acc.is_main_process:
-        save_file(final.name, progress.epoch)
-    if (latest := checkpoint.latest(run_dir)) is None or latest.name != f"step-{progress.step:08d}":
-        report_state(checkpoint.save(run_dir, acc, net, progress), progress, progress.epoch, run_dir, events)
+        save_file(run, final.name, p.epoch)
+    if (latest := checkpoint.latest(run.run_dir)) is None or latest.name != f"step-{p.step:08d}":
+        save_state(run, p.epoch)
     if acc.is_main_process:
-        events.emit("done", path=str(final.relative_to(run_dir)), step=progress.step)
+        run.events.emit("done", path=str(final.relative_to(run.run_dir)), step=p.step)
     return final
 
 
-def check_replicas(net, acc, events) -> None:
+def save_state(run: Run, epoch: int) -> None:
+    folder = checkpoint.save(run.run_dir, run.acc, run.net, run.progress, run.optimizer, run.lr_schedule)
+    run.events.emit("checkpoint", step=run.progress.step, epoch=epoch, path=str(folder.relative_to(run.run_dir)))
+
+
+def save_file(run: Run, name: str, epoch: int) -> Path:
+    """Write output/`name`: the adapter in kohya's format with its metadata (pruned first if the config says so)."""
+    cfg, net, items = run.cfg, run.net, run.items
+    n, t = cfg.network, cfg.training
+    meta = export.metadata(cfg, arch=run.base.arch, prediction_type=run.base.prediction_type, net=net,
+                           base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
+                           epoch=epoch, step=run.progress.step, tag_frequency=data.tag_frequency(items),
+                           bucket_info=bucket_info(items), started_at=run.started, resolution=cfg.data.resolution,
+                           mixed_precision=run.acc.mixed_precision)
+    if n.prune_rank or n.prune_energy or n.prune_drop:  # LoRA-drop / resize: SVD in full precision, then the save one
+        tensors, meta, _ = resize.prune(export.to_kohya(net, torch.float32), meta, n.prune_rank or None,
+                                        n.prune_energy or None, n.prune_drop, t.save_precision)
+    else:
+        tensors = export.to_kohya(net, export.DTYPES[t.save_precision])
+    path = export.save_atomic(tensors, meta, run.run_dir / "output" / name)
+    run.events.emit("checkpoint", step=run.progress.step, epoch=epoch, path=str(path.relative_to(run.run_dir)))
+    return path
+
+
+def sample_all(run: Run) -> None:
+    """One picture per prompt from the main process; the others wait for it."""
+    if run.acc.is_main_process and run.prompts:
+        run.events.status("sampling", f"Sampling {len(run.prompts)} prompt(s) at step {run.progress.step}")
+        for k, prompt in enumerate(run.prompts):
+            sample(run, prompt, k)
+    run.acc.wait_for_everyone()
+
+
+def sample(run: Run, prompt: str, index: int) -> None:
+    cfg, step = run.cfg, run.progress.step
+    s = cfg.sample
+    width, height = s.sample_width or cfg.data.resolution, s.sample_height or cfg.data.resolution
+    options = dict(sampler=s.sample_sampler, steps=s.sample_steps, cfg_scale=s.sample_cfg_scale, seed=s.sample_seed,
+                   width=width, height=height)
+    with run.acc.autocast():
+        image = sampling.generate(run.base, prompt, clip_skip=cfg.model.clip_skip, **options)
+    path = run.run_dir / "samples" / f"step-{step:06d}-p{index}.png"
+    model = Path(cfg.model.pretrained_model_name_or_path).name
+    sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, **options))
+    run.events.emit("sample", step=step, prompt=prompt, seed=s.sample_seed, path=str(path.relative_to(run.run_dir)),
+                    index=index)
+
+
+def check_replicas(run: Run) -> None:
     """Data parallel must leave every process with the same adapter; say so, or stop before saving."""
+    net, acc = run.net, run.acc
     if acc.num_processes == 1:
         return
     mine = torch.stack([sum(p.double().sum() for p in net.parameters_of(c)) for c in net.components])
     every = acc.gather(mine.to(acc.device)[None]).reshape(acc.num_processes, -1)
     if not torch.allclose(every, every[0].expand_as(every), rtol=0, atol=0):
         raise RuntimeError(f"the {acc.num_processes} processes ended with different adapters: {every.tolist()}")
-    events.status("saving", f"{acc.num_processes} processes hold identical adapters "
-                            f"(checksum {every[0].sum().item():.10g})")
-
-
-def report_state(folder: Path, progress: Progress, epoch: int, run_dir: Path, events: EventWriter) -> None:
-    events.emit("checkpoint", step=progress.step, epoch=epoch, path=str(folder.relative_to(run_dir)))
+    run.events.status("saving", f"{acc.num_processes} processes hold identical adapters "
+                                f"(checksum {every[0].sum().item():.10g})")
 
 
 def average_gradients(params, acc) -> None:
@@ -238,91 +245,6 @@ def average_gradients(params, acc) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def cache_latents(items, vae, acc, d, run_dir: Path, events) -> dict:
-    """(item index, flipped) -> latent, encoded once; on disk too with cache_latents_to_disk."""
-    events.status("caching", f"Encoding {len(items)} images to latents")
-    disk = run_dir / "cache" / "latents" if d.cache_latents_to_disk else None
-    cache = {}
-    for i, item in enumerate(items):
-        for flip in (False, True) if d.flip_aug else (False,):
-            cache[(i, flip)] = encode_image(item, flip, vae, acc.device, disk)
-    return cache
-
-
-def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
-
-    key = f"{item.path.stem}-{item.bucket[0]}x{item.bucket[1]}-{int(item.path.stat().st_mtime)}{'-flip' if flip else ''}"
-    if disk is not None and (disk / f"{key}.safetensors").is_file():
-        return load_file(str(disk / f"{key}.safetensors"))["latent"].to(device)
-    pixels, _ = data.load_pixels(item, flip)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
-        latent = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device))[0]
-        latent = latent * vae.config.scaling_factor
-    if disk is not None:
-        disk.mkdir(parents=True, exist_ok=True)
-        save_file({"latent": latent.cpu().contiguous()}, str(disk / f"{key}.safetensors"))
-    return latent
-
-
-def caption_encoder(base, cfg, items, acc, train_te: bool, events):
-    """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once."""
-    d = cfg.data
-    def run(captions):
-        return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip, acc.device)
-
-    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
-    if train_te or not d.cache_text_encoder_outputs or not fixed:
-        return run
-    events.status("caching", "Encoding captions once (the text encoder is frozen)")
-    with torch.no_grad(), acc.autocast():
-        cached = {c: run([c]) for c in {item.caption for item in items}}
-
-    def lookup(captions):
-        hidden = torch.cat([cached[c][0] for c in captions])
-        pooled = torch.cat([cached[c][1] for c in captions]) if base.arch == "sdxl" else None
-        return hidden, pooled
-
-    return lookup
-
-
-def make_batch(indices, items, latents_of, encode, base, d, rng: random.Random, device) -> Batch:
-    flips = [d.flip_aug and rng.random() < 0.5 for _ in indices]
-    if latents_of is not None:
-        latents = torch.stack([latents_of[(i, f)] for i, f in zip(indices, flips)])
-    else:
-        latents = torch.stack([encode_image(items[i], f, base.vae, device, None) for i, f in zip(indices, flips)])
-    captions = [data.process_caption(items[i].caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, rng)
-                for i in indices]
-    hidden, pooled = encode(captions)
-    added = None
-    if base.arch == "sdxl":
-        time_ids = []
-        for i in indices:
-            item = items[i]
-            bw, bh = item.bucket
-            _, (top, left) = data.cover_crop_box(item.size[0], item.size[1], bw, bh)
-            time_ids.append(text.sdxl_time_ids((item.size[1], item.size[0]), (top, left), (bh, bw)))
-        added = {"text_embeds": pooled, "time_ids": torch.stack(time_ids).to(device, hidden.dtype)}
-    return Batch(latents, hidden, added)
-
-
-def sample(base, cfg, prompt: str, index: int, step: int, run_dir: Path, acc, events) -> None:
-    s = cfg.sample
-    width, height = s.sample_width or cfg.data.resolution, s.sample_height or cfg.data.resolution
-    options = dict(sampler=s.sample_sampler, steps=s.sample_steps, cfg_scale=s.sample_cfg_scale, seed=s.sample_seed,
-                   width=width, height=height)
-    with acc.autocast():
-        image = sampling.generate(base, prompt, clip_skip=cfg.model.clip_skip, **options)
-    path = run_dir / "samples" / f"step-{step:06d}-p{index}.png"
-    model = Path(cfg.model.pretrained_model_name_or_path).name
-    sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, **options))
-    events.emit("sample", step=step, prompt=prompt, seed=s.sample_seed, path=str(path.relative_to(run_dir)),
-                index=index)
 
 
 def bucket_info(items) -> dict:

@@ -1,0 +1,275 @@
+"""Setup: the config becomes objects once (model, adapter, data, optimizer, loss, schedule), held in one `Run`.
+
+Every option is decided here, so that the loop in trainer/train.py reads no config: it calls `run.loss_fn`,
+`run.clip`, `run.schedule.should_sample(step)` and the like.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from trainer import checkpoint, data, text
+from trainer.checkpoint import Progress
+from trainer.events import EventWriter
+from trainer.loading import BaseModel, load_base
+from trainer.loss import DenoisingLoss
+from trainer.networks import create as create_network
+from trainer.optim import make_optimizer, make_scheduler
+from trainer.quantize import quantize_unet_nf4
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.networks.base import Network
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is and when it samples and saves; each interval 0 = never."""
+
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    accumulation: int  # batches per optimizer step
+    sample_steps: int
+    sample_epochs: int
+    state_steps: int  # resumable state in state/
+    file_epochs: int  # a LoRA file in output/
+
+    def sample_at_start(self) -> bool:
+        return bool(self.sample_steps or self.sample_epochs)
+
+    def should_sample(self, step: int) -> bool:
+        return every(self.sample_steps, step)
+
+    def should_sample_epoch(self, epoch: int) -> bool:
+        return every(self.sample_epochs, epoch)
+
+    def should_save_state(self, step: int) -> bool:
+        return every(self.state_steps, step)
+
+    def should_save_file(self, epoch: int) -> bool:
+        return every(self.file_epochs, epoch) and epoch < self.epochs  # the last epoch's file is the final one
+
+    def finished(self, step: int) -> bool:
+        return step >= self.total_steps
+
+
+def every(interval: int, count: int) -> bool:
+    return bool(interval) and count % interval == 0
+
+
+@dataclass
+class Run:
+    """Everything the loop needs. The loop never reads `cfg`; the helpers that make batches, files and samples do."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    started: float
+    acc: Accelerator
+    events: EventWriter
+    base: BaseModel
+    items: list[data.Item]  # one per image
+    latents_of: dict | None  # (item index, flipped) -> latent; None when latents are encoded every step
+    encode: Callable  # captions -> (hidden, pooled)
+    time_ids: list | None  # SDXL's size conditioning per item; None for SD1/SD2
+    net: Network
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    clip: Callable[[list[torch.Tensor]], None]  # gradient clipping, or nothing
+    loss_fn: DenoisingLoss
+    schedule: Schedule
+    progress: Progress
+    prompts: list[str]  # sample prompts, trigger word filled in
+    samples_per_batch: int  # over all processes
+
+
+def resolve_mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value if torch.cuda.is_available() or value == "no" else "no"
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def setup(cfg: TrainConfig, run_dir: Path) -> Run:
+    """Load, cache and build everything the run needs, resuming from the newest state in `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.model.mixed_precision),
+                      cpu=not torch.cuda.is_available())
+    events = EventWriter(run_dir, enabled=acc.is_main_process)
+    base, components, train_te = load_model(cfg, acc, events)
+    items = load_items(cfg, events)
+    d = cfg.data
+    latents_of = cache_latents(items, base.vae, acc, d, run_dir, events) if d.cache_latents else None
+    encode = caption_encoder(base, cfg, items, acc, train_te, events)
+    schedule = make_schedule(cfg, items, acc)
+    torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
+    net = make_network(cfg.network, base, components, schedule.total_steps, events)
+    params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
+    loss_fn = DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
+                            cfg.training.min_snr_gamma, cfg.training.noise_offset, acc.mixed_precision)
+    progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
+    return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
+               latents_of=latents_of, encode=encode, time_ids=sdxl_time_ids(items) if base.arch == "sdxl" else None,
+               net=net, params=params, optimizer=optimizer, lr_schedule=lr_schedule,
+               clip=gradient_clipping(acc, cfg.optimizer.max_grad_norm), loss_fn=loss_fn, schedule=schedule,
+               progress=progress, prompts=[p.replace("{trigger}", d.trigger_word) for p in cfg.sample.sample_prompts],
+               samples_per_batch=cfg.training.train_batch_size * acc.num_processes)
+
+
+def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
+    """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
+    m, n = cfg.model, cfg.network
+    events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
+    base = load_base(m.pretrained_model_name_or_path, m.prediction_type)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    base.unet.to(acc.device, dtype=weight_dtype)
+    base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
+    train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
+    for te in base.text_encoders:
+        te.to(acc.device, dtype=weight_dtype)
+    te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
+    components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
+    if train_te:
+        components |= dict(zip(te_names, base.text_encoders))
+    if m.unet_quantization == "nf4":
+        count = quantize_unet_nf4(base.unet, weight_dtype, acc.device)
+        events.status("loading", f"UNet held in 4-bit NF4 ({count} linear layers)")
+    if m.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for te in base.text_encoders if train_te else []:
+            te.gradient_checkpointing_enable()
+    if m.attention == "xformers" and acc.device.type == "cuda":
+        base.unet.enable_xformers_memory_efficient_attention()
+    return base, components, train_te
+
+
+def load_items(cfg, events) -> list:
+    from trainer.config import resolve_repeats
+
+    d = cfg.data
+    found = data.scan(Path(d.train_data_dir), d.caption_extension)
+    items, skipped = data.build_items(found, d.resolution, d.min_bucket_reso, d.max_bucket_reso,
+                                      d.bucket_no_upscale, resolve_repeats(cfg, len(found)), d.enable_bucket)
+    for message in skipped:
+        events.status("loading", f"Skipped an unreadable image: {message}")
+    return items
+
+
+def make_schedule(cfg, items, acc) -> Schedule:
+    t, s = cfg.training, cfg.sample
+    batches_per_epoch = len(data.shard(data.epoch_batches(items, t.train_batch_size, t.seed, 0),
+                                       acc.process_index, acc.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    total_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
+    if t.max_train_steps:
+        total_steps = min(total_steps, t.max_train_steps)
+    return Schedule(total_steps=total_steps, epochs=math.ceil(total_steps / steps_per_epoch),
+                    steps_per_epoch=steps_per_epoch, accumulation=t.gradient_accumulation_steps,
+                    sample_steps=s.sample_every_n_steps, sample_epochs=s.sample_every_n_epochs,
+                    state_steps=t.save_every_n_steps, file_epochs=t.save_every_n_epochs)
+
+
+def make_network(n, base, components: dict, total_steps: int, events):
+    net = create_network(n, base.arch, components, total_steps)
+    for c in components:
+        for p in net.parameters_of(c):
+            p.data = p.data.float()  # adapters train in fp32 under autocast
+    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules")
+    return net
+
+
+def make_optimization(o, net, components: dict, acc, total_steps: int) -> tuple[list, object, object]:
+    """(the trained parameters, the optimizer, its learning-rate schedule), both registered for resuming."""
+    lrs = {"unet": o.unet_lr or o.learning_rate, "text_encoder": o.text_encoder_lr, "text_encoder_2": o.text_encoder_lr}
+    groups = [g for c in components for g in net.param_groups(c, lrs[c]) if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = acc.prepare(make_optimizer(o, groups, acc.device))
+    lr_schedule = make_scheduler(o, optimizer, total_steps)
+    acc.register_for_checkpointing(lr_schedule)
+    return params, optimizer, lr_schedule
+
+
+def gradient_clipping(acc, max_norm: float) -> Callable[[list[torch.Tensor]], None]:
+    def clip(params: list[torch.Tensor]) -> None:
+        acc.clip_grad_norm_(params, max_norm)
+
+    return clip if max_norm else lambda params: None
+
+
+def resume(run_dir: Path, acc, net, optimizer, lr_schedule, events) -> Progress:
+    progress = Progress()
+    if (state := checkpoint.latest(run_dir)) is not None:
+        checkpoint.load(state, acc, net, progress, optimizer, lr_schedule)
+        events.status("loading", f"Resuming from step {progress.step} (epoch {progress.epoch + 1})")
+    return progress
+
+
+def cache_latents(items, vae, acc, d, run_dir: Path, events) -> dict:
+    """(item index, flipped) -> latent, encoded once; on disk too with cache_latents_to_disk."""
+    events.status("caching", f"Encoding {len(items)} images to latents")
+    disk = run_dir / "cache" / "latents" if d.cache_latents_to_disk else None
+    cache = {}
+    for i, item in enumerate(items):
+        for flip in (False, True) if d.flip_aug else (False,):
+            cache[(i, flip)] = encode_image(item, flip, vae, acc.device, disk)
+    return cache
+
+
+def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    key = f"{item.path.stem}-{item.bucket[0]}x{item.bucket[1]}-{int(item.path.stat().st_mtime)}{'-flip' if flip else ''}"
+    if disk is not None and (disk / f"{key}.safetensors").is_file():
+        return load_file(str(disk / f"{key}.safetensors"))["latent"].to(device)
+    pixels, _ = data.load_pixels(item, flip)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
+        latent = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device))[0]
+        latent = latent * vae.config.scaling_factor
+    if disk is not None:
+        disk.mkdir(parents=True, exist_ok=True)
+        save_file({"latent": latent.cpu().contiguous()}, str(disk / f"{key}.safetensors"))
+    return latent
+
+
+def caption_encoder(base, cfg, items, acc, train_te: bool, events):
+    """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once."""
+    d = cfg.data
+    def run(captions):
+        return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip, acc.device)
+
+    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
+    if train_te or not d.cache_text_encoder_outputs or not fixed:
+        return run
+    events.status("caching", "Encoding captions once (the text encoder is frozen)")
+    with torch.no_grad(), acc.autocast():
+        cached = {c: run([c]) for c in {item.caption for item in items}}
+
+    def lookup(captions):
+        hidden = torch.cat([cached[c][0] for c in captions])
+        pooled = torch.cat([cached[c][1] for c in captions]) if base.arch == "sdxl" else None
+        return hidden, pooled
+
+    return lookup
+
+
+def sdxl_time_ids(items) -> list[torch.Tensor]:
+    """SDXL's size conditioning of each item: its original size, the crop of its bucket, the bucket's size."""
+    out = []
+    for item in items:
+        bw, bh = item.bucket
+        _, (top, left) = data.cover_crop_box(item.size[0], item.size[1], bw, bh)
+        out.append(text.sdxl_time_ids((item.size[1], item.size[0]), (top, left), (bh, bw)))
+    return out
