@@ -6,6 +6,7 @@ import math
 import random
 import re
 import struct
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -193,3 +194,59 @@ def test_the_command_line_and_the_dataset_tab_make_the_same_dataset(corpus, tmp_
     shown = {Path(path).name: caption for path, caption in gallery}
     assert trained["good.png"] == shown["good.png"] == "café, ünïcode"  # cp1252 read as cp1252, not mojibake
     assert trained["cmyk.png"] == shown["cmyk.png"] == "ink, cyan"
+
+
+def uploaded(tmp_path: Path, name: str, data: bytes) -> Path:
+    """A file as Gradio stores an upload: alone in a folder of its own."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def png_bytes(color=(9, 9, 9)) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(b, "PNG")
+    return b.getvalue()
+
+
+def test_captions_uploaded_apart_from_their_pictures_find_them(tmp_path):
+    """`create_run(images=[1.png, 1.txt])` and the Dataset tab's upload box: each file in its own folder."""
+    files = [uploaded(tmp_path, "1.png", png_bytes()), uploaded(tmp_path, "1.txt", b"red, circle"),
+             uploaded(tmp_path, "2.jpg", png_bytes()), uploaded(tmp_path, "2.caption", b"from .caption"),
+             uploaded(tmp_path, "3.png", png_bytes()), uploaded(tmp_path, "3.caption", b"second choice"),
+             uploaded(tmp_path, "3.txt", "first choice, café".encode("cp1252")),
+             uploaded(tmp_path, "lonely.txt", b"nobody's")]
+    result = D.add_files(files, tmp_path / "ds")
+    found = {i.image.name: i.caption for i in D.items(tmp_path / "ds")}
+    assert found == {"1.png": "red, circle", "2.png": "from .caption", "3.png": "first choice, café"}
+    assert dict(result.skipped) == {"3.caption": "3.txt was used for 3.png",
+                                    "lonely.txt": "no picture named lonely.* came with it"}
+
+
+def test_ambiguous_stems_are_not_guessed_and_mixed_inputs_keep_every_caption(tmp_path):
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "1.png").write_bytes(png_bytes())
+    (beside / "1.txt").write_text("my own sidecar")  # beside its picture: it wins
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "f.png").write_bytes(png_bytes())
+    (folder / "f.caption").write_text("from the folder")
+    with zipfile.ZipFile(tmp_path / "pack.zip", "w") as z:
+        z.writestr("sub/z.png", png_bytes())
+        z.writestr("sub/z.caption", "from the zip")
+    files = [beside / "1.png", uploaded(tmp_path, "1.txt", b"not mine"), folder, tmp_path / "pack.zip",
+             uploaded(tmp_path, "2.png", png_bytes((1, 1, 1))), uploaded(tmp_path, "2.png", png_bytes((2, 2, 2))),
+             uploaded(tmp_path, "2.txt", b"whose?"),
+             uploaded(tmp_path, "4.png", png_bytes()), uploaded(tmp_path, "4.txt", b"one"),
+             uploaded(tmp_path, "4.txt", b"two")]
+    result = D.add_files(files, tmp_path / "ds")
+    found = {i.image.name: i.caption for i in D.items(tmp_path / "ds")}
+    assert found == {"1.png": "my own sidecar", "f.png": "from the folder", "z.png": "from the zip",
+                     "2.png": "", "2-2.png": "", "4.png": ""}
+    skipped = result.skipped
+    assert ("1.txt", "1.png has its own caption beside it") in skipped
+    assert ("2.txt", "2 pictures are named 2.*: which one it describes is unclear, so none got it") in skipped
+    assert skipped.count(("4.txt", "2 captions are named 4.txt: which one is right is unclear, so none was used")) == 2
+    assert D.pair_by_stem([Path("a/1.png")], [Path("b/1.caption"), Path("c/1.txt")]) == \
+        ({Path("a/1.png"): Path("c/1.txt")}, [("1.caption", "1.txt was used for 1.png")])
