@@ -42,6 +42,6 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
 
 
 def skipped_text(result: dataset_folder.AddResult) -> str:
-    if not result.skipped:
-        return "Nothing skipped."
-    return f"Skipped {len(result.skipped)}: " + "; ".join(f"{name} ({why})" for name, why in result.skipped)
+    text = f"Skipped {len(result.skipped)}: " + "; ".join(f"{name} ({why})" for name, why in result.skipped) \
+        if result.skipped else "Nothing skipped."
+    return text + (" Notes: " + "; ".join(f"{n} ({w})" for n, w in result.notes) if result.notes else "")
