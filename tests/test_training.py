@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from tests import lora_files
 from tests.test_networks import base_weights
-from trainer import config
+from trainer import checkpoint, config
 from trainer.events import read_all
 from trainer.loading import load_base
 
@@ -115,7 +115,8 @@ def test_a_run_finishes_and_writes_a_loadable_file(tiny_models, tmp_path, arch, 
 
 @pytest.mark.parametrize("arch, network", [("sd1", "lora"), ("sd2", "locon"), ("sdxl", "locon")])
 def test_diffusers_loads_the_file_and_it_changes_the_output(tiny_models, tmp_path, caplog, arch, network):
-    run_dir, _ = make_run(tmp_path, tiny_models[arch][1], {"network": {"network_type": network, "conv_dim": 2,
+    run_dir, _ = make_run(tmp_path, tiny_models[arch][1], {"network": {"network_type": network,
+                                                                       "conv_dim": 0 if network == "lora" else 2,
                                                                        "conv_alpha": 1.0}})
     final = train_run(run_dir)
     pipe = load_base(tiny_models[arch][0]).pipeline
@@ -234,6 +235,18 @@ def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     for p, mtime in files_before.items():
         assert p.stat().st_mtime_ns == mtime, f"{p.name} was overwritten"
+
+    killed, _ = make_run(tmp_path / "killed", tiny_models["sd1"][1], layer)  # kill -9: no chance to save
+    proc = worker(killed)
+    while time.time() < deadline + 120 and max(losses(killed), default=0) < 5:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    kept = checkpoint.latest(killed)
+    assert kept is not None and worker(killed).wait(timeout=300) == 0
+    resumed = losses(killed)
+    for step in range(int(kept.name.split("-")[1]) + 1, len(reference) + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@
 Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
 Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once.
 One worker per run: the worker holds RUN_DIR/worker.lock while it lives; a second one refuses (code 4).
+A full disk stops the run with a message saying what is intact (code 5); it resumes when there is space.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 EXIT_CANCELLED = 3
 EXIT_LOCKED = 4
+EXIT_DISK_FULL = 5
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -109,6 +111,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     """Train the run, holding its lock throughout: a second worker on the same run refuses (exit 4)."""
     from trainer import config
     from trainer.events import EventWriter
+    from trainer.guards import DiskFull
     from trainer.rundir import RunDir, RunLocked
     from trainer.train import StopFlag, train
 
@@ -126,7 +129,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     stop = StopFlag()
     install_signals(stop)
     events = EventWriter(run_dir.path, enabled=main_process)
-    record = run_dir.write_status if main_process else (lambda **fields: None)
+    record = quietly(run_dir.write_status) if main_process else (lambda **fields: None)
     record(state="running", pid=os.getpid(), pgid=os.getpgrp(), message="", started=time.time())
     try:
         cfg = config.load(run_dir.config, overrides)
@@ -134,9 +137,10 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     except Exception as e:
         logging.getLogger("trainer").error("training failed:\n%s", traceback.format_exc())
         message = user_message(e)
-        events.emit("error", message=message)
+        quietly(events.emit)("error", message=message)  # on a full disk these may fail too: the exit code tells
         record(state="failed", message=message, pid=None)
-        return 1
+        print(f"python -m trainer: {message}", file=sys.stderr)
+        return EXIT_DISK_FULL if isinstance(e, DiskFull) else 1
     finally:
         if lock is not None:
             lock.release()
@@ -148,14 +152,26 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     return 0
 
 
+def quietly(write):
+    """`write`, but an OSError (a full disk) is logged instead of raised: the worker must still end cleanly."""
+    def call(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except OSError as e:
+            logging.getLogger("trainer").error("could not record %s: %s", args or kwargs, e)
+    return call
+
+
 def user_message(e: Exception) -> str:
+    from trainer.checkpoint import StateError
     from trainer.config import ConfigError
     from trainer.loss import TrainingError
     from trainer.optim import OptimizerUnavailable
     from trainer.quantize import QuantizationUnavailable
     from trainer.single_file import CheckpointError
 
-    if isinstance(e, (ConfigError, TrainingError, CheckpointError, OptimizerUnavailable, QuantizationUnavailable)):
+    if isinstance(e, (ConfigError, TrainingError, CheckpointError, OptimizerUnavailable, QuantizationUnavailable,
+                      StateError)):
         return str(e)
     if "out of memory" in str(e).lower():
         return ("The GPU ran out of memory. Lower train_batch_size or resolution, turn on gradient_checkpointing, "

@@ -155,12 +155,13 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
 
 
 def load_items(cfg, events) -> list:
-    from trainer.config import resolve_repeats
+    from trainer.config import bucket_limits, resolve_repeats
 
     d = cfg.data
     found = data.scan(Path(d.train_data_dir), d.caption_extension)
-    items, skipped = data.build_items(found, d.resolution, d.min_bucket_reso, d.max_bucket_reso,
-                                      d.bucket_no_upscale, resolve_repeats(cfg, len(found)), d.enable_bucket)
+    low, high = bucket_limits(d.resolution, d.min_bucket_reso, d.max_bucket_reso)
+    items, skipped = data.build_items(found, d.resolution, low, high, d.bucket_no_upscale,
+                                      resolve_repeats(cfg, len(found)), d.enable_bucket)
     for message in skipped:
         events.status("loading", f"Skipped an unreadable image: {message}")
     return items
@@ -196,7 +197,6 @@ def make_optimization(o, net, components: dict, acc, total_steps: int) -> tuple[
     params = [p for g in groups for p in g["params"]]
     optimizer = acc.prepare(make_optimizer(o, groups, acc.device))
     lr_schedule = make_scheduler(o, optimizer, total_steps)
-    acc.register_for_checkpointing(lr_schedule)
     return params, optimizer, lr_schedule
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint, data, export, resize, sampling
+from trainer.guards import check_finite, writing
 from trainer.setup import Run, encode_image, setup
 
 
@@ -173,7 +174,11 @@ def finish(run: Run) -> Path:
 
 
 def save_state(run: Run, epoch: int) -> None:
-    folder = checkpoint.save(run.run_dir, run.acc, run.net, run.progress, run.optimizer, run.lr_schedule)
+    check_finite(run.net, run.progress.step, run.cfg, run.run_dir)
+    folder = run.run_dir / "state" / f"step-{run.progress.step:08d}"
+    partial = None if (folder / checkpoint.PROGRESS).is_file() else folder  # never remove a complete state
+    with writing(f"the resumable state {folder.name}", run.run_dir, partial=partial):
+        checkpoint.save(run.run_dir, run.acc, run.net, run.progress, run.optimizer, run.lr_schedule)
     run.events.emit("checkpoint", step=run.progress.step, epoch=epoch, path=str(folder.relative_to(run.run_dir)))
 
 
@@ -181,6 +186,7 @@ def save_file(run: Run, name: str, epoch: int) -> Path:
     """Write output/`name`: the adapter in kohya's format with its metadata (pruned first if the config says so)."""
     cfg, net, items = run.cfg, run.net, run.items
     n, t = cfg.network, cfg.training
+    check_finite(net, run.progress.step, cfg, run.run_dir)
     meta = export.metadata(cfg, arch=run.base.arch, prediction_type=run.base.prediction_type, net=net,
                            base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
                            epoch=epoch, step=run.progress.step, tag_frequency=data.tag_frequency(items),
@@ -191,7 +197,9 @@ def save_file(run: Run, name: str, epoch: int) -> Path:
                                         n.prune_energy or None, n.prune_drop, t.save_precision)
     else:
         tensors = export.to_kohya(net, export.DTYPES[t.save_precision])
-    path = export.save_atomic(tensors, meta, run.run_dir / "output" / name)
+    path = run.run_dir / "output" / name
+    with writing(f"output/{name}", run.run_dir, partial=path.with_name(f".{name}.tmp")):
+        export.save_atomic(tensors, meta, path)
     run.events.emit("checkpoint", step=run.progress.step, epoch=epoch, path=str(path.relative_to(run.run_dir)))
     return path
 

@@ -20,6 +20,16 @@ from pathlib import Path
 
 from trainer.events import read_all
 from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe
+from ui.security import inside
+
+EXIT_DISK_FULL = 5  # trainer/__main__.py's exit code for a full disk
+
+
+def free_mb(path: Path) -> float:
+    try:
+        return shutil.disk_usage(path).free / 2**20
+    except OSError:
+        return 0.0
 
 ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["FINAL_STATES", "JobManager", "RunInfo", "detect_gpus"]
@@ -99,6 +109,8 @@ class JobManager:
     devices: list[str] | None = None  # CUDA devices to hand out, one run each; None = detect; [] = CPU only
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _cancels: dict[str, int] = field(default_factory=dict)
+    _exit_codes: dict[str, int] = field(default_factory=dict)
+    _unsaved: dict[str, dict] = field(default_factory=dict)  # status the disk had no room for: shown, retried
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _thread: threading.Thread | None = None
 
@@ -115,7 +127,8 @@ class JobManager:
         return sorted(infos, key=lambda r: float(r.created), reverse=True)
 
     def run_dir(self, run_id: str) -> RunDir:
-        return RunDir(self.runs_dir / run_id)
+        """The run's folder; ValueError naming `run_id` unless it is a plain name right inside the runs folder."""
+        return RunDir(inside(self.runs_dir, run_id, "run id"))
 
     def info(self, run_id: str) -> RunInfo:
         run = self.run_dir(run_id)
@@ -127,6 +140,8 @@ class JobManager:
         created = s.get("created") if isinstance(s.get("created"), (int, float)) else run.path.stat().st_mtime
         pid = s.get("pid") if isinstance(s.get("pid"), int) else None
         devices = [str(d) for d in s.get("devices")] if isinstance(s.get("devices"), list) else []
+        if run_id in self._unsaved:
+            state, message, pid = self._unsaved[run_id]["state"], self._unsaved[run_id]["message"], None
         return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
 
     def recover(self) -> None:
@@ -150,7 +165,12 @@ class JobManager:
             raise ValueError(f"{run_id} is {run.state}; only a cancelled, interrupted or failed run can resume")
         if (holder := self.run_dir(run_id).holder()) is not None:
             raise ValueError(f"{run_id} is being trained by {describe(holder)}")
-        self.run_dir(run_id).write_status(state="queued", message="resuming")
+        try:
+            self.run_dir(run_id).write_status(state="queued", message="resuming")
+        except OSError as e:
+            raise ValueError(f"cannot queue {run_id}: {e.strerror or e} ({free_mb(self.runs_dir):.1f} MB free); "
+                             "free some space first") from None
+        self._unsaved.pop(run_id, None)
         self.tick()
         return self.info(run_id)
 
@@ -195,8 +215,10 @@ class JobManager:
             for run in self.runs():
                 proc = self._procs.get(run.run_id)
                 if proc is not None and proc.poll() is not None:
-                    self._procs.pop(run.run_id)
-                if run.state == "running" and not self._running(run):
+                    self._exit_codes[run.run_id] = self._procs.pop(run.run_id).returncode
+                if run.run_id in self._unsaved:
+                    self._write(run.run_id, **self._unsaved[run.run_id])  # is there room again?
+                elif run.state == "running" and not self._running(run):
                     self._record_end(run.run_id)
                 if run.state != "running":
                     self._cancels.pop(run.run_id, None)
@@ -235,10 +257,25 @@ class JobManager:
         return worker_alive(self.run_dir(run.run_id), run.pid)
 
     def _record_end(self, run_id: str) -> None:
-        """The worker is gone while the status says running: it died (a worker that ends writes its own state)."""
+        """The worker is gone while the status says running: it died, or could not write its end (a full disk)."""
         rd = self.run_dir(run_id)
         state, message = final_state_from_events(rd)
-        rd.write_status(state=state, message=message, pid=None)
+        if self._exit_codes.pop(run_id, None) == EXIT_DISK_FULL and state != "failed":
+            state, message = "failed", (f"the disk is full ({free_mb(rd.path):.1f} MB free): the worker stopped "
+                                        "before it could say more. Free some space, then resume.")
+        self._write(run_id, state=state, message=message)
+
+    def _write(self, run_id: str, state: str, message: str) -> None:
+        """Write a run's end to its status; when the disk has no room, keep it here (shown, retried each tick)
+        and say so once in the app's log, not once a second."""
+        try:
+            self.run_dir(run_id).write_status(state=state, message=message, pid=None)
+            self._unsaved.pop(run_id, None)
+        except OSError as e:
+            if run_id not in self._unsaved:
+                print(f"job manager: cannot write {run_id}/status.json ({e}); showing it as {state}", file=sys.stderr)
+            note = "" if "status.json" in message else f" (status.json could not be written: {e.strerror or e})"
+            self._unsaved[run_id] = {"state": state, "message": message + note}
 
     def worker_command(self, run: RunDir) -> list[str]:
         """`python -m trainer RUN`, or accelerate's launcher for a run that asks for several processes."""
