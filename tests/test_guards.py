@@ -88,3 +88,60 @@ def test_the_app_shows_a_full_disk_at_once_and_says_it_once(tmp_path, monkeypatc
     monkeypatch.setattr(RunDir, "write_status", write)
     jobs.tick()  # room again: the status is written
     assert run.status()["state"] == "failed" and "disk is full" in run.status()["message"]
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_against_the_running_app(tiny_models, tmp_path):
+    """The runs folder on a 24 MB tmpfs, filled up while a run trains: the app says so and serves on; with room
+    again, Resume finishes the run."""
+    import subprocess
+    import time
+
+    from gradio_client import Client, handle_file
+
+    from tests.test_browser import App
+    from tests.test_training import draw_dataset
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    app = App(disk / "runs", tmp_path).start()
+    try:
+        client = Client(app.url, verbose=False)
+        settings = {"resolution": 64, "num_repeats": 1, "max_train_epochs": 12, "network_dim": 4,
+                    "network_alpha": 2, "sample_every_n_epochs": 0, "save_every_n_epochs": 0,
+                    "save_every_n_steps": 2}
+        pictures = [handle_file(str(p)) for p in sorted(draw_dataset(tmp_path / "pictures", 6).iterdir())]
+        run = client.predict(images=pictures, preset="character", base=str(tiny_models["sd1"][1]),
+                             settings=settings, api_name="/create_run")
+
+        def status():
+            return client.predict(run_id=run["run_id"], api_name="/status")
+
+        wait = time.time() + 120
+        while status()["step"] < 3 and time.time() < wait:
+            time.sleep(0.2)
+        with open(disk / "filler", "wb") as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        wait = time.time() + 120
+        while status()["state"] == "running" and time.time() < wait:
+            time.sleep(0.5)
+        stopped = status()
+        assert stopped["state"] == "failed" and "disk is full" in stopped["message"], stopped
+        assert app.proc.poll() is None
+        (disk / "filler").unlink()
+        time.sleep(2)
+        client.predict(run_id=run["run_id"], api_name="/resume")
+        wait = time.time() + 240
+        while status()["state"] in ("queued", "running") and time.time() < wait:
+            time.sleep(0.5)
+        assert status()["state"] == "done" and status()["step"] == status()["total_steps"]
+    finally:
+        app.stop()
+        subprocess.run(["umount", "-l", str(disk)])

@@ -111,7 +111,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     """Train the run, holding its lock throughout: a second worker on the same run refuses (exit 4)."""
     from trainer import config
     from trainer.events import EventWriter
-    from trainer.guards import DiskFull
+    from trainer.guards import DiskFull, disk_full, full_message
     from trainer.rundir import RunDir, RunLocked
     from trainer.train import StopFlag, train
 
@@ -136,6 +136,9 @@ def run(run_dir: Path, overrides: list[str]) -> int:
         final = train(cfg, run_dir.path, stop)
     except Exception as e:
         logging.getLogger("trainer").error("training failed:\n%s", traceback.format_exc())
+        if not isinstance(e, DiskFull) and disk_full(e, run_dir.path):  # outside a save: the event log, a sample
+            e = DiskFull(full_message(Path(e.filename).name if getattr(e, "filename", None) else "a file",
+                                      run_dir.path))
         message = user_message(e)
         quietly(events.emit)("error", message=message)  # on a full disk these may fail too: the exit code tells
         record(state="failed", message=message, pid=None)
