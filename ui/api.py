@@ -13,6 +13,30 @@ from trainer import config
 from trainer.single_file import family_of
 from ui.jobs import JobManager
 
+# set by create_run's own arguments (preset, base, images, trigger) or by the preset: never through `settings`
+RESERVED = ("preset", "family", "description", "pretrained_model_name_or_path", "train_data_dir", "trigger_word")
+
+
+def checked_settings(settings) -> dict:
+    """The `settings` a script may give: a dict of training settings by kohya name, flat or by section."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise gr.Error(f"settings: expected a dict of kohya names, got {type(settings).__name__}")
+    keys = set(settings)
+    for section in keys & set(config.SECTIONS):
+        keys |= set(settings[section]) if isinstance(settings[section], dict) else set()
+    if bad := sorted(keys & set(RESERVED)):
+        raise gr.Error(f"settings: {', '.join(bad)} cannot be set here; use create_run's preset, base, images "
+                       "and trigger arguments")
+    return dict(settings)
+
+
+def checked_preset(preset) -> str:
+    if preset not in config.list_presets():
+        raise gr.Error(f"unknown preset {preset!r}; choose one of: {', '.join(config.list_presets())}")
+    return preset
+
 
 def register(jobs: JobManager) -> None:
     """Add the endpoints to the Blocks being built."""
@@ -21,6 +45,7 @@ def register(jobs: JobManager) -> None:
                    settings: dict | None = None, trigger: str = "") -> dict:
         """Make a run from pictures (with .txt captions alongside, optional), a preset, a base model and
         settings by kohya name ({"network_dim": 8, ...}); it is queued at once. Returns its status."""
+        preset, settings = checked_preset(preset), checked_settings(settings)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             result = dataset_folder.add_files([Path(f["path"] if isinstance(f, dict) else f.path) for f in images],
@@ -30,16 +55,25 @@ def register(jobs: JobManager) -> None:
             if trigger:
                 dataset_folder.apply_trigger(folder, trigger)
             try:
-                layer = dict(settings or {}) | {"pretrained_model_name_or_path": base, "trigger_word": trigger,
-                                                "train_data_dir": str(folder)}
+                layer = settings | {"pretrained_model_name_or_path": base, "trigger_word": trigger,
+                                    "train_data_dir": str(folder)}
                 cfg = config.build(preset, family_of(base), layer)
             except config.ConfigError as e:
                 raise gr.Error(str(e)) from None
             return status(jobs.create(cfg, folder).run_id)
 
+    def run_of(run_id) -> str:
+        """`run_id` if it names a run in the runs folder; else the error a script sees."""
+        try:
+            if (jobs.run_dir(run_id).path / "config.toml").is_file():
+                return run_id
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        raise gr.Error(f"no run {run_id!r}; /list_runs gives the run ids")
+
     def status(run_id: str) -> dict:
         """State (queued, running, done, failed, cancelled, interrupted), message and the last step's numbers."""
-        info = jobs.info(run_id)
+        info = jobs.info(run_of(run_id))
         from trainer.events import read_all
 
         steps = [e for e in read_all(info.path) if e["type"] == "step"]
@@ -49,13 +83,13 @@ def register(jobs: JobManager) -> None:
 
     def cancel(run_id: str) -> dict:
         """Stop a run: it saves a resumable state and exits."""
-        jobs.cancel(run_id)
+        jobs.cancel(run_of(run_id))
         return status(run_id)
 
     def resume(run_id: str) -> dict:
         """Queue a cancelled, interrupted or failed run again; it continues from its last state."""
         try:
-            jobs.resume(run_id)
+            jobs.resume(run_of(run_id))
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return status(run_id)
@@ -66,7 +100,7 @@ def register(jobs: JobManager) -> None:
 
     def files(run_id: str) -> list[FileData]:
         """The run's .safetensors files (one per saved epoch and the final) and its config.toml."""
-        return [FileData(path=str(p)) for p in jobs.files(run_id) if p.is_file()]
+        return [FileData(path=str(p)) for p in jobs.files(run_of(run_id)) if p.is_file()]
 
     for fn in (create_run, status, cancel, resume, list_runs, files):
         gr.api(fn, api_name=fn.__name__)
