@@ -45,5 +45,9 @@ def test_a_script_drives_one_run_end_to_end(tiny_models, tmp_path):
             assert f.metadata()["ss_num_train_images"] == "6"
         with pytest.raises(Exception, match="only a cancelled, interrupted or failed run can resume"):
             client.predict(run_id=run["run_id"], api_name="/resume")
+        with pytest.raises(Exception, match="must be a plain name"):
+            client.predict(run_id="../" + run["run_id"], api_name="/status")
+        assert sorted(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+            "/cancel", "/create_run", "/files", "/list_runs", "/resume", "/status"]
     finally:
         app.stop()

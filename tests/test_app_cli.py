@@ -1,5 +1,6 @@
 """app.py: serves on 127.0.0.1, and refuses to listen beyond it or share without a password."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def test_serves_a_page_on_localhost(tmp_path):
 
 def test_refuses_to_expose_without_auth():
     for args in (["--host", "0.0.0.0"], ["--share"]):
-        r = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        env = {k: v for k, v in os.environ.items() if k != "LORA_STUDIO_AUTH"}  # a password from there would do
+        r = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env=env)
         assert r.returncode != 0
         assert "without --auth" in r.stderr
 

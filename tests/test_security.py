@@ -194,6 +194,13 @@ def test_host_refusal(header, allowed):
     assert (security.host_refusal(header, hosts) is None) == allowed
 
 
+def test_listening_everywhere_allows_this_machines_names_and_still_no_other(monkeypatch):
+    monkeypatch.setattr(security, "machine_names", lambda: {"Studio", "192.0.2.7"})  # no network in tests
+    hosts = security.allowed_hosts("0.0.0.0")
+    assert {"studio", "192.0.2.7"} <= hosts and security.host_refusal("evil.example", hosts)
+    assert security.host_of("studio.lan") in security.allowed_hosts("studio.lan")
+
+
 def test_origin_refusal():
     assert security.origin_refusal(None, "127.0.0.1:7860") is None
     assert security.origin_refusal("http://127.0.0.1:7860", "127.0.0.1:7860") is None

@@ -75,16 +75,27 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
     on every address (0.0.0.0), also this machine's name and the addresses it resolves to."""
     names = set(LOOPBACK) | {host_of(h) for h in extra if h.strip()}
     if host in WILDCARDS:
-        machine = {socket.gethostname(), socket.getfqdn()}
-        for name in list(machine):
-            try:
-                machine |= {info[4][0] for info in socket.getaddrinfo(name, None)}
-            except OSError:
-                pass
-        names |= {host_of(n) for n in machine}
+        names |= {host_of(n) for n in machine_names()}
     else:
         names.add(host_of(host))
     return frozenset(names)
+
+
+def machine_names() -> set[str]:
+    """This machine's names, the addresses they resolve to and the address it reaches other networks from."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    for name in list(names):
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 9))  # UDP: picks the outgoing interface, sends nothing
+            names.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return names
 
 
 def host_refusal(host_header: str | None, hosts: frozenset[str], suffixes: tuple[str, ...] = ()) -> str | None:
