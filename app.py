@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = read_auth(args)
     check_exposure(args, auth)
-    from ui import security
     from ui.app import build_app
 
     demo = build_app(runs_dir=args.runs_dir, models_dir=args.models_dir)
-    security.close_api(demo)
     runs = args.runs_dir.resolve()
     print(f"LoRA Studio: open http://{'127.0.0.1' if args.host in LOCAL_HOSTS else args.host}:{args.port}", flush=True)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

@@ -261,3 +261,17 @@ def test_the_tab_lays_out_every_control_with_its_elem_id(tmp_path):
             "dataset-save-caption", "dataset-check", "dataset-health", "dataset-tag-table", "dataset-tag-from",
             "dataset-tag-to", "dataset-tag-apply", "dataset-bulk-apply", "dataset-crop-preview"} <= ids
     assert parts.gallery.elem_id == "dataset-gallery" and parts.crop.elem_id == "dataset-crop-preview"
+
+
+def test_a_caption_is_saved_only_beside_a_picture_of_the_dataset(dataset, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in (str(victim / "x.png"), "../victim/x.png", "..", "p9.png", "sub/../../victim/x.png"):
+        message = tab.on_save(dataset, name, "planted")[1]
+        assert message.startswith("⚠"), (name, message)
+    assert not list(victim.iterdir()) and not list(Path(dataset).parent.glob("*.txt"))
+    kohya = Path(dataset) / "10_a b"
+    kohya.mkdir()
+    Image.new("RGB", (8, 8)).save(kohya / "k.png")
+    assert tab.on_save(dataset, "10_a b/k.png", "k cap")[1] == "Saved the caption of 10_a b/k.png."
+    assert (kohya / "k.txt").read_text().strip() == "k cap"

@@ -92,9 +92,11 @@ def test_only_the_documented_routes_answer_a_call_by_name(app):
 def test_close_api_leaves_only_ours_public(tmp_path):
     from ui.app import build_app
 
-    demo = build_app(tmp_path / "runs", tmp_path / "models")
-    closed = security.close_api(demo)
-    assert "on_save" in closed
+    demo = build_app(tmp_path / "runs", tmp_path / "models")  # build_app closes it
+    on_save = next(fn for fn in demo.fns.values() if fn.api_name == "on_save")
+    assert on_save.api_visibility == "private"
+    on_save.api_visibility = "public"
+    assert security.close_api(demo) == ["on_save"]
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public")
     assert public == sorted(security.API_ROUTES)
     assert {d["api_name"] for d in demo.config["dependencies"] if d["api_visibility"] == "public"} == set(public)

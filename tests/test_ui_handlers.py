@@ -47,7 +47,7 @@ def test_every_view_sees_the_whole_history(jobs):
     run = finished_run(jobs)
     first = monitor_tab.refresh(jobs, "r", None)
     second = monitor_tab.refresh(jobs, "r", None)  # another tab, a reload, or the run reopened from Runs
-    for title, progress, plot, gallery, files, log, view in (first, second):
+    for title, progress, plot, gallery, files, log, best, view in (first, second):
         assert "done" in title and "Step 3 / 6" in progress
         assert isinstance(plot, pd.DataFrame) and sorted(plot[plot.curve == "raw"].step) == [1, 2, 3]
         assert [c for _, c in gallery["value"]] == ["step 3 · a", "step 3 · b"] and gallery["columns"] == 2
@@ -59,13 +59,51 @@ def test_only_what_changed_is_sent_again(jobs):
     run = finished_run(jobs, steps=2)
     *_, view = monitor_tab.refresh(jobs, "r", None)
     again = monitor_tab.refresh(jobs, "r", view)
-    assert again[:6] == [UNCHANGED] * 6  # nothing new: nothing sent
+    assert again[:7] == [UNCHANGED] * 7  # nothing new: nothing sent
     with open(run.events, "a") as f:
         f.write(json.dumps(step(3)) + "\n")
-    title, progress, plot, gallery, files, log, view = monitor_tab.refresh(jobs, "r", view)
+    title, progress, plot, gallery, files, log, best, view = monitor_tab.refresh(jobs, "r", view)
     assert list(plot[plot.curve == "raw"].step) == [1, 2, 3] and "Step 3 / 6" in progress
     assert gallery == files == title == UNCHANGED
-    assert monitor_tab.refresh(jobs, "r", view)[:6] == [UNCHANGED] * 6
+    assert monitor_tab.refresh(jobs, "r", view)[:7] == [UNCHANGED] * 7
+
+
+def scored_run(jobs, name="scored"):
+    """A finished run with held-out losses: epoch 2's file is the best, the final one is not."""
+    run = finished_run(jobs, name, steps=6)
+    events = [{"type": "status", "time": 0, "phase": "held-out", "message": "Held-out loss on 1 of 6 pictures"}]
+    for step, loss in ((0, 0.5), (2, 0.3), (4, 0.0812), (6, 0.2)):
+        events.append({"type": "validation", "time": step, "step": step, "epoch": step // 2, "loss": loss,
+                       "images": 1})
+    for step, path in ((2, "output/lora-000001.safetensors"), (4, "output/lora-000002.safetensors"),
+                       (6, "output/lora.safetensors")):
+        (run.path / path).write_bytes(b"x")
+        events.append({"type": "checkpoint", "time": step, "step": step, "epoch": step // 2, "path": path})
+    with open(run.events, "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_the_held_out_curve_and_the_best_file_show(jobs):
+    run = scored_run(jobs)
+    title, progress, plot, gallery, files, log, best, view = monitor_tab.refresh(jobs, "scored", None)
+    held = plot[plot.curve == "held-out"]
+    assert list(held.step) == [0, 2, 4, 6] and list(held.loss) == [0.5, 0.3, 0.0812, 0.2]
+    line = "**Best:** lora-000002.safetensors — held-out loss 0.0812 at step 4, epoch 2"
+    assert best == line
+    assert files[0] == str(run.output / "lora-000002.safetensors") and len(files) == 4
+    runs_files, runs_best = runs_tab.choose(jobs, "scored")
+    assert runs_best == line and runs_files == files
+    assert runs_tab.files_of(jobs, "scored") == files
+
+
+def test_held_out_off_is_said_in_the_monitor(jobs):
+    run = finished_run(jobs, "small")
+    note = "Held-out loss off: 2 picture(s) are too few to hold 1 out and train on at least 2"
+    with open(run.events, "a") as f:
+        f.write(json.dumps({"type": "status", "time": 11, "phase": "held-out", "message": note}) + "\n")
+    assert monitor_tab.refresh(jobs, "small", None)[6] == f"_{note}_"
+    assert runs_tab.choose(jobs, "small")[1] == f"_{note}_"
 
 
 def test_a_long_run_is_downsampled_for_the_plot():
@@ -76,8 +114,11 @@ def test_a_long_run_is_downsampled_for_the_plot():
 
 
 def test_no_run_or_a_deleted_run(jobs):
-    assert monitor_tab.refresh(jobs, "", None)[:6] == [UNCHANGED] * 6
+    assert monitor_tab.refresh(jobs, "", None)[:7] == [UNCHANGED] * 7
     assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN
+    for planted in ("/etc", "../runs", ".datasets"):  # the run id comes from the browser's storage
+        assert monitor_tab.refresh(jobs, planted, None)[0] == monitor_tab.NO_RUN
+        assert monitor_tab.cancel(jobs, planted).startswith("⚠")
 
 
 def test_runs_table_files_and_delete(jobs):

@@ -107,6 +107,9 @@ class DataConfig:
     cache_latents_to_disk: bool = opt(False, "keep the cached latents on disk for the next run")
     cache_text_encoder_outputs: bool = opt(True, "encode captions once when the text encoder is frozen")
     trigger_word: str = opt("", "word that calls up the concept; kept first in every caption")
+    validation_split: float = opt(0.0, "fraction of the pictures held out (at least one, chosen by the seed, never "
+                                       "trained on) to measure the held-out loss; 0 = none", (0.0, 0.5))
+    validation_dir: str = opt("", "folder of held-out pictures (read like train_data_dir) instead of a split")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class TrainingConfig:
     save_every_n_epochs: int = opt(1, "write a .safetensors every N epochs; 0 = only the final", (0, 10000))
     save_every_n_steps: int = opt(0, "write a resumable state every N steps; 0 = at the end and on cancel",
                                   (0, 1_000_000))
+    validation_every_n_steps: int = opt(0, "held-out loss every N steps; 0 = only at every saved file",
+                                        (0, 1_000_000))
     output_name: str = opt("lora", "file name of the LoRA (letters, digits, - _ . and spaces)")
     save_precision: str = opt("fp16", "precision of the saved file", choices=("fp16", "bf16", "float"))
 
@@ -263,6 +268,7 @@ def validate(cfg: TrainConfig) -> None:
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
     _check_text(cfg)
+    _check_validation(cfg)
     if not re.fullmatch(r"[\w\-. ]+", t.output_name) or len(t.output_name) > MAX_NAME:
         raise ConfigError("training.output_name", f"training.output_name = {t.output_name[:40]!r}: use at most "
                                                   f"{MAX_NAME} letters, digits, - _ . and spaces")
@@ -274,6 +280,19 @@ def validate(cfg: TrainConfig) -> None:
                                                 "multiple of 64 (or 0 = resolution)")
     if cfg.family not in FAMILIES:
         raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+    if cfg.preset and cfg.preset not in list_presets():  # it names the run folder: a name, never a path
+        raise ConfigError("preset", f"preset = {cfg.preset!r}: choose one of {', '.join(list_presets())}")
+
+
+def _check_validation(cfg: TrainConfig) -> None:
+    d = cfg.data
+    if d.validation_split and d.validation_dir:
+        raise ConfigError("data.validation_dir", "data.validation_dir and data.validation_split are both set: hold "
+                                                 "out a folder or a fraction, not both (set the other to its default)")
+    if cfg.training.validation_every_n_steps and not (d.validation_split or d.validation_dir):
+        raise ConfigError("training.validation_every_n_steps",
+                          f"training.validation_every_n_steps = {cfg.training.validation_every_n_steps}: there are no "
+                          "held-out pictures; set data.validation_split (e.g. 0.1) or data.validation_dir")
 
 
 def _check_text(cfg: TrainConfig) -> None:
@@ -383,9 +402,9 @@ def list_presets() -> list[str]:
 
 
 def preset_dict(name: str, family: str) -> dict:
-    path = PRESETS_DIR / f"{name}.toml"
-    if not path.is_file():
+    if name not in list_presets():  # a name, never a path: "../x" or an absolute file is not a preset
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    path = PRESETS_DIR / f"{name}.toml"
     if family not in FAMILIES:
         raise ConfigError("family", f"family = {family!r}: choose one of {', '.join(FAMILIES)}")
     data = tomllib.loads(path.read_text(encoding="utf-8"))

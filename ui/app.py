@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import api, dataset_tab, monitor_tab, runs_tab, train_tab
+from ui import api, dataset_tab, monitor_tab, runs_tab, security, train_tab
 from ui.jobs import JobManager
 
 CSS = """
@@ -53,6 +53,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
         bind_runs(jobs, runs, timer, tabs, current_run, view)
         api.register(jobs)
     demo.css = CSS
+    security.close_api(demo)  # a client reaches the six documented routes; the page's own handlers stay private
     return demo
 
 
@@ -81,7 +82,7 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
         return rows, gr.update(choices=ids)
 
     timer.tick(refresh_table, None, [runs.table, runs.chosen])
-    runs.chosen.change(partial(runs_tab.files_of, jobs), runs.chosen, runs.files)
+    runs.chosen.change(partial(runs_tab.choose, jobs), runs.chosen, [runs.files, runs.best])
     runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
                     runs.chosen, [current_run, view, tabs])
     runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run], [runs.status, current_run])

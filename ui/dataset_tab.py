@@ -18,6 +18,7 @@ import gradio as gr
 from datasets_tools import dataset_folder as folder_ops
 from datasets_tools.caption import ALL_CAPTIONED, to_caption
 from trainer.config import bucket_limits
+from ui import security
 from ui.captioning import CaptionJob
 
 DEMO_DATASET = Path(__file__).resolve().parent.parent / "demo" / "dataset"
@@ -97,7 +98,15 @@ def on_clear():
 def on_save(folder: str, name: str, text: str):
     if not folder or not name:
         return refresh(folder, "Select a picture first.")
-    folder_ops.set_caption(Path(folder) / name, text)
+    try:  # the name comes from the page: a picture right in the folder (or a kohya sub-folder), never a path
+        parent, _, base = name.rpartition("/")
+        place = security.inside(Path(folder), parent, "folder") if parent else Path(folder)
+        picture = security.inside(place, base, "picture")
+    except ValueError as e:
+        return refresh(folder, f"⚠ {e}")
+    if not picture.is_file():
+        return refresh(folder, f"⚠ no picture {name!r} in this dataset")
+    folder_ops.set_caption(picture, text)
     return refresh(folder, f"Saved the caption of {name}.")
 
 

@@ -27,9 +27,10 @@ class MonitorTab:
     resume: gr.Button
     files: gr.File
     log: gr.Textbox
+    best: gr.Markdown
 
     def outputs(self) -> list:
-        return [self.title, self.progress, self.loss_plot, self.samples, self.files, self.log]
+        return [self.title, self.progress, self.loss_plot, self.samples, self.files, self.log, self.best]
 
 
 def build() -> MonitorTab:
@@ -41,16 +42,17 @@ def build() -> MonitorTab:
     with gr.Row():
         cancel = gr.Button("Cancel", variant="stop", elem_id="monitor-cancel")
         resume = gr.Button("Resume", elem_id="monitor-resume")
-    files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="monitor-files")
+    best = gr.Markdown(elem_id="monitor-best")
+    files = gr.File(label="Files (the best first)", file_count="multiple", interactive=False, elem_id="monitor-files")
     log = gr.Textbox(label="Worker log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="monitor-log")
-    return MonitorTab(title, progress, loss_plot, samples, cancel, resume, files, log)
+    return MonitorTab(title, progress, loss_plot, samples, cancel, resume, files, log, best)
 
 
 def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
-    """[title, progress, plot, gallery, files, log, view]: gr.update() (nothing sent) where nothing changed."""
+    """[title, progress, plot, gallery, files, log, best, view]: gr.update() (nothing sent) where nothing changed."""
     same = gr.update()
-    if not run_id or not (jobs.runs_dir / run_id / "config.toml").is_file():
-        return [NO_RUN if run_id else same, same, same, same, same, same, None]
+    if not run_id or not known_run(jobs, run_id):
+        return [NO_RUN if run_id else same, same, same, same, same, same, same, None]
     if view is None or view.run_id != run_id:
         view = RunView.of(jobs.run_dir(run_id))  # a new view reads the whole history
     view.read()
@@ -59,15 +61,24 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
     if view.reader.skipped:
         title += f"\n\n⚠ {view.reader.skipped} line(s) of events.jsonl could not be read and were skipped"
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
-    files = [str(p) for p in jobs.files(run_id) if p.is_file()]
+    files = [str(p) for p in view.best_first(jobs.files(run_id), info.path) if p.is_file()]
     log = jobs.log_tail(run_id)
     return [title if view.changed("title", title) else same,
             progress if view.changed("progress", progress := view.progress_text()) else same,
-            plot_rows(view) if view.steps and view.changed("plot", len(view.steps)) else same,
+            plot_rows(view) if view.steps and view.changed("plot", (len(view.steps), len(view.held_out))) else same,
             gr.update(value=gallery, columns=view.prompts_per_step()) if view.changed("gallery", gallery) else same,
             files if view.changed("files", files) else same,
             log if view.changed("log", log) else same,
+            best if view.changed("best", best := view.best_text()) else same,
             view]
+
+
+def known_run(jobs: JobManager, run_id: str) -> bool:
+    """A run of this runs folder (the id comes from the browser's storage: never trusted as a path)."""
+    try:
+        return jobs.run_dir(run_id).config.is_file()
+    except ValueError:
+        return False
 
 
 def plot_rows(view: RunView) -> pd.DataFrame:
@@ -76,7 +87,10 @@ def plot_rows(view: RunView) -> pd.DataFrame:
 
 
 def cancel(jobs: JobManager, run_id: str) -> str:
-    return jobs.cancel(run_id).summary() if run_id else "No run selected."
+    try:
+        return jobs.cancel(run_id).summary() if run_id else "No run selected."
+    except ValueError as e:
+        return f"⚠ {e}"
 
 
 def resume(jobs: JobManager, run_id: str) -> str:
