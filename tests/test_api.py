@@ -1,5 +1,6 @@
 """The jobs through the Gradio API with gradio_client, against the app on 127.0.0.1."""
 
+import json
 import time
 
 import pytest
@@ -28,6 +29,7 @@ def test_a_script_drives_one_run_end_to_end(tiny_models, tmp_path):
                              base=str(tiny_models["sd1"][1]), settings=settings, trigger="zxq",
                              api_name="/create_run")
         assert run["state"] in ("queued", "running")
+        assert run["added"] == 6 and run["skipped"] == []  # every caption found its picture (one folder per upload)
         deadline = time.time() + 240
         while time.time() < deadline:
             status = client.predict(run_id=run["run_id"], api_name="/status")
@@ -43,6 +45,8 @@ def test_a_script_drives_one_run_end_to_end(tiny_models, tmp_path):
         with safe_open(final, "pt") as f:
             assert f.metadata()["modelspec.trigger_phrase"] == "zxq"
             assert f.metadata()["ss_num_train_images"] == "6"
+            tags = json.loads(f.metadata()["ss_tag_frequency"])
+            assert list(tags.values())[0]["red circle"] == 6  # the captions came with their pictures
         with pytest.raises(Exception, match="only a cancelled, interrupted or failed run can resume"):
             client.predict(run_id=run["run_id"], api_name="/resume")
         with pytest.raises(Exception, match="must be a plain name"):

@@ -44,7 +44,8 @@ def register(jobs: JobManager) -> None:
     def create_run(images: list[FileData], preset: str = "character", base: str = "demo",
                    settings: dict | None = None, trigger: str = "") -> dict:
         """Make a run from pictures (with .txt captions alongside, optional), a preset, a base model and
-        settings by kohya name ({"network_dim": 8, ...}); it is queued at once. Returns its status."""
+        settings by kohya name ({"network_dim": 8, ...}); it is queued at once. Returns its status, with how many
+        pictures were added and which files were skipped (name, reason) or cut (notes)."""
         preset, settings = checked_preset(preset), checked_settings(settings)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -60,7 +61,9 @@ def register(jobs: JobManager) -> None:
                 cfg = config.build(preset, family_of(base), layer)
             except config.ConfigError as e:
                 raise gr.Error(str(e)) from None
-            return status(jobs.create(cfg, folder).run_id)
+            imported = {"added": len(result.added), "skipped": [list(s) for s in result.skipped],
+                        "notes": [list(n) for n in result.notes]}
+            return status(jobs.create(cfg, folder).run_id) | imported
 
     def run_of(run_id) -> str:
         """`run_id` if it names a run in the runs folder; else the error a script sees."""
