@@ -13,13 +13,14 @@ from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 TYPES = {
-    "status": ("phase", "message"),  # phase: loading, caching, training, sampling, saving, cancelling
+    "status": ("phase", "message"),  # phase: loading, caching, training, sampling, saving, cancelling, held-out
     "step": ("step", "total_steps", "epoch", "loss", "lr"),  # + samples_per_s, eta_s
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "epoch", "path"),  # path: a .safetensors in output/ or a state/ folder
     "done": ("path",),
     "error": ("message",),
     "cancelled": ("step",),
+    "validation": ("step", "epoch", "loss"),  # the held-out loss (trainer/validation.py); + images
 }
 
 
@@ -53,7 +54,8 @@ def is_event(value) -> bool:
     if not (isinstance(value, dict) and value.get("type") in TYPES and "time" in value
             and all(k in value for k in TYPES[value["type"]])):
         return False
-    numbers = {"step": ("step", "total_steps", "epoch", "loss"), "sample": ("step",)}.get(value["type"], ())
+    numbers = {"step": ("step", "total_steps", "epoch", "loss"), "sample": ("step",),
+               "validation": ("step", "epoch", "loss")}.get(value["type"], ())
     return all(isinstance(value[k], (int, float)) and not isinstance(value[k], bool) for k in numbers)
 
 

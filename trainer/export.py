@@ -34,8 +34,9 @@ def to_kohya(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_images: int, epoch: int, step: int,
              tag_frequency: dict[str, int], bucket_info: dict, started_at: float, resolution: int,
-             mixed_precision: str) -> dict[str, str]:
-    """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands."""
+             mixed_precision: str, held_out: tuple[float, int, int] | None = None) -> dict[str, str]:
+    """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands; with `held_out`
+    (loss, step, pictures) also `ss_validation_loss`, `ss_validation_step` and `ss_validation_images`."""
     n, o, t = cfg.network, cfg.optimizer, cfg.training
     v2 = arch == "sd2"
     spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
@@ -83,6 +84,10 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": cfg.data.trigger_word,
     }
+    if held_out is not None:
+        loss, held_step, pictures = held_out
+        fields |= {"ss_validation_loss": repr(loss), "ss_validation_step": str(held_step),
+                   "ss_validation_images": str(pictures)}
     return fields
 
 

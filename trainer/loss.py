@@ -32,10 +32,7 @@ class DenoisingLoss:
             noise = noise + self.noise_offset * offset.to(latents.device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = self.per_sample(unet, latents, noise, timesteps, hidden, added_cond)
         if self.min_snr_gamma:
             snr = compute_snr(self.scheduler, timesteps)
             weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
@@ -43,6 +40,13 @@ class DenoisingLoss:
         loss = loss.mean()
         self.check(loss)
         return loss
+
+    def per_sample(self, unet, latents, noise, timesteps, hidden, added_cond=None) -> torch.Tensor:
+        """The unweighted MSE of each sample's prediction at the given noise and timesteps."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def check(self, loss: torch.Tensor) -> None:
         # one device sync per step: the loss is logged anyway

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from trainer import checkpoint, data, text
+from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
 from trainer.events import EventWriter
 from trainer.loading import BaseModel, load_base
@@ -42,6 +42,7 @@ class Schedule:
     sample_epochs: int
     state_steps: int  # resumable state in state/
     file_epochs: int  # a LoRA file in output/
+    validate_steps: int = 0  # the held-out loss (also at every saved file, when there are held-out pictures)
 
     def sample_at_start(self) -> bool:
         return bool(self.sample_steps or self.sample_epochs)
@@ -57,6 +58,9 @@ class Schedule:
 
     def should_save_file(self, epoch: int) -> bool:
         return every(self.file_epochs, epoch) and epoch < self.epochs  # the last epoch's file is the final one
+
+    def should_validate(self, step: int) -> bool:
+        return every(self.validate_steps, step)
 
     def finished(self, step: int) -> bool:
         return step >= self.total_steps
@@ -90,6 +94,7 @@ class Run:
     progress: Progress
     prompts: list[str]  # sample prompts, trigger word filled in
     samples_per_batch: int  # over all processes
+    held_out: validation.HeldOut | None = None  # None: no held-out loss
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -108,11 +113,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
                       cpu=not torch.cuda.is_available())
     events = EventWriter(run_dir, enabled=acc.is_main_process)
     base, components, train_te = load_model(cfg, acc, events)
-    items = load_items(cfg, events)
+    items, held_items = load_items(cfg, events)
     d = cfg.data
     latents_of = cache_latents(items, base.vae, acc, d, run_dir, events) if d.cache_latents else None
-    encode = caption_encoder(base, cfg, items, acc, train_te, events)
-    schedule = make_schedule(cfg, items, acc)
+    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events)
+    held_out = prepare_held_out(held_items, base, acc) if held_items else None
+    schedule = make_schedule(cfg, items, acc, held_out is not None)
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
@@ -124,7 +130,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
                net=net, params=params, optimizer=optimizer, lr_schedule=lr_schedule,
                clip=gradient_clipping(acc, cfg.optimizer.max_grad_norm), loss_fn=loss_fn, schedule=schedule,
                progress=progress, prompts=[p.replace("{trigger}", d.trigger_word) for p in cfg.sample.sample_prompts],
-               samples_per_batch=cfg.training.train_batch_size * acc.num_processes)
+               samples_per_batch=cfg.training.train_batch_size * acc.num_processes, held_out=held_out)
 
 
 def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
@@ -154,20 +160,38 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     return base, components, train_te
 
 
-def load_items(cfg, events) -> list:
+def load_items(cfg, events) -> tuple[list, list]:
+    """(the items to train on, the held-out items: none when the config asks for none or the dataset is too small)."""
     from trainer.config import bucket_limits, resolve_repeats
 
     d = cfg.data
-    found = data.scan(Path(d.train_data_dir), d.caption_extension)
+    choice = validation.choose(data.scan(Path(d.train_data_dir), d.caption_extension), d.validation_split,
+                               d.validation_dir, cfg.training.seed, d.caption_extension)
+    if choice.note:
+        events.status("held-out", choice.note)
     low, high = bucket_limits(d.resolution, d.min_bucket_reso, d.max_bucket_reso)
-    items, skipped = data.build_items(found, d.resolution, low, high, d.bucket_no_upscale,
-                                      resolve_repeats(cfg, len(found)), d.enable_bucket)
+    items, skipped = data.build_items(choice.train, d.resolution, low, high, d.bucket_no_upscale,
+                                      resolve_repeats(cfg, len(choice.train)), d.enable_bucket)
+    held = []
+    if choice.held_out:
+        try:
+            held, unread = data.build_items(choice.held_out, d.resolution, low, high, d.bucket_no_upscale, 1,
+                                            d.enable_bucket)
+            skipped += unread
+        except data.DatasetError as e:
+            events.status("held-out", f"Held-out loss off: {e}")
     for message in skipped:
         events.status("loading", f"Skipped an unreadable image: {message}")
-    return items
+    return items, held
 
 
-def make_schedule(cfg, items, acc) -> Schedule:
+def prepare_held_out(items, base, acc) -> validation.HeldOut:
+    latents = [encode_image(item, False, base.vae, acc.device, None) for item in items]
+    return validation.prepare(items, latents, sdxl_time_ids(items) if base.arch == "sdxl" else None,
+                              base.pipeline.scheduler.config.num_train_timesteps, acc.device)
+
+
+def make_schedule(cfg, items, acc, held_out: bool = False) -> Schedule:
     t, s = cfg.training, cfg.sample
     batches_per_epoch = len(data.shard(data.epoch_batches(items, t.train_batch_size, t.seed, 0),
                                        acc.process_index, acc.num_processes))
@@ -178,7 +202,8 @@ def make_schedule(cfg, items, acc) -> Schedule:
     return Schedule(total_steps=total_steps, epochs=math.ceil(total_steps / steps_per_epoch),
                     steps_per_epoch=steps_per_epoch, accumulation=t.gradient_accumulation_steps,
                     sample_steps=s.sample_every_n_steps, sample_epochs=s.sample_every_n_epochs,
-                    state_steps=t.save_every_n_steps, file_epochs=t.save_every_n_epochs)
+                    state_steps=t.save_every_n_steps, file_epochs=t.save_every_n_epochs,
+                    validate_steps=t.validation_every_n_steps if held_out else 0)
 
 
 def make_network(n, base, components: dict, total_steps: int, events):

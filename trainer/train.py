@@ -44,8 +44,8 @@ def loop(run: Run, stop: StopFlag) -> bool:
     p, schedule, acc = run.progress, run.schedule, run.acc
     run.events.status("training", f"Training {schedule.total_steps} steps ({schedule.epochs} epochs of "
                                   f"{schedule.steps_per_epoch})")
-    if p.step == 0 and schedule.sample_at_start():
-        sample_all(run)  # the base model's pictures, to compare against
+    if p.step == 0:
+        baseline(run)
     meter = Meter()
     for epoch in range(p.epoch, schedule.epochs):
         batches = epoch_batches(run, epoch)
@@ -62,6 +62,8 @@ def loop(run: Run, stop: StopFlag) -> bool:
             log_step(run, epoch, meter)
             if schedule.should_sample(p.step):
                 sample_all(run)
+            if schedule.should_validate(p.step):
+                validate(run, epoch + 1)
             if schedule.should_save_state(p.step):
                 save_state(run, epoch)
             if stop.requested or schedule.finished(p.step):
@@ -74,6 +76,13 @@ def loop(run: Run, stop: StopFlag) -> bool:
         if schedule.finished(p.step):
             break
     return True
+
+
+def baseline(run: Run) -> None:
+    """The base model's pictures and held-out loss, to compare against."""
+    if run.schedule.sample_at_start():
+        sample_all(run)
+    validate(run, run.progress.epoch)
 
 
 def epoch_batches(run: Run, epoch: int) -> list:
@@ -187,11 +196,13 @@ def save_file(run: Run, name: str, epoch: int) -> Path:
     cfg, net, items = run.cfg, run.net, run.items
     n, t = cfg.network, cfg.training
     check_finite(net, run.progress.step, cfg, run.run_dir)
+    held_out = validate(run, epoch)
     meta = export.metadata(cfg, arch=run.base.arch, prediction_type=run.base.prediction_type, net=net,
                            base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
                            epoch=epoch, step=run.progress.step, tag_frequency=data.tag_frequency(items),
                            bucket_info=bucket_info(items), started_at=run.started, resolution=cfg.data.resolution,
-                           mixed_precision=run.acc.mixed_precision)
+                           mixed_precision=run.acc.mixed_precision,
+                           held_out=None if held_out is None else (held_out, run.progress.step, len(run.held_out.paths)))
     if n.prune_rank or n.prune_energy or n.prune_drop:  # LoRA-drop / resize: SVD in full precision, then the save one
         tensors, meta, _ = resize.prune(export.to_kohya(net, torch.float32), meta, n.prune_rank or None,
                                         n.prune_energy or None, n.prune_drop, t.save_precision)
@@ -202,6 +213,17 @@ def save_file(run: Run, name: str, epoch: int) -> Path:
         export.save_atomic(tensors, meta, path)
     run.events.emit("checkpoint", step=run.progress.step, epoch=epoch, path=str(path.relative_to(run.run_dir)))
     return path
+
+
+def validate(run: Run, epoch: int) -> float | None:
+    """The held-out loss at this step, measured once a step by the main process and logged; None without one."""
+    held, step = run.held_out, run.progress.step
+    if held is None or not run.acc.is_main_process:
+        return None
+    if held.step != step:
+        held.step, held.value = step, held.measure(run)
+        run.events.emit("validation", step=step, epoch=epoch, loss=held.value, images=len(held.paths))
+    return held.value
 
 
 def sample_all(run: Run) -> None:

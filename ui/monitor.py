@@ -7,6 +7,7 @@ the whole history, then only what was appended since its own last read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.events import EventReader
 from trainer.rundir import RunDir
@@ -45,6 +46,9 @@ class RunView:
     losses: list[float] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    file_events: dict = field(default_factory=dict)  # path -> its checkpoint event (step, epoch)
+    held_out: dict = field(default_factory=dict)  # step -> its validation event (epoch, loss)
+    held_out_note: str = ""  # which pictures are held out, or why none are
     last_step: dict | None = None
     phase: str = ""
     message: str = ""
@@ -82,10 +86,14 @@ class RunView:
                 self.ended = ""
             elif kind == "status":
                 self.phase, self.message = e["phase"], e["message"]
+                self.held_out_note = e["message"] if e["phase"] == "held-out" else self.held_out_note
+            elif kind == "validation":
+                self.held_out[e["step"]] = e
             elif kind == "sample":
                 self.samples.append(e)
             elif kind == "checkpoint" and e["path"].endswith(".safetensors"):
                 self.files.append(e["path"])
+                self.file_events[e["path"]] = e
             elif kind == "done":
                 self.ended, self.message = "done", "Finished"
             elif kind == "cancelled":
@@ -100,7 +108,28 @@ class RunView:
         smoothed = smooth(self.losses)
         rows = [{"step": self.steps[i], "loss": self.losses[i], "curve": "raw"} for i in keep]
         rows += [{"step": self.steps[i], "loss": smoothed[i], "curve": "smoothed"} for i in keep]
+        held = sorted(self.held_out)
+        rows += [{"step": held[i], "loss": self.held_out[held[i]]["loss"], "curve": "held-out"}
+                 for i in downsample(len(held), limit)]
         return rows
+
+    def best_file(self) -> dict | None:
+        """{path, step, epoch, loss} of the saved file with the lowest held-out loss; None before there is one."""
+        scored = [{"path": path, "step": e["step"], "epoch": e["epoch"], "loss": self.held_out[e["step"]]["loss"]}
+                  for path, e in self.file_events.items() if e["step"] in self.held_out]
+        return min(scored, key=lambda f: (f["loss"], -f["step"]), default=None)
+
+    def best_text(self) -> str:
+        if best := self.best_file():
+            return (f"**Best:** {Path(best['path']).name} — held-out loss {best['loss']:.4f} at step {best['step']}, "
+                    f"epoch {best['epoch']}")
+        return f"_{self.held_out_note}_" if self.held_out_note else ""
+
+    def best_first(self, paths: list[Path], run_path: Path) -> list[Path]:
+        """The files to offer, the best one first."""
+        best = self.best_file()
+        top = [p for p in paths if best and p == run_path / best["path"]]
+        return top + [p for p in paths if p not in top]
 
     def progress_text(self) -> str:
         if self.last_step is None:

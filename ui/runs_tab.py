@@ -7,8 +7,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from trainer.events import read_all
 from ui import resize_tool
 from ui.jobs import JobManager
+from ui.monitor import RunView
 
 HEADERS = ["run", "state", "message"]
 
@@ -20,6 +22,7 @@ class RunsTab:
     open: gr.Button
     delete: gr.Button
     status: gr.Markdown
+    best: gr.Markdown
     files: gr.File
 
 
@@ -30,9 +33,11 @@ def build(resized_dir: Path) -> RunsTab:
         open_btn = gr.Button("Open in Monitor", elem_id="runs-open")
         delete_btn = gr.Button("Delete", variant="stop", elem_id="runs-delete")
     status = gr.Markdown(elem_id="runs-status")
-    files = gr.File(label="Files of the chosen run", file_count="multiple", interactive=False, elem_id="runs-files")
+    best = gr.Markdown(elem_id="runs-best")
+    files = gr.File(label="Files of the chosen run (the best first)", file_count="multiple", interactive=False,
+                    elem_id="runs-files")
     resize_tool.build(resized_dir)
-    return RunsTab(table, chosen, open_btn, delete_btn, status, files)
+    return RunsTab(table, chosen, open_btn, delete_btn, status, best, files)
 
 
 def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
@@ -42,7 +47,16 @@ def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
 
 
 def files_of(jobs: JobManager, run_id: str) -> list[str] | None:
-    return [str(p) for p in jobs.files(run_id) if p.is_file()] if run_id else None
+    return choose(jobs, run_id)[0]
+
+
+def choose(jobs: JobManager, run_id: str) -> tuple[list[str] | None, str]:
+    """(the chosen run's files, the one with the lowest held-out loss first; the line naming it, or the note)."""
+    if not run_id:
+        return None, ""
+    run = jobs.run_dir(run_id)
+    view = RunView(run_id=run_id).add(read_all(run.path))
+    return [str(p) for p in view.best_first(jobs.files(run_id), run.path) if p.is_file()], view.best_text()
 
 
 def delete(jobs: JobManager, run_id: str, current: str) -> tuple[str, str]:

@@ -164,6 +164,10 @@ class Network:
     def names(self) -> list[str]:
         return list(self.targets)
 
+    def torch_modules(self) -> list[nn.Module]:
+        """Every module the adapted forward runs through (to switch train / eval mode)."""
+        return list(self.components.values())
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.targets.values():

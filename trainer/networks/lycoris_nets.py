@@ -40,6 +40,9 @@ class _LyCORIS(Network):
             self.networks[component] = net
         return self._check_count(len(self.modules))
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        return super().torch_modules() + list(self.networks.values())  # LyCORIS holds its modules beside the model
+
     def parameters_of(self, component: str) -> list[torch.nn.Parameter]:
         net = self.networks.get(component)
         return [p for p in net.parameters() if p.requires_grad] if net else []

@@ -1,0 +1,105 @@
+"""Held-out loss: the denoising loss on pictures the run never trains on, at fixed timesteps and fixed noise.
+
+The pictures, timesteps and noise are the same at every measurement, and the loss is the plain MSE of the
+prediction (no min-SNR weighting, no noise offset), so the curve compares across steps, runs and methods that
+share the base and the held-out pictures. The noise comes from its own generators: measuring draws nothing from
+the training's random stream.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from trainer import data
+
+if TYPE_CHECKING:
+    from trainer.setup import Run
+
+TIMESTEPS = 4  # per picture: the centres of equal parts of the noise schedule
+NOISE_SEED = 1_000_003  # + the picture's index
+MIN_TRAIN = 2  # pictures a split must leave to train on
+
+
+@dataclass(frozen=True)
+class Choice:
+    train: list  # (image, caption, repeats) as data.scan returns them
+    held_out: list
+    note: str  # which pictures are held out, or why none are; "" when none were asked for
+
+
+def choose(found: list, fraction: float, folder: str, seed: int, caption_extension: str = ".txt") -> Choice:
+    """Split `found` by `fraction` (at least one picture, chosen by the seed), or hold out `folder`'s pictures."""
+    if folder:
+        try:
+            held = data.scan(Path(folder), caption_extension)
+        except data.DatasetError:
+            return Choice(found, [], f"Held-out loss off: validation_dir {folder} is not a folder")
+        if not held:
+            return Choice(found, [], f"Held-out loss off: validation_dir {folder} holds no pictures")
+        return Choice(found, held, f"Held-out loss on {len(held)} picture(s) of {folder}")
+    if not fraction:
+        return Choice(found, [], "")
+    k = max(1, round(fraction * len(found)))
+    if len(found) - k < MIN_TRAIN:
+        return Choice(found, [], f"Held-out loss off: {len(found)} picture(s) are too few to hold {k} out and train "
+                                 f"on at least {MIN_TRAIN}; add pictures or set validation_split = 0")
+    chosen = set(random.Random(f"{seed}/held-out").sample(range(len(found)), k))
+    held = [f for i, f in enumerate(found) if i in chosen]
+    names = ", ".join(path.name for path, _, _ in held)
+    return Choice([f for i, f in enumerate(found) if i not in chosen], held,
+                  f"Held-out loss on {k} of {len(found)} pictures, never trained on: {names}")
+
+
+@dataclass
+class HeldOut:
+    """The held-out pictures ready to score: latents, captions, SDXL size conditioning, fixed noise and timesteps."""
+
+    paths: list[Path]
+    latents: list[torch.Tensor]
+    captions: list[str]
+    time_ids: list[torch.Tensor] | None
+    noise: list[torch.Tensor]  # per picture [TIMESTEPS, C, H, W]
+    timesteps: torch.Tensor  # [TIMESTEPS]
+    step: int | None = None  # of the last measurement, whose value is kept
+    value: float = 0.0
+
+    def measure(self, run: Run) -> float:
+        """Mean loss over the pictures and timesteps with the adapter as it is: no grad, eval mode (restored)."""
+        modes = {m: m.training for root in run.net.torch_modules() for m in root.modules()}
+        for m in modes:
+            m.eval()
+        try:
+            with torch.no_grad(), run.acc.autocast():
+                losses = [self.picture_loss(run, j) for j in range(len(self.latents))]
+        finally:
+            for m, mode in modes.items():
+                m.train(mode)
+        return sum(losses) / len(losses)
+
+    def picture_loss(self, run: Run, j: int) -> float:
+        k = len(self.timesteps)
+        hidden, pooled = run.encode([self.captions[j]])
+        added = None
+        if self.time_ids is not None:
+            added = {"text_embeds": pooled.expand(k, -1),
+                     "time_ids": self.time_ids[j][None].expand(k, -1).to(hidden.device, hidden.dtype)}
+        latents = self.latents[j][None].expand(k, -1, -1, -1)
+        loss = run.loss_fn.per_sample(run.base.unet, latents, self.noise[j], self.timesteps, hidden.expand(k, -1, -1),
+                                      added)
+        return loss.mean().item()
+
+
+def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.Tensor:
+    return torch.tensor([(2 * i + 1) * num_train_timesteps // (2 * count) for i in range(count)])
+
+
+def prepare(items: list, latents: list[torch.Tensor], time_ids, num_train_timesteps: int, device) -> HeldOut:
+    noise = [torch.randn((TIMESTEPS, *z.shape), generator=torch.Generator().manual_seed(NOISE_SEED + j),
+                         dtype=z.dtype).to(device) for j, z in enumerate(latents)]
+    return HeldOut([item.path for item in items], latents, [item.caption for item in items], time_ids, noise,
+                   fixed_timesteps(num_train_timesteps).to(device))
