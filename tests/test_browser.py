@@ -367,3 +367,28 @@ def test_lora_methods_and_the_resize_tool_in_the_browser(app, page, tiny_models,
     with safe_open(str(resized), "pt") as f:
         assert json.loads(f.metadata()["ss_resize"])["energy"] == 0.5
     page.screenshot(path=str(SHOTS / "resize.png"), full_page=True)
+
+
+def test_the_held_out_curve_and_the_best_file_in_the_browser(app, page, tmp_path):
+    from trainer.events import read_all
+
+    set_up_run(page, app, sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png")))
+    fill(page, "validation-split", "0.25")  # 2 of 8 pictures held out
+    page.locator("#train-start").click()
+    queued(page)
+    page.get_by_text("— done").wait_for(timeout=240000)
+    run_dir = next((tmp_path / "runs").glob("2*"))
+    held = {e["step"]: e["loss"] for e in read_all(run_dir) if e["type"] == "validation"}
+    files = {e["step"]: e["path"] for e in read_all(run_dir) if e["type"] == "checkpoint"
+             and e["path"].endswith(".safetensors")}
+    best = min(files, key=lambda s: (held[s], -s))
+    name = Path(files[best]).name
+    page.locator("#monitor-loss svg").get_by_text("held-out").wait_for(timeout=30000)
+    page.locator("#monitor-best").get_by_text(f"Best: {name} — held-out loss {held[best]:.4f}").wait_for(
+        timeout=15000)
+    assert page.locator("#monitor-files a[download]").first.get_attribute("download") == name
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-choose input").click()
+    page.get_by_role("option", name=run_dir.name).click()
+    page.locator("#runs-best").get_by_text(f"Best: {name}").wait_for(timeout=15000)
+    assert page.locator("#runs-files a[download]").first.get_attribute("download") == name
