@@ -5,7 +5,8 @@
 - samples for the trigger prompt (16 seeds, euler, 20 steps, cfg 5) are judged by a detector written from the
   drawing rules (`demo.build_demo.judge`): the LoRA's show the concept on most seeds (9 or more), the base's on
   at most 2;
-- at strength 0 the adapter gives the base's numbers back exactly (loss and judged samples), so the test can fail.
+- at strength 0 the adapter gives the base's numbers back exactly (loss and judged samples), so the test can fail;
+- the run's own held-out loss (`validation_dir` = the same held-out pictures) falls from the base to the final file.
 """
 
 import json
@@ -18,6 +19,7 @@ from diffusers import DDPMScheduler
 from demo import build_demo as world
 from trainer import config, text
 from trainer.checkpoint import latest, load_adapter
+from trainer.events import read_all
 from trainer.loading import DEMO_MODEL, load_base
 from trainer.loss import DenoisingLoss
 from trainer.networks import create
@@ -47,10 +49,15 @@ def shows_concept(model) -> int:
 
 @torch.no_grad()
 def test_the_lora_learns_the_concept(tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, held_dir = tmp_path / "run", tmp_path / "held-out"
+    held_dir.mkdir()
+    for i, (im, caption) in enumerate(world.concept_pictures(seed=1, n=8)):
+        im.save(held_dir / f"held-{i}.png")
+        (held_dir / f"held-{i}.txt").write_text(caption)
     cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": "demo",
                                              "train_data_dir": str(world.DEMO / "dataset"),
-                                             "sample_every_n_epochs": 0, "save_every_n_epochs": 0})
+                                             "sample_every_n_epochs": 0, "save_every_n_epochs": 0,
+                                             "validation_dir": str(held_dir)})
     started = time.time()
     with torch.enable_grad():
         train(cfg, run_dir)
@@ -72,8 +79,11 @@ def test_the_lora_learns_the_concept(tmp_path):
               "lora_loss": round(lora_loss, 4), "loss_drop": round(1 - lora_loss / base_loss, 3),
               "base_hits": base_hits, "lora_hits": lora_hits, "strength0_loss": round(off_loss, 4),
               "strength0_hits": off_hits, "seeds": len(SEEDS)}
+    run_held = {e["step"]: e["loss"] for e in read_all(run_dir) if e["type"] == "validation"}
+    report |= {"run_held_out_base": round(run_held[0], 4), "run_held_out_final": round(run_held[max(run_held)], 4)}
     print(json.dumps(report))
     assert lora_loss <= 0.7 * base_loss, report
     assert lora_hits > len(SEEDS) // 2, report  # most seeds
     assert base_hits <= 2, report
     assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_hits == base_hits, report
+    assert sorted(run_held) == [0, max(run_held)] and run_held[max(run_held)] < run_held[0], report
