@@ -47,7 +47,7 @@ def fake_worker(tmp_path):
     script = tmp_path / "fake-python"
     script.write_text("#!/bin/sh\nrun=$(eval echo \\${$#})\n"
                       'echo "$CUDA_VISIBLE_DEVICES|$*" > "$run/launched"\n'
-                      'while [ ! -e "$run/finish" ]; do sleep 0.05; done\n')
+                      'while [ -d "$run" ] && [ ! -e "$run/finish" ]; do sleep 0.05; done\n')
     script.chmod(0o755)
     return str(script)
 
@@ -176,7 +176,7 @@ def test_cancel_never_signals_a_group_a_status_file_names_falsely(tmp_path):
 def test_a_second_cancel_waits_for_the_save_and_a_third_kills(tmp_path):
     script = tmp_path / "slow-saver"  # a worker whose save on SIGTERM takes a while
     script.write_text("#!/bin/bash\nrun=${@: -1}\ntrap 'echo TERM >> \"$run/signals\"' TERM\n"
-                      'touch "$run/launched"\nwhile true; do sleep 0.05; done\n')
+                      'touch "$run/launched"\nwhile [ -d "$run" ]; do sleep 0.05; done\n')
     script.chmod(0o755)
     jobs = JobManager(tmp_path / "runs", python=str(script), devices=[])
     run = queue(jobs, tmp_path, "r")
