@@ -14,6 +14,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.loss import TrainingError
+from trainer.rundir import free_bytes
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 DISK_FULL_WORDS = ("no space left", "storagefull", "disk quota", "os error 28", "unexpected pos")  # torch, safetensors
@@ -49,16 +50,6 @@ def disk_full(error: BaseException, where: Path) -> bool:
         return True
     text = str(error).lower()
     return any(w in text for w in DISK_FULL_WORDS) or free_bytes(where) < LOW_SPACE
-
-
-def free_bytes(where: Path) -> int:
-    path = Path(where)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
 
 
 @contextmanager

@@ -163,6 +163,17 @@ class WorkerLock:
         self.release()
 
 
+def free_bytes(where: Path) -> int:
+    """Free space on the disk holding `where` (or its nearest existing parent); 0 when it cannot be asked."""
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
 def describe(holder: dict | None) -> str:
     if not holder:
         return "another worker"

@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.events import read_all
-from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe
+from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
 from ui.security import inside
 
 EXIT_DISK_FULL = 5  # trainer/__main__.py's exit code for a full disk
 
 
 def free_mb(path: Path) -> float:
-    try:
-        return shutil.disk_usage(path).free / 2**20
-    except OSError:
-        return 0.0
+    return free_bytes(path) / 2**20
 
 ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["FINAL_STATES", "JobManager", "RunInfo", "detect_gpus"]
