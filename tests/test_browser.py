@@ -258,7 +258,7 @@ def test_cancel_stops_the_worker_and_resume_continues(app, page, tmp_path):
     pid = json.loads((run_dir / "status.json").read_text())["pid"]
     page.locator("#monitor-cancel").click()
     clicked = time.time()
-    page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+    page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=10000)
     assert time.time() - clicked < 10
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
     cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
@@ -268,7 +268,7 @@ def test_cancel_stops_the_worker_and_resume_continues(app, page, tmp_path):
         const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
         return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
     page.locator("#monitor-cancel").click()
-    page.locator("#monitor-title").get_by_text("cancelled").wait_for(timeout=10000)
+    page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=10000)
     resumed = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
     assert resumed == sorted(set(resumed)) and resumed[0] == 1  # continued, never restarted from 0
 

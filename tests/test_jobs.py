@@ -192,3 +192,20 @@ def test_a_second_cancel_waits_for_the_save_and_a_third_kills(tmp_path):
     assert proc.wait(timeout=10) == -9
     jobs.tick()
     assert jobs.info("r").state == "interrupted"
+
+
+def test_a_run_is_shown_ended_only_once_its_worker_has_exited(tmp_path):
+    """The worker writes "cancelled" before the interpreter winds down (seconds, with torch loaded): until the
+    process is gone the run still shows running, so "cancelled" in the UI means the GPU is free."""
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    run = queue(jobs, tmp_path, "a")
+    try:
+        jobs.tick()
+        wait_for(lambda: launched(run))
+        run.write_status(state="cancelled", message="stopped; resumable", pid=None)
+        shown = jobs.info("a")
+        assert (shown.state, shown.message) == ("running", "stopping: the worker is exiting")
+        finish(jobs, run)
+        assert jobs.info("a").state == "cancelled"
+    finally:
+        (run.path / "finish").touch()

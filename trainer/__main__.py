@@ -134,6 +134,10 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     try:
         cfg = config.load(run_dir.config, overrides)
         final = train(cfg, run_dir.path, stop)
+        if final is None:
+            record(state="cancelled", message="stopped; resumable", pid=None)
+            return EXIT_CANCELLED
+        record(state="done", message="", pid=None)
     except Exception as e:
         logging.getLogger("trainer").error("training failed:\n%s", traceback.format_exc())
         if not isinstance(e, DiskFull) and disk_full(e, run_dir.path):  # outside a save: the event log, a sample
@@ -147,10 +151,6 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     finally:
         if lock is not None:
             lock.release()
-    if final is None:
-        record(state="cancelled", message="stopped; resumable", pid=None)
-        return EXIT_CANCELLED
-    record(state="done", message="", pid=None)
     print(final)
     return 0
 

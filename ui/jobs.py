@@ -139,6 +139,9 @@ class JobManager:
         devices = [str(d) for d in s.get("devices")] if isinstance(s.get("devices"), list) else []
         if run_id in self._unsaved:
             state, message, pid = self._unsaved[run_id]["state"], self._unsaved[run_id]["message"], None
+        proc = self._procs.get(run_id)
+        if state in FINAL_STATES and proc is not None and proc.poll() is None:  # it wrote its end, not yet gone
+            state, message, pid = "running", "stopping: the worker is exiting", proc.pid
         return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
 
     def recover(self) -> None:
