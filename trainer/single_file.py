@@ -42,8 +42,9 @@ class Detected:
 Shapes = dict[str, tuple[int, ...]]
 
 
-def read_safetensors_shapes(path: Path) -> Shapes:
-    """Key -> shape from a .safetensors header, without reading any tensor."""
+def read_safetensors_header(path: Path) -> dict:
+    """A .safetensors file's JSON header (key -> dtype/shape/offsets, and `__metadata__`), without reading any
+    tensor; CheckpointError says what is wrong with the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -55,13 +56,29 @@ def read_safetensors_shapes(path: Path) -> Shapes:
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name}: not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: not a safetensors file (its header is not an object)")
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_end > path.stat().st_size:
         raise CheckpointError(
             f"{path.name}: the file is truncated ({path.stat().st_size} bytes, its header promises {8 + n + data_end}); "
             "download it again"
         )
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return header
+
+
+def read_safetensors_shapes(path: Path) -> Shapes:
+    """Key -> shape from a .safetensors header, without reading any tensor."""
+    return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's `__metadata__` (ss_*, modelspec.*), {} when it has none or cannot be read."""
+    try:
+        meta = read_safetensors_header(Path(path)).get("__metadata__")
+    except (CheckpointError, OSError, KeyError, TypeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def detect(shapes: Shapes, name: str = "checkpoint") -> str:
