@@ -5,4 +5,5 @@ cd "$(dirname "$0")"
 bash scripts/setup.sh --dev
 bash scripts/ensure_chromium.sh || echo "chromium is missing: the browser tests will fail (install Debian's chromium)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist) on CI's two cores; TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -52,6 +52,16 @@ def pytest_configure(config):
     socket.socket.connect_ex = _guarded(_connect_ex)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (test.sh runs two workers), the browser tests run one after another on one worker:
+    they wait on live training, and two at once on two cores would starve each other. The longest tests go
+    first, so no worker is left with one long test at the end."""
+    for item in items:
+        if item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.xdist_group("browser"))
+    items.sort(key=lambda item: not item.get_closest_marker("slow"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """arch -> (diffusers folder, single-file .safetensors) of a tiny random model, built once per session."""

@@ -5,7 +5,8 @@
 - samples for the trigger prompt (16 seeds, euler, 20 steps, cfg 5) are judged by a detector written from the
   drawing rules (`demo.build_demo.judge`): the LoRA's show the concept on most seeds (9 or more), the base's on
   at most 2;
-- at strength 0 the adapter gives the base's numbers back exactly (loss and judged samples), so the test can fail;
+- at strength 0 the adapter gives the base's numbers back exactly (its loss, and its samples pixel for pixel), so
+  the test can fail;
 - the run's own held-out loss (`validation_dir` = the same held-out pictures) falls from the base to the final file.
 """
 
@@ -41,10 +42,13 @@ def held_out_loss(model, pictures) -> float:
     return sum(values) / len(values)
 
 
+def sample(model, seed: int):
+    return generate(model, PROMPT, sampler="euler", steps=20, cfg_scale=5.0, seed=seed, width=64, height=64)
+
+
 def shows_concept(model) -> int:
     """On how many of the seeds the trigger prompt's sample is judged to show the concept."""
-    return sum(world.judge(generate(model, PROMPT, sampler="euler", steps=20, cfg_scale=5.0, seed=s, width=64,
-                                    height=64))["shape"] == world.CONCEPT for s in SEEDS)
+    return sum(world.judge(sample(model, s))["shape"] == world.CONCEPT for s in SEEDS)
 
 
 @torch.no_grad()
@@ -73,17 +77,18 @@ def test_the_lora_learns_the_concept(tmp_path):
     load_adapter(latest(run_dir), net)
     lora_loss, lora_hits = held_out_loss(tuned, held_out), shows_concept(tuned)
     net.set_multiplier(0.0)
-    off_loss, off_hits = held_out_loss(tuned, held_out), shows_concept(tuned)
+    off_loss = held_out_loss(tuned, held_out)
+    off_same = [sample(tuned, s).tobytes() == sample(base, s).tobytes() for s in SEEDS[:2]]
 
     report = {"concept": world.CONCEPT, "train_minutes": round(minutes, 2), "base_loss": round(base_loss, 4),
               "lora_loss": round(lora_loss, 4), "loss_drop": round(1 - lora_loss / base_loss, 3),
               "base_hits": base_hits, "lora_hits": lora_hits, "strength0_loss": round(off_loss, 4),
-              "strength0_hits": off_hits, "seeds": len(SEEDS)}
+              "strength0_same_samples": off_same, "seeds": len(SEEDS)}
     run_held = {e["step"]: e["loss"] for e in read_all(run_dir) if e["type"] == "validation"}
     report |= {"run_held_out_base": round(run_held[0], 4), "run_held_out_final": round(run_held[max(run_held)], 4)}
     print(json.dumps(report))
     assert lora_loss <= 0.7 * base_loss, report
     assert lora_hits > len(SEEDS) // 2, report  # most seeds
     assert base_hits <= 2, report
-    assert off_loss == pytest.approx(base_loss, rel=1e-5) and off_hits == base_hits, report
+    assert off_loss == pytest.approx(base_loss, rel=1e-5) and all(off_same), report
     assert sorted(run_held) == [0, max(run_held)] and run_held[max(run_held)] < run_held[0], report

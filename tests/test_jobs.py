@@ -209,3 +209,15 @@ def test_a_run_is_shown_ended_only_once_its_worker_has_exited(tmp_path):
         assert jobs.info("a").state == "cancelled"
     finally:
         (run.path / "finish").touch()
+
+
+def test_a_run_of_an_earlier_app_is_shown_ended_once_its_worker_lets_go_of_the_lock(tmp_path):
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    run = queue(jobs, tmp_path, "a")
+    run.write_status(state="cancelled", message="stopped; resumable", pid=None)
+    lock = run.acquire()  # the worker (not this app's child) still holds the run while it exits
+    try:
+        assert (jobs.info("a").state, jobs.info("a").message) == ("running", "stopping: the worker is exiting")
+    finally:
+        lock.release()
+    assert jobs.info("a").state == "cancelled"

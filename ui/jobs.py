@@ -140,8 +140,9 @@ class JobManager:
         if run_id in self._unsaved:
             state, message, pid = self._unsaved[run_id]["state"], self._unsaved[run_id]["message"], None
         proc = self._procs.get(run_id)
-        if state in FINAL_STATES and proc is not None and proc.poll() is None:  # it wrote its end, not yet gone
-            state, message, pid = "running", "stopping: the worker is exiting", proc.pid
+        if state in FINAL_STATES and (proc.poll() is None if proc is not None else run.holder() is not None):
+            # it wrote its end and is not gone yet (a worker started by an earlier app: it still holds the lock)
+            state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else pid
         return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
 
     def recover(self) -> None:
