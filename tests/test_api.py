@@ -2,11 +2,13 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from tests.test_browser import App
+from tests.test_browser import App, free_port
+from tests.test_compare_ui import fake_python, lora
 from tests.test_training import draw_dataset
 
 pytestmark = pytest.mark.slow
@@ -52,6 +54,102 @@ def test_a_script_drives_one_run_end_to_end(tiny_models, tmp_path):
         with pytest.raises(Exception, match="must be a plain name"):
             client.predict(run_id="../" + run["run_id"], api_name="/status")
         assert sorted(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
-            "/cancel", "/create_run", "/files", "/list_runs", "/resume", "/status"]
+            "/cancel", "/compare_cancel", "/compare_start", "/compare_status", "/create_run", "/files", "/list_runs",
+            "/resume", "/status"]
     finally:
         app.stop()
+
+
+@pytest.fixture()
+def served(tmp_path):
+    """The app in this process, behind app.py's request checks, its compares drawn by the fake compare worker."""
+    import app as entry
+    from ui.app import build_app
+    from ui.compares import CompareManager
+
+    runs, port = tmp_path / "runs", free_port()
+    compares = CompareManager(runs / ".compares", python=fake_python(tmp_path), poll_s=0.1)
+    demo = build_app(runs, tmp_path / "models", compares=compares)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(runs)],
+                        app_kwargs={"middleware": [entry.guard(entry.parse_args(["--port", str(port)]))]})
+    yield f"http://127.0.0.1:{port}", compares
+    demo.close()
+
+
+def wait_until_ended(client, compare_id):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status = client.predict(compare_id=compare_id, api_name="/compare_status")
+        if status["state"] not in ("queued", "running"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(status)
+
+
+def test_a_script_compares_dropped_files(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, compares = served
+    good = lora(tmp_path / "mine.safetensors", ss_epoch="2", ss_validation_loss="0.125")
+    other = lora(tmp_path / "for-sdxl.safetensors")
+    client = Client(url, verbose=False)
+    settings = {"base": "demo", "prompts": ["a red circle", "a blue square"], "strengths": [0, 1], "seeds": [5],
+                "width": 64, "height": 64, "steps": 4}
+    started = client.predict(run_id=None, files=[handle_file(str(good)), handle_file(str(other))],
+                             settings=settings, api_name="/compare_start")
+    assert started["state"] in ("queued", "running") and started["total"] == 8
+    wait_until_ended(client, started["compare_id"])
+    status = client.predict(compare_id=started["compare_id"], pictures=True, api_name="/compare_status")
+    assert status["state"] == "done" and status["progress"] == "Cell 4 / 4 · done"
+    assert [(f["label"], f["held_out"], f["problem"]) for f in status["files"]] == [
+        ("mine (epoch 2)", 0.125, ""), ("for-sdxl", None, "made for SDXL, the base is SD 1.5")]
+    assert [(c["label"], c["strength"], c["prompt"]) for c in status["cells"]] == [
+        ("mine (epoch 2)", 0.0, "a red circle"), ("mine (epoch 2)", 1.0, "a red circle"),
+        ("mine (epoch 2)", 0.0, "a blue square"), ("mine (epoch 2)", 1.0, "a blue square")]
+    for picture in [status["grid"]] + [c["picture"] for c in status["cells"]]:  # downloaded by gradio_client
+        assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert status["cells"][0]["picture"] != status["cells"][2]["picture"]  # another prompt, another picture
+    names = client.predict(compare_id=started["compare_id"], api_name="/compare_status")["cells"]
+    assert [c["picture"] for c in names][:2] == ["cells/None-0.0-0-5.png", "cells/0-1.0-0-5.png"]
+
+
+def test_compare_routes_refuse_bad_settings_and_paths(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, compares = served
+    client = Client(url, verbose=False)
+    file = handle_file(str(lora(tmp_path / "mine.safetensors")))
+    for settings, message in (({"base": "demo", "prompts": ["a"], "strengths": [0, 5]}, "strengths: each must be"),
+                              ({"base": "demo", "prompts": ["a"], "data_dir": "/etc"}, "data_dir cannot be set"),
+                              ({"prompts": ["a"]}, "base: choose the base model")):
+        with pytest.raises(Exception, match=message):
+            client.predict(run_id=None, files=[file], settings=settings, api_name="/compare_start")
+    with pytest.raises(Exception, match="must be a plain name"):
+        client.predict(run_id="../x", files=[file], settings={"base": "demo"}, api_name="/compare_start")
+    for route in ("/compare_status", "/compare_cancel"):
+        with pytest.raises(Exception, match="must be a plain name"):
+            client.predict(compare_id="../runs", api_name=route)
+        with pytest.raises(Exception, match="no compare 'nothing'"):
+            client.predict(compare_id="nothing", api_name=route)
+    assert compares.compares() == []
+
+
+def test_a_script_cancels_a_compare(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, compares = served
+    compares.compares_dir.mkdir(parents=True, exist_ok=True)
+    (compares.compares_dir / "hold").write_text("1")  # the fake worker draws one cell, then waits
+    client = Client(url, verbose=False)
+    started = client.predict(run_id=None, files=[handle_file(str(lora(tmp_path / "mine.safetensors")))],
+                             settings={"base": "demo", "prompts": ["a"], "width": 64, "height": 64},
+                             api_name="/compare_start")
+    deadline = time.time() + 30
+    while client.predict(compare_id=started["compare_id"], api_name="/compare_status")["done"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    client.predict(compare_id=started["compare_id"], api_name="/compare_cancel")
+    status = wait_until_ended(client, started["compare_id"])
+    assert status["state"] == "cancelled" and status["message"] == "stopped after 1 cell(s)"
+    assert status["grid"] is None and len(status["cells"]) == 1

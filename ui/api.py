@@ -1,4 +1,5 @@
-"""The same jobs for scripts, through the Gradio API (`gradio_client`): create, status, cancel, resume, files."""
+"""The same jobs for scripts, through the Gradio API (`gradio_client`): create, status, cancel, resume, files; and
+compares: compare_start, compare_status, compare_cancel."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from datasets_tools import dataset_folder
-from trainer import config
+from trainer import compare_spec, config
 from trainer.single_file import family_of
+from ui.compares import CompareManager, spec_of, upload_label
 from ui.jobs import JobManager
 
 # set by create_run's own arguments (preset, base, images, trigger) or by the preset: never through `settings`
@@ -38,7 +40,23 @@ def checked_preset(preset) -> str:
     return preset
 
 
-def register(jobs: JobManager) -> None:
+def checked_compare_settings(settings) -> dict:
+    """The `settings` of compare_start: the base and the compare settings (prompts, strengths, seeds, ...)."""
+    if settings is None:
+        return {}
+    allowed = ("base", *compare_spec.SETTINGS)
+    if not isinstance(settings, dict):
+        raise gr.Error(f"settings: expected a dict of {', '.join(allowed)}, got {type(settings).__name__}")
+    if bad := sorted(set(settings) - set(allowed)):
+        raise gr.Error(f"settings: {', '.join(bad)} cannot be set; a compare takes {', '.join(allowed)}")
+    return dict(settings)
+
+
+def path_of(upload) -> Path:
+    return Path(upload["path"] if isinstance(upload, dict) else upload.path)
+
+
+def register(jobs: JobManager, compares: CompareManager) -> None:
     """Add the endpoints to the Blocks being built."""
 
     def create_run(images: list[FileData], preset: str = "character", base: str = "demo",
@@ -106,4 +124,51 @@ def register(jobs: JobManager) -> None:
         return [FileData(path=str(p)) for p in jobs.files(run_of(run_id)) if p.is_file()]
 
     for fn in (create_run, status, cancel, resume, list_runs, files):
+        gr.api(fn, api_name=fn.__name__)
+    register_compares(jobs, compares, run_of)
+
+
+def register_compares(jobs: JobManager, compares: CompareManager, run_of) -> None:
+    def compare_start(run_id: str | None = None, files: list[FileData] | None = None,
+                      settings: dict | None = None) -> dict:
+        """Compare a run's saved files (all of them) and/or uploaded .safetensors `files` × strengths × prompts ×
+        seeds on one loaded base. `settings`: base (default: the run's), prompts (a list), strengths, seeds,
+        steps, sampler, cfg_scale, width, height, negative, clip_skip, precision; the run's sample settings
+        fill in what is not given. It is queued at once; returns compare_status."""
+        settings = checked_compare_settings(settings)
+        run = jobs.run_dir(run_of(run_id)) if run_id else None
+        uploads = [(path_of(f), upload_label(path_of(f))) for f in files or []]
+        try:
+            info = compares.start(spec_of(run, None, settings), uploads)
+        except compare_spec.CompareError as e:
+            raise gr.Error(str(e)) from None
+        return compare_status(info.compare_id)
+
+    def compare_of(compare_id):
+        try:
+            return compares.info(compare_id)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def compare_status(compare_id: str, pictures: bool = False) -> dict:
+        """State (queued, running, done, failed, cancelled), message, progress; the cells drawn so far (file,
+        label, strength, prompt, seed, picture: its name, or with pictures=True the PNG itself, downloaded), each
+        file's label, held-out loss and problem; grid.png (downloaded) once done."""
+        info = compare_of(compare_id)
+        view = compares.view(compare_id)
+        view.read()
+        drawn = view.status()
+        cells = [c | {"picture": FileData(path=str(view.folder / c["picture"]))} for c in drawn["cells"]] \
+            if pictures else drawn["cells"]
+        return {"compare_id": compare_id, "state": info.state, "message": info.message,
+                "progress": view.progress_text()} | drawn | {
+            "cells": cells, "grid": FileData(path=drawn["grid"]) if drawn["grid"] else None}
+
+    def compare_cancel(compare_id: str) -> dict:
+        """Stop a compare after its current cell (a second cancel kills it); the cells drawn are kept."""
+        compare_of(compare_id)
+        compares.cancel(compare_id)
+        return compare_status(compare_id)
+
+    for fn in (compare_start, compare_status, compare_cancel):
         gr.api(fn, api_name=fn.__name__)

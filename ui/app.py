@@ -1,4 +1,4 @@
-"""The Gradio app: Dataset -> Train -> Monitor -> Runs. No training code runs here (DESIGN §1).
+"""The Gradio app: Dataset -> Train -> Monitor -> Runs, and Compare. No training code runs here (DESIGN §1).
 
 Handlers are thin: they turn form values into calls on the JobManager, `trainer.config` and `datasets_tools`,
 and every component a test clicks has an elem_id "<tab>-<field>".
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import api, dataset_tab, monitor_tab, runs_tab, security, train_tab
+from ui import api, compare_tab, dataset_tab, monitor_tab, runs_tab, security, train_tab
+from ui.compares import CompareManager, free_gpu
 from ui.jobs import JobManager
 
 CSS = """
@@ -21,13 +22,16 @@ CSS = """
 """
 INTRO = """# LoRA Studio
 Train a Stable Diffusion LoRA (SD 1.x, SD 2.x, SDXL) from a handful of pictures: **Dataset** → **Train** →
-**Monitor** → **Runs**. The built-in *demo* model trains in a minute on any CPU so you can see every part work;
+**Monitor** → **Runs**, then **Compare** the files. The built-in *demo* model trains in a minute on any CPU so you can see every part work;
 for real LoRAs put a checkpoint in the models folder."""
 
 
-def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) -> gr.Blocks:
+def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
+              compares: CompareManager | None = None) -> gr.Blocks:
     jobs = jobs or JobManager(runs_dir)
     jobs.start_background()
+    compares = compares or CompareManager(Path(runs_dir) / ".compares", free_device=free_gpu(jobs))
+    compares.start_background()
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown(INTRO, elem_id="intro")
         dataset_dir = gr.State("")
@@ -43,6 +47,8 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
                 monitor = monitor_tab.build()
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 runs = runs_tab.build(Path(runs_dir) / ".resized")
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_page:
+                compare = compare_tab.build(Path(models_dir))
         timer = gr.Timer(1.0)
         bind_dataset(ds, train, dataset_dir)
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view)
@@ -51,9 +57,10 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None) 
             lambda s: s, train.status, monitor.title)
         monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title)
         bind_runs(jobs, runs, timer, tabs, current_run, view)
-        api.register(jobs)
+        bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs)
+        api.register(jobs, compares)
     demo.css = CSS
-    security.close_api(demo)  # a client reaches the six documented routes; the page's own handlers stay private
+    security.close_api(demo)  # a client reaches the documented routes; the page's own handlers stay private
     return demo
 
 
@@ -86,6 +93,20 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
     runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
                     runs.chosen, [current_run, view, tabs])
     runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run], [runs.status, current_run])
+
+
+def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs) -> None:
+    compare_id, view = gr.State(""), gr.State(None)
+    compare_page.select(partial(compare_tab.run_choices, jobs), compare.run, compare.run)
+    runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare")) if r
+                       else (gr.update(), gr.update()), runs.chosen, [compare.run, tabs])
+    compare.run.change(partial(compare_tab.choose_run, jobs), compare.run,
+                       [compare.files, compare.run_info, *[compare.fields[n] for n in compare_tab.SUGGESTED]])
+    compare.start.click(partial(compare_tab.on_compare, compares, jobs),
+                        [compare.run, compare.files, compare.upload, *compare.form()],
+                        [compare.status, compare_id, view])
+    compare.cancel.click(partial(compare_tab.cancel, compares), compare_id, compare.status)
+    timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view])
 
 
 def browser_secret(runs_dir: Path) -> str:

@@ -35,6 +35,7 @@ from ui.security import inside
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = ("done", "failed", "cancelled")
 EXIT_CANCELLED = 3
+WAITING_FOR_GPU = "waiting for a GPU that no training run is using"
 
 
 # --- the files of a run ---
@@ -77,6 +78,23 @@ def run_settings(run: RunDir) -> dict:
             "seeds": [s.sample_seed], "sampler": s.sample_sampler, "steps": s.sample_steps,
             "cfg_scale": s.sample_cfg_scale, "width": s.sample_width or size, "height": s.sample_height or size,
             "clip_skip": cfg.model.clip_skip}
+
+
+def spec_of(run: RunDir | None, chosen: list[str] | None, settings: dict) -> dict:
+    """The spec a form or a script asks for: the run's suggestions, then `settings` (None = not given); the run's
+    saved files whose paths are in `chosen` (all of them when None), labelled. CompareError for a file that is
+    not one of the run's."""
+    saved = run_files(run) if run is not None else []
+    if chosen is not None:
+        if unknown := sorted(set(chosen) - {f["path"] for f in saved}):
+            raise CompareError(f"files: {Path(unknown[0]).name} is not a saved file of "
+                               f"{run.id if run is not None else 'the chosen run'}")
+        saved = [f for f in saved if f["path"] in chosen]
+    given = {k: v for k, v in settings.items() if v is not None}
+    if isinstance(given.get("prompts"), str):
+        given["prompts"] = given["prompts"].splitlines()
+    suggested = run_settings(run) if run is not None else {}
+    return suggested | given | {"files": [f["path"] for f in saved], "labels": [f["label"] for f in saved]}
 
 
 # --- one compare folder ---
@@ -198,8 +216,8 @@ class CompareManager:
             queued = sorted((c for c in compares if c.state == "queued"), key=lambda c: c.created)
             if queued and (device := self.free_device()) is not None:
                 self._launch(queued[0], device)
-            elif queued:
-                RunDir(queued[0].path).write_status(message="waiting for a GPU that no training run is using")
+            elif queued and queued[0].message != WAITING_FOR_GPU:
+                RunDir(queued[0].path).write_status(message=WAITING_FOR_GPU)
 
     def _launch(self, compare: CompareInfo, device: str) -> None:
         env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": device} if device else {})
@@ -220,12 +238,14 @@ class CompareManager:
             elif info.state == "running":
                 count = self._cancels[compare_id] = self._cancels.get(compare_id, 0) + 1
                 proc = self._procs.get(compare_id)
-                pid = proc.pid if proc is not None else info.pid
-                if pid and (proc is not None or worker_alive(pid, info.path)):
-                    try:
-                        os.killpg(pid, signal.SIGTERM if count == 1 else signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                sig = signal.SIGTERM if count == 1 else signal.SIGKILL
+                try:
+                    if proc is not None:
+                        os.killpg(proc.pid, sig)  # its own session: the worker and anything it started
+                    elif worker_alive(info.pid, info.path):  # started before this app: maybe not a group leader
+                        os.kill(info.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
             return self.info(compare_id)
 
     def start_background(self) -> None:
@@ -284,6 +304,13 @@ class CompareView:
     def __post_init__(self):
         self.reader = self.reader or EventReader(self.folder / "events.jsonl")
 
+    def changed(self, name: str, value) -> bool:
+        """Is `value` new for page component `name` (and remember it)? Unchanged components are not sent again."""
+        if self.shown.get(name) == value:
+            return False
+        self.shown[name] = value
+        return True
+
     def read(self) -> bool:
         events = self.reader.read_new()
         for e in events:
@@ -333,10 +360,13 @@ class CompareView:
         rows = range(len(self.spec["files"])) if rows is None else rows
         return [(r, si, pi, ki) for r in rows for pi in p for ki in k for si in s]
 
+    def usable(self) -> list[int]:
+        """The rows of the files the worker has not skipped (so far)."""
+        return [r for r in range(len(self.spec["files"])) if not self.problem(r)]
+
     def counts(self) -> tuple[int, int]:
         """(cells drawn, cells to draw) over the files without a problem."""
-        usable = [r for r in range(len(self.spec["files"])) if not self.problem(r)]
-        positions = self.positions(usable)
+        positions = self.positions(self.usable())
         return sum(self.cell(*pos) is not None for pos in positions), len(positions)
 
     def progress_text(self) -> str:
@@ -358,12 +388,12 @@ class CompareView:
         return "\n\n".join(lines + [f"⚠ {m}" for m in self.errors])
 
     def status(self) -> dict:
-        """What the API returns: the cells so far and the files' problems (state and message come from the
-        manager)."""
+        """What the API returns: the cells so far (their pictures relative to the folder) and the files' problems
+        (state and message come from the manager)."""
         cells = [{"file": r, "label": self.spec["labels"][r], "strength": self.spec["strengths"][s],
                   "prompt": self.spec["prompts"][p], "seed": self.spec["seeds"][k],
-                  "path": str(self.folder / path)}
-                 for r, s, p, k in self.positions() if (path := self.cell(r, s, p, k)) is not None]
+                  "picture": path}
+                 for r, s, p, k in self.positions(self.usable()) if (path := self.cell(r, s, p, k)) is not None]
         files = [{"index": r, "label": self.spec["labels"][r], "held_out": self.held_out(r),
                   "problem": self.problem(r)} for r in range(len(self.spec["files"]))]
         done, total = self.counts()

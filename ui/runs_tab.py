@@ -1,4 +1,5 @@
-"""Runs tab: every run in the runs folder, its files, open it in the Monitor, delete it; the resize tool."""
+"""Runs tab: every run in the runs folder, its files, open it in the Monitor or Compare, delete it; the resize
+tool."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class RunsTab:
     chosen: gr.Dropdown
     open: gr.Button
     delete: gr.Button
+    compare: gr.Button
     status: gr.Markdown
     best: gr.Markdown
     files: gr.File
@@ -31,13 +33,14 @@ def build(resized_dir: Path) -> RunsTab:
     with gr.Row():
         chosen = gr.Dropdown(label="Run", choices=[], elem_id="runs-choose", scale=3)
         open_btn = gr.Button("Open in Monitor", elem_id="runs-open")
+        compare_btn = gr.Button("Compare this run's files", elem_id="runs-compare")
         delete_btn = gr.Button("Delete", variant="stop", elem_id="runs-delete")
     status = gr.Markdown(elem_id="runs-status")
     best = gr.Markdown(elem_id="runs-best")
     files = gr.File(label="Files of the chosen run (the best first)", file_count="multiple", interactive=False,
                     elem_id="runs-files")
     resize_tool.build(resized_dir)
-    return RunsTab(table, chosen, open_btn, delete_btn, status, best, files)
+    return RunsTab(table, chosen, open_btn, delete_btn, compare_btn, status, best, files)
 
 
 def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:

@@ -1,0 +1,335 @@
+"""The Compare tab's handlers and the compare job manager, with a fake worker: a small script that writes the
+events of the contract (compare_file, compare_cell, done, cancelled, error), so none of this needs the real one."""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from trainer import config
+from trainer.rundir import RunDir, create
+from ui import compare_tab
+from ui.compares import CompareManager, free_gpu, run_files
+from ui.jobs import JobManager
+
+ROOT = Path(__file__).resolve().parent.parent
+UNCHANGED = {"__type__": "update"}
+FAKE_WORKER = f"""#!{sys.executable}
+# Stands in for `python -m trainer compare FOLDER`. A file with "sdxl" in its name does not fit the base; "crash"
+# makes it die without a word. While the compares folder holds a file "hold" with a number N, it draws N cells
+# and waits. SIGTERM: stop after the current cell.
+import json, os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from PIL import Image
+from trainer.rundir import RunDir
+
+folder = Path(sys.argv[-1])
+spec = json.loads((folder / "compare.json").read_text())
+hold, stop = folder.parent / "hold", []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+RunDir(folder).write_status(state="running", message="drawing", pid=os.getpid())
+
+def emit(type, **fields):
+    with open(folder / "events.jsonl", "a") as f:
+        f.write(json.dumps({{"type": type, "time": time.time(), **fields}}) + "\\n")
+
+def end(state, message, code):
+    RunDir(folder).write_status(state=state, message=message, pid=None)
+    sys.exit(code)
+
+if any("crash" in f for f in spec["files"]):
+    sys.exit(1)
+emit("status", phase="compare", message="loading the base")
+usable = []
+for i, (path, label) in enumerate(zip(spec["files"], spec["labels"])):
+    problem = "made for SDXL, the base is SD 1.5" if "sdxl" in Path(path).name else ""
+    emit("compare_file", index=i, label=label, arch="sd1", method="lora", held_out=None, problem=problem)
+    usable += [] if problem else [i]
+if not usable:
+    emit("error", message="no usable file: every file was skipped")
+    end("failed", "no usable file", 2)
+rows = [(None, s) for s in spec["strengths"] if s == 0] + [(f, s) for f in usable for s in spec["strengths"] if s]
+(folder / "cells").mkdir(exist_ok=True)
+drawn = 0
+for file, strength in rows:
+    for prompt in range(len(spec["prompts"])):
+        for seed in spec["seeds"]:
+            while not stop and hold.is_file() and drawn >= int(hold.read_text() or 0):
+                time.sleep(0.02)
+            if stop:
+                emit("cancelled", step=drawn)
+                end("cancelled", f"stopped after {{drawn}} cell(s)", 3)
+            emit("status", phase="compare", message=f"file {{file}} at {{strength}}")
+            path = f"cells/{{file}}-{{strength}}-{{prompt}}-{{seed}}.png"
+            Image.new("RGB", (8, 8), (drawn * 40 % 256, 0, 0)).save(folder / path)
+            emit("compare_cell", file=file, strength=strength, prompt=prompt, seed=seed, path=path, held_out=None)
+            drawn += 1
+Image.new("RGB", (16, 16)).save(folder / "grid.png")
+emit("done", path="grid.png")
+end("done", "", 0)
+"""
+
+
+def fake_python(tmp_path: Path) -> str:
+    script = tmp_path / "fake-compare-python"
+    script.write_text(FAKE_WORKER)
+    script.chmod(0o755)
+    return str(script)
+
+
+def lora(path: Path, **meta) -> Path:
+    """A small .safetensors file with this metadata (the fake worker never reads its tensors)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_x.alpha": np.ones((), dtype=np.float32)}, str(path), metadata=meta)
+    return path
+
+
+def wait_for(check, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture()
+def jobs(tmp_path):
+    jobs = JobManager(tmp_path / "runs", devices=[])
+    jobs.tick = lambda: None  # the runs here are written by the tests, never trained
+    return jobs
+
+
+@pytest.fixture()
+def compares(tmp_path):
+    manager = CompareManager(tmp_path / "compares", python=fake_python(tmp_path))
+    yield manager
+    (tmp_path / "compares" / "hold").unlink(missing_ok=True)  # let a held worker finish
+    for proc in manager._procs.values():
+        proc.wait(timeout=20)
+
+
+def trained_run(jobs, name="r"):
+    """A finished run with two saved epochs and the final file; epoch 1 has a held-out loss in its events and its
+    metadata, epoch 2 none, the final file one in its metadata only."""
+    cfg = config.build("character", "sd15", {"trigger_word": "zxq", "resolution": 64, "sample_steps": 7})
+    run = create(jobs.runs_dir, cfg, lambda d: d.mkdir(), state="done", name=name)
+    lora(run.output / "lora-000001.safetensors", ss_epoch="1", ss_steps="4", ss_validation_loss="0.1234")
+    lora(run.output / "lora-000002.safetensors", ss_epoch="2", ss_steps="8")
+    lora(run.output / "lora.safetensors", ss_epoch="3", ss_steps="12", ss_validation_loss="0.25")
+    events = [{"type": "checkpoint", "time": 1, "step": 4, "epoch": 1, "path": "output/lora-000001.safetensors"},
+              {"type": "validation", "time": 1, "step": 4, "epoch": 1, "loss": 0.1234}]
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def form(**changes) -> list:
+    """The Compare tab's settings, in the order of compare_tab.SETTINGS."""
+    values = {"base": "demo", "prompts": "a red circle", "negative": "", "strengths": "0, 1", "seeds": "7",
+              "steps": 4, "sampler": "euler_a", "cfg_scale": 7.0, "width": 64, "height": 64} | changes
+    return [values[n] for n in compare_tab.SETTINGS]
+
+
+def hold(compares, cells: int) -> None:
+    compares.compares_dir.mkdir(parents=True, exist_ok=True)
+    (compares.compares_dir / "hold").write_text(str(cells))
+
+
+def release(compares) -> None:
+    (compares.compares_dir / "hold").unlink()
+
+
+def refreshed(compares, compare_id, view, until: str):
+    """refresh() until the progress line matches `until`: (progress, problems, grid, download, view)."""
+    seen = {}
+
+    def check():
+        progress, problems, grid, download, new_view = compare_tab.refresh(compares, compare_id, seen.get("view", view))
+        seen.update(view=new_view)
+        for name, value in (("progress", progress), ("problems", problems), ("grid", grid), ("download", download)):
+            if value != UNCHANGED:
+                seen[name] = value
+        return re.search(until, seen.get("progress", "")) and seen
+
+    found = wait_for(check)
+    return found["progress"], found.get("problems"), found.get("grid"), found.get("download"), found["view"]
+
+
+def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
+    run = trained_run(jobs)
+    assert [(f["name"], f["label"], f["held_out"]) for f in run_files(run)] == [
+        ("lora-000001.safetensors", "lora-000001 (epoch 1, step 4)", 0.1234),
+        ("lora-000002.safetensors", "lora-000002 (epoch 2, step 8)", None),
+        ("lora.safetensors", "lora (epoch 3, step 12)", 0.25)]
+    files, note, base, prompts, seeds, steps, sampler, cfg, width, height = compare_tab.choose_run(jobs, "r")
+    assert [text for text, _ in files["choices"]] == [
+        "lora-000001 (epoch 1, step 4) — held-out loss 0.1234", "lora-000002 (epoch 2, step 8)",
+        "lora (epoch 3, step 12) — held-out loss 0.2500"]
+    assert files["value"] == [str((run.output / n).resolve()) for n in
+                              ("lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors")]
+    assert note == "3 saved file(s), all ticked."
+    assert (base, steps, seeds, width, height) == ("demo", 7, "1234", 64, 64)
+    assert prompts.splitlines() == ["zxq, portrait, looking at viewer", "zxq, full body, standing outdoors"]
+
+
+def test_a_run_with_no_files_yet_says_so(jobs):
+    create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="running", name="new")
+    files, note, *_ = compare_tab.choose_run(jobs, "new")
+    assert files["choices"] == [] and "new has no saved files yet" in note
+    assert compare_tab.choose_run(jobs, "../new")[1].startswith("⚠ run id")
+
+
+def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
+    run = trained_run(jobs)
+    chosen = [f["path"] for f in run_files(run)][:2]
+    hold(compares, 1)
+    status, compare_id, view = compare_tab.on_compare(compares, jobs, "r", chosen, [], *form())
+    assert status == f"Compare **{compare_id}** running: 4 cells." and view is None
+    progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
+    assert "file None at 0.0" in progress  # the worker's own status line
+    # the base (strength 0) is drawn once and shown in both rows; strength 1 is still to come
+    assert grid.count('<img src="data:image/png;base64,') == 2 and grid.count("…</td>") == 2
+    assert "lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
+    assert "prompt 1: a red circle · seed 7" in grid and "strength 0</th><th>strength 1</th>" in grid
+    assert problems == "" and download is None
+    release(compares)
+    progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"done")
+    assert progress == "Cell 4 / 4 · done" and grid.count("<img") == 4 and "…" not in grid
+    assert download == str(compares.folder(compare_id) / "grid.png")
+    assert compare_tab.refresh(compares, compare_id, view)[:4] == [UNCHANGED] * 4  # nothing new: nothing sent
+    spec = compares.spec(compare_id)
+    assert spec["labels"] == ["lora-000001 (epoch 1, step 4)", "lora-000002 (epoch 2, step 8)"]
+    assert spec["strengths"] == [0.0, 1.0] and spec["seeds"] == [7] and spec["prompts"] == ["a red circle"]
+
+
+def test_another_page_sees_the_whole_grid(jobs, compares):
+    trained_run(jobs)
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "r", [f["path"] for f in run_files(RunDir(
+        jobs.runs_dir / "r"))], [], *form())
+    first = refreshed(compares, compare_id, None, "done")
+    second = compare_tab.refresh(compares, compare_id, None)  # a new view reads the whole history
+    assert second[:4] == list(first[:4])
+
+
+def test_bad_settings_name_the_field_and_start_nothing(jobs, compares, tmp_path):
+    run = trained_run(jobs)
+    chosen = [run_files(run)[0]["path"]]
+    for changes, message in (({"strengths": "0, 3"}, "⚠ strengths: each must be in [-2, 2] (got 3.0)"),
+                             ({"strengths": "half"}, "⚠ strengths: expected numbers separated by commas"),
+                             ({"width": 100}, "⚠ width: must be a multiple of 8 (got 100)"),
+                             ({"steps": 0}, "⚠ steps: must be a whole number in [1, 150] (got 0)"),
+                             ({"prompts": "  \n "}, "⚠ prompts: give 1 to 8 (got 0)"),
+                             ({"base": ""}, "⚠ base: choose the base model")):
+        status, compare_id, view = compare_tab.on_compare(compares, jobs, "r", chosen, [], *form(**changes))
+        assert status.startswith(message), status
+        assert compare_id == view == UNCHANGED
+    status, *_ = compare_tab.on_compare(compares, jobs, "r", [], [], *form())
+    assert status == "⚠ files: tick some of a run's saved files or drop .safetensors files"
+    elsewhere = str(lora(tmp_path / "elsewhere.safetensors"))
+    status, *_ = compare_tab.on_compare(compares, jobs, "r", [elsewhere], [], *form())
+    assert status == "⚠ files: elsewhere.safetensors is not a saved file of r"
+    assert compares.compares() == []
+
+
+def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, compares, tmp_path):
+    good = lora(tmp_path / "drop" / "mine.safetensors", ss_epoch="5", ss_validation_loss="0.5")
+    other = lora(tmp_path / "drop" / "an-sdxl-file.safetensors")
+    status, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(good), str(other)], *form())
+    assert "4 cells" in status
+    progress, problems, grid, download, _ = refreshed(compares, compare_id, None, "done")
+    assert problems == "⚠ an-sdxl-file: made for SDXL, the base is SD 1.5 (skipped)"
+    assert progress == "Cell 2 / 2 · done"  # the skipped file's cells are not waited for
+    assert "mine (epoch 5)<br><small>held-out loss 0.5000</small>" in grid
+    assert "⚠ skipped: made for SDXL, the base is SD 1.5" in grid
+    copies = sorted(p.name for p in (compares.folder(compare_id) / "files").iterdir())
+    assert copies == ["00-mine.safetensors", "01-an-sdxl-file.safetensors"]
+    assert compares.spec(compare_id)["files"][0] == str((compares.folder(compare_id) / "files" / copies[0]))
+
+
+def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares):
+    run = trained_run(jobs)
+    hold(compares, 1)
+    _, compare_id, view = compare_tab.on_compare(compares, jobs, "r", [run_files(run)[0]["path"]], [], *form())
+    progress, *_, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
+    pid = compares.info(compare_id).pid
+    assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
+    progress, problems, grid, download, view = refreshed(compares, compare_id, view, "cancelled")
+    assert progress == "Cell 1 / 2 · cancelled" and grid.count("<img") == 1 and download is None
+    assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped after 1 cell(s))"
+    assert not Path(f"/proc/{pid}").exists()
+    assert compare_tab.cancel(compares, "") == "No compare to cancel."
+
+
+def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_path):
+    crash = lora(tmp_path / "crash.safetensors")
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(crash)], *form())
+    progress, *_ = refreshed(compares, compare_id, None, "failed")
+    assert progress.startswith("Cell 0 / 2 · failed: the compare worker stopped without finishing (exit status 1)")
+    assert "worker.out" in progress
+
+
+def test_no_usable_file_is_an_error_line(jobs, compares, tmp_path):
+    only = lora(tmp_path / "sdxl.safetensors")
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(only)], *form())
+    progress, problems, *_ = refreshed(compares, compare_id, None, "failed")
+    assert problems.endswith("⚠ no usable file: every file was skipped")
+    assert compares.info(compare_id).state == "failed"
+
+
+def test_one_compare_at_a_time_and_none_on_a_busy_gpu(jobs, compares, tmp_path):
+    first_file, second_file = lora(tmp_path / "a.safetensors"), lora(tmp_path / "b.safetensors")
+    hold(compares, 0)
+    _, first, _ = compare_tab.on_compare(compares, jobs, "", [], [str(first_file)], *form())
+    _, second, _ = compare_tab.on_compare(compares, jobs, "", [], [str(second_file)], *form())
+    assert compares.info(first).state == "running" and compares.info(second).state == "queued"
+    assert compare_tab.refresh(compares, second, None)[0] == "Queued: waiting for its turn"
+    release(compares)
+    wait_for(lambda: compares.info(first).state == "done")
+    compares.free_device = lambda: None  # every GPU trains
+    compares.tick()
+    assert compares.info(second).state == "queued"
+    assert compares.info(second).message == "waiting for a GPU that no training run is using"
+    compares.free_device = lambda: ""
+    compares.tick()
+    wait_for(lambda: compares.info(second).state == "done")
+
+
+def test_a_compare_waits_for_a_gpu_no_training_uses(jobs):
+    class Run:
+        def __init__(self, state, devices):
+            self.state, self.devices = state, devices
+
+    class Jobs:
+        devices, running = ["0", "1"], []
+
+        def runs(self):
+            return self.running
+
+    gpus = Jobs()
+    free = free_gpu(gpus)
+    assert free() == "0"
+    gpus.running = [Run("running", ["0"]), Run("done", ["1"])]
+    assert free() == "1"
+    gpus.running = [Run("running", ["0"]), Run("running", ["1"])]
+    assert free() is None
+    gpus.running = [Run("running", [])]  # started before its devices were known
+    assert free() is None
+    assert free_gpu(jobs)() == ""  # no GPU: compares run beside training
+
+
+def test_compare_ids_are_plain_names_and_cells_stay_in_their_folder(jobs, compares, tmp_path):
+    assert compare_tab.refresh(compares, "../r", None)[0].startswith("⚠ compare id '../r': must be a plain name")
+    assert compare_tab.cancel(compares, "/etc").startswith("⚠ compare id")
+    with pytest.raises(ValueError, match="no compare 'nothing'"):
+        compares.info("nothing")
+    good = lora(tmp_path / "a.safetensors")
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(good)], *form())
+    *_, view = refreshed(compares, compare_id, None, "done")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    assert compare_tab.picture(view, "../../secret.png") == ""  # an event is data, not a path to follow

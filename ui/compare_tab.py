@@ -1,0 +1,232 @@
+"""Compare tab (issue #15): a run's saved files and/or dropped-in LoRA files × strengths × prompts × seeds, drawn
+by one compare worker on one loaded base; the grid grows in the page as cells arrive.
+
+The handlers are plain functions (values in, values out) over a CompareManager (ui/compares.py); `refresh` sends
+only what changed since this page's last tick.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from trainer import config
+from trainer.compare_spec import DEFAULTS, CompareError, cell_count
+from ui import train_tab
+from ui.compares import CompareManager, CompareView, run_files, run_settings, spec_of, upload_label
+from ui.jobs import JobManager
+
+SETTINGS = ["base", "prompts", "negative", "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]
+SUGGESTED = ["base", "prompts", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]  # a run fills these in
+NO_COMPARE = "Choose files and click Compare."
+CELL_PX = 192  # the largest a cell is shown in the page; grid.png has them at full size
+
+
+@dataclass
+class CompareTab:
+    run: gr.Dropdown
+    run_info: gr.Markdown
+    files: gr.CheckboxGroup
+    upload: gr.File
+    fields: dict  # setting name -> its component
+    start: gr.Button
+    cancel: gr.Button
+    status: gr.Markdown
+    progress: gr.Markdown
+    problems: gr.Markdown
+    grid: gr.HTML
+    download: gr.File
+
+    def form(self) -> list:
+        return [self.fields[n] for n in SETTINGS]
+
+    def outputs(self) -> list:
+        return [self.progress, self.problems, self.grid, self.download]
+
+
+def build(models_dir: Path) -> CompareTab:
+    gr.Markdown("Draw the same prompts and seeds with each file at each strength, on one loaded base. "
+                "Strength 0 is the base itself.")
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], elem_id="compare-run", scale=2)
+        upload = gr.File(label="…and/or drop LoRA / LyCORIS files", file_count="multiple",
+                         file_types=[".safetensors"], type="filepath", elem_id="compare-upload", scale=2)
+    run_info = gr.Markdown(elem_id="compare-run-info")
+    files = gr.CheckboxGroup(label="The run's saved files", choices=[], elem_id="compare-files")
+    base = gr.Dropdown(choices=train_tab.base_model_choices(Path(models_dir)), value="demo", allow_custom_value=True,
+                       label="Base model (the one the files were trained on)", elem_id="compare-base")
+    with gr.Row():
+        prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="compare-prompts", scale=3)
+        negative = gr.Textbox(label="Negative prompt", lines=3, elem_id="compare-negative", scale=2)
+    with gr.Row():
+        strengths = gr.Textbox(value=", ".join(f"{s:g}" for s in DEFAULTS["strengths"]), label="Strengths",
+                               elem_id="compare-strengths")
+        seeds = gr.Textbox(value=", ".join(str(s) for s in DEFAULTS["seeds"]), label="Seeds", elem_id="compare-seeds")
+        steps = gr.Number(value=DEFAULTS["steps"], precision=0, label="Steps", elem_id="compare-steps")
+        sampler = gr.Dropdown(choices=list(config.field_help("sample_sampler")["choices"]), value=DEFAULTS["sampler"],
+                              label="Sampler", elem_id="compare-sampler")
+    with gr.Row():
+        cfg_scale = gr.Number(value=DEFAULTS["cfg_scale"], label="Guidance (CFG)", elem_id="compare-cfg-scale")
+        width = gr.Number(value=DEFAULTS["width"], precision=0, label="Width", elem_id="compare-width")
+        height = gr.Number(value=DEFAULTS["height"], precision=0, label="Height", elem_id="compare-height")
+    with gr.Row():
+        start = gr.Button("Compare", variant="primary", elem_id="compare-start")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+    status = gr.Markdown(elem_id="compare-status")
+    progress = gr.Markdown(NO_COMPARE, elem_id="compare-progress")
+    problems = gr.Markdown(elem_id="compare-problems")
+    grid = gr.HTML(elem_id="compare-grid")
+    download = gr.File(label="The whole grid", interactive=False, elem_id="compare-download")
+    fields = dict(zip(SETTINGS, [base, prompts, negative, strengths, seeds, steps, sampler, cfg_scale, width, height]))
+    return CompareTab(run, run_info, files, upload, fields, start, cancel, status, progress, problems, grid, download)
+
+
+# --- choosing the files ---
+
+def run_choices(jobs: JobManager, chosen: str = "") -> dict:
+    """The runs to choose from, newest first (`chosen` selected, when given)."""
+    ids = [r.run_id for r in jobs.runs()]
+    return gr.update(choices=ids, value=chosen) if chosen else gr.update(choices=ids)
+
+
+def choose_run(jobs: JobManager, run_id: str) -> list:
+    """[files (all ticked), note, base, prompts, seeds, steps, sampler, cfg, width, height]: the run's saved files
+    and the settings it suggests; the settings are left as they are when no run is chosen."""
+    keep = [gr.update()] * len(SUGGESTED)
+    if not run_id:
+        return [gr.update(choices=[], value=[]), "", *keep]
+    try:
+        run = jobs.run_dir(run_id)
+        saved = run_files(run)
+        suggested = compares_settings(run)
+    except (ValueError, OSError) as e:
+        return [gr.update(choices=[], value=[]), f"⚠ {e}", *keep]
+    choices = [(file_text(f), f["path"]) for f in saved]
+    note = (f"{len(saved)} saved file(s), all ticked." if saved
+            else f"⚠ {run_id} has no saved files yet: drop files instead, or wait for its first save.")
+    return [gr.update(choices=choices, value=[p for _, p in choices]), note, *[suggested[n] for n in SUGGESTED]]
+
+
+def compares_settings(run) -> dict:
+    """The run's suggested settings as the form shows them (text for lists)."""
+    s = run_settings(run)
+    return s | {"prompts": "\n".join(s["prompts"]), "seeds": ", ".join(str(k) for k in s["seeds"])}
+
+
+def file_text(f: dict) -> str:
+    return f["label"] + (f" — held-out loss {f['held_out']:.4f}" if f["held_out"] is not None else "")
+
+
+# --- starting, cancelling ---
+
+def on_compare(compares: CompareManager, jobs: JobManager, run_id: str, chosen: list[str], uploads: list[str],
+               *values) -> list:
+    """Queue a compare from the form: [status text, the page's compare id, its view]."""
+    settings = dict(zip(SETTINGS, values))
+    if not chosen and not uploads:
+        return ["⚠ files: tick some of a run's saved files or drop .safetensors files", gr.update(), gr.update()]
+    try:
+        run = jobs.run_dir(run_id) if run_id and chosen else None
+        spec = spec_of(run, list(chosen or []), settings)
+        info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
+    except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows
+        return [f"⚠ {e}", gr.update(), gr.update()]
+    cells = cell_count(compares.spec(info.compare_id))
+    return [f"Compare **{info.compare_id}** {info.state}: {cells} cells.", info.compare_id, None]
+
+
+def cancel(compares: CompareManager, compare_id: str) -> str:
+    try:
+        return compares.cancel(compare_id).summary() if compare_id else "No compare to cancel."
+    except ValueError as e:
+        return f"⚠ {e}"
+
+
+# --- what the page shows ---
+
+def refresh(compares: CompareManager, compare_id: str, view: CompareView | None) -> list:
+    """[progress, problems, grid, download, view]: gr.update() (nothing sent) where nothing changed."""
+    same = gr.update()
+    if not compare_id:
+        return [same, same, same, same, None]
+    try:
+        if view is None or view.compare_id != compare_id:
+            view = compares.view(compare_id)  # a new view reads the whole history
+        info = compares.info(compare_id)
+    except ValueError as e:
+        return [f"⚠ {e}", same, same, same, None]
+    view.read()
+    grid_file = view.folder / view.grid if view.grid else None
+    download = str(grid_file) if grid_file and grid_file.is_file() else None
+    drawn = (len(view.cells), len(view.files), view.ended)
+    return [progress if view.changed("progress", progress := progress_line(info, view)) else same,
+            problems if view.changed("problems", problems := view.problems_text()) else same,
+            grid_html(view) if view.changed("grid", drawn) else same,
+            download if view.changed("download", download) else same,
+            view]
+
+
+def progress_line(info, view: CompareView) -> str:
+    """The view's own line, or what the manager knows when the worker said nothing (queued, crashed)."""
+    if info.state == "queued":
+        return f"Queued: {info.message}" if info.message else "Queued."
+    if info.state in ("failed", "cancelled") and not view.ended:
+        return f"{view.progress_text().split(' · ')[0]} · {info.state}: {info.message}"
+    return view.progress_text()
+
+
+def grid_html(view: CompareView) -> str:
+    """The table: a header row per prompt × seed and one of strengths; a row per file (its label and held-out
+    loss), each cell the picture as a data URI, or "…" until it is drawn."""
+    spec = view.spec
+    strengths, per_prompt = len(spec["strengths"]), len(spec["seeds"]) * len(spec["strengths"])
+    width = min(int(spec["width"]), CELL_PX)
+    heads = "".join(f'<th colspan="{strengths}">prompt {p + 1}: {esc(prompt)} · seed {seed}</th>'
+                    for p, prompt in enumerate(spec["prompts"]) for seed in spec["seeds"])
+    strength_heads = "".join(f"<th>strength {s:g}</th>" for _ in range(len(spec["prompts"]) * len(spec["seeds"]))
+                             for s in spec["strengths"])
+    rows = []
+    for row, label in enumerate(spec["labels"]):
+        loss = view.held_out(row)
+        head = f'<th class="compare-label">{esc(label)}' + (
+            f"<br><small>held-out loss {loss:.4f}</small>" if loss is not None else "") + "</th>"
+        if problem := view.problem(row):
+            rows.append(f'<tr>{head}<td colspan="{len(spec["prompts"]) * per_prompt}">⚠ skipped: {esc(problem)}'
+                        "</td></tr>")
+            continue
+        cells = "".join(cell_html(view, (row, s, p, k), width) for _, s, p, k in view.positions([row]))
+        rows.append(f"<tr>{head}{cells}</tr>")
+    return (f'<table class="compare-table"><thead><tr><th rowspan="2">file</th>{heads}</tr>'
+            f"<tr>{strength_heads}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def cell_html(view: CompareView, position: tuple, width: int) -> str:
+    path = view.cell(*position)
+    if path is None:
+        return f'<td class="compare-pending" style="width:{width}px">…</td>'
+    row, s, p, k = position
+    spec = view.spec
+    alt = f"{spec['labels'][row]} · strength {spec['strengths'][s]:g} · prompt {p + 1} · seed {spec['seeds'][k]}"
+    return f'<td><img src="{picture(view, path)}" alt="{esc(alt)}" title="{esc(alt)}" style="width:{width}px"></td>'
+
+
+def picture(view: CompareView, path: str) -> str:
+    """The cell's PNG as a data URI, read once per view."""
+    if path not in view.pictures:
+        file = (view.folder / path).resolve()
+        if not file.is_relative_to(view.folder.resolve()):  # an event is data: never read outside the compare
+            return ""
+        try:
+            data = file.read_bytes()
+        except OSError:
+            return ""
+        view.pictures[path] = "data:image/png;base64," + base64.b64encode(data).decode()
+    return view.pictures[path]
+
+
+def esc(text) -> str:
+    return html.escape(str(text))
