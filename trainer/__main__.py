@@ -9,9 +9,17 @@
     python -m trainer resize SRC DST [--rank N] [--energy F] [--drop F] [--precision fp16|bf16|float]
         Shrink a kohya LoRA/LoCon file: cut each module to rank N and/or to the smallest rank keeping a fraction F
         of its energy (Σσ²), drop the fraction F of modules whose update is smallest; print a summary.
+    python -m trainer compare FOLDER
+    python -m trainer compare --base MODEL --files F [F ...] --prompts P [P ...] --out FOLDER [--labels L ...]
+                              [--strengths 0,0.5,1] [--seeds 1,2] [--steps N] [--sampler S] [--cfg-scale X]
+                              [--width W --height H] [--negative TEXT] [--clip-skip N] [--precision fp32|fp16|bf16]
+        Draw LoRA files × strengths × prompts × seeds on one loaded base (trainer.compare): the cells, then
+        FOLDER/grid.png. The first form runs FOLDER/compare.json; the second writes it, then runs it. A file that
+        does not fit the base is skipped with its problem named; none fitting exits 2, as a bad setting does.
 
 Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
-Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once.
+Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once. A compare
+stops after the cell it is drawing, keeping the cells drawn (code 3).
 One worker per run: the worker holds RUN_DIR/worker.lock while it lives; a second one refuses (code 4).
 A full disk stops the run with a message saying what is intact (code 5); it resumes when there is space.
 """
@@ -19,6 +27,7 @@ A full disk stops the run with a message saying what is intact (code 5); it resu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -47,6 +56,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         return args
     if argv and argv[0] == "resize":
         return parse_resize(argv[1:])
+    if argv and argv[0] == "compare":
+        return parse_compare(argv[1:])
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory holding config.toml")
@@ -88,6 +99,81 @@ def resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_compare(argv: list[str]) -> argparse.Namespace:
+    """Either FOLDER (holding compare.json), or the settings and --out FOLDER, where compare.json is written."""
+    from trainer.compare_spec import CompareError, checked
+
+    p = argparse.ArgumentParser(prog="python -m trainer compare",
+                                description="Compare LoRA files × strengths × prompts × seeds on one loaded base.")
+    p.add_argument("folder", type=Path, nargs="?", help="a compare folder holding compare.json")
+    p.add_argument("--base", help="the base model: diffusers folder, checkpoint file, hub id or 'demo'")
+    p.add_argument("--files", nargs="+", type=Path, help="kohya LoRA/LyCORIS .safetensors files, one row each")
+    p.add_argument("--labels", nargs="+", help="one per file (default: the file names)")
+    p.add_argument("--strengths", help="comma-separated, each in [-2, 2]; 0 is the base (default 0,0.5,0.75,1)")
+    p.add_argument("--prompts", nargs="+")
+    p.add_argument("--seeds", help="comma-separated (default 1234)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler")
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--negative")
+    p.add_argument("--clip-skip", type=int)
+    p.add_argument("--precision")
+    p.add_argument("--out", type=Path, help="the folder to write compare.json, the cells and grid.png into")
+    args = p.parse_args(argv)
+    args.command = "compare"
+    if (args.folder is None) == (args.out is None):
+        p.error("give a compare FOLDER, or the settings with --out FOLDER")  # exits 2
+    if args.folder is not None:
+        return args
+    if (args.out / "events.jsonl").exists():
+        p.error(f"{args.out} already holds a compare: choose a new folder")
+    settings = {"base": args.base, "files": [str(f.resolve()) for f in args.files or []], "labels": args.labels,
+                "prompts": args.prompts} | {k: getattr(args, k) for k in (
+                    "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height", "negative",
+                    "clip_skip", "precision")}
+    try:
+        args.spec = checked(settings)
+    except CompareError as e:
+        p.error(str(e))
+    args.folder = args.out
+    return args
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run a compare (writing its compare.json first in the --out form); record a failure as the worker records
+    its end: an error event, status.json failed, the message on stderr."""
+    from trainer.compare import compare as run_compare
+    from trainer.compare_spec import SPEC_FILE, CompareError
+    from trainer.events import EventWriter
+    from trainer.rundir import RunDir
+    from trainer.single_file import CheckpointError
+    from trainer.train import StopFlag
+
+    folder = args.folder
+    if getattr(args, "spec", None) is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SPEC_FILE).write_text(json.dumps(args.spec, indent=1), encoding="utf-8")
+    if not (folder / SPEC_FILE).is_file():
+        print(f"{folder}: no {SPEC_FILE} (write one, or give the settings with --out)", file=sys.stderr)
+        return 2
+    setup_logging(folder)
+    stop = StopFlag()
+    install_signals(stop)
+    try:
+        ended = run_compare(folder, stop)
+    except Exception as e:
+        logging.getLogger("trainer").error("compare failed:\n%s", traceback.format_exc())
+        message = user_message(e)
+        quietly(EventWriter(folder).emit)("error", message=message)
+        quietly(RunDir(folder).write_status)(state="failed", message=message, pid=None)
+        print(f"python -m trainer compare: {message}", file=sys.stderr)
+        return 2 if isinstance(e, (CompareError, CheckpointError)) else 1
+    print(folder / "grid.png" if ended == "done" else f"{folder}: cancelled")
+    return EXIT_CANCELLED if ended == "cancelled" else 0
+
+
 def setup_logging(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "worker.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -101,7 +187,7 @@ def install_signals(stop) -> None:
             logging.getLogger("trainer").warning("second %s: exiting at once", signal.Signals(signum).name)
             os._exit(128 + signum)
         stop.requested = True
-        logging.getLogger("trainer").info("%s: saving state and stopping", signal.Signals(signum).name)
+        logging.getLogger("trainer").info("%s: stopping at the next safe point", signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -167,6 +253,7 @@ def quietly(write):
 
 def user_message(e: Exception) -> str:
     from trainer.checkpoint import StateError
+    from trainer.compare_spec import CompareError
     from trainer.config import ConfigError
     from trainer.loss import TrainingError
     from trainer.optim import OptimizerUnavailable
@@ -174,7 +261,7 @@ def user_message(e: Exception) -> str:
     from trainer.single_file import CheckpointError
 
     if isinstance(e, (ConfigError, TrainingError, CheckpointError, OptimizerUnavailable, QuantizationUnavailable,
-                      StateError)):
+                      StateError, CompareError)):
         return str(e)
     if "out of memory" in str(e).lower():
         return ("The GPU ran out of memory. Lower train_batch_size or resolution, turn on gradient_checkpointing, "
@@ -186,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.command == "resize":
         return resize(args)
+    if args.command == "compare":
+        return compare(args)
     if args.command == "new":
         from trainer.new_run import create_run
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from trainer import config
+from trainer import config, events
 from trainer.single_file import read_safetensors_metadata as metadata  # noqa: F401  (re-exported for both sides)
 
 SPEC_FILE = "compare.json"
@@ -15,6 +15,11 @@ DEFAULTS = {"strengths": [0, 0.5, 0.75, 1], "seeds": [1234], "negative": "", "sa
             "cfg_scale": 7.0, "width": 512, "height": 512, "clip_skip": 1, "precision": "fp32"}
 SETTINGS = tuple(DEFAULTS) + ("prompts",)  # what a form or a script may set; base, files and labels are chosen
 PRECISIONS = ("fp32", "fp16", "bf16")
+# The compare worker's events (trainer.compare), added to the one event schema: the worker and the app both import
+# this module, so both write and read them (an EventReader skips a type it does not know).
+EVENTS = {"compare_file": ("index", "label", "arch", "method", "held_out", "problem"),
+          "compare_cell": ("file", "strength", "prompt", "seed", "path", "held_out")}
+events.TYPES.update(EVENTS)
 
 
 class CompareError(ValueError):

@@ -1,0 +1,402 @@
+"""Compare LoRA files on one loaded base (issue #15): files × strengths × prompts × seeds, one picture per cell.
+
+The base is loaded once. Each file is checked first (readable, made for this base's family, every module matching a
+weight of the right shape); one that is not gets a named problem and is skipped. Then, file by file, its update ΔW
+is computed once per module from its factors (lycoris.functional: LoRA/LoCon, LoHa, LoKr; DoRA as ComfyUI merges
+it, ΔW = W_dora − W0), and each strength s sets W = W0 + s·ΔW in the UNet and the text encoders, in place. The
+touched weights are restored exactly, from a CPU copy, before the next file. Strength 0 is the base, drawn once per
+prompt × seed.
+
+    FOLDER/compare.json   the spec (trainer.compare_spec)
+           events.jsonl   status, compare_file, compare_cell, done, cancelled (trainer.events)
+           status.json    running -> done / cancelled (failed: trainer/__main__.py records it)
+           cells/*.png    one per cell, with WebUI `parameters` naming the file and strength
+           grid.png       rows = usable files, columns = prompt × seed × strength, with labels; written when done
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lycoris.functional import locon, loha, lokr, weight_decompose
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+from torch import nn
+
+from trainer.compare_spec import SPEC_FILE, CompareError, checked, number
+from trainer.events import EventWriter
+from trainer.kohya_names import kohya_name
+from trainer.loading import ARCH_NAMES, load_base
+from trainer.rundir import RunDir
+from trainer.sampling import parameters_text, generate, save_png
+from trainer.single_file import CheckpointError, read_safetensors_header
+
+log = logging.getLogger("trainer.compare")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PARAMS = {  # what a module of each form stores (kohya / LyCORIS names); alpha and dora_scale may go with any
+    "lora": {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+}
+SHARED = {"alpha", "dora_scale"}
+FACTORS = set().union(*PARAMS.values())
+SGM_UNET = ("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")
+LABEL_WIDTH, HEADER_HEIGHT, LINE = 200, 48, 14  # the grid's label column and header row, in pixels
+
+
+class Cancelled(Exception):
+    """A stop was asked for (SIGTERM / SIGINT): the cells drawn so far stay."""
+
+
+@dataclass
+class LoraFile:
+    index: int  # in the spec's files
+    label: str
+    path: Path
+    arch: str | None  # what the file says it was made for, None when nothing tells
+    method: str  # lora | locon | loha | lokr | dora
+    held_out: float | None  # ss_validation_loss
+    problem: str = ""  # why it is skipped; "" when usable
+
+    def event(self) -> dict:
+        return {"index": self.index, "label": self.label, "arch": self.arch, "method": self.method,
+                "held_out": self.held_out, "problem": self.problem}
+
+
+# --- the base's weights under kohya names ---
+
+def base_weights(base) -> dict[str, nn.Parameter]:
+    """kohya name -> weight of every Linear and Conv2d in the UNet and text encoders: every module a file can name
+    (kohya's defaults, LoCon's convs, LyCORIS' full preset)."""
+    components = {"unet": base.unet} | dict(zip(("text_encoder", "text_encoder_2"), base.text_encoders))
+    found = {}
+    for component, model in components.items():
+        unet_config = model.config if component == "unet" else None
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                try:
+                    found[kohya_name(base.arch, component, path, unet_config)] = module.weight
+                except KeyError:  # an SDXL UNet module without an SGM name: no file can name it
+                    continue
+    return found
+
+
+# --- one module's update, from the file's factors ---
+
+def module_params(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`lora_unet_x.lora_up.weight` -> {"lora_unet_x": {"lora_up.weight": tensor}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, param = key.partition(".")
+        modules.setdefault(name, {})[param] = value
+    return modules
+
+
+def adapter_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The modules that hold adapter factors (a file may carry other tensors beside them)."""
+    return {name: params for name, params in module_params(tensors).items() if FACTORS & set(params)}
+
+
+def form(params: dict) -> str:
+    """"lora", "loha" or "lokr": which factors a module stores; "" for none of them (or a mix)."""
+    forms = [f for f, names in PARAMS.items() if names & set(params)]
+    known = set().union(*(PARAMS[f] for f in forms), SHARED)
+    return forms[0] if len(forms) == 1 and set(params) <= known else ""
+
+
+def scale(params: dict, rank: int) -> float:
+    """alpha / rank; a file without alpha means alpha = rank (kohya)."""
+    return params["alpha"].item() / rank if "alpha" in params else 1.0
+
+
+def low_rank_update(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW at strength 1 of a LoRA / LoHa / LoKr module, as lycoris.functional rebuilds it (any shape)."""
+    kind = form(p)
+    if kind == "lora":
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        return locon.diff_weight(down, up, p.get("lora_mid.weight"), gamma=scale(p, down.shape[0]))
+    if kind == "loha":  # LyCORIS' w1d / w1u are the file's hada_w1_b / hada_w1_a
+        return loha.diff_weight(p["hada_w1_b"], p["hada_w1_a"], p["hada_w2_b"], p["hada_w2_a"], p.get("hada_t1"),
+                                p.get("hada_t2"), gamma=scale(p, p["hada_w1_b"].shape[0]))
+    if kind == "lokr":  # lycoris divides alpha by the rank of the factorised half itself (1 when none is)
+        factorised = p.get("lokr_w1_a", p.get("lokr_w2_a"))
+        alpha = p["alpha"].item() if "alpha" in p else factorised.shape[1] if factorised is not None else 1.0
+        return lokr.diff_weight(*(p.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                                                     "lokr_w2_b", "lokr_t2")), gamma=alpha)
+    raise ValueError(f"holds {', '.join(sorted(p))}: not LoRA, LoHa or LoKr factors")
+
+
+def dora_update(weight: torch.Tensor, plain: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """W_dora − W0: the merged weight W0 + ΔW with each input channel's norm (each output row's, when the file's
+    magnitude is per output) rescaled to dora_scale, as ComfyUI's weight_decompose does."""
+    on_out = dora_scale.shape[0] == weight.shape[0]
+    ones = [1] * (weight.dim() - 1)
+    magnitude = dora_scale.reshape([weight.shape[0], *ones] if on_out else [1, weight.shape[1], *ones[1:]])
+    return weight_decompose(weight + plain, magnitude, wd_on_out=on_out) - weight
+
+
+def update(params: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """ΔW at strength 1, shaped like `weight`, in float32; ValueError when it cannot be."""
+    params = {k: v.float() for k, v in params.items()}
+    plain = low_rank_update(params)
+    if plain.numel() != weight.numel():
+        raise ValueError(f"its update is {tuple(plain.shape)}, the base's weight {tuple(weight.shape)}")
+    plain = plain.reshape(weight.shape)
+    if "dora_scale" in params:
+        return dora_update(weight.float(), plain, params["dora_scale"])
+    return plain
+
+
+# --- checking a file before anything is drawn ---
+
+def file_arch(meta: dict, names) -> str | None:
+    """The family a file was made for: as its metadata says, else SDXL when its names are (two text encoders,
+    SGM UNet names); None when nothing tells (SD 1.x and 2.x files share their names)."""
+    said = f"{meta.get('ss_base_model_version', '')} {meta.get('modelspec.architecture', '')}".lower()
+    for mark, arch in (("xl", "sdxl"), ("v2", "sd2"), ("v1", "sd1")):
+        if mark in said:
+            return arch
+    if any(n.startswith(("lora_te1_", "lora_te2_", *SGM_UNET)) for n in names):
+        return "sdxl"
+    return None
+
+
+def method(modules: dict[str, dict]) -> str:
+    forms = {form(p) for p in modules.values()}
+    if any("dora_scale" in p for p in modules.values()):
+        return "dora"
+    if forms == {"lora"}:
+        convs = any(p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[-1] > 1
+                    for p in modules.values())
+        return "locon" if convs else "lora"
+    return "+".join(sorted(f for f in forms if f)) or "unknown"
+
+
+def fit_problem(modules: dict[str, dict], weights: dict[str, nn.Parameter]) -> str:
+    """Why the modules do not fit the base ("" when they all do), from their shapes alone."""
+    missing = [n for n in modules if n not in weights]
+    if missing:
+        return f"{len(missing)} of its {len(modules)} modules have no match in this base (first: {missing[0]})"
+    for name, params in modules.items():
+        try:  # alpha only scales the update (and a meta tensor has no value)
+            update({k: v for k, v in params.items() if k != "alpha"}, weights[name].to("meta"))
+        except (ValueError, RuntimeError) as e:
+            return f"{name}: {str(e).splitlines()[0]}"
+    return ""
+
+
+def inspect(index: int, label: str, path: Path, base_arch: str, weights: dict[str, nn.Parameter]) -> LoraFile:
+    """The file as the grid will use it, or with the problem that keeps it out. Reads only its header: the checks
+    run on the meta device, where tensors have shapes and no data."""
+    try:
+        header = read_safetensors_header(path)
+    except (CheckpointError, OSError) as e:
+        return LoraFile(index, label, path, None, "unknown", None, f"not a readable .safetensors file: {e}")
+    meta = header.pop("__metadata__", None) or {}
+    held_out = number(meta.get("ss_validation_loss"))
+    tensors = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+    modules = adapter_modules(tensors)
+    if not modules or not all(n.startswith("lora_") for n in modules):
+        first = next(iter(header), "none")
+        return LoraFile(index, label, path, None, "unknown", held_out,
+                        f"not a LoRA file: it holds no kohya LoRA/LyCORIS weights (first key: {first})")
+    arch = file_arch(meta, modules)
+    found = LoraFile(index, label, path, arch, method(modules), held_out)
+    if arch is not None and arch != base_arch:
+        found.problem = f"made for {ARCH_NAMES[arch]}, the base is {ARCH_NAMES[base_arch]}"
+    else:
+        found.problem = fit_problem(modules, weights)
+    return found
+
+
+# --- swapping files in and out of the loaded base ---
+
+class HotSwap:
+    """The base's weights with at most one file applied, at one strength. `use` computes a file's ΔW once, when the
+    file changes, and keeps a CPU copy of every weight it touches, which `restore` puts back bit for bit."""
+
+    def __init__(self, weights: dict[str, nn.Parameter]):
+        self.weights = weights
+        self.path: Path | None = None
+        self.strength = 0.0
+        self.updates: dict[str, torch.Tensor] = {}
+        self.backup: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def use(self, path: Path | None, strength: float) -> None:
+        """The file at `path` (None: the base) at `strength`."""
+        if path != self.path:
+            self.restore()
+            self.backup = {}
+            self.updates = {}
+            for name, params in adapter_modules(load_file(str(path))).items() if path else ():
+                self.backup[name] = self.weights[name].detach().to("cpu", copy=True)
+                self.updates[name] = update(params, self.backup[name])
+            self.path = path
+        if strength != self.strength:
+            for name, delta in self.updates.items():
+                weight = self.weights[name]
+                weight.copy_(self.backup[name])
+                if strength:
+                    weight.add_(delta.to(weight.device), alpha=strength)
+            self.strength = strength
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, original in self.backup.items():
+            self.weights[name].copy_(original)
+        self.strength = 0.0
+
+
+# --- the cells ---
+
+@dataclass(frozen=True)
+class Cell:
+    file: LoraFile | None  # None: the base
+    strength: float
+    prompt: int  # index into the spec's prompts
+    seed: int  # the value
+
+    @property
+    def name(self) -> str:
+        row = "base" if self.file is None else f"file{self.file.index:02d}_s{self.strength:g}"
+        return f"cells/{row}_p{self.prompt}_seed{self.seed}.png"
+
+    def event(self) -> dict:
+        return {"file": None if self.file is None else self.file.index, "strength": self.strength,
+                "prompt": self.prompt, "seed": self.seed, "path": self.name,
+                "held_out": None if self.file is None else self.file.held_out}
+
+
+def plan(spec: dict, files: list[LoraFile]) -> list[Cell]:
+    """Every cell in drawing order: the base first (when strength 0 is asked), then file by file, strength by
+    strength, so each file is loaded once and each strength applied once."""
+    pictures = [(p, seed) for p in range(len(spec["prompts"])) for seed in spec["seeds"]]
+    cells = [Cell(None, 0.0, p, seed) for p, seed in pictures] if 0 in spec["strengths"] else []
+    return cells + [Cell(f, s, p, seed) for f in files for s in spec["strengths"] if s != 0 for p, seed in pictures]
+
+
+def quote(text: str) -> str:
+    """A value on WebUI's settings line: JSON-quoted when it holds a comma, colon or line break (as WebUI does)."""
+    return json.dumps(text) if any(c in text for c in ",:\n") else text
+
+
+def cell_parameters(spec: dict, cell: Cell) -> str:
+    lora = "none" if cell.file is None else quote(cell.file.label)
+    return (parameters_text(spec["prompts"][cell.prompt], sampler=spec["sampler"], steps=spec["steps"],
+                            cfg_scale=spec["cfg_scale"], seed=cell.seed, width=spec["width"], height=spec["height"],
+                            model=Path(str(spec["base"])).name, negative=spec["negative"])
+            + f", Lora: {lora}, Strength: {cell.strength:g}")
+
+
+def draw(base, spec: dict, cell: Cell) -> Image.Image:
+    return generate(base, spec["prompts"][cell.prompt], sampler=spec["sampler"], steps=spec["steps"],
+                    cfg_scale=spec["cfg_scale"], seed=cell.seed, width=spec["width"], height=spec["height"],
+                    clip_skip=spec["clip_skip"], negative=spec["negative"])
+
+
+# --- the grid ---
+
+def label_tile(lines: list[str], size: tuple[int, int]) -> Image.Image:
+    """White tile with black text, clipped to the tile."""
+    tile = Image.new("RGB", size, "white")
+    ImageDraw.Draw(tile).multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(),
+                                        spacing=2)
+    return tile
+
+
+def row_lines(f: LoraFile) -> list[str]:
+    lines = textwrap.wrap(f.label, LABEL_WIDTH // 7) or [""]
+    return lines + ([f"held-out {f.held_out:.4f}"] if f.held_out is not None else [])
+
+
+def grid(folder: Path, spec: dict, files: list[LoraFile]) -> Image.Image:
+    """Rows = files, columns = prompt × seed × strength (strength fastest), a header row and a label column."""
+    columns = [(p, seed, s) for p in range(len(spec["prompts"])) for seed in spec["seeds"] for s in spec["strengths"]]
+    w, h = spec["width"], spec["height"]
+    sheet = Image.new("RGB", (LABEL_WIDTH + w * len(columns), HEADER_HEIGHT + h * len(files)), "white")
+    for c, (p, seed, s) in enumerate(columns):
+        sheet.paste(label_tile([f"strength {s:g}", f"prompt {p + 1}", f"seed {seed}"], (w, HEADER_HEIGHT)),
+                    (LABEL_WIDTH + c * w, 0))
+    for r, f in enumerate(files):
+        sheet.paste(label_tile(row_lines(f), (LABEL_WIDTH, h)), (0, HEADER_HEIGHT + r * h))
+        for c, (p, seed, s) in enumerate(columns):
+            cell = Cell(None if s == 0 else f, s, p, seed)
+            with Image.open(folder / cell.name) as picture:
+                sheet.paste(picture.convert("RGB"), (LABEL_WIDTH + c * w, HEADER_HEIGHT + r * h))
+    return sheet
+
+
+# --- the whole compare ---
+
+def read_spec(folder: Path) -> dict:
+    try:
+        spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CompareError(f"{SPEC_FILE}: cannot be read as JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise CompareError(f"{SPEC_FILE}: expected an object of settings")
+    return checked(spec)
+
+
+def check_files(spec: dict, base, weights, events: EventWriter) -> list[LoraFile]:
+    """The usable files; a compare_file event for each; CompareError when none is usable."""
+    files = [inspect(i, label, Path(path), base.arch, weights)
+             for i, (path, label) in enumerate(zip(spec["files"], spec["labels"]))]
+    for f in files:
+        events.emit("compare_file", **f.event())
+        if f.problem:
+            log.warning("%s skipped: %s", f.path, f.problem)
+    usable = [f for f in files if not f.problem]
+    if not usable:
+        raise CompareError("no usable file: " + "; ".join(f"{f.label}: {f.problem}" for f in files))
+    return usable
+
+
+def compare(folder: Path, stop) -> str:
+    """Run the compare in `folder`: "done", or "cancelled" once `stop.requested` is set (checked before each cell).
+    Raises CompareError (bad spec, no usable file) or CheckpointError (a base that cannot be loaded)."""
+    folder, events, run_dir = Path(folder), EventWriter(folder), RunDir(folder)
+
+    def say(message: str) -> None:
+        events.status("compare", message)
+        run_dir.write_status(message=message)
+
+    run_dir.write_status(state="running", pid=os.getpid(), message="reading compare.json")
+    spec = read_spec(folder)
+    say("loading the base")
+    base = load_base(spec["base"], dtype=DTYPES[spec["precision"]])
+    base.pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+    base.pipeline.set_progress_bar_config(disable=True)
+    weights = base_weights(base)
+    say("checking the files")
+    files = check_files(spec, base, weights, events)
+    cells, swap, drawn, row = plan(spec, files), HotSwap(weights), 0, ()
+    try:
+        for cell in cells:
+            if stop.requested:
+                raise Cancelled
+            if cell.file is not row:
+                row = cell.file
+                say("drawing the base" if row is None else f"file {files.index(row) + 1}/{len(files)}: {row.label}")
+            swap.use(None if cell.file is None else cell.file.path, cell.strength)
+            save_png(draw(base, spec, cell), folder / cell.name, cell_parameters(spec, cell))
+            events.emit("compare_cell", **cell.event())
+            drawn += 1
+    except Cancelled:
+        events.emit("cancelled", step=drawn)
+        run_dir.write_status(state="cancelled", message=f"stopped after {drawn} of {len(cells)} cells", pid=None)
+        return "cancelled"
+    finally:
+        swap.restore()
+    say("writing the grid")
+    grid(folder, spec, files).save(folder / "grid.png")
+    events.emit("done", path="grid.png")
+    run_dir.write_status(state="done", message=f"{drawn} cells", pid=None)
+    return "done"
