@@ -190,7 +190,7 @@ def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     chosen = [f["path"] for f in run_files(run)][:2]
     hold(compares, 1)
     status, compare_id, view = compare_tab.on_compare(compares, jobs, "r", chosen, [], *form())
-    assert status == f"Compare **{compare_id}** running: 4 cells." and view is None
+    assert status == f"Compare **{compare_id}** running: 2 files × 2 strengths × 1 prompts × 1 seeds." and view is None
     progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
     assert "file None at 0.0" in progress  # the worker's own status line
     # the base (strength 0) is drawn once and shown in both rows; strength 1 is still to come
@@ -241,7 +241,7 @@ def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, comp
     good = lora(tmp_path / "drop" / "mine.safetensors", ss_epoch="5", ss_validation_loss="0.5")
     other = lora(tmp_path / "drop" / "an-sdxl-file.safetensors")
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(good), str(other)], *form())
-    assert "4 cells" in status
+    assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
     progress, problems, grid, download, _ = refreshed(compares, compare_id, None, "done")
     assert problems == "⚠ an-sdxl-file: made for SDXL, the base is SD 1.5 (skipped)"
     assert progress == "Cell 2 / 2 · done"  # the skipped file's cells are not waited for
@@ -279,7 +279,7 @@ def test_no_usable_file_is_an_error_line(jobs, compares, tmp_path):
     _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(only)], *form())
     progress, problems, *_ = refreshed(compares, compare_id, None, "failed")
     assert problems.endswith("⚠ no usable file: every file was skipped")
-    assert compares.info(compare_id).state == "failed"
+    wait_for(lambda: compares.info(compare_id).state == "failed")  # once the worker has exited
 
 
 def test_one_compare_at_a_time_and_none_on_a_busy_gpu(jobs, compares, tmp_path):

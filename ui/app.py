@@ -106,7 +106,8 @@ def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs) -> No
                         [compare.run, compare.files, compare.upload, *compare.form()],
                         [compare.status, compare_id, view])
     compare.cancel.click(partial(compare_tab.cancel, compares), compare_id, compare.status)
-    timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view])
+    timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view],
+               show_progress="hidden")  # the page is redrawn each second: no spinner over the grid
 
 
 def browser_secret(runs_dir: Path) -> str:

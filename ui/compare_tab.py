@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import config
-from trainer.compare_spec import DEFAULTS, CompareError, cell_count
+from trainer.compare_spec import DEFAULTS, CompareError
 from ui import train_tab
 from ui.compares import CompareManager, CompareView, run_files, run_settings, spec_of, upload_label
 from ui.jobs import JobManager
@@ -135,8 +135,9 @@ def on_compare(compares: CompareManager, jobs: JobManager, run_id: str, chosen: 
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows
         return [f"⚠ {e}", gr.update(), gr.update()]
-    cells = cell_count(compares.spec(info.compare_id))
-    return [f"Compare **{info.compare_id}** {info.state}: {cells} cells.", info.compare_id, None]
+    spec = compares.spec(info.compare_id)
+    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
+    return [f"Compare **{info.compare_id}** {info.state}: {shape}.", info.compare_id, None]
 
 
 def cancel(compares: CompareManager, compare_id: str) -> str:
