@@ -266,3 +266,12 @@ def test_an_sdxl_file_swaps_into_both_text_encoders_and_the_sgm_named_unet(tiny_
     got = pixels(generate(base, "a red circle", seed=3, **DRAW))
     want = pixels(generate(fresh_merged(sdxl, path, 1.0), "a red circle", seed=3, **DRAW))
     assert np.abs(got - want).max() <= 2
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_its_quick_mode():
+    from bench import compare as bench
+
+    results = bench.main(["--quick"])
+    assert [r["files"] for r in results] == [1, 2]
+    assert all(r["hot"]["cells"] == r["naive"]["cells"] and r["speedup"] > 0 for r in results)

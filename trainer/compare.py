@@ -124,11 +124,11 @@ def low_rank_update(p: dict[str, torch.Tensor]) -> torch.Tensor:
     if kind == "loha":  # LyCORIS' w1d / w1u are the file's hada_w1_b / hada_w1_a
         return loha.diff_weight(p["hada_w1_b"], p["hada_w1_a"], p["hada_w2_b"], p["hada_w2_a"], p.get("hada_t1"),
                                 p.get("hada_t2"), gamma=scale(p, p["hada_w1_b"].shape[0]))
-    if kind == "lokr":  # lycoris divides alpha by the rank of the factorised half itself (1 when none is)
-        factorised = p.get("lokr_w1_a", p.get("lokr_w2_a"))
-        alpha = p["alpha"].item() if "alpha" in p else factorised.shape[1] if factorised is not None else 1.0
+    if kind == "lokr":  # lycoris divides gamma by the rank of the factorised half itself (by gamma when none is)
+        half = p.get("lokr_w1_a", p.get("lokr_w2_a"))
+        rank = half.shape[1] if half is not None else 1
         return lokr.diff_weight(*(p.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
-                                                     "lokr_w2_b", "lokr_t2")), gamma=alpha)
+                                                     "lokr_w2_b", "lokr_t2")), gamma=scale(p, rank) * rank)
     raise ValueError(f"holds {', '.join(sorted(p))}: not LoRA, LoHa or LoKr factors")
 
 
