@@ -153,3 +153,25 @@ def test_a_script_cancels_a_compare(served, tmp_path):
     status = wait_until_ended(client, started["compare_id"])
     assert status["state"] == "cancelled" and status["message"] == "stopped after 1 cell(s)"
     assert status["grid"] is None and len(status["cells"]) == 1
+
+
+def test_a_script_compares_a_runs_files_with_its_sample_settings(served):
+    from types import SimpleNamespace
+
+    from gradio_client import Client
+
+    from tests.test_compare_ui import trained_run
+
+    url, compares = served
+    trained_run(SimpleNamespace(runs_dir=compares.compares_dir.parent))
+    client = Client(url, verbose=False)
+    started = client.predict(run_id="r", files=None, settings={"strengths": [0, 1], "seeds": [2, 3]},
+                             api_name="/compare_start")
+    status = wait_until_ended(client, started["compare_id"])
+    assert status["state"] == "done" and status["total"] == 3 * 2 * 2 * 2  # 3 files, the run's 2 sample prompts
+    assert [(f["label"], f["held_out"]) for f in status["files"]] == [
+        ("lora-000001 (epoch 1, step 4)", 0.1234), ("lora-000002 (epoch 2, step 8)", None),
+        ("lora (epoch 3, step 12)", 0.25)]
+    spec = compares.spec(started["compare_id"])
+    assert spec["base"] == "demo" and spec["steps"] == 7 and spec["width"] == 64 and spec["seeds"] == [2, 3]
+    assert spec["prompts"] == ["zxq, portrait, looking at viewer", "zxq, full body, standing outdoors"]

@@ -174,6 +174,8 @@ def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
     assert files["value"] == [str((run.output / n).resolve()) for n in
                               ("lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors")]
     assert note == "3 saved file(s), all ticked."
+    assert compare_tab.run_choices(jobs) == {"__type__": "update", "choices": ["r"]}
+    assert compare_tab.run_choices(jobs, "r") == {"__type__": "update", "choices": ["r"], "value": "r"}
     assert (base, steps, seeds, width, height) == ("demo", 7, "1234", 64, 64)
     assert prompts.splitlines() == ["zxq, portrait, looking at viewer", "zxq, full body, standing outdoors"]
 

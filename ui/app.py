@@ -97,7 +97,7 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
 
 def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs) -> None:
     compare_id, view = gr.State(""), gr.State(None)
-    compare_page.select(partial(compare_tab.run_choices, jobs), compare.run, compare.run)
+    compare_page.select(partial(compare_tab.run_choices, jobs), None, compare.run)  # the choice and form stay
     runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare")) if r
                        else (gr.update(), gr.update()), runs.chosen, [compare.run, tabs])
     compare.run.change(partial(compare_tab.choose_run, jobs), compare.run,
