@@ -163,15 +163,34 @@ def test_a_script_compares_a_runs_files_with_its_sample_settings(served):
     from tests.test_compare_ui import trained_run
 
     url, compares = served
-    trained_run(SimpleNamespace(runs_dir=compares.compares_dir.parent))
+    runs = SimpleNamespace(runs_dir=compares.compares_dir.parent)
+    trained_run(runs)
     client = Client(url, verbose=False)
     started = client.predict(run_id="r", files=None, settings={"strengths": [0, 1], "seeds": [2, 3]},
                              api_name="/compare_start")
     status = wait_until_ended(client, started["compare_id"])
     assert status["state"] == "done" and status["total"] == 3 * 2 * 2 * 2  # 3 files, the run's 2 sample prompts
     assert [(f["label"], f["held_out"]) for f in status["files"]] == [
-        ("lora-000001 (epoch 1, step 4)", 0.1234), ("lora-000002 (epoch 2, step 8)", None),
-        ("lora (epoch 3, step 12)", 0.25)]
+        ("r / lora-000001 (epoch 1, step 4)", 0.1234), ("r / lora-000002 (epoch 2, step 8)", None),
+        ("r / lora (epoch 3, step 12)", 0.25)]
     spec = compares.spec(started["compare_id"])
     assert spec["base"] == "demo" and spec["steps"] == 7 and spec["width"] == 64 and spec["seeds"] == [2, 3]
     assert spec["prompts"] == ["zxq, portrait, looking at viewer", "zxq, full body, standing outdoors"]
+
+    # several runs on the same base: every saved file of each, the first run's settings
+    trained_run(runs, "s", sample_steps=9, trigger_word="qqq")
+    started = client.predict(run_id=["s", "r"], files=None, settings={"strengths": [1], "seeds": [2]},
+                             api_name="/compare_start")
+    status = wait_until_ended(client, started["compare_id"])
+    assert status["state"] == "done" and status["total"] == 6 * 2
+    assert [f["label"] for f in status["files"]] == [
+        f"{run} / {name}" for run in ("s", "r")
+        for name in ("lora-000001 (epoch 1, step 4)", "lora-000002 (epoch 2, step 8)", "lora (epoch 3, step 12)")]
+    spec = compares.spec(started["compare_id"])
+    assert spec["steps"] == 9 and spec["prompts"][0].startswith("qqq, ")
+    assert spec["files"][3] == str((runs.runs_dir / "r" / "output" / "lora-000001.safetensors").resolve())
+    for run_id, message in ((["r", "../s"], "must be a plain name"), (["r", "nothing"], "no run 'nothing'"),
+                            (["r", "r"], "a run is named twice"), ([3], "expected a run id or a list of run ids")):
+        with pytest.raises(Exception, match=message):
+            client.predict(run_id=run_id, files=None, settings=None, api_name="/compare_start")
+    assert len(compares.compares()) == 2

@@ -70,9 +70,10 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
         page.get_by_role("option", name="ring").click()
         page.locator("#runs-compare").click()  # switches to the Compare tab with the run chosen
         files = page.locator("#compare-files")
-        files.get_by_text(re.compile(r"lora-000001 \(epoch 1, step \d+\) — held-out loss \d\.\d{4}")).wait_for(
+        files.get_by_text(re.compile(r"ring / lora-000001 \(epoch 1, step \d+\) · held-out \d\.\d{4}")).wait_for(
             timeout=30000)
-        assert page.locator("#compare-run-info").inner_text() == f"{len(saved)} saved file(s), all ticked."
+        page.locator("#compare-run-info").get_by_text(f"{len(saved)} saved file(s), all ticked.", exact=True).wait_for(
+            timeout=10000)
         prompts = page.locator("#compare-prompts textarea")
         page.wait_for_function("() => document.querySelector('#compare-prompts textarea').value.includes('zxq')")
         assert prompts.input_value().splitlines() == list(base_samples)  # the run's own sample prompts
@@ -98,7 +99,7 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
         page.wait_for_function(f"() => document.querySelectorAll('#compare-grid img').length === {total}")
         text = grid.inner_text()
         for stem in saved:
-            assert re.search(rf"{stem} \(epoch \d+, step \d+\)\s+held-out loss \d\.\d{{4}}", text), (stem, text)
+            assert re.search(rf"ring / {stem} \(epoch \d+, step \d+\)\s+held-out loss \d\.\d{{4}}", text), (stem, text)
         assert "⚠ skipped: made for SDXL, the base is SD 1.x" in text
         for k, prompt in enumerate(base_samples):
             assert f"prompt {k + 1}: {prompt} · seed 1234" in text and f"prompt {k + 1}: {prompt} · seed 5" in text
@@ -115,6 +116,14 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
         compare = next((run.parent / ".compares").iterdir())
         assert got.read_bytes() == (compare / "grid.png").read_bytes()
         assert Image.open(got).width > 3 * 2 * 2 * 64  # a label column and 12 cells a row
+        drawn = labels(page)
+        page.reload()  # the compare id is in the browser's storage: the page comes back on the whole grid
+        page.get_by_role("tab", name="Compare").click()
+        page.wait_for_function(f"() => document.querySelectorAll('#compare-grid img').length === {total}",
+                               timeout=30000)
+        assert labels(page) == drawn and grid.inner_text() == text
+        assert page.locator("#compare-progress").inner_text() == f"Cell {total} / {total} · done"
+        page.locator('#compare-download a[download="grid.png"]').wait_for(timeout=10000)
     finally:
         app.stop()
 

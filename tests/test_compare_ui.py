@@ -115,10 +115,10 @@ def compares(tmp_path):
         proc.wait(timeout=20)
 
 
-def trained_run(jobs, name="r"):
+def trained_run(jobs, name="r", **settings):
     """A finished run with two saved epochs and the final file; epoch 1 has a held-out loss in its events and its
     metadata, epoch 2 none, the final file one in its metadata only."""
-    cfg = config.build("character", "sd15", {"trigger_word": "zxq", "resolution": 64, "sample_steps": 7})
+    cfg = config.build("character", "sd15", {"trigger_word": "zxq", "resolution": 64, "sample_steps": 7} | settings)
     run = create(jobs.runs_dir, cfg, lambda d: d.mkdir(), state="done", name=name)
     lora(run.output / "lora-000001.safetensors", ss_epoch="1", ss_steps="4", ss_validation_loss="0.1234")
     lora(run.output / "lora-000002.safetensors", ss_epoch="2", ss_steps="8")
@@ -164,40 +164,41 @@ def refreshed(compares, compare_id, view, until: str):
 def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
     run = trained_run(jobs)
     assert [(f["name"], f["label"], f["held_out"]) for f in run_files(run)] == [
-        ("lora-000001.safetensors", "lora-000001 (epoch 1, step 4)", 0.1234),
-        ("lora-000002.safetensors", "lora-000002 (epoch 2, step 8)", None),
-        ("lora.safetensors", "lora (epoch 3, step 12)", 0.25)]
-    files, note, base, prompts, seeds, steps, sampler, cfg, width, height = compare_tab.choose_run(jobs, "r")
+        ("lora-000001.safetensors", "r / lora-000001 (epoch 1, step 4)", 0.1234),
+        ("lora-000002.safetensors", "r / lora-000002 (epoch 2, step 8)", None),
+        ("lora.safetensors", "r / lora (epoch 3, step 12)", 0.25)]
+    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height = compare_tab.choose_runs(
+        jobs, ["r"], "")
     assert [text for text, _ in files["choices"]] == [
-        "lora-000001 (epoch 1, step 4) — held-out loss 0.1234", "lora-000002 (epoch 2, step 8)",
-        "lora (epoch 3, step 12) — held-out loss 0.2500"]
+        "r / lora-000001 (epoch 1, step 4) · held-out 0.1234", "r / lora-000002 (epoch 2, step 8)",
+        "r / lora (epoch 3, step 12) · held-out 0.2500"]
     assert files["value"] == [str((run.output / n).resolve()) for n in
                               ("lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors")]
-    assert note == "3 saved file(s), all ticked."
+    assert note == "3 saved file(s), all ticked." and suggested_by == "r"
     assert compare_tab.run_choices(jobs) == {"__type__": "update", "choices": ["r"]}
-    assert compare_tab.run_choices(jobs, "r") == {"__type__": "update", "choices": ["r"], "value": "r"}
+    assert compare_tab.run_choices(jobs, "r") == {"__type__": "update", "choices": ["r"], "value": ["r"]}
     assert (base, steps, seeds, width, height) == ("demo", 7, "1234", 64, 64)
     assert prompts.splitlines() == ["zxq, portrait, looking at viewer", "zxq, full body, standing outdoors"]
 
 
 def test_a_run_with_no_files_yet_says_so(jobs):
     create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="running", name="new")
-    files, note, *_ = compare_tab.choose_run(jobs, "new")
-    assert files["choices"] == [] and "new has no saved files yet" in note
-    assert compare_tab.choose_run(jobs, "../new")[1].startswith("⚠ run id")
+    files, note, *_ = compare_tab.choose_runs(jobs, ["new"], "")
+    assert files["choices"] == [] and note.startswith("⚠ new has no saved files yet")
+    assert compare_tab.choose_runs(jobs, ["../new"], "")[1].startswith("⚠ run id")
 
 
 def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     run = trained_run(jobs)
     chosen = [f["path"] for f in run_files(run)][:2]
     hold(compares, 1)
-    status, compare_id, view = compare_tab.on_compare(compares, jobs, "r", chosen, [], *form())
+    status, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], chosen, [], *form())
     assert status == f"Compare **{compare_id}** running: 2 files × 2 strengths × 1 prompts × 1 seeds." and view is None
     progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
     assert "file None at 0.0" in progress  # the worker's own status line
     # the base (strength 0) is drawn once and shown in both rows; strength 1 is still to come
     assert grid.count('<img src="data:image/png;base64,') == 2 and grid.count("…</td>") == 2
-    assert "lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
+    assert "r / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
     assert "prompt 1: a red circle · seed 7" in grid and "strength 0</th><th>strength 1</th>" in grid
     assert problems == "" and download is None
     release(compares)
@@ -206,17 +207,88 @@ def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     assert download == str(compares.folder(compare_id) / "grid.png")
     assert compare_tab.refresh(compares, compare_id, view)[:4] == [UNCHANGED] * 4  # nothing new: nothing sent
     spec = compares.spec(compare_id)
-    assert spec["labels"] == ["lora-000001 (epoch 1, step 4)", "lora-000002 (epoch 2, step 8)"]
+    assert spec["labels"] == ["r / lora-000001 (epoch 1, step 4)", "r / lora-000002 (epoch 2, step 8)"]
     assert spec["strengths"] == [0.0, 1.0] and spec["seeds"] == [7] and spec["prompts"] == ["a red circle"]
 
 
 def test_another_page_sees_the_whole_grid(jobs, compares):
     trained_run(jobs)
-    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "r", [f["path"] for f in run_files(RunDir(
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, ["r"], [f["path"] for f in run_files(RunDir(
         jobs.runs_dir / "r"))], [], *form())
     first = refreshed(compares, compare_id, None, "done")
     second = compare_tab.refresh(compares, compare_id, None)  # a new view reads the whole history
     assert second[:4] == list(first[:4])
+
+
+def test_files_of_several_runs_are_listed_by_run_and_drawn_in_one_grid(jobs, compares, tmp_path):
+    trained_run(jobs, "a")
+    trained_run(jobs, "b", sample_steps=9, pretrained_model_name_or_path="/models/other.safetensors")
+    files, note, suggested_by, base, prompts, seeds, steps, *_ = compare_tab.choose_runs(jobs, ["a", "b"], "")
+    texts = [text for text, _ in files["choices"]]
+    assert texts[:2] == ["a / lora-000001 (epoch 1, step 4) · held-out 0.1234", "a / lora-000002 (epoch 2, step 8)"]
+    assert texts[3:] == ["b / lora-000001 (epoch 1, step 4) · held-out 0.1234", "b / lora-000002 (epoch 2, step 8)",
+                         "b / lora (epoch 3, step 12) · held-out 0.2500"]
+    assert files["value"] == [path for _, path in files["choices"]] and len(set(files["value"])) == 6
+    assert note == ("6 saved file(s) of 2 runs, all ticked.\n\n⚠ b was trained on /models/other.safetensors, a on "
+                    "demo: every file is drawn on the base chosen below")
+    assert (suggested_by, base, steps) == ("a", "demo", 7)  # the first run suggests the settings
+    # adding or removing a run keeps what the form shows; another first run suggests its own
+    assert compare_tab.choose_runs(jobs, ["a", "b"], "a")[2:] == ["a"] + [UNCHANGED] * len(compare_tab.SUGGESTED)
+    assert compare_tab.choose_runs(jobs, ["b", "a"], "a")[2:5] == ["b", "/models/other.safetensors", prompts]
+    assert compare_tab.choose_runs(jobs, [], "a")[1:3] == ["", ""]
+
+    chosen = [files["value"][0], files["value"][5]]  # a's first epoch, b's final file
+    status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["a", "b"], chosen, [], *form())
+    assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
+    assert compares.spec(compare_id)["labels"] == ["a / lora-000001 (epoch 1, step 4)", "b / lora (epoch 3, step 12)"]
+    progress, problems, grid, *_ = refreshed(compares, compare_id, None, "done")
+    assert progress == "Cell 4 / 4 · done" and grid.count("<img") == 4
+    assert "a / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
+    assert "b / lora (epoch 3, step 12)<br><small>held-out loss 0.2500</small>" in grid
+    elsewhere = str(lora(tmp_path / "elsewhere.safetensors"))
+    status, *_ = compare_tab.on_compare(compares, jobs, ["a", "b"], [chosen[0], elsewhere], [], *form())
+    assert status == "⚠ files: elsewhere.safetensors is not a saved file of a or b"
+    status, *_ = compare_tab.on_compare(compares, jobs, ["a"], chosen, [], *form())  # b no longer chosen
+    assert status == "⚠ files: lora.safetensors is not a saved file of a"
+
+
+def test_a_reload_shows_the_stored_compare_again(jobs, compares):
+    """The page keeps its compare id in the browser's storage; after a reload the view is new and reads the
+    compare from its first event, while it is drawn and after it is done."""
+    run = trained_run(jobs)
+    hold(compares, 1)
+    _, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], [run_files(run)[0]["path"]], [], *form())
+    before = refreshed(compares, compare_id, view, r"Cell 1 / 2")
+    reloaded = compare_tab.refresh(compares, compare_id, None)
+    assert reloaded[:3] == list(before[:3]) and reloaded[2].count("<img") == 1
+    assert reloaded[3] == UNCHANGED  # no grid.png yet: the fresh page has no download either
+    release(compares)
+    done = refreshed(compares, compare_id, before[4], "done")
+    reloaded = compare_tab.refresh(compares, compare_id, None)
+    progress, problems, grid, download, _ = reloaded
+    assert (progress, grid, download) == (done[0], done[2], done[3]) and problems == ""
+    assert grid.count("<img") == 2 and download.endswith("grid.png")
+    assert "r / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
+    # a stored id that is not a plain name, or names no compare (any more), is no compare: the page is cleared
+    for stored in ("../r", "/etc", "compare-gone", 5):
+        assert compare_tab.refresh(compares, stored, done[4]) == [compare_tab.NO_COMPARE, "", "", None, None]
+
+
+def test_the_page_stores_its_compare_in_the_browser(jobs, compares, tmp_path):
+    import gradio as gr
+
+    from ui.app import build_app
+
+    demo = build_app(tmp_path / "runs", tmp_path / "models", jobs=jobs, compares=compares)
+    stored = [b for b in demo.blocks.values() if isinstance(b, gr.BrowserState)
+              and b.storage_key == "lora-studio-compare"]
+    assert len(stored) == 1
+    by_elem = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    events = {(t[0], t[1]): fn for fn in demo.fns.values() for t in fn.targets}
+    start = events[(by_elem["compare-start"]._id, "click")]
+    assert stored[0] in start.outputs  # Compare writes the id there ...
+    ticks = [fn for fn in demo.fns.values() if by_elem["compare-grid"] in fn.outputs]
+    assert len(ticks) == 1 and stored[0] in ticks[0].inputs  # ... and the grid is redrawn from it
 
 
 def test_bad_settings_name_the_field_and_start_nothing(jobs, compares, tmp_path):
@@ -228,13 +300,13 @@ def test_bad_settings_name_the_field_and_start_nothing(jobs, compares, tmp_path)
                              ({"steps": 0}, "⚠ steps: must be a whole number in [1, 150] (got 0)"),
                              ({"prompts": "  \n "}, "⚠ prompts: give 1 to 8 (got 0)"),
                              ({"base": ""}, "⚠ base: choose the base model")):
-        status, compare_id, view = compare_tab.on_compare(compares, jobs, "r", chosen, [], *form(**changes))
+        status, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], chosen, [], *form(**changes))
         assert status.startswith(message), status
         assert compare_id == view == UNCHANGED
-    status, *_ = compare_tab.on_compare(compares, jobs, "r", [], [], *form())
-    assert status == "⚠ files: tick some of a run's saved files or drop .safetensors files"
+    status, *_ = compare_tab.on_compare(compares, jobs, ["r"], [], [], *form())
+    assert status == "⚠ files: tick some of the runs' saved files or drop .safetensors files"
     elsewhere = str(lora(tmp_path / "elsewhere.safetensors"))
-    status, *_ = compare_tab.on_compare(compares, jobs, "r", [elsewhere], [], *form())
+    status, *_ = compare_tab.on_compare(compares, jobs, ["r"], [elsewhere], [], *form())
     assert status == "⚠ files: elsewhere.safetensors is not a saved file of r"
     assert compares.compares() == []
 
@@ -242,7 +314,7 @@ def test_bad_settings_name_the_field_and_start_nothing(jobs, compares, tmp_path)
 def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, compares, tmp_path):
     good = lora(tmp_path / "drop" / "mine.safetensors", ss_epoch="5", ss_validation_loss="0.5")
     other = lora(tmp_path / "drop" / "an-sdxl-file.safetensors")
-    status, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(good), str(other)], *form())
+    status, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(good), str(other)], *form())
     assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
     progress, problems, grid, download, _ = refreshed(compares, compare_id, None, "done")
     assert problems == "⚠ an-sdxl-file: made for SDXL, the base is SD 1.5 (skipped)"
@@ -257,7 +329,7 @@ def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, comp
 def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares):
     run = trained_run(jobs)
     hold(compares, 1)
-    _, compare_id, view = compare_tab.on_compare(compares, jobs, "r", [run_files(run)[0]["path"]], [], *form())
+    _, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], [run_files(run)[0]["path"]], [], *form())
     progress, *_, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     pid = compares.info(compare_id).pid
     assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
@@ -270,7 +342,7 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
 
 def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_path):
     crash = lora(tmp_path / "crash.safetensors")
-    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(crash)], *form())
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(crash)], *form())
     progress, *_ = refreshed(compares, compare_id, None, "failed")
     assert progress.startswith("Cell 0 / 2 · failed: the compare worker stopped without finishing (exit status 1)")
     assert "worker.out" in progress
@@ -278,7 +350,7 @@ def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_pat
 
 def test_no_usable_file_is_an_error_line(jobs, compares, tmp_path):
     only = lora(tmp_path / "sdxl.safetensors")
-    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(only)], *form())
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(only)], *form())
     progress, problems, *_ = refreshed(compares, compare_id, None, "failed")
     assert problems.endswith("⚠ no usable file: every file was skipped")
     wait_for(lambda: compares.info(compare_id).state == "failed")  # once the worker has exited
@@ -287,8 +359,8 @@ def test_no_usable_file_is_an_error_line(jobs, compares, tmp_path):
 def test_one_compare_at_a_time_and_none_on_a_busy_gpu(jobs, compares, tmp_path):
     first_file, second_file = lora(tmp_path / "a.safetensors"), lora(tmp_path / "b.safetensors")
     hold(compares, 0)
-    _, first, _ = compare_tab.on_compare(compares, jobs, "", [], [str(first_file)], *form())
-    _, second, _ = compare_tab.on_compare(compares, jobs, "", [], [str(second_file)], *form())
+    _, first, _ = compare_tab.on_compare(compares, jobs, [], [], [str(first_file)], *form())
+    _, second, _ = compare_tab.on_compare(compares, jobs, [], [], [str(second_file)], *form())
     assert compares.info(first).state == "running" and compares.info(second).state == "queued"
     assert compare_tab.refresh(compares, second, None)[0] == "Queued: waiting for its turn"
     release(compares)
@@ -326,12 +398,11 @@ def test_a_compare_waits_for_a_gpu_no_training_uses(jobs):
 
 
 def test_compare_ids_are_plain_names_and_cells_stay_in_their_folder(jobs, compares, tmp_path):
-    assert compare_tab.refresh(compares, "../r", None)[0].startswith("⚠ compare id '../r': must be a plain name")
     assert compare_tab.cancel(compares, "/etc").startswith("⚠ compare id")
     with pytest.raises(ValueError, match="no compare 'nothing'"):
         compares.info("nothing")
     good = lora(tmp_path / "a.safetensors")
-    _, compare_id, _ = compare_tab.on_compare(compares, jobs, "", [], [str(good)], *form())
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(good)], *form())
     *_, view = refreshed(compares, compare_id, None, "done")
     (tmp_path / "secret.png").write_bytes(b"secret")
     assert compare_tab.picture(view, "../../secret.png") == ""  # an event is data, not a path to follow

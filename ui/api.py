@@ -52,6 +52,18 @@ def checked_compare_settings(settings) -> dict:
     return dict(settings)
 
 
+def run_ids_of(run_id) -> list[str]:
+    """compare_start's `run_id`: None, one run id or a list of them (each checked by run_of)."""
+    if run_id in (None, "", []):
+        return []
+    ids = run_id if isinstance(run_id, list) else [run_id]
+    if not all(isinstance(r, str) and r for r in ids):
+        raise gr.Error(f"run_id: expected a run id or a list of run ids, got {run_id!r}")
+    if len(set(ids)) < len(ids):
+        raise gr.Error(f"run_id: a run is named twice in {ids!r}")
+    return ids
+
+
 def path_of(upload) -> Path:
     return Path(upload["path"] if isinstance(upload, dict) else upload.path)
 
@@ -129,17 +141,18 @@ def register(jobs: JobManager, compares: CompareManager) -> None:
 
 
 def register_compares(jobs: JobManager, compares: CompareManager, run_of) -> None:
-    def compare_start(run_id: str | None = None, files: list[FileData] | None = None,
+    def compare_start(run_id: str | list[str] | None = None, files: list[FileData] | None = None,
                       settings: dict | None = None) -> dict:
-        """Compare a run's saved files (all of them) and/or uploaded .safetensors `files` × strengths × prompts ×
-        seeds on one loaded base. `settings`: base (default: the run's), prompts (a list), strengths, seeds,
-        steps, sampler, cfg_scale, width, height, negative, clip_skip, precision; the run's sample settings
-        fill in what is not given. It is queued at once; returns compare_status."""
+        """Compare the saved files (all of them) of a run, or of several runs on the same base (a list of run
+        ids), and/or uploaded .safetensors `files` × strengths × prompts × seeds on one loaded base. `settings`:
+        base (default: the first run's), prompts (a list), strengths, seeds, steps, sampler, cfg_scale, width,
+        height, negative, clip_skip, precision; the first run's sample settings fill in what is not given. It is
+        queued at once; returns compare_status."""
         settings = checked_compare_settings(settings)
-        run = jobs.run_dir(run_of(run_id)) if run_id else None
+        runs = [jobs.run_dir(run_of(r)) for r in run_ids_of(run_id)]
         uploads = [(path_of(f), upload_label(path_of(f))) for f in files or []]
         try:
-            info = compares.start(spec_of(run, None, settings), uploads)
+            info = compares.start(spec_of(runs, None, settings), uploads)
         except compare_spec.CompareError as e:
             raise gr.Error(str(e)) from None
         return compare_status(info.compare_id)

@@ -57,7 +57,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
             lambda s: s, train.status, monitor.title)
         monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title)
         bind_runs(jobs, runs, timer, tabs, current_run, view)
-        bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs)
+        bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, browser_secret(Path(runs_dir)))
         api.register(jobs, compares)
     demo.css = CSS
     security.close_api(demo)  # a client reaches the documented routes; the page's own handlers stay private
@@ -95,15 +95,18 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
     runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run], [runs.status, current_run])
 
 
-def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs) -> None:
-    compare_id, view = gr.State(""), gr.State(None)
-    compare_page.select(partial(compare_tab.run_choices, jobs), None, compare.run)  # the choice and form stay
+def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secret: str) -> None:
+    # the page's compare survives a reload like the Monitor's run; each view keeps its own cursor into the events
+    compare_id = gr.BrowserState("", storage_key="lora-studio-compare", secret=secret)
+    view, suggested_by = gr.State(None), gr.State("")  # suggested_by: the run the form's settings came from
+    compare_page.select(partial(compare_tab.run_choices, jobs), None, compare.runs)  # the choice and form stay
     runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare")) if r
-                       else (gr.update(), gr.update()), runs.chosen, [compare.run, tabs])
-    compare.run.change(partial(compare_tab.choose_run, jobs), compare.run,
-                       [compare.files, compare.run_info, *[compare.fields[n] for n in compare_tab.SUGGESTED]])
+                       else (gr.update(), gr.update()), runs.chosen, [compare.runs, tabs])
+    compare.runs.change(partial(compare_tab.choose_runs, jobs), [compare.runs, suggested_by],
+                        [compare.files, compare.run_info, suggested_by,
+                         *[compare.fields[n] for n in compare_tab.SUGGESTED]])
     compare.start.click(partial(compare_tab.on_compare, compares, jobs),
-                        [compare.run, compare.files, compare.upload, *compare.form()],
+                        [compare.runs, compare.files, compare.upload, *compare.form()],
                         [compare.status, compare_id, view])
     compare.cancel.click(partial(compare_tab.cancel, compares), compare_id, compare.status)
     timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view],

@@ -1,8 +1,9 @@
-"""Compare tab (issue #15): a run's saved files and/or dropped-in LoRA files × strengths × prompts × seeds, drawn
-by one compare worker on one loaded base; the grid grows in the page as cells arrive.
+"""Compare tab (issue #15): the saved files of one or more runs and/or dropped-in LoRA files × strengths × prompts
+× seeds, drawn by one compare worker on one loaded base; the grid grows in the page as cells arrive.
 
 The handlers are plain functions (values in, values out) over a CompareManager (ui/compares.py); `refresh` sends
-only what changed since this page's last tick.
+only what changed since this page's last tick. The page's compare id is kept in the browser's storage, so a reload
+shows the same compare again: a new view reads its events from the start.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CELL_PX = 192  # the largest a cell is shown in the page; grid.png has them at f
 
 @dataclass
 class CompareTab:
-    run: gr.Dropdown
+    runs: gr.Dropdown  # several runs may be chosen; the settings are suggested by the first
     run_info: gr.Markdown
     files: gr.CheckboxGroup
     upload: gr.File
@@ -52,11 +53,12 @@ def build(models_dir: Path) -> CompareTab:
     gr.Markdown("Draw the same prompts and seeds with each file at each strength, on one loaded base. "
                 "Strength 0 is the base itself.")
     with gr.Row():
-        run = gr.Dropdown(label="Run", choices=[], elem_id="compare-run", scale=2)
+        runs = gr.Dropdown(label="Runs (the first suggests the settings)", choices=[], value=[], multiselect=True,
+                           elem_id="compare-run", scale=2)
         upload = gr.File(label="…and/or drop LoRA / LyCORIS files", file_count="multiple",
                          file_types=[".safetensors"], type="filepath", elem_id="compare-upload", scale=2)
     run_info = gr.Markdown(elem_id="compare-run-info")
-    files = gr.CheckboxGroup(label="The run's saved files", choices=[], elem_id="compare-files")
+    files = gr.CheckboxGroup(label="The runs' saved files", choices=[], elem_id="compare-files")
     base = gr.Dropdown(choices=train_tab.base_model_choices(Path(models_dir)), value="demo", allow_custom_value=True,
                        label="Base model (the one the files were trained on)", elem_id="compare-base")
     with gr.Row():
@@ -82,33 +84,41 @@ def build(models_dir: Path) -> CompareTab:
     grid = gr.HTML(elem_id="compare-grid")
     download = gr.File(label="The whole grid", interactive=False, elem_id="compare-download")
     fields = dict(zip(SETTINGS, [base, prompts, negative, strengths, seeds, steps, sampler, cfg_scale, width, height]))
-    return CompareTab(run, run_info, files, upload, fields, start, cancel, status, progress, problems, grid, download)
+    return CompareTab(runs, run_info, files, upload, fields, start, cancel, status, progress, problems, grid, download)
 
 
 # --- choosing the files ---
 
 def run_choices(jobs: JobManager, chosen: str = "") -> dict:
-    """The runs to choose from, newest first (`chosen` selected, when given)."""
+    """The runs to choose from, newest first (only `chosen` selected, when given)."""
     ids = [r.run_id for r in jobs.runs()]
-    return gr.update(choices=ids, value=chosen) if chosen else gr.update(choices=ids)
+    return gr.update(choices=ids, value=[chosen]) if chosen else gr.update(choices=ids)
 
 
-def choose_run(jobs: JobManager, run_id: str) -> list:
-    """[files (all ticked), note, base, prompts, seeds, steps, sampler, cfg, width, height]: the run's saved files
-    and the settings it suggests; the settings are left as they are when no run is chosen."""
+def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list:
+    """[files (all ticked), note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height]: the
+    saved files of every chosen run, each labelled with its run, and the settings the first run suggests.
+    `suggested_by` is the run the form's settings came from: they are filled in again only when the first run is
+    another one (adding a run keeps what was edited), and left as they are when no run is chosen."""
     keep = [gr.update()] * len(SUGGESTED)
-    if not run_id:
-        return [gr.update(choices=[], value=[]), "", *keep]
+    if not run_ids:
+        return [gr.update(choices=[], value=[]), "", "", *keep]
     try:
-        run = jobs.run_dir(run_id)
-        saved = run_files(run)
-        suggested = compares_settings(run)
+        runs = [jobs.run_dir(r) for r in run_ids]
+        files = {run.id: run_files(run) for run in runs}
+        suggested = [compares_settings(run) for run in runs]
     except (ValueError, OSError) as e:
-        return [gr.update(choices=[], value=[]), f"⚠ {e}", *keep]
-    choices = [(file_text(f), f["path"]) for f in saved]
-    note = (f"{len(saved)} saved file(s), all ticked." if saved
-            else f"⚠ {run_id} has no saved files yet: drop files instead, or wait for its first save.")
-    return [gr.update(choices=choices, value=[p for _, p in choices]), note, *[suggested[n] for n in SUGGESTED]]
+        return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep]
+    choices = [(file_text(f), f["path"]) for found in files.values() for f in found]
+    of_runs = f" of {len(runs)} runs" if len(runs) > 1 else ""
+    notes = [f"{len(choices)} saved file(s){of_runs}, all ticked."] if choices else []
+    notes += [f"⚠ {run_id} has no saved files yet: drop files instead, or wait for its first save."
+              for run_id, found in files.items() if not found]
+    base = suggested[0]["base"]
+    notes += [f"⚠ {run.id} was trained on {other['base']}, {runs[0].id} on {base}: every file is drawn on the "
+              "base chosen below" for run, other in zip(runs[1:], suggested[1:]) if other["base"] != base]
+    settings = keep if runs[0].id == suggested_by else [suggested[0][n] for n in SUGGESTED]
+    return [gr.update(choices=choices, value=[p for _, p in choices]), "\n\n".join(notes), runs[0].id, *settings]
 
 
 def compares_settings(run) -> dict:
@@ -118,20 +128,20 @@ def compares_settings(run) -> dict:
 
 
 def file_text(f: dict) -> str:
-    return f["label"] + (f" — held-out loss {f['held_out']:.4f}" if f["held_out"] is not None else "")
+    return f["label"] + (f" · held-out {f['held_out']:.4f}" if f["held_out"] is not None else "")
 
 
 # --- starting, cancelling ---
 
-def on_compare(compares: CompareManager, jobs: JobManager, run_id: str, chosen: list[str], uploads: list[str],
-               *values) -> list:
+def on_compare(compares: CompareManager, jobs: JobManager, run_ids: list[str], chosen: list[str],
+               uploads: list[str], *values) -> list:
     """Queue a compare from the form: [status text, the page's compare id, its view]."""
     settings = dict(zip(SETTINGS, values))
     if not chosen and not uploads:
-        return ["⚠ files: tick some of a run's saved files or drop .safetensors files", gr.update(), gr.update()]
+        return ["⚠ files: tick some of the runs' saved files or drop .safetensors files", gr.update(), gr.update()]
     try:
-        run = jobs.run_dir(run_id) if run_id and chosen else None
-        spec = spec_of(run, list(chosen or []), settings)
+        runs = [jobs.run_dir(r) for r in run_ids or []] if chosen else []
+        spec = spec_of(runs, list(chosen or []), settings)
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows
         return [f"⚠ {e}", gr.update(), gr.update()]
@@ -150,10 +160,13 @@ def cancel(compares: CompareManager, compare_id: str) -> str:
 # --- what the page shows ---
 
 def refresh(compares: CompareManager, compare_id: str, view: CompareView | None) -> list:
-    """[progress, problems, grid, download, view]: gr.update() (nothing sent) where nothing changed."""
+    """[progress, problems, grid, download, view]: gr.update() (nothing sent) where nothing changed. An id that
+    names no compare here (it comes from the browser's storage: another runs folder, or tampered with) shows none."""
     same = gr.update()
     if not compare_id:
         return [same, same, same, same, None]
+    if not known_compare(compares, compare_id):
+        return [NO_COMPARE, "", "", None, None]
     try:
         if view is None or view.compare_id != compare_id:
             view = compares.view(compare_id)  # a new view reads the whole history
@@ -169,6 +182,14 @@ def refresh(compares: CompareManager, compare_id: str, view: CompareView | None)
             grid_html(view) if view.changed("grid", drawn) else same,
             download if view.changed("download", download) else same,
             view]
+
+
+def known_compare(compares: CompareManager, compare_id) -> bool:
+    try:
+        compares.folder(compare_id)
+    except ValueError:
+        return False
+    return True
 
 
 def progress_line(info, view: CompareView) -> str:

@@ -41,8 +41,9 @@ WAITING_FOR_GPU = "waiting for a GPU that no training run is using"
 # --- the files of a run ---
 
 def run_files(run: RunDir) -> list[dict]:
-    """The run's saved files, oldest first: {path, name, epoch, step, held_out, label}. Epoch, step and held-out
-    loss from the run's checkpoint and validation events, else from the file's metadata."""
+    """The run's saved files, oldest first: {path, name, epoch, step, held_out, label}; the label names the run
+    ("r / lora-000002 (epoch 2, step 8)"), so files of several runs stay apart. Epoch, step and held-out loss from
+    the run's checkpoint and validation events, else from the file's metadata."""
     events = read_all(run.path)
     saved = {e["path"]: e for e in events if e["type"] == "checkpoint"}
     held = {e["step"]: e["loss"] for e in events if e["type"] == "validation"}
@@ -53,7 +54,7 @@ def run_files(run: RunDir) -> list[dict]:
         epoch = event.get("epoch", number(meta.get("ss_epoch"), int))
         loss = held.get(step, number(meta.get("ss_validation_loss")))
         found.append({"path": str(path.resolve()), "name": path.name, "epoch": epoch, "step": step,
-                      "held_out": loss, "label": file_label(path.stem, epoch, step)})
+                      "held_out": loss, "label": f"{run.id} / {file_label(path.stem, epoch, step)}"})
     return sorted(found, key=lambda f: (f["step"] is None, f["step"] or 0, f["name"]))
 
 
@@ -80,20 +81,20 @@ def run_settings(run: RunDir) -> dict:
             "clip_skip": cfg.model.clip_skip}
 
 
-def spec_of(run: RunDir | None, chosen: list[str] | None, settings: dict) -> dict:
-    """The spec a form or a script asks for: the run's suggestions, then `settings` (None = not given); the run's
-    saved files whose paths are in `chosen` (all of them when None), labelled. CompareError for a file that is
-    not one of the run's."""
-    saved = run_files(run) if run is not None else []
+def spec_of(runs: list[RunDir], chosen: list[str] | None, settings: dict) -> dict:
+    """The spec a form or a script asks for: the first run's suggestions, then `settings` (None = not given); the
+    saved files of the runs whose paths are in `chosen` (all of them when None), labelled, run by run. CompareError
+    for a file that is not a saved file of one of the runs."""
+    saved = [f for run in runs for f in run_files(run)]
     if chosen is not None:
         if unknown := sorted(set(chosen) - {f["path"] for f in saved}):
-            raise CompareError(f"files: {Path(unknown[0]).name} is not a saved file of "
-                               f"{run.id if run is not None else 'the chosen run'}")
+            named = " or ".join(run.id for run in runs) or "the chosen runs"
+            raise CompareError(f"files: {Path(unknown[0]).name} is not a saved file of {named}")
         saved = [f for f in saved if f["path"] in chosen]
     given = {k: v for k, v in settings.items() if v is not None}
     if isinstance(given.get("prompts"), str):
         given["prompts"] = given["prompts"].splitlines()
-    suggested = run_settings(run) if run is not None else {}
+    suggested = run_settings(runs[0]) if runs else {}
     return suggested | given | {"files": [f["path"] for f in saved], "labels": [f["label"] for f in saved]}
 
 
