@@ -16,6 +16,11 @@
         Draw LoRA files × strengths × prompts × seeds on one loaded base (trainer.compare): the cells, then
         FOLDER/grid.png. The first form runs FOLDER/compare.json; the second writes it, then runs it. A file that
         does not fit the base is skipped with its problem named; none fitting exits 2, as a bad setting does.
+    python -m trainer sweep SWEEP_DIR
+    python -m trainer sweep --config RUN --runs-dir DIR [--grid key=v1,v2 ...] [--range key=lo:hi[:log] ...]
+                            [--trials N] [--search grid|random|tpe] [--parallel K] [--prune none|halving|median]
+        Train several trials of one run config on one loaded base, ranked by held-out loss (trainer/sweep.py); the
+        second form makes the sweep folder first. Exits 0/2/3/4 as a run does.
 
 Several GPUs: `accelerate launch --multi_gpu --num_processes N -m trainer RUN_DIR`.
 Cancel: SIGINT or SIGTERM saves a resumable state and exits (code 3); a second signal ends it at once. A compare
@@ -58,6 +63,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         return parse_resize(argv[1:])
     if argv and argv[0] == "compare":
         return parse_compare(argv[1:])
+    if argv and argv[0] == "sweep":
+        from trainer.sweep_run import parse_args
+
+        return parse_args(argv[1:])
     p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory holding config.toml")
@@ -275,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return resize(args)
     if args.command == "compare":
         return compare(args)
+    if args.command == "sweep":
+        from trainer.sweep_run import cli
+
+        return cli(args)
     if args.command == "new":
         from trainer.new_run import create_run
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -105,19 +105,39 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+@dataclass
+class Caches:
+    """What runs on one loaded base can share: latents by (picture, bucket, flip), and the frozen text encoder's
+    output by caption. One run fills its own; a sweep passes the same one to every trial."""
+
+    latents: dict = field(default_factory=dict)
+    captions: dict = field(default_factory=dict)
+
+
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     """Load, cache and build everything the run needs, resuming from the newest state in `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.model.mixed_precision),
-                      cpu=not torch.cuda.is_available())
+    acc = make_accelerator(cfg)
     events = EventWriter(run_dir, enabled=acc.is_main_process)
     base, components, train_te = load_model(cfg, acc, events)
+    return assemble(cfg, run_dir, started, acc, events, base, components, train_te, Caches())
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.model.mixed_precision),
+                       cpu=not torch.cuda.is_available())
+
+
+def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base, components: dict, train_te: bool,
+             caches: Caches) -> Run:
+    """A run on a base already loaded: its pictures, caches, adapter, optimizer and schedule, resumed."""
     items, held_items = load_items(cfg, events)
     d = cfg.data
-    latents_of = cache_latents(items, base.vae, acc, d, run_dir, events) if d.cache_latents else None
-    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events)
-    held_out = prepare_held_out(held_items, base, acc) if held_items else None
+    latents_of = cache_latents(items, base.vae, acc, d, run_dir, events, caches.latents) if d.cache_latents \
+        else None
+    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches.captions)
+    held_out = prepare_held_out(held_items, base, acc, caches.latents) if held_items else None
     schedule = make_schedule(cfg, items, acc, held_out is not None)
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
@@ -135,19 +155,15 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
 def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
-    m, n = cfg.model, cfg.network
+    m = cfg.model
     events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
     base = load_base(m.pretrained_model_name_or_path, m.prediction_type)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     base.unet.to(acc.device, dtype=weight_dtype)
     base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
-    train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
     for te in base.text_encoders:
         te.to(acc.device, dtype=weight_dtype)
-    te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
-    components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
-    if train_te:
-        components |= dict(zip(te_names, base.text_encoders))
+    components, train_te = choose_components(cfg, base)
     if m.unet_quantization == "nf4":
         count = quantize_unet_nf4(base.unet, weight_dtype, acc.device)
         events.status("loading", f"UNet held in 4-bit NF4 ({count} linear layers)")
@@ -158,6 +174,17 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     if m.attention == "xformers" and acc.device.type == "cuda":
         base.unet.enable_xformers_memory_efficient_attention()
     return base, components, train_te
+
+
+def choose_components(cfg, base) -> tuple[dict, bool]:
+    """({component name: module} the config's adapter wraps, whether the text encoders train)."""
+    n = cfg.network
+    train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
+    te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
+    components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
+    if train_te:
+        components |= dict(zip(te_names, base.text_encoders))
+    return components, train_te
 
 
 def load_items(cfg, events) -> tuple[list, list]:
@@ -185,8 +212,9 @@ def load_items(cfg, events) -> tuple[list, list]:
     return items, held
 
 
-def prepare_held_out(items, base, acc) -> validation.HeldOut:
-    latents = [encode_image(item, False, base.vae, acc.device, None) for item in items]
+def prepare_held_out(items, base, acc, memo: dict) -> validation.HeldOut:
+    latents = [remembered(memo, item, False, lambda item=item: encode_image(item, False, base.vae, acc.device, None))
+               for item in items]
     return validation.prepare(items, latents, sdxl_time_ids(items) if base.arch == "sdxl" else None,
                               base.pipeline.scheduler.config.num_train_timesteps, acc.device)
 
@@ -240,15 +268,28 @@ def resume(run_dir: Path, acc, net, optimizer, lr_schedule, events) -> Progress:
     return progress
 
 
-def cache_latents(items, vae, acc, d, run_dir: Path, events) -> dict:
-    """(item index, flipped) -> latent, encoded once; on disk too with cache_latents_to_disk."""
-    events.status("caching", f"Encoding {len(items)} images to latents")
+def cache_latents(items, vae, acc, d, run_dir: Path, events, memo: dict) -> dict:
+    """(item index, flipped) -> latent, encoded once (`memo` holds those already encoded on this base); on disk too
+    with cache_latents_to_disk."""
+    flips = (False, True) if d.flip_aug else (False,)
+    new = sum((item.path, item.bucket, flip) not in memo for item in items for flip in flips)
+    events.status("caching", f"Encoding {len(items)} images to latents" if new else
+                  f"Latents of {len(items)} images already encoded on this base")
     disk = run_dir / "cache" / "latents" if d.cache_latents_to_disk else None
     cache = {}
     for i, item in enumerate(items):
-        for flip in (False, True) if d.flip_aug else (False,):
-            cache[(i, flip)] = encode_image(item, flip, vae, acc.device, disk)
+        for flip in flips:
+            encode = (lambda item=item, flip=flip: encode_image(item, flip, vae, acc.device, disk))
+            cache[(i, flip)] = remembered(memo, item, flip, encode)
     return cache
+
+
+def remembered(memo: dict, item, flip: bool, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The latent of one picture in its bucket, encoded once per loaded base (encoding is deterministic)."""
+    key = (item.path, item.bucket, flip)
+    if key not in memo:
+        memo[key] = encode()
+    return memo[key]
 
 
 def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tensor:
@@ -269,8 +310,9 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
     return latent
 
 
-def caption_encoder(base, cfg, items, acc, train_te: bool, events):
-    """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once."""
+def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict):
+    """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once
+    (into `cached`, which runs on the same frozen encoders and clip skip may share)."""
     d = cfg.data
     def run(captions):
         return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip, acc.device)
@@ -280,7 +322,8 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events):
         return run
     events.status("caching", "Encoding captions once (the text encoder is frozen)")
     with torch.no_grad(), acc.autocast():
-        cached = {c: run([c]) for c in {item.caption for item in items}}
+        for c in sorted({item.caption for item in items} - set(cached)):
+            cached[c] = run([c])
 
     def lookup(captions):
         hidden = torch.cat([cached[c][0] for c in captions])

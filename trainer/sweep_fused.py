@@ -1,0 +1,344 @@
+"""Trials trained together on one loaded base (issue #16), as mLoRA does: the trials' batches are stacked into one
+forward of the frozen UNet, and each sample goes through its own trial's adapter.
+
+How a sample is routed. Every trial gets its own structural copy of the UNet (and of the text encoders it trains):
+`shared_copy` copies the module tree but not one weight, so a copy costs Python objects, not memory. The trial's
+adapter is injected into its copy by the ordinary `trainer.networks.create`, so the trial's Network, export,
+checkpoints, samples and held-out loss are exactly a single run's, on its copy. The fused forward runs the original
+tree, in which every adapted module is replaced by a `Router`. The samples of a forward lie in spans, one per
+trial (`Plan`); the router runs the frozen base layer once over all of them, then
+
+- peft LoRA layers (lora, locon, rslora, lora_fa): adds each trial's lora_B(lora_A(x_k))·scaling to that trial's
+  span of the shared output: peft's own forward, and what its `adapter_names` mixed batch and mLoRA's multi-LoRA
+  layer do;
+- any other wrapper (LyCORIS LoHa / LoKr / DoRA rebuild the weight in their forward): runs that trial's own
+  wrapped module on its span (a chunked forward: the adapted layer's work is not shared, everything else is).
+
+Everything between adapted layers (norms, attention, res-blocks, samplers, the time embedding) runs once for all
+samples. The loop below is the single run's (trainer/train.py) with its forward shared: each trial keeps its data
+order, noise, seed, optimizer and schedule, and steps, samples, validates and saves through trainer.train's own
+functions on its own Run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers.training_utils import compute_snr
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from trainer.events import EventWriter
+from trainer.loss import TrainingError
+from trainer.setup import Caches, Run, assemble, choose_components
+from trainer.train import (Batch, Meter, baseline, cancel, end_epoch, epoch_batches, finish, log_step, make_batch,
+                           optimizer_step, position_rng, sample_all, save_state, validate)
+
+ADAPTER = "default"  # peft's adapter name in trainer/networks/lora.py
+SHARED_FORWARD = ("lora", "locon", "rslora", "lora_fa")  # the base layer's output is shared
+CHUNKED_FORWARD = ("loha", "lokr", "dora")  # each trial's LyCORIS module runs on its own span
+
+
+def solo_reason(cfg) -> str:
+    """Why a trial cannot share a forward with others and trains on its own ("" when it can)."""
+    n = cfg.network
+    if n.network_type not in SHARED_FORWARD + CHUNKED_FORWARD:
+        return (f"network_type {n.network_type!r}: its layers are not routed through a shared forward (routed: "
+                f"{', '.join(SHARED_FORWARD + CHUNKED_FORWARD)})")
+    if n.network_dropout:
+        return (f"network_dropout = {n.network_dropout}: the dropout masks are drawn inside the forward, so in a "
+                "shared one they would differ from the run's alone")
+    return ""
+
+
+# --- one base, many trials ---
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original's tensors (no weight is copied)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def trial_base(base, train_te: bool):
+    """The base as one trial sees it: its own UNet tree (and text-encoder trees if it trains them), shared weights."""
+    pipe = copy.copy(base.pipeline)
+    object.__setattr__(pipe, "unet", shared_copy(base.unet))
+    for name in ("text_encoder", "text_encoder_2") if train_te else ():
+        if getattr(base.pipeline, name, None) is not None:
+            object.__setattr__(pipe, name, shared_copy(getattr(base.pipeline, name)))
+    return dataclasses.replace(base, pipeline=pipe)
+
+
+@dataclass
+class Loaded:
+    """What the sweep loads once: the base on its device, the accelerator, the latents and caption caches."""
+
+    base: object
+    acc: object
+    caches: Caches = field(default_factory=Caches)
+
+
+def trial_run(cfg, run_dir: Path, loaded: Loaded) -> Run:
+    """A trial's Run on the loaded base: the single run's `assemble`, on the trial's own copy of the trees."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    train_te = choose_components(cfg, loaded.base)[1]
+    view = trial_base(loaded.base, train_te)
+    components, _ = choose_components(cfg, view)
+    return assemble(cfg, Path(run_dir), time.time(), loaded.acc, EventWriter(run_dir), view, components, train_te,
+                    loaded.caches)
+
+
+# --- routing ---
+
+class Plan:
+    """The spans of the forward running now: (trial key, first sample, end), in batch order."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int, int]] = []
+
+
+class Router(nn.Module):
+    """One adapted module of the base, shared by the trials; each span of the batch goes through its trial's layer."""
+
+    def __init__(self, base: nn.Module, plan: Plan):
+        super().__init__()
+        self.base = base
+        self.plan = plan
+        self.layers: dict[int, nn.Module] = {}  # trial key -> its wrapped module; plain dict: they live in its copy
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        spans = self.plan.spans
+        if not spans:
+            return self.base(x, *args, **kwargs)
+        if x.shape[0] != spans[-1][2]:
+            raise RuntimeError(f"a routed layer got {x.shape[0]} samples, the plan holds {spans[-1][2]}")
+        layers = [self.layers.get(key) for key, _, _ in spans]
+        shared = self.base(x, *args, **kwargs) if any(layer is None or shares_base(layer) for layer in layers) else None
+        out = []
+        for layer, (_, a, b) in zip(layers, spans):
+            if layer is None:
+                out.append(shared[a:b])
+            elif shares_base(layer):
+                out.append(lora_added(layer, shared[a:b], x[a:b]))
+            else:
+                out.append(layer(x[a:b], *args, **kwargs))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def shares_base(layer: nn.Module) -> bool:
+    """A plain peft LoRA layer: base(x) + lora_B(lora_A(x))·scaling, so base(x) can be computed once for all."""
+    return (isinstance(layer, LoraLayer) and list(layer.lora_A) == [ADAPTER] and not layer.lora_variant
+            and not layer.merged and not layer.disable_adapters)
+
+
+def lora_added(layer, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """peft's LoRA forward (tuners/lora/layer.py, Linear and _ConvNd) on a base output computed elsewhere."""
+    lora_a, lora_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    x = layer._cast_input_dtype(x, lora_a.weight.dtype)
+    return (base_out + lora_b(lora_a(layer.lora_dropout[ADAPTER](x))) * layer.scaling[ADAPTER]).to(base_out.dtype)
+
+
+def install(unet: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:
+    """Routers at every module any trial adapts (trial key = its index in `runs`); returns the undo."""
+    routers: dict[str, Router] = {}
+    for key, run in enumerate(runs):
+        for target in run.net.targets.values():
+            if target.component != "unet":
+                continue
+            if target.path not in routers:
+                routers[target.path] = Router(unet.get_submodule(target.path), plan)
+            routers[target.path].layers[key] = run.base.unet.get_submodule(target.path)
+    for path, router in routers.items():
+        set_submodule(unet, path, router)
+
+    def undo() -> None:
+        for path, router in routers.items():
+            set_submodule(unet, path, router.base)
+
+    return undo
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+# --- the loss, split around the shared forward ---
+
+def draw_noise(loss_fn, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and timesteps `DenoisingLoss.__call__` draws for a batch, drawn in the same order."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
+    if loss_fn.noise_offset:
+        offset = torch.randn((b, latents.shape[1], 1, 1), dtype=latents.dtype)
+        noise = noise + loss_fn.noise_offset * offset.to(latents.device)
+    timesteps = torch.randint(0, loss_fn.scheduler.config.num_train_timesteps, (b,)).to(latents.device)
+    return noise, timesteps
+
+
+def reduce_loss(loss_fn, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The batch's loss from its samples' MSE, weighted as `DenoisingLoss.__call__` weights it; checked."""
+    if loss_fn.min_snr_gamma:
+        snr = compute_snr(loss_fn.scheduler, timesteps)
+        weight = snr.clamp(max=loss_fn.min_snr_gamma) / (snr + 1 if loss_fn.prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    loss = per_sample.mean()
+    loss_fn.check(loss)
+    return loss
+
+
+# --- the loop ---
+
+@dataclass
+class Cursor:
+    """One trial's place in its data: its Run, the epoch it is in and that epoch's batches."""
+
+    name: str
+    run: Run
+    meter: Meter = field(default_factory=Meter)
+    epoch: int = 0
+    batches: list = field(default_factory=list)
+    state: str = "training"  # training | finished | cancelled | failed | pruned
+    message: str = ""
+
+
+@dataclass
+class Work:
+    cursor: Cursor
+    batch: Batch
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclass
+class Group:
+    """Trials that share each forward of one base UNet (a group of one is a trial trained on its own)."""
+
+    unet: nn.Module  # the loaded base's UNet, where the routers go
+    acc: object
+    cursors: list[Cursor]
+    plan: Plan = field(default_factory=Plan)
+
+    def losses(self, works: list[Work]) -> list[torch.Tensor]:
+        """Each trial's per-sample MSE, from one forward per latent shape (batches of different buckets cannot
+        stack); each sample through its own trial's adapter."""
+        keys = {id(c): k for k, c in enumerate(self.cursors)}
+        out: list = [None] * len(works)
+        shapes: dict = {}
+        for j, w in enumerate(works):
+            shapes.setdefault((tuple(w.batch.latents.shape[1:]), tuple(w.batch.hidden.shape[1:])), []).append(j)
+        for members in shapes.values():
+            part = [works[j] for j in members]
+            ends = list(itertools.accumulate(len(w.batch.latents) for w in part))
+            spans = [(keys[id(w.cursor)], end - len(w.batch.latents), end) for w, end in zip(part, ends)]
+            self.plan.spans = spans
+            try:
+                with self.acc.autocast():
+                    per = part[0].cursor.run.loss_fn.per_sample(self.unet, *stacked(part))
+            finally:
+                self.plan.spans = []
+            for j, (_, a, b) in zip(members, spans):
+                out[j] = per[a:b]
+        return out
+
+
+def stacked(part: list[Work]) -> tuple:
+    """(latents, noise, timesteps, hidden, added_cond) of several trials' batches, one after another."""
+    b = [w.batch for w in part]
+    added = None
+    if b[0].added_cond is not None:
+        added = {k: torch.cat([x.added_cond[k] for x in b]) for k in b[0].added_cond}
+    return (torch.cat([x.latents for x in b]), torch.cat([w.noise for w in part]),
+            torch.cat([w.timesteps for w in part]), torch.cat([x.hidden for x in b]), added)
+
+
+def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> None:
+    """Train the group's trials to their ends, together; `judge` may prune trials after each fused step.
+    On `stop`, every trial stops at its next optimizer step with a resumable state (state "cancelled")."""
+    for c in group.cursors:
+        start(c)
+    settle(group.cursors)
+    while active := [c for c in group.cursors if c.state == "training"]:
+        works = [draw(c) for c in active]
+        total = 0.0
+        for w, per_sample in zip(works, group.losses(works)):
+            c = w.cursor
+            try:
+                loss = reduce_loss(c.run.loss_fn, per_sample, w.timesteps)
+            except TrainingError as e:  # this trial's loss broke: it fails, the others go on
+                fail(c, e)
+                continue
+            c.meter.add(loss.item())
+            total = total + (loss + c.run.net.regularization()) / c.run.schedule.accumulation
+        if isinstance(total, torch.Tensor):
+            group.acc.backward(total)
+        for c in active:
+            if c.state == "training":
+                advance(c, stop)
+        settle(active)
+        judge(group.cursors)
+
+
+def settle(cursors: list[Cursor]) -> None:
+    """Trials that reached their last step write their final file now (and leave the batch)."""
+    for c in cursors:
+        if c.state == "finished":
+            finish(c.run)
+            c.state = "done"
+
+
+def start(c: Cursor) -> None:
+    run, p, s = c.run, c.run.progress, c.run.schedule
+    run.events.status("training", f"Training {s.total_steps} steps ({s.epochs} epochs of {s.steps_per_epoch})")
+    if p.step == 0:
+        baseline(run)
+    c.epoch = p.epoch
+    c.batches = epoch_batches(run, c.epoch) if c.epoch < s.epochs else []
+    if s.finished(p.step) or c.epoch >= s.epochs:
+        c.state = "finished"
+
+
+def draw(c: Cursor) -> Work:
+    """The trial's next batch, augmented and noised from its own position's random stream, as alone."""
+    run, i = c.run, c.run.progress.batch
+    batch = make_batch(run, c.batches[i], position_rng(run, c.epoch, i))
+    return Work(c, batch, *draw_noise(run.loss_fn, batch.latents))
+
+
+def advance(c: Cursor, stop) -> None:
+    """After the backward: the optimizer step at the accumulation boundary, then what the single loop does after
+    it (log, sample, validate, save, the epoch's end), then finished / cancelled."""
+    run, p, s = c.run, c.run.progress, c.run.schedule
+    p.batch += 1
+    if p.batch % s.accumulation and p.batch < len(c.batches):
+        return
+    optimizer_step(run)
+    log_step(run, c.epoch, c.meter)
+    if s.should_sample(p.step):
+        sample_all(run)
+    if s.should_validate(p.step):
+        validate(run, c.epoch + 1)
+    if s.should_save_state(p.step):
+        save_state(run, c.epoch)
+    epoch = c.epoch
+    if p.batch >= len(c.batches):
+        end_epoch(run, c.epoch)
+        c.epoch += 1
+        c.batches = epoch_batches(run, c.epoch) if c.epoch < s.epochs else []
+    if s.finished(p.step) or c.epoch >= s.epochs:
+        c.state = "finished"
+    elif stop.requested:
+        cancel(run, epoch)
+        c.state = "cancelled"
+
+
+def fail(c: Cursor, error: Exception) -> None:
+    c.state, c.message = "failed", str(error)
+    c.run.events.emit("error", message=str(error))
