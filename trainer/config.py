@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from trainer import methods, optimizer_args
+from trainer import methods, optimizer_args, single_file
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
 MAX_NAME = 120  # characters of an output file name
 FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
+FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # detected and sampled; not trained yet
+NOT_TRAINED = "SD 3.5 / FLUX.1 are detected and can be sampled, but training them is not built yet (issue #17)"
 
 
 class ConfigError(ValueError):
@@ -258,6 +260,7 @@ def from_dict(d: dict) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Raise the first ConfigError: ranges and choices of every field, then the rules between fields. Every
     combination the worker could only fail on is refused here, naming the field and the fix."""
+    refuse_untrained_family(cfg.family, cfg.model.pretrained_model_name_or_path)
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
@@ -282,6 +285,19 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
     if cfg.preset and cfg.preset not in list_presets():  # it names the run folder: a name, never a path
         raise ConfigError("preset", f"preset = {cfg.preset!r}: choose one of {', '.join(list_presets())}")
+
+
+def refuse_untrained_family(family: str, base: str = "") -> None:
+    """A family this trainer detects and samples but cannot train yet, named as such (not as a bad value)."""
+    if family in FLOW_FAMILIES:
+        raise ConfigError("family", f"family = {family!r} ({FLOW_FAMILIES[family]}): {NOT_TRAINED}")
+    try:
+        found = single_file.family_of(base) if base else ""
+    except (single_file.CheckpointError, OSError):
+        return  # not a model we can read: the loader says why when the run starts
+    if found in FLOW_FAMILIES:
+        raise ConfigError("model.pretrained_model_name_or_path",
+                          f"model.pretrained_model_name_or_path = {base!r} is {FLOW_FAMILIES[found]}: {NOT_TRAINED}")
 
 
 def _check_validation(cfg: TrainConfig) -> None:
@@ -405,6 +421,7 @@ def preset_dict(name: str, family: str) -> dict:
     if name not in list_presets():  # a name, never a path: "../x" or an absolute file is not a preset
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
     path = PRESETS_DIR / f"{name}.toml"
+    refuse_untrained_family(family)
     if family not in FAMILIES:
         raise ConfigError("family", f"family = {family!r}: choose one of {', '.join(FAMILIES)}")
     data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -1,6 +1,8 @@
 """Load a base model: a diffusers folder, a single-file checkpoint, a hub id, or the built-in demo.
 
-The architecture (SD 1.x, SD 2.x, SDXL) and the prediction type are read from the model itself, never asked.
+The architecture (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1) and the prediction type are read from the model itself,
+never asked. SD 3.5 and FLUX.1 also load from the split layout ComfyUI users keep: the transformer file as `source`
+and the text encoders / VAE as `parts` (trainer/transformer_files.py).
 """
 
 from __future__ import annotations
@@ -13,27 +15,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 
-from trainer import single_file
+from trainer import single_file, transformer_files
 from trainer.single_file import CheckpointError
+from trainer.transformer_files import Parts
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "base-model"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "FLUX.1"}
+FLOW_ARCHES = ("sd3", "flux")  # flow-matching transformers: no UNet, no epsilon / v choice
+FLOW = "flow_matching"
+PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
 class BaseModel:
-    arch: str  # "sd1" | "sd2" | "sdxl"
-    prediction_type: str  # "epsilon" | "v_prediction"
-    pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline
+    arch: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow_matching"
+    pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline
     source: str
+    variant: str = ""  # sd3/flux: "sd3.5-large", "sd3.5-medium", "sd3-medium", "flux1-dev", "flux1-schnell"
 
     @property
     def unet(self):
         return self.pipeline.unet
+
+    @property
+    def denoiser(self):
+        """The UNet (SD 1/2/XL) or the transformer (SD 3.5, FLUX.1)."""
+        return self.pipeline.transformer if self.arch in FLOW_ARCHES else self.pipeline.unet
 
     @property
     def vae(self):
@@ -41,24 +54,34 @@ class BaseModel:
 
     @property
     def text_encoders(self) -> list:
-        return [m for m in (self.pipeline.text_encoder, getattr(self.pipeline, "text_encoder_2", None)) if m is not None]
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.pipeline.tokenizer, getattr(self.pipeline, "tokenizer_2", None)) if t is not None]
+        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        return [t for t in (getattr(self.pipeline, n, None) for n in names) if t is not None]
 
     def describe(self) -> str:
-        return f"{ARCH_NAMES[self.arch]}, {self.prediction_type.replace('_', '-')}"
+        name = transformer_files.VARIANT_NAMES.get(self.variant, ARCH_NAMES[self.arch])
+        return f"{name}, {self.prediction_type.replace('_', '-')}"
 
 
-def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load `source` and tell what it is. Raises CheckpointError with a message a user can act on."""
+def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dtype = torch.float32,
+              parts: Parts = Parts()) -> BaseModel:
+    """Load `source` and tell what it is. Raises CheckpointError with a message a user can act on.
+
+    `parts`: for SD 3.5 / FLUX.1, the separate CLIP-L / CLIP-G / T5-XXL / VAE files (and the T5 tokenizer) of the
+    split layout, with the transformer file as `source`."""
     text = str(source)
     path = DEMO_MODEL if text == "demo" else Path(text).expanduser()
+    if parts.given() and not path.is_file():
+        raise CheckpointError(f"{text}: separate text-encoder / VAE files go with a transformer file "
+                              "(e.g. flux1-dev.safetensors or sd3.5_large.safetensors), not a folder or hub id")
     if path.is_dir():
         pipe, arch, pred = _from_folder(path, dtype)
     elif path.is_file():
-        pipe, arch, pred = _from_file(path, dtype)
+        pipe, arch, pred = _from_file(path, dtype, parts)
     elif HUB_ID.match(text) and not path.exists():
         pipe, arch, pred = _from_hub(text, dtype)
     elif text == "demo":
@@ -66,6 +89,13 @@ def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dt
     else:
         raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
                               f"{'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint, or a hub id like org/name)")
+    if arch in FLOW_ARCHES:
+        if prediction_type not in ("auto", FLOW):
+            raise CheckpointError(f"prediction_type = {prediction_type!r}: {ARCH_NAMES[arch]} is a flow-matching "
+                                  "model; epsilon / v-prediction apply to SD 1.x, 2.x and SDXL (leave it on auto)")
+        _own_memory(pipe)
+        name = transformer_files.variant_of_config(arch, pipe.transformer.config)
+        return BaseModel(arch=arch, prediction_type=FLOW, pipeline=pipe, source=text, variant=name)
     if prediction_type != "auto":
         pred = prediction_type
     pipe.scheduler.register_to_config(prediction_type=pred)
@@ -90,6 +120,10 @@ def _own_memory(pipe) -> None:
 
 
 def arch_of_pipeline(pipe) -> str:
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "sd3"
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
     if isinstance(pipe, StableDiffusionXLPipeline) or pipe.unet.config.get("addition_embed_type") == "text_time":
         return "sdxl"
     # SD 2.x projects in and out of its transformers with Linear layers, SD 1.x with 1x1 convs
@@ -113,11 +147,12 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
 
 
 def _check_pipeline(pipe, name: str) -> None:
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise CheckpointError(f"{name}: a {type(pipe).__name__}; expected an SD 1.x, SD 2.x or SDXL model")
+    if not isinstance(pipe, PIPELINES):
+        raise CheckpointError(f"{name}: a {type(pipe).__name__}; expected an SD 1.x, SD 2.x, SDXL, SD 3.5 or "
+                              "FLUX.1 model")
 
 
-def _from_file(path: Path, dtype: torch.dtype):
+def _from_file(path: Path, dtype: torch.dtype, parts: Parts = Parts()):
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{path.name}: unknown file type; expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     if path.suffix.lower() == ".safetensors":
@@ -127,6 +162,13 @@ def _from_file(path: Path, dtype: torch.dtype):
         state = _load_pickled_weights(path)
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     arch = single_file.detect(shapes, path.name)
+    if arch in FLOW_ARCHES:
+        if state is not None:
+            raise CheckpointError(f"{path.name}: {ARCH_NAMES[arch]} is read from .safetensors files only")
+        return transformer_files.load(arch, path, shapes, parts, dtype), arch, FLOW
+    if parts.given():
+        raise CheckpointError(f"{path.name} is {single_file.kind_of(shapes)}, not an SD 3.5 or FLUX.1 transformer: "
+                              f"the separate {', '.join(parts.given())} file(s) go with one of those")
     pred = single_file.prediction_type(arch, shapes, path, tensor=lambda key: _tensor(path, state, key))
     state = None  # a .ckpt's tensors are read again by diffusers: do not hold two copies
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline

@@ -10,6 +10,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from trainer import text
+from trainer.transformer_files import MAX_SEQUENCE
+
+FLOW_ARCHES = ("sd3", "flux")
+FLOW_SAMPLERS = ("euler",)  # flow-matching Euler, what ComfyUI / Forge call Euler for these models
 
 SAMPLERS = {  # config name -> (WebUI label, scheduler class, extra config)
     "euler_a": ("Euler a", EulerAncestralDiscreteScheduler, {}),
@@ -25,11 +29,17 @@ SAMPLERS = {  # config name -> (WebUI label, scheduler class, extra config)
 @torch.no_grad()
 def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
              clip_skip: int = 1, negative: str = "") -> Image.Image:
-    """One image from the base model as it is now (with whatever adapter is injected into it)."""
+    """One image from the base model as it is now (with whatever adapter is injected into it).
+
+    SD 3.5 / FLUX.1 sample with the flow-matching Euler of their own scheduler ('euler'); for FLUX.1 dev
+    `cfg_scale` is the distilled guidance fed to the transformer (no negative pass), schnell has none."""
+    if base.arch in FLOW_ARCHES:
+        return _generate_flow(base, prompt, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, width=width,
+                              height=height, negative=negative)
     pipe = base.pipeline
     _, cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config(pipe.scheduler.config, **extra)
-    device = base.unet.device
+    device = base.denoiser.device
     embeds, pooled = text.encode(base.arch, base.tokenizers, base.text_encoders, [prompt, negative], clip_skip, device)
     kwargs = dict(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:])
     if base.arch == "sdxl":
@@ -44,13 +54,33 @@ def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, s
         pipe.scheduler = original
 
 
+def _generate_flow(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int,
+                   height: int, negative: str) -> Image.Image:
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: SD 3.5 / FLUX.1 sample with flow-matching Euler; use 'euler'")
+    pipe, device = base.pipeline, base.denoiser.device
+    length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
+    generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
+    common = dict(num_inference_steps=steps, width=width, height=height, generator=generator, output_type="pil")
+    if base.arch == "flux":  # guidance-distilled: one pass, the guidance goes in as an input
+        embeds, pooled = text.encode_flow(pipe, "flux", [prompt], length, device)
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=cfg_scale,
+                    max_sequence_length=length, **common).images[0]
+    embeds, pooled = text.encode_flow(pipe, "sd3", [prompt, negative], length, device)
+    return pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], pooled_prompt_embeds=pooled[:1],
+                negative_pooled_prompt_embeds=pooled[1:], guidance_scale=cfg_scale, max_sequence_length=length,
+                **common).images[0]
+
+
 def parameters_text(prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
-                    model: str, negative: str = "") -> str:
-    """The PNG `parameters` chunk in WebUI's format, so its PNG Info tab (and ComfyUI's readers) show them."""
+                    model: str, negative: str = "", arch: str = "") -> str:
+    """The PNG `parameters` chunk in WebUI's format, so its PNG Info tab (and ComfyUI's readers) show them.
+    FLUX.1's guidance is written as Forge writes it: `CFG scale: 1, Distilled CFG Scale: <g>`."""
     lines = [prompt]
-    if negative:
+    if negative and arch != "flux":
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {SAMPLERS[sampler][0]}, CFG scale: {cfg_scale}, Seed: {seed}, "
+    guidance = f"CFG scale: 1, Distilled CFG Scale: {cfg_scale}" if arch == "flux" else f"CFG scale: {cfg_scale}"
+    lines.append(f"Steps: {steps}, Sampler: {SAMPLERS[sampler][0]}, {guidance}, Seed: {seed}, "
                  f"Size: {width}x{height}, Model: {model}")
     return "\n".join(lines)
 

@@ -1,5 +1,7 @@
 """Read a single-file Stable Diffusion checkpoint (CompVis / SGM layout) the way people download them.
 
+SD 3.5 / FLUX.1 files are recognised here by their transformer keys; trainer/transformer_files.py loads them.
+
 Everything here works on the checkpoint's key names and tensor shapes: which architecture it is, whether it
 predicts v, and the diffusers config of each component. The shipped configs in `model_configs/<arch>/` give what
 shapes cannot say (activation, scheduler, tokenizer); the shapes override the sizes, so fine-tunes, pruned files and
@@ -81,13 +83,45 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")  # ComfyUI's checkpoints; SAI / BFL transformer files
+FLOW_MARKERS = {"sd3": "joint_blocks.0.context_block.adaLN_modulation.1.bias",  # diffusers' own markers
+                "flux": "double_blocks.0.img_attn.norm.key_norm.scale"}
+
+
+def transformer_prefix(shapes: Shapes) -> str:
+    """The prefix of an SD3 / FLUX transformer's keys in this file ("" for the bare SAI / BFL files)."""
+    return next((p for p in TRANSFORMER_PREFIXES for m in FLOW_MARKERS.values() if p + m in shapes), "")
+
+
+def flow_family(shapes: Shapes) -> str | None:
+    """"sd3" or "flux" when the file holds such a transformer, else None."""
+    p = transformer_prefix(shapes)
+    return next((arch for arch, marker in FLOW_MARKERS.items() if p + marker in shapes), None)
+
+
+def _check_flux(shapes: Shapes, name: str) -> None:
+    p = transformer_prefix(shapes)
+    if p + "single_stream_modulation.lin.weight" in shapes or any(k.startswith(p + "distilled_guidance_layer.")
+                                                                 for k in shapes):
+        raise CheckpointError(f"{name}: a FLUX.2 or Chroma transformer; supported are FLUX.1 dev and schnell")
+    channels = shapes.get(p + "img_in.weight", (0, 64))[1]
+    if channels != 64 and p + "img_in.weight" in shapes:
+        raise CheckpointError(f"{name}: a FLUX.1 Fill / Depth / other image-conditioned transformer (in_channels "
+                              f"{channels}); LoRAs are trained on FLUX.1 dev or schnell")
+
+
 def detect(shapes: Shapes, name: str = "checkpoint") -> str:
     """The architecture of a single-file checkpoint, or a CheckpointError that says what the file looks like."""
+    family = flow_family(shapes)
+    if family == "flux":
+        _check_flux(shapes, name)
+    if family:
+        return family
     if not any(k.startswith(UNET) for k in shapes):
         hint = _what_is_it(shapes)
         raise CheckpointError(
-            f"{name}: not a Stable Diffusion checkpoint. Expected a full model (SD 1.x, SD 2.x or SDXL) with "
-            f"'{UNET}*' keys{hint}."
+            f"{name}: not a Stable Diffusion checkpoint. Expected a full model (SD 1.x, SD 2.x, SDXL) with "
+            f"'{UNET}*' keys, or an SD 3.5 / FLUX.1 transformer ('joint_blocks.*' / 'double_blocks.*'){hint}."
         )
     if UNET + "input_blocks.0.0.weight" in shapes and shapes[UNET + "input_blocks.0.0.weight"][1] != 4:
         raise CheckpointError(f"{name}: an inpainting or other non-standard UNet (in_channels "
@@ -105,13 +139,36 @@ def detect(shapes: Shapes, name: str = "checkpoint") -> str:
 
 def _what_is_it(shapes: Shapes) -> str:
     keys = list(shapes)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return "; this file is a LoRA, not a base model"
-    if any(k.startswith(("encoder.down", "decoder.up")) for k in keys):
-        return "; this file is a VAE, not a base model"
     if not keys:
         return "; the file holds no tensors"
+    kind = kind_of(shapes)
+    if kind == "a LoRA":
+        return "; this file is a LoRA, not a base model"
+    if kind.startswith("a ") and "keys" not in kind:
+        return f"; this file is {kind}, not a base model"
     return f"; its first keys are {', '.join(keys[:3])}"
+
+
+def kind_of(shapes: Shapes) -> str:
+    """What a file holds, in words, for messages: 'an SDXL checkpoint', 'a T5 text encoder', 'a VAE', ..."""
+    keys = list(shapes)
+    names = {"sd1": "an SD 1.x checkpoint", "sd2": "an SD 2.x checkpoint", "sdxl": "an SDXL checkpoint",
+             "sd3": "an SD 3.5 transformer", "flux": "a FLUX.1 transformer"}
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in k or ".lora_A." in k
+           for k in keys):
+        return "a LoRA"
+    if flow_family(shapes) or any(k.startswith(UNET) for k in keys):
+        try:
+            return names[detect(shapes)]
+        except CheckpointError:
+            return "a diffusion model checkpoint of a kind this trainer does not load"
+    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+        return "a T5 text encoder"
+    if any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in keys):
+        return "a CLIP text encoder"
+    if any(k.startswith(("encoder.down", "decoder.up")) or ".encoder.down." in k for k in keys):
+        return "a VAE"
+    return f"a file with keys like {', '.join(keys[:3])}" if keys else "an empty file"
 
 
 def prediction_type(arch: str, shapes: Shapes, path: Path, tensor=None) -> str:
@@ -171,8 +228,8 @@ def unet_config(base: dict, arch: str, s: Shapes, pooled_dim: int | None) -> dic
     return cfg
 
 
-def vae_config(base: dict, s: Shapes) -> dict:
-    p = VAE
+def vae_config(base: dict, s: Shapes, prefix: str = VAE) -> dict:
+    p = prefix
     levels = _count(s, p + "encoder.down.{}.")
     cfg = dict(base)
     cfg.update(
@@ -238,14 +295,20 @@ def write_config_dir(arch: str, shapes: Shapes, pred: str, out: Path) -> Path:
 
 
 def family_of(source: str | Path) -> str:
-    """"sdxl" or "sd15" (SD 1.x and 2.x share presets), read cheaply: a folder's model_index.json or a
-    .safetensors header. Needs no torch, so the web UI can pick a preset variant as soon as a model is chosen."""
+    """"sdxl", "sd15" (SD 1.x and 2.x share presets), "sd3" or "flux", read cheaply: a folder's model_index.json or
+    a .safetensors header. Needs no torch, so the web UI can pick a preset variant as soon as a model is chosen."""
     path = Path(source)
     if str(source) == "demo":
         return "sd15"
     if path.is_dir() and (path / "model_index.json").is_file():
-        index = json.loads((path / "model_index.json").read_text())
-        return "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
+        cls = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        return next((f for k, f in PIPELINE_FAMILIES.items() if k in cls), "sd15")
     if path.is_file() and path.suffix.lower() == ".safetensors":
-        return "sdxl" if detect(read_safetensors_shapes(path), path.name) == "sdxl" else "sd15"
-    return "sdxl" if "xl" in str(source).lower() else "sd15"  # a .ckpt or hub id: the name is the best cheap hint
+        arch = detect(read_safetensors_shapes(path), path.name)
+        return arch if arch in ("sdxl", "sd3", "flux") else "sd15"
+    name = str(source).lower()  # a .ckpt or hub id: the name is the best cheap hint
+    return next((f for k, f in NAME_HINTS.items() if k in name), "sd15")
+
+
+PIPELINE_FAMILIES = {"StableDiffusion3": "sd3", "Flux": "flux", "XL": "sdxl"}
+NAME_HINTS = {"flux": "flux", "stable-diffusion-3": "sd3", "sd3": "sd3", "xl": "sdxl"}

@@ -1,4 +1,4 @@
-"""Captions to the UNet's conditioning, as kohya sd-scripts and the original models compute it."""
+"""Captions to the denoiser's conditioning, as kohya sd-scripts and the original models compute it."""
 
 from __future__ import annotations
 
@@ -36,3 +36,19 @@ def encode(arch: str, tokenizers, text_encoders, captions: list[str], clip_skip:
 def sdxl_time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w)."""
     return torch.tensor([*original, *crop, *target], dtype=torch.float32)
+
+
+def encode_flow(pipe, arch: str, captions: list[str], max_sequence_length: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """SD 3.5 / FLUX.1: (prompt embeddings [B, L, C], pooled [B, P]), computed by the pipeline's own encode_prompt.
+
+    SD 3.5: CLIP-L's and CLIP-G's penultimate layers side by side, zero-padded to T5's width, followed by T5-XXL's
+    tokens; pooled = both CLIPs' pooled outputs (CLIP-G's projected). FLUX.1: T5-XXL's tokens; pooled = CLIP-L's."""
+    if arch == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+        return embeds, pooled
+    embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                           max_sequence_length=max_sequence_length)
+    return embeds, pooled
