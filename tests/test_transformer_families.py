@@ -84,6 +84,8 @@ def test_every_layout_loads_to_the_same_model(flow, arch):
             assert a.keys() == b.keys(), (layout, type(got).__name__, sorted(a.keys() ^ b.keys())[:4])
             assert all(torch.equal(a[k], b[k]) for k in a), (layout, type(got).__name__)
         assert model.pipeline.scheduler.config.shift == want.pipeline.scheduler.config.shift
+        t5 = model.text_encoders[-1]  # its tied embedding is held once, in every layout
+        assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
 
 
 def test_family_is_read_without_loading(flow):

@@ -110,13 +110,15 @@ def _own_memory(pipe) -> None:
     same weights from a .safetensors and a diffusers folder would give outputs a few ulp apart. Own copies make the
     two loads identical and release the file.
     """
+    copies: dict[tuple, torch.Tensor] = {}  # tied weights (T5's shared / embed_tokens) stay one tensor
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
-            for key, t in list(module.named_parameters()) + list(module.named_buffers()):
+            for key, t in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers()):
                 if t.is_meta:
                     raise CheckpointError(f"the {name} of this model has no weights for {key}: the file is "
                                           "incomplete or of an unknown variant")
-                t.data = t.data.clone()
+                same = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                t.data = copies[same] if same in copies else copies.setdefault(same, t.data.clone())
 
 
 def arch_of_pipeline(pipe) -> str:
