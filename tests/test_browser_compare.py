@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_browser import CHROMIUM, ROOT, App, browser, page  # noqa: F401  (fixtures)
+from tests.test_browser import CHROMIUM, ROOT, SHOTS, App, browser, page  # noqa: F401  (fixtures)
 from tests.test_training import draw_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
@@ -117,6 +117,7 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
         assert got.read_bytes() == (compare / "grid.png").read_bytes()
         assert Image.open(got).width > 3 * 2 * 2 * 64  # a label column and 12 cells a row
         drawn = labels(page)
+        page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
         page.reload()  # the compare id is in the browser's storage: the page comes back on the whole grid
         page.get_by_role("tab", name="Compare").click()
         page.wait_for_function(f"() => document.querySelectorAll('#compare-grid img').length === {total}",
