@@ -243,6 +243,15 @@ def test_training_them_is_refused_by_name(flow, arch):
     assert e.value.field == "family"
 
 
+def test_the_train_tab_says_they_cannot_be_trained_yet(flow, tiny_models):
+    from ui.train_tab import explain_base
+
+    for arch, name in (("sd3", "SD 3.5"), ("flux", "FLUX.1")):
+        said = explain_base(str(flow[arch]["single"]))
+        assert said.startswith(f"⚠ Detected: **{name}**.") and "training them is not built yet" in said, said
+    assert explain_base(str(tiny_models["sdxl"][1])) == "Detected: **SDXL** presets apply."
+
+
 def test_sd_bases_still_train(tiny_models):
     cfg = config.build("character", "sdxl", {"pretrained_model_name_or_path": str(tiny_models["sdxl"][1])})
     assert cfg.model.pretrained_model_name_or_path.endswith("sdxl.safetensors")

@@ -173,6 +173,9 @@ def field_errors(names: list[str], error: config.ConfigError | None) -> list:
 
 def explain_base(base: str) -> str:
     try:
-        return f"Detected: **{family_of(base).upper().replace('SD15', 'SD 1.x / 2.x')}** presets apply."
+        family = family_of(base)
     except (CheckpointError, OSError) as e:
         return f"⚠ {e}"
+    if family in config.FLOW_FAMILIES:
+        return f"⚠ Detected: **{config.FLOW_FAMILIES[family]}**. {config.NOT_TRAINED}."
+    return f"Detected: **{family.upper().replace('SD15', 'SD 1.x / 2.x')}** presets apply."
