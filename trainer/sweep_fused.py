@@ -265,6 +265,7 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
     for c in group.cursors:
         start(c)
     settle(group.cursors)
+    judge(group.cursors)  # a resumed sweep first judges the checkpoints reached before it stopped
     while active := [c for c in group.cursors if c.state == "training"]:
         works = [draw(c) for c in active]
         total = 0.0

@@ -119,8 +119,8 @@ def study(folder: Path, search: str, space: dict, seed: int, pruner: str):
     storage = JournalStorage(JournalFileBackend(str(Path(folder) / "optuna.journal")))
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)}
     return optuna.create_study(storage=storage, study_name="sweep", direction="minimize", load_if_exists=True,
-                               sampler=sampler(search, space, seed), pruner=pruners.get(pruner,
-                                                                                        optuna.pruners.NopPruner()))
+                               sampler=optuna.samplers.RandomSampler(seed=seed),  # ask() sets each round's
+                               pruner=pruners.get(pruner, optuna.pruners.NopPruner()))
 
 
 def sampler(search: str, space: dict, seed: int):

@@ -1,0 +1,173 @@
+"""Sweeps (issue #16): trials trained together on one loaded base equal the same configs trained alone, are ranked
+by held-out loss, pruned, cancelled and resumed; the search space refuses what the trials cannot share."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_training import TINY, draw_dataset
+from trainer import config, sweep, sweep_space
+from trainer.config import ConfigError
+from trainer.events import read_all
+from trainer.sweep_run import train_sweep
+from trainer.train import StopFlag, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-5  # max abs difference of every saved tensor, and of every logged loss (step and held-out)
+BASE = {"network": {"network_train_unet_only": True}, "data": {"validation_split": 0.34},  # 4 train, 2 held out
+        "training": {"max_train_epochs": 2}}
+
+
+def base_toml(tmp_path: Path, model: Path, *layers: dict) -> Path:
+    data = draw_dataset(tmp_path / "pictures")
+    cfg = config.build("character", "sd15", TINY, BASE, {"pretrained_model_name_or_path": str(model),
+                                                         "train_data_dir": str(data)}, *layers)
+    config.save(cfg, tmp_path / "base.toml")
+    return tmp_path / "base.toml"
+
+
+def logged_losses(run_dir: Path) -> list[tuple[str, int, float]]:
+    return [(e["type"], e["step"], e["loss"]) for e in read_all(run_dir) if e["type"] in ("step", "validation")]
+
+
+def assert_same_as_alone(trial_dir: Path, alone_dir: Path, tolerance: float = TOLERANCE) -> float:
+    """The trial's final file and losses against the same config trained alone; returns the largest difference."""
+    train(config.load(trial_dir / "config.toml"), alone_dir)
+    fused, alone = load_file(str(trial_dir / "output" / "lora.safetensors")), load_file(
+        str(alone_dir / "output" / "lora.safetensors"))
+    assert set(fused) == set(alone)
+    worst = max((fused[k].float() - alone[k].float()).abs().max().item() for k in fused)
+    a, b = logged_losses(trial_dir), logged_losses(alone_dir)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    worst_loss = max(abs(x[2] - y[2]) for x, y in zip(a, b))
+    assert worst <= tolerance and worst_loss <= tolerance, (worst, worst_loss)
+    return max(worst, worst_loss)
+
+
+def test_space_refuses_what_trials_cannot_share(tiny_models, tmp_path):
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    base = sweep.base_config(toml, [])
+    for item, field in [("resolution=64,128", "data.resolution"), ("pretrained_model_name_or_path=a,b",
+                                                                   "model.pretrained_model_name_or_path"),
+                        ("validation_split=0.2,0.3", "data.validation_split"), ("clip_skip=1,2", "model.clip_skip")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            sweep_space.parse_grid(item)
+    with pytest.raises(ConfigError, match="unknown setting 'network_dimm'; did you mean 'network_dim'"):
+        sweep_space.parse_grid("network_dimm=4,8")
+    with pytest.raises(ConfigError, match="unet_lr"):  # the preset sets unet_lr, which wins over learning_rate
+        sweep_space.check(base, dict([sweep_space.parse_grid("learning_rate=1e-4,1e-3")]), "grid", 0)
+    with pytest.raises(ConfigError, match="training.seed chooses the held-out pictures"):
+        sweep_space.check(base, dict([sweep_space.parse_grid("seed=1,2")]), "grid", 0)
+    with pytest.raises(ConfigError, match="network.network_alpha = -1.0"):
+        sweep_space.check(base, {"network_alpha": {"values": [1.0, -1.0]}}, "grid", 0)
+    with pytest.raises(ConfigError, match="a grid takes lists"):
+        sweep_space.check(base, dict([sweep_space.parse_range("unet_lr=1e-4:1e-2:log")]), "grid", 0)
+    no_held_out = sweep.base_config(toml, ["validation_split=0"])
+    with pytest.raises(ConfigError, match="held-out loss"):
+        sweep_space.check(no_held_out, {"network_dim": {"values": [4, 8]}}, "grid", 0)
+    assert sweep_space.parse_range("network_dim=2:16:log") == ("network_dim", {"low": 2, "high": 16, "log": True})
+    assert sweep_space.check(base, {"network_dim": {"values": [4, 8]}, "unet_lr": {"values": [1e-4, 1e-3]}},
+                             "grid", 0) == 4
+
+
+def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_path):
+    """The issue's key check, for LoRA and LyCORIS LoKr: four trials share every forward, each its own seed."""
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    folder = sweep.create(tmp_path / "runs", toml, {"network_type": {"values": ["lora", "lokr"]},
+                                                    "unet_lr": {"values": [5e-4, 2e-3]}}, "grid", name="eq")
+    assert train_sweep(folder, StopFlag()) == "done"
+    state = sweep.read(folder)
+    assert [t["group"] for t in state["trials"]] == ["shared"] * 4
+    assert [t["state"] for t in state["trials"]] == ["done"] * 4
+    assert [r["value"] for r in state["ranking"]] == sorted(t["value"] for t in state["trials"])
+    for kind in ("lora", "lokr"):
+        t = next(t for t in state["trials"] if t["params"] == {"network_type": kind, "unet_lr": 2e-3})
+        print(f"{kind}: largest difference from alone {assert_same_as_alone(folder / t['name'], tmp_path / kind):.3g}")
+
+
+def test_trials_that_cannot_share_a_forward_train_alone_on_the_same_base(tiny_models, tmp_path):
+    """Dropout draws inside the forward, so a trial with it trains on its own: then exactly the run alone."""
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    folder = sweep.create(tmp_path / "runs", toml, {"network_dropout": {"values": [0.0, 0.1]}}, "grid", name="mix")
+    assert train_sweep(folder, StopFlag()) == "done"
+    state = sweep.read(folder)
+    groups = {t["params"]["network_dropout"]: t for t in state["trials"]}
+    assert groups[0.0]["group"] == "shared" and groups[0.1]["group"] == "alone"
+    assert "network_dropout = 0.1" in groups[0.1]["why_alone"]
+    assert_same_as_alone(folder / groups[0.1]["name"], tmp_path / "alone-dropout", tolerance=0.0)
+
+
+def test_random_and_tpe_searches_ask_in_rounds(tiny_models, tmp_path):
+    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {"max_train_epochs": 1}})
+    for search in ("random", "tpe"):
+        folder = sweep.create(tmp_path / "runs", toml, {"unet_lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                                                        "network_dim": {"values": [2, 4]}}, search, trials=3,
+                              parallel=2, name=search)
+        assert train_sweep(folder, StopFlag()) == "done"
+        state = sweep.read(folder)
+        assert [t["round"] for t in state["trials"]] == [0, 0, 1]
+        assert all(1e-4 <= t["params"]["unet_lr"] <= 1e-2 for t in state["trials"])
+        assert len(state["ranking"]) == 3 and all(t["state"] == "done" for t in state["trials"])
+
+
+def sweep_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "sweep", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.slow
+def test_cli_sweep_prunes_ranks_and_resumes_after_sigterm_with_the_same_table(tiny_models, tmp_path):
+    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {"max_train_epochs": 4, "save_every_n_steps": 1,
+                                                                    "validation_every_n_steps": 2}})
+    space = ["--grid", "network_type=lora,lokr", "--grid", "unet_lr=2e-4,3e-3", "--prune", "halving"]
+    whole = sweep_cli("--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--name", "whole", *space)
+    out = whole.communicate(timeout=300)[0]
+    assert whole.returncode == 0, out
+    reference = sweep.read(tmp_path / "runs" / "whole")
+    assert sum(t["state"] == "pruned" for t in reference["trials"]) >= 1
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "trial"])
+    assert lines[header + 1].split()[:3] == ["1", reference["ranking"][0]["name"], "done"]  # printed, best first
+    assert "pruned at rung" in out
+
+    cut = sweep_cli("--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--name", "cut", *space)
+    folder = tmp_path / "runs" / "cut"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "checkpoint" and "state" in e["path"] and e["step"] >= 3
+                                             for e in read_all(folder / "trial-001")):  # 000, 003 are pruned at step 2
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)
+    out = cut.communicate(timeout=120)[0]
+    assert cut.returncode == 3, out
+    unfinished = [t for t in sweep.read(folder)["trials"] if t["state"] == "cancelled"]
+    assert unfinished, out
+    for t in unfinished:
+        status = json.loads((folder / t["name"] / "status.json").read_text())
+        assert status["state"] == "cancelled" and (folder / t["name"] / "state").is_dir()
+    again = sweep_cli(str(folder))
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out
+    resumed = sweep.read(folder)
+    assert [(r["name"], r["state"], r["step"]) for r in resumed["ranking"]] == [
+        (r["name"], r["state"], r["step"]) for r in reference["ranking"]]
+    for a, b in zip(resumed["ranking"], reference["ranking"]):
+        assert a["value"] == pytest.approx(b["value"], abs=TOLERANCE)
+    assert sweep_cli(str(folder)).wait(timeout=120) == 0  # a finished sweep stays finished
+
+
+def test_cli_refuses_a_field_by_name(tiny_models, tmp_path):
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    bad = sweep_cli("--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--grid", "resolution=64,128")
+    out = bad.communicate(timeout=120)[0]
+    assert bad.returncode == 2 and "data.resolution cannot vary in a sweep" in out, out
+    assert not (tmp_path / "runs").exists()
