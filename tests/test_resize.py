@@ -16,6 +16,7 @@ from tests import lora_files
 from tests.test_networks import components, net_config, randomize
 from trainer.__main__ import main
 from trainer.export import save_atomic, to_kohya
+from trainer.kohya_names import by_module
 from trainer.loading import load_base
 from trainer.networks import create, find_targets
 from trainer.resize import ATTENTION, ResizeError, resize_file, resize_tensors
@@ -47,14 +48,6 @@ def deltas(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
             for name, p in modules.items()}
 
 
-def grouped(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, param = key.partition(".")
-        out.setdefault(name, {})[param] = value
-    return out
-
-
 def ranks(path: Path) -> dict[str, int]:
     return {name: p["lora_down.weight"].shape[0] for name, p in lora_files.modules(path).items()}
 
@@ -82,13 +75,13 @@ def test_at_save_time_the_trainer_keeps_its_dtype(sd1_file):
 def test_energy_keeps_the_fraction_with_the_fewest_ranks_and_loses_only_the_dropped_sigmas(sd1_file, energy):
     src = lora_files.modules(sd1_file)
     out, report = resize_tensors(load_file(str(sd1_file)), energy=energy)
-    before, after = deltas(src), deltas(grouped(out))
+    before, after = deltas(src), deltas(by_module(out))
     torch.manual_seed(0)
     for m in report.modules:
         s2 = torch.linalg.svdvals(before[m.name]).square()
         kept = torch.cumsum(s2, 0) / s2.sum()
         k = m.new_rank
-        assert k == grouped(out)[m.name]["lora_down.weight"].shape[0] and out[f"{m.name}.alpha"].item() == 4.0
+        assert k == by_module(out)[m.name]["lora_down.weight"].shape[0] and out[f"{m.name}.alpha"].item() == 4.0
         assert kept[k - 1] >= energy and (k == 1 or kept[k - 2] < energy), (m.name, kept)
         assert abs(m.kept - kept[k - 1].item()) < 1e-6
         error = before[m.name] - after[m.name]
@@ -131,14 +124,14 @@ def test_pruning_changes_the_unet_less_than_removing_the_lora(tiny_models, sd1_f
 
 def test_drop_removes_exactly_the_least_energy_modules(sd1_file):
     unet_only = {k: v for k, v in load_file(str(sd1_file)).items() if k.startswith("lora_unet_")}
-    before = deltas(grouped(unet_only))
+    before = deltas(by_module(unet_only))
     energy = {name: d.square().sum().item() for name, d in before.items()}
     out, report = resize_tensors(unet_only, drop=0.25)
     n = int(0.25 * len(energy))
     assert n >= 3
-    assert set(grouped(out)) == set(sorted(energy, key=energy.get)[n:])
+    assert set(by_module(out)) == set(sorted(energy, key=energy.get)[n:])
     assert {m.name for m in report.dropped} == set(sorted(energy, key=energy.get)[:n])
-    for name, d in deltas(grouped(out)).items():  # the kept ones are re-factored, with the same update
+    for name, d in deltas(by_module(out)).items():  # the kept ones are re-factored, with the same update
         assert (d - before[name]).norm() <= 1e-6 * before[name].norm(), name
 
 
@@ -148,9 +141,9 @@ def test_drop_keeps_text_encoder_attention_layers_whole_for_webui(tiny_models, t
     for proj in ("q", "k", "v", "out"):  # layer 0: the weakest attention layer of all, as a whole
         tensors[f"{layer.format(0, proj)}.lora_up.weight"] *= 1e-2
     tensors[f"{layer.format(1, 'q')}.lora_up.weight"] *= 1e-3  # layer 1: only its q is the weakest module
-    energy = {name: d.square().sum().item() for name, d in deltas(grouped(tensors)).items()}
+    energy = {name: d.square().sum().item() for name, d in deltas(by_module(tensors)).items()}
     out, report = resize_tensors(tensors, drop=0.4)
-    kept, dropped = set(grouped(out)), {m.name for m in report.dropped}
+    kept, dropped = set(by_module(out)), {m.name for m in report.dropped}
     assert {layer.format(0, p) for p in ("q", "k", "v", "out")} <= dropped
     assert {layer.format(1, p) for p in ("q", "k", "v", "out")} <= kept
     layers: dict[str, set[str]] = {}

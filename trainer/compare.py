@@ -31,7 +31,7 @@ from torch import nn
 
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, number
 from trainer.events import EventWriter
-from trainer.kohya_names import kohya_name
+from trainer.kohya_names import by_module, kohya_name
 from trainer.loading import ARCH_NAMES, load_base
 from trainer.rundir import RunDir
 from trainer.sampling import parameters_text, generate, save_png
@@ -89,18 +89,9 @@ def base_weights(base) -> dict[str, nn.Parameter]:
 
 # --- one module's update, from the file's factors ---
 
-def module_params(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """`lora_unet_x.lora_up.weight` -> {"lora_unet_x": {"lora_up.weight": tensor}}."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, param = key.partition(".")
-        modules.setdefault(name, {})[param] = value
-    return modules
-
-
 def adapter_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """The modules that hold adapter factors (a file may carry other tensors beside them)."""
-    return {name: params for name, params in module_params(tensors).items() if FACTORS & set(params)}
+    return {name: params for name, params in by_module(tensors).items() if FACTORS & set(params)}
 
 
 def form(params: dict) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from trainer.kohya_names import by_module
+
 BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", ("sd2", "v_prediction"): "sd_v2_v",
                       ("sd1", "v_prediction"): "sd_v1", ("sdxl", "epsilon"): "sdxl_base_v1-0",
                       ("sdxl", "v_prediction"): "sdxl_base_v1-0"}
@@ -109,10 +111,7 @@ def uniform(values: list) -> str:
 def rank_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
     """`meta` with the ranks and alphas the tensors hold: ss_network_dim / ss_network_alpha of the linear modules,
     conv_dim / conv_alpha in ss_network_args of the 3x3 convs (removed when the file has none)."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, param = key.partition(".")
-        modules.setdefault(name, {})[param] = value
+    modules = by_module(tensors)
     ranks = {name: module_rank(params) for name, params in modules.items()}
     convs = {name for name in modules if CONV3X3.match(name)}
     linear = [r for name, r in ranks.items() if r and name not in convs]

@@ -63,3 +63,12 @@ def kohya_name(arch: str, component: str, path: str, unet_config=None) -> str:
     prefix = TE_PREFIXES[arch][0 if component == "text_encoder" else 1]
     # transformers 5 dropped the `text_model.` level inside CLIPTextModel; the file format keeps it
     return f"{prefix}_text_model_" + path.removeprefix("text_model.").replace(".", "_")
+
+
+def by_module(tensors: dict) -> dict[str, dict]:
+    """A file's tensors by module: `lora_unet_x.lora_up.weight` -> {"lora_unet_x": {"lora_up.weight": tensor}}."""
+    modules: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, _, param = key.partition(".")
+        modules.setdefault(name, {})[param] = value
+    return modules

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer.export import DTYPES, rank_metadata, save_atomic
+from trainer.kohya_names import by_module
 
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "alpha"}
 # WebUI applies a text-encoder attention LoRA (SD2's OpenCLIP-H, SDXL's CLIP-G: one fused in_proj) only when q, k,
@@ -70,10 +71,7 @@ def check_args(rank: int | None, energy: float | None, drop: float) -> None:
 
 def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """kohya module name -> {param: tensor}; refuses anything but LoRA/LoCon params."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, param = key.partition(".")
-        modules.setdefault(name, {})[param] = value
+    modules = by_module(tensors)
     for name, params in modules.items():
         if any(p.startswith("hada_") for p in params):
             raise ResizeError(f"{name} is LoHa (hada_* keys): this tool reduces LoRA/LoCon files only")
