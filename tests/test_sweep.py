@@ -91,7 +91,7 @@ def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_pat
     assert [t["state"] for t in state["trials"]] == ["done"] * 4
     assert [r["value"] for r in state["ranking"]] == sorted(t["value"] for t in state["trials"])
     for kind in ("lora", "lokr"):
-        t = next(t for t in state["trials"] if t["params"] == {"network_type": kind, "unet_lr": 2e-3})
+        t = next(t for t in state["trials"] if t["params"] == {"network_type": kind, "unet_lr": 5e-4})
         print(f"{kind}: largest difference from alone {assert_same_as_alone(folder / t['name'], tmp_path / kind):.3g}")
 
 
@@ -105,6 +105,21 @@ def test_trials_that_cannot_share_a_forward_train_alone_on_the_same_base(tiny_mo
     assert groups[0.0]["group"] == "shared" and groups[0.1]["group"] == "alone"
     assert "network_dropout = 0.1" in groups[0.1]["why_alone"]
     assert_same_as_alone(folder / groups[0.1]["name"], tmp_path / "alone-dropout", tolerance=0.0)
+
+
+def test_trials_training_the_text_encoder_share_the_unet_forward(tiny_models, tmp_path):
+    """Each trial's captions go through its own copy of the text encoder with its adapter; the UNet forward is
+    shared with a trial that trains the UNet only. Measured: 1.0e-5 (the TE adapter's Adam-normalised steps)."""
+    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"network": {"network_train_unet_only": False},
+                                                       "optimizer": {"text_encoder_lr": 1e-3}})
+    folder = sweep.create(tmp_path / "runs", toml, {"network_train_unet_only": {"values": [False, True]}}, "grid",
+                          name="te")
+    assert train_sweep(folder, StopFlag()) == "done"
+    state = sweep.read(folder)
+    assert [t["group"] for t in state["trials"]] == ["shared"] * 2
+    te = next(t for t in state["trials"] if not t["params"]["network_train_unet_only"])
+    assert any("lora_te" in k for k in load_file(str(folder / te["name"] / "output" / "lora.safetensors")))
+    assert_same_as_alone(folder / te["name"], tmp_path / "alone-te", tolerance=3 * TOLERANCE)
 
 
 def test_random_and_tpe_searches_ask_in_rounds(tiny_models, tmp_path):
@@ -171,3 +186,11 @@ def test_cli_refuses_a_field_by_name(tiny_models, tmp_path):
     out = bad.communicate(timeout=120)[0]
     assert bad.returncode == 2 and "data.resolution cannot vary in a sweep" in out, out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_quick():
+    from bench import sweep as bench
+
+    (result,) = bench.main(["--quick"])
+    assert result["k"] == 2 and result["sweep_s"] > 0 and result["sequential_s"] > 0 and result["memory_ratio"] > 0

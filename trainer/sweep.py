@@ -2,7 +2,8 @@
 ranked by their held-out loss.
 
     <runs_dir>/<sweep id>/
-        sweep.json       the space, the search, every trial (its params, state, group, held-out loss) and the ranking
+        sweep.json       the space, the search, every trial (its params, state, group, held-out loss), the ranking
+                         and `best`: the best finished trial's config.toml, ready to start as a full run
         base.toml        the base run config every trial starts from
         optuna.journal   Optuna's study (trainer/sweep_space.py): what was asked and told; a resumed sweep continues it
         events.jsonl     the sweep worker's own events: loading, caching, which trials share a forward and why not
@@ -47,6 +48,8 @@ def read(folder: Path) -> dict:
 def write(folder: Path, sweep: dict) -> None:
     """sweep.json written whole (a reader never sees half of it), with the ranking as it stands."""
     sweep["ranking"] = ranking(sweep)
+    done = [r for r in sweep["ranking"] if r["state"] == "done"]
+    sweep["best"] = f"{done[0]['name']}/config.toml" if done else None  # ready to start as a full run
     tmp = Path(folder) / f".{SWEEP_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(sweep, indent=1), encoding="utf-8")
     os.replace(tmp, Path(folder) / SWEEP_FILE)

@@ -15,7 +15,8 @@ trial (`Plan`); the router runs the frozen base layer once over all of them, the
   wrapped module on its span (a chunked forward: the adapted layer's work is not shared, everything else is).
 
 Everything between adapted layers (norms, attention, res-blocks, samplers, the time embedding) runs once for all
-samples. The loop below is the single run's (trainer/train.py) with its forward shared: each trial keeps its data
+samples. A trial that trains the text encoder encodes its captions through its own copy of the encoder (with its
+adapter); its hidden states join the shared UNet forward like the others'. The loop below is the single run's (trainer/train.py) with its forward shared: each trial keeps its data
 order, noise, seed, optimizer and schedule, and steps, samples, validates and saves through trainer.train's own
 functions on its own Run.
 """
