@@ -32,12 +32,15 @@ class DenoisingLoss:
             noise = noise + self.noise_offset * offset.to(latents.device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
-        loss = self.per_sample(unet, latents, noise, timesteps, hidden, added_cond)
+        return self.reduce(self.per_sample(unet, latents, noise, timesteps, hidden, added_cond), timesteps)
+
+    def reduce(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from its samples' MSE (min-SNR weighted when asked); checked to be finite."""
         if self.min_snr_gamma:
             snr = compute_snr(self.scheduler, timesteps)
             weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
-            loss = loss * weight
-        loss = loss.mean()
+            per_sample = per_sample * weight
+        loss = per_sample.mean()
         self.check(loss)
         return loss
 

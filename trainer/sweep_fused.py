@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers.training_utils import compute_snr
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -184,17 +183,6 @@ def draw_noise(loss_fn, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return noise, timesteps
 
 
-def reduce_loss(loss_fn, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The batch's loss from its samples' MSE, weighted as `DenoisingLoss.__call__` weights it; checked."""
-    if loss_fn.min_snr_gamma:
-        snr = compute_snr(loss_fn.scheduler, timesteps)
-        weight = snr.clamp(max=loss_fn.min_snr_gamma) / (snr + 1 if loss_fn.prediction_type == "v_prediction" else snr)
-        per_sample = per_sample * weight
-    loss = per_sample.mean()
-    loss_fn.check(loss)
-    return loss
-
-
 # --- the loop ---
 
 @dataclass
@@ -273,7 +261,7 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
         for w, per_sample in zip(works, group.losses(works)):
             c = w.cursor
             try:
-                loss = reduce_loss(c.run.loss_fn, per_sample, w.timesteps)
+                loss = c.run.loss_fn.reduce(per_sample, w.timesteps)
             except TrainingError as e:  # this trial's loss broke: it fails, the others go on
                 fail(c, e)
                 continue
