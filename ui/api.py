@@ -1,5 +1,5 @@
 """The same jobs for scripts, through the Gradio API (`gradio_client`): create, status, cancel, resume, files; and
-compares: compare_start, compare_status, compare_cancel."""
+compares: compare_start, compare_status, compare_cancel; sweeps: sweep_start, sweep_status, sweep_cancel."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from datasets_tools import dataset_folder
-from trainer import compare_spec, config
+from trainer import compare_spec, config, sweep
 from trainer.single_file import family_of
 from ui.compares import CompareManager, spec_of, upload_label
 from ui.jobs import JobManager
+from ui.sweeps import SweepManager, api_space
 
 # set by create_run's own arguments (preset, base, images, trigger) or by the preset: never through `settings`
 RESERVED = ("preset", "family", "description", "pretrained_model_name_or_path", "train_data_dir", "trigger_word")
@@ -68,7 +69,7 @@ def path_of(upload) -> Path:
     return Path(upload["path"] if isinstance(upload, dict) else upload.path)
 
 
-def register(jobs: JobManager, compares: CompareManager) -> None:
+def register(jobs: JobManager, compares: CompareManager, sweeps: SweepManager) -> None:
     """Add the endpoints to the Blocks being built."""
 
     def create_run(images: list[FileData], preset: str = "character", base: str = "demo",
@@ -138,6 +139,7 @@ def register(jobs: JobManager, compares: CompareManager) -> None:
     for fn in (create_run, status, cancel, resume, list_runs, files):
         gr.api(fn, api_name=fn.__name__)
     register_compares(jobs, compares, run_of)
+    register_sweeps(jobs, sweeps, run_of)
 
 
 def register_compares(jobs: JobManager, compares: CompareManager, run_of) -> None:
@@ -184,4 +186,48 @@ def register_compares(jobs: JobManager, compares: CompareManager, run_of) -> Non
         return compare_status(compare_id)
 
     for fn in (compare_start, compare_status, compare_cancel):
+        gr.api(fn, api_name=fn.__name__)
+
+
+def register_sweeps(jobs: JobManager, sweeps: SweepManager, run_of) -> None:
+    def sweep_start(settings: dict | None = None, space: dict | None = None, search: str = "grid", trials: int = 0,
+                    parallel: int = 0, prune: str = "none", run_id: str | None = None) -> dict:
+        """A sweep (issue #16) from a run: `run_id`'s config and pictures, with `settings` by kohya name on top,
+        over `space` {field: [v1, v2] or "low:high[:log]"}; search grid | random | tpe (random and tpe take
+        `trials`), `parallel` trials trained together (0 = all), prune none | halving | median. It is queued at
+        once; returns sweep_status. Errors name the field."""
+        if not run_id:
+            raise gr.Error("run_id: name the run whose config and pictures the sweep starts from (/list_runs)")
+        run = jobs.run_dir(run_of(run_id))
+        try:
+            cfg = config.from_dict(config.deep_merge(config.to_dict(config.load(run.config)),
+                                                     checked_settings(settings)))
+            info = sweeps.create(cfg, run.dataset, api_space(space), search, trials, parallel, prune)
+        except (config.ConfigError, ValueError, OSError) as e:
+            raise gr.Error(str(e)) from None
+        return sweep_status(info.sweep_id)
+
+    def sweep_status(sweep_id: str) -> dict:
+        """State (queued, running, done, failed, cancelled, interrupted), message; every trial (name, params,
+        state, message, group, step, held_out, rank), the best trial and its config.toml, and the ranked table as
+        text."""
+        try:
+            info, view = sweeps.info(sweep_id), sweeps.view(sweep_id)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        state = view.read()
+        best = (state.get("best") or "").split("/")[0] or None
+        return {"sweep_id": sweep_id, "state": info.state, "message": info.message,
+                "trials_wanted": state["trials_wanted"], "trials": view.trials(state), "best": best,
+                "best_config": view.best_config(state) or None, "table": sweep.table(state)}
+
+    def sweep_cancel(sweep_id: str) -> dict:
+        """Stop a sweep: every unfinished trial saves a resumable state (a second cancel kills it)."""
+        try:
+            sweeps.cancel(sweep_id)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return sweep_status(sweep_id)
+
+    for fn in (sweep_start, sweep_status, sweep_cancel):
         gr.api(fn, api_name=fn.__name__)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui import api, compare_tab, dataset_tab, monitor_tab, runs_tab, security, train_tab
+from ui import api, compare_tab, dataset_tab, monitor_tab, runs_tab, security, sweep_tab, train_tab
 from ui.compares import CompareManager, free_gpu
 from ui.jobs import JobManager
+from ui.sweeps import SweepManager
 
 CSS = """
 .field-error input, .field-error textarea { border-color: #d33 !important; }
@@ -22,16 +23,18 @@ CSS = """
 """
 INTRO = """# LoRA Studio
 Train a Stable Diffusion LoRA (SD 1.x, SD 2.x, SDXL) from a handful of pictures: **Dataset** → **Train** →
-**Monitor** → **Runs**, then **Compare** the files. The built-in *demo* model trains in a minute on any CPU so you can see every part work;
+**Monitor** → **Runs**, then **Compare** the files; a **Sweep** (Train tab) trains variations together and ranks them. The built-in *demo* model trains in a minute on any CPU so you can see every part work;
 for real LoRAs put a checkpoint in the models folder."""
 
 
 def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
-              compares: CompareManager | None = None) -> gr.Blocks:
+              compares: CompareManager | None = None, sweeps: SweepManager | None = None) -> gr.Blocks:
     jobs = jobs or JobManager(runs_dir)
     jobs.start_background()
     compares = compares or CompareManager(Path(runs_dir) / ".compares", free_device=free_gpu(jobs))
     compares.start_background()
+    sweeps = sweeps or SweepManager(Path(runs_dir), free_device=free_gpu(jobs))
+    sweeps.start_background()
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown(INTRO, elem_id="intro")
         dataset_dir = gr.State("")
@@ -43,10 +46,13 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
                 ds = dataset_tab.build(Path(runs_dir) / ".datasets", dataset_dir)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(Path(models_dir))
+                sweep_form = sweep_tab.build_form()
             with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor"):
                 monitor = monitor_tab.build()
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 runs = runs_tab.build(Path(runs_dir) / ".resized")
+            with gr.Tab("Sweeps", id="sweeps", elem_id="tab-sweeps"):
+                sweeps_page = sweep_tab.build()
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_page:
                 compare = compare_tab.build(Path(models_dir))
         timer = gr.Timer(1.0)
@@ -58,7 +64,9 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title)
         bind_runs(jobs, runs, timer, tabs, current_run, view)
         bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, browser_secret(Path(runs_dir)))
-        api.register(jobs, compares)
+        bind_sweeps(jobs, sweeps, train, sweep_form, sweeps_page, compare, ds, dataset_dir, timer, tabs, current_run,
+                    view, demo, browser_secret(Path(runs_dir)))
+        api.register(jobs, compares, sweeps)
     demo.css = CSS
     security.close_api(demo)  # a client reaches the documented routes; the page's own handlers stay private
     return demo
@@ -111,6 +119,26 @@ def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secre
     compare.cancel.click(partial(compare_tab.cancel, compares), compare_id, compare.status)
     timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view],
                show_progress="hidden")  # the page is redrawn each second: no spinner over the grid
+
+
+def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer, tabs, current_run, view, demo,
+                secret: str) -> None:
+    # the page's sweep survives a reload like the Monitor's run; each view keeps its own cursors into the events
+    sweep_id = gr.BrowserState("", storage_key="lora-studio-sweep", secret=secret)
+    sweep_view = gr.State(None)
+    form.start.click(partial(sweep_tab.on_start_sweep, sweeps),
+                     [train.base, train.preset, dataset_dir, ds.trigger, *train.form(), *form.form()],
+                     [*train.form(), form.status, tabs, sweep_id, page.chosen])
+    demo.load(lambda s: gr.update(choices=[x.sweep_id for x in sweeps.sweeps()], value=s or None), sweep_id,
+              page.chosen)
+    page.chosen.change(lambda s: (s or "", None), page.chosen, [sweep_id, sweep_view])
+    timer.tick(partial(sweep_tab.sweep_choices, sweeps), None, page.chosen, show_progress="hidden")
+    timer.tick(partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view], [*page.outputs(), sweep_view],
+               show_progress="hidden")
+    page.cancel.click(partial(sweep_tab.cancel, sweeps), sweep_id, page.action)
+    page.resume.click(partial(sweep_tab.resume, sweeps), sweep_id, page.action)
+    page.full_run.click(partial(sweep_tab.full_run, sweeps, jobs), sweep_id, [page.action, current_run, view])
+    page.compare.click(partial(sweep_tab.compare_best, sweeps, jobs), sweep_id, [compare.runs, tabs, page.action])
 
 
 def browser_secret(runs_dir: Path) -> str:

@@ -18,8 +18,10 @@ import gradio as gr
 from trainer import config
 from trainer.compare_spec import DEFAULTS, CompareError
 from ui import train_tab
-from ui.compares import CompareManager, CompareView, run_files, run_settings, spec_of, upload_label
+from ui.compares import (CompareManager, CompareView, run_files, run_settings, spec_of, trial_names, trial_run,
+                         upload_label)
 from ui.jobs import JobManager
+from ui.security import inside
 
 SETTINGS = ["base", "prompts", "negative", "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]
 SUGGESTED = ["base", "prompts", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]  # a run fills these in
@@ -89,10 +91,24 @@ def build(models_dir: Path) -> CompareTab:
 
 # --- choosing the files ---
 
-def run_choices(jobs: JobManager, chosen: str = "") -> dict:
-    """The runs to choose from, newest first (only `chosen` selected, when given)."""
-    ids = [r.run_id for r in jobs.runs()]
-    return gr.update(choices=ids, value=[chosen]) if chosen else gr.update(choices=ids)
+def run_choices(jobs: JobManager, chosen: str | list[str] = "") -> dict:
+    """The runs to choose from, newest first, then the sweeps' trials with saved files ("<sweep>/<trial>"); only
+    `chosen` (a run, or a list of runs and trials) selected, when given."""
+    ids = [r.run_id for r in jobs.runs()] + trial_names(jobs.runs_dir)
+    if not chosen:
+        return gr.update(choices=ids)
+    return gr.update(choices=ids, value=chosen if isinstance(chosen, list) else [chosen])
+
+
+def run_dir_of(jobs: JobManager, name: str):
+    """A run of the runs folder, or a sweep's trial named "<sweep id>/<trial>" (checked by compares.trial_run);
+    anything else is checked as a run id (and refused as one)."""
+    sweep_id, sep, _ = str(name).partition("/")
+    try:
+        of_sweep = bool(sep) and (inside(jobs.runs_dir, sweep_id, "sweep id") / "sweep.json").is_file()
+    except ValueError:
+        of_sweep = False
+    return trial_run(jobs.runs_dir, name) if of_sweep else jobs.run_dir(name)
 
 
 def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list:
@@ -104,21 +120,25 @@ def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list
     if not run_ids:
         return [gr.update(choices=[], value=[]), "", "", *keep]
     try:
-        runs = [jobs.run_dir(r) for r in run_ids]
-        files = {run.id: run_files(run) for run in runs}
+        runs = [run_dir_of(jobs, r) for r in run_ids]
+        files = {name: run_files(run) for name, run in zip(run_ids, runs)}
         suggested = [compares_settings(run) for run in runs]
     except (ValueError, OSError) as e:
         return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep]
     choices = [(file_text(f), f["path"]) for found in files.values() for f in found]
+    # a sweep's trial: only its final file is ticked (the trials are compared by what they ended with)
+    ticked = [f["path"] for name, found in files.items() for f in (found[-1:] if "/" in name else found)]
     of_runs = f" of {len(runs)} runs" if len(runs) > 1 else ""
-    notes = [f"{len(choices)} saved file(s){of_runs}, all ticked."] if choices else []
+    notes = [f"{len(choices)} saved file(s){of_runs}, " + ("all ticked." if len(ticked) == len(choices) else
+                                                          f"{len(ticked)} ticked (each trial's final file).")
+             ] if choices else []
     notes += [f"⚠ {run_id} has no saved files yet: drop files instead, or wait for its first save."
               for run_id, found in files.items() if not found]
     base = suggested[0]["base"]
     notes += [f"⚠ {run.id} was trained on {other['base']}, {runs[0].id} on {base}: every file is drawn on the "
               "base chosen below" for run, other in zip(runs[1:], suggested[1:]) if other["base"] != base]
-    settings = keep if runs[0].id == suggested_by else [suggested[0][n] for n in SUGGESTED]
-    return [gr.update(choices=choices, value=[p for _, p in choices]), "\n\n".join(notes), runs[0].id, *settings]
+    settings = keep if run_ids[0] == suggested_by else [suggested[0][n] for n in SUGGESTED]
+    return [gr.update(choices=choices, value=ticked), "\n\n".join(notes), run_ids[0], *settings]
 
 
 def compares_settings(run) -> dict:
@@ -140,7 +160,7 @@ def on_compare(compares: CompareManager, jobs: JobManager, run_ids: list[str], c
     if not chosen and not uploads:
         return ["⚠ files: tick some of the runs' saved files or drop .safetensors files", gr.update(), gr.update()]
     try:
-        runs = [jobs.run_dir(r) for r in run_ids or []] if chosen else []
+        runs = [run_dir_of(jobs, r) for r in run_ids or []] if chosen else []
         spec = spec_of(runs, list(chosen or []), settings)
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows

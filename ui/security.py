@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 API_ROUTES = ("create_run", "status", "cancel", "resume", "list_runs", "files",  # ui/api.py, the documented API
-              "compare_start", "compare_status", "compare_cancel")
+              "compare_start", "compare_status", "compare_cancel", "sweep_start", "sweep_status", "sweep_cancel")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 NAMED_CALL = re.compile(r"^/gradio_api/(?:call/v2|call|run|api)/([^/]+)")
