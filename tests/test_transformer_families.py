@@ -1,6 +1,7 @@
 """SD 3.5 and FLUX.1 (issue #17, its foundation): detected from the checkpoint in every layout people keep, loaded
 to the same model, the wrong or missing pieces named, sampled with flow-matching Euler; training refused by name."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -233,22 +234,35 @@ def test_parameters_say_how_it_was_drawn():
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_training_them_is_refused_by_name(flow, arch):
+def test_they_train_with_their_own_family_and_lora_only(flow, tiny_models, arch):
+    """LoRA on the transformer trains (tests/test_flow_training.py); a base given with an SD family, another
+    method or a preset without a variant for the family is refused by name, saying what is not built yet."""
+    name = {"sd3": "SD 3.5", "flux": "FLUX.1"}[arch]
     for base in (flow[arch]["single"], flow[arch]["transformer"], flow[arch]["folder"]):
-        with pytest.raises(config.ConfigError, match=r"is (SD 3\.5|FLUX\.1): SD 3\.5 / FLUX\.1 are detected and can "
-                                                     r"be sampled, but training them is not built yet \(issue #17\)"):
+        with pytest.raises(config.ConfigError, match=rf"is {re.escape(name)}: set family = '{arch}' \(its preset "
+                                                     r"variant\), not 'sd15'") as e:
             config.build(None, "sd15", {"pretrained_model_name_or_path": str(base), "max_train_steps": 1})
-    with pytest.raises(config.ConfigError, match=r"training them is not built yet \(issue #17\)") as e:
-        config.build("character", family_of(flow[arch]["single"]))
-    assert e.value.field == "family"
+        assert e.value.field == "model.pretrained_model_name_or_path"
+    cfg = config.build("character", family_of(flow[arch]["single"]),
+                       {"pretrained_model_name_or_path": str(flow[arch]["folder"])})
+    assert (cfg.family, cfg.network.network_type, cfg.sample.sample_sampler) == (arch, "lora", "euler")
+    assert cfg.network.network_train_unet_only and cfg.training.min_snr_gamma == 0 and cfg.data.resolution == 1024
+    with pytest.raises(config.ConfigError, match=rf"lokr is not built for {re.escape(name)} yet \(issue #17\)") as e:
+        config.build("character", arch, {"network_type": "lokr"})
+    assert e.value.field == "network.network_type"
+    with pytest.raises(config.ConfigError, match=rf"preset 'style' has no {re.escape(name)} variant yet"):
+        config.build("style", arch)
+    with pytest.raises(config.ConfigError, match=rf"is not {re.escape(name)}$"):
+        config.build("character", arch, {"pretrained_model_name_or_path": str(tiny_models["sdxl"][1])})
 
 
-def test_the_train_tab_says_they_cannot_be_trained_yet(flow, tiny_models):
+def test_the_train_tab_says_what_trains(flow, tiny_models):
     from ui.train_tab import explain_base
 
     for arch, name in (("sd3", "SD 3.5"), ("flux", "FLUX.1")):
         said = explain_base(str(flow[arch]["single"]))
-        assert said.startswith(f"⚠ Detected: **{name}**.") and "training them is not built yet" in said, said
+        assert said.startswith(f"⚠ Detected: **{name}**.") and "train LoRA on the transformer" in said, said
+        assert "not built for them yet (issue #17): the other methods, text-encoder LoRA" in said, said
     assert explain_base(str(tiny_models["sdxl"][1])) == "Detected: **SDXL** presets apply."
 
 

@@ -23,9 +23,13 @@ from trainer import methods, optimizer_args, single_file
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
 MAX_NAME = 120  # characters of an output file name
-FAMILIES = ("sd15", "sdxl")  # preset variants: sd15 covers SD 1.x and SD 2.x bases
-FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # detected and sampled; not trained yet
-NOT_TRAINED = "SD 3.5 / FLUX.1 are detected and can be sampled, but training them is not built yet (issue #17)"
+FAMILIES = ("sd15", "sdxl")  # preset variants every preset has: sd15 covers SD 1.x and SD 2.x bases
+FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # flow-matching transformers: LoRA on the transformer trains
+ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for these when it has their section
+FLOW_METHODS = ("lora",)  # the methods trained and tested on them so far
+NOT_TRAINED = ("SD 3.5 / FLUX.1 train LoRA on the transformer (the character preset's variant); not built for them "
+               "yet (issue #17): the other methods, text-encoder LoRA, the other presets, held-out loss, min-SNR / "
+               "noise offset, NF4 and pruning")
 
 
 class ConfigError(ValueError):
@@ -260,13 +264,14 @@ def from_dict(d: dict) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Raise the first ConfigError: ranges and choices of every field, then the rules between fields. Every
     combination the worker could only fail on is refused here, naming the field and the fix."""
-    refuse_untrained_family(cfg.family, cfg.model.pretrained_model_name_or_path)
+    check_base_family(cfg.family, cfg.model.pretrained_model_name_or_path)
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
             _check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata)
     _check_data(cfg.data)
     _check_network(cfg)
+    _check_flow(cfg)
     t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
@@ -281,23 +286,63 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg.sample, name) % 64:
             raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
                                                 "multiple of 64 (or 0 = resolution)")
-    if cfg.family not in FAMILIES:
-        raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+    if cfg.family not in ALL_FAMILIES:
+        raise ConfigError("family", f"family = {cfg.family!r}: choose one of {', '.join(ALL_FAMILIES)}")
     if cfg.preset and cfg.preset not in list_presets():  # it names the run folder: a name, never a path
         raise ConfigError("preset", f"preset = {cfg.preset!r}: choose one of {', '.join(list_presets())}")
 
 
-def refuse_untrained_family(family: str, base: str = "") -> None:
-    """A family this trainer detects and samples but cannot train yet, named as such (not as a bad value)."""
-    if family in FLOW_FAMILIES:
-        raise ConfigError("family", f"family = {family!r} ({FLOW_FAMILIES[family]}): {NOT_TRAINED}")
+def check_base_family(family: str, base: str = "") -> None:
+    """An SD 3.5 / FLUX.1 base trains with its own preset variant (family "sd3" / "flux"), and those variants with
+    such a base: a mismatch is named, with the family to set."""
     try:
         found = single_file.family_of(base) if base else ""
     except (single_file.CheckpointError, OSError):
         return  # not a model we can read: the loader says why when the run starts
-    if found in FLOW_FAMILIES:
+    if found in FLOW_FAMILIES and family != found:
         raise ConfigError("model.pretrained_model_name_or_path",
-                          f"model.pretrained_model_name_or_path = {base!r} is {FLOW_FAMILIES[found]}: {NOT_TRAINED}")
+                          f"model.pretrained_model_name_or_path = {base!r} is {FLOW_FAMILIES[found]}: set family = "
+                          f"{found!r} (its preset variant), not {family!r}")
+    readable = bool(base) and base != "demo" and Path(base).expanduser().exists()  # "demo": the default, unset
+    if family in FLOW_FAMILIES and readable and found not in FLOW_FAMILIES:
+        raise ConfigError("family", f"family = {family!r} ({FLOW_FAMILIES[family]}), but "
+                                    f"model.pretrained_model_name_or_path = {base!r} is not {FLOW_FAMILIES[family]}")
+
+
+def _check_flow(cfg: TrainConfig) -> None:
+    """What SD 3.5 / FLUX.1 training does not have yet, refused by field with what to set (issue #17)."""
+    if cfg.family not in FLOW_FAMILIES:
+        return
+    name, n, t, d = FLOW_FAMILIES[cfg.family], cfg.network, cfg.training, cfg.data
+    missing = f"is not built for {name} yet (issue #17)"
+    rules = [
+        ("network.network_type", n.network_type not in FLOW_METHODS,
+         f"network.network_type = {n.network_type!r}: {n.network_type} {missing}; use {', '.join(FLOW_METHODS)}"),
+        ("network.network_train_unet_only", not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
+         or n.network_train_text_encoder_only,
+         f"text-encoder LoRA {missing}: set network_train_unet_only = true (the transformer is trained)"),
+        ("training.min_snr_gamma", t.min_snr_gamma > 0,
+         f"training.min_snr_gamma = {t.min_snr_gamma}: min-SNR weighs the DDPM noise schedule; {name} trains by "
+         "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),
+        ("training.noise_offset", t.noise_offset > 0, f"training.noise_offset = {t.noise_offset}: noise offset "
+                                                      f"{missing}: set noise_offset = 0"),
+        ("data.validation_split", bool(d.validation_split or d.validation_dir),
+         f"the held-out loss {missing}: set validation_split = 0 and validation_dir = \"\""),
+        ("model.unet_quantization", cfg.model.unet_quantization != "none",
+         f"model.unet_quantization = {cfg.model.unet_quantization!r}: a quantized transformer {missing}"),
+        ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),
+         f"pruning when saving {missing}: set prune_rank, prune_energy and prune_drop to 0"),
+        ("model.prediction_type", cfg.model.prediction_type != "auto",
+         f"model.prediction_type = {cfg.model.prediction_type!r}: {name} is a flow-matching model; leave it auto"),
+        ("model.clip_skip", cfg.model.clip_skip != 1,
+         f"model.clip_skip = {cfg.model.clip_skip}: {name} uses its encoders' fixed layers; set clip_skip = 1"),
+        ("sample.sample_sampler", cfg.sample.sample_sampler != "euler",
+         f"sample.sample_sampler = {cfg.sample.sample_sampler!r}: {name} samples with flow-matching Euler; "
+         "set sample_sampler = \"euler\""),
+    ]
+    for where, bad, message in rules:
+        if bad:
+            raise ConfigError(where, message)
 
 
 def _check_validation(cfg: TrainConfig) -> None:
@@ -421,12 +466,15 @@ def preset_dict(name: str, family: str) -> dict:
     if name not in list_presets():  # a name, never a path: "../x" or an absolute file is not a preset
         raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
     path = PRESETS_DIR / f"{name}.toml"
-    refuse_untrained_family(family)
-    if family not in FAMILIES:
-        raise ConfigError("family", f"family = {family!r}: choose one of {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ConfigError("family", f"family = {family!r}: choose one of {', '.join(ALL_FAMILIES)}")
     data = tomllib.loads(path.read_text(encoding="utf-8"))
-    variant = data.pop(family, {}) if family != "sd15" else {}
-    data.pop("sdxl", None)
+    variants = {f: data.pop(f, None) for f in ALL_FAMILIES if f != "sd15"}
+    if family in FLOW_FAMILIES and variants[family] is None:
+        have = [p for p in list_presets() if family in tomllib.loads((PRESETS_DIR / f"{p}.toml").read_text("utf-8"))]
+        raise ConfigError("family", f"family = {family!r}: preset {name!r} has no {FLOW_FAMILIES[family]} variant "
+                                    f"yet (issue #17); use {' / '.join(have) or 'none'}")
+    variant = variants.get(family) or {} if family != "sd15" else {}
     description = data.pop("description", "")
     flat = deep_merge(data, variant)
     return flat | {"preset": name, "family": family, "description": description}

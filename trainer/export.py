@@ -15,23 +15,50 @@ from trainer.kohya_names import by_module
 
 BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", ("sd2", "v_prediction"): "sd_v2_v",
                       ("sd1", "v_prediction"): "sd_v1", ("sdxl", "epsilon"): "sdxl_base_v1-0",
-                      ("sdxl", "v_prediction"): "sdxl_base_v1-0"}
+                      ("sdxl", "v_prediction"): "sdxl_base_v1-0", ("flux", "flow_matching"): "flux1",
+                      ("sd3", "flow_matching"): "sd3"}
+# sd-scripts library/sai_model_spec.py: ARCH_SD3_M + "-" + model type, ARCH_FLUX_1_DEV / _SCHNELL
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                  "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+                  "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+                  "flux1-dev": "flux-1-dev", "flux1-schnell": "flux-1-schnell",
+                  "sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3-5-medium",
+                  "sd3.5-large": "stable-diffusion-3-5-large"}
+IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
+                  "flux": "https://github.com/black-forest-labs/flux"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 NETWORK_MODULE = {"lora": "networks.lora", "lycoris": "lycoris.kohya"}
 # kohya names of the 3x3 convs LoCon adapts: res-block convs and samplers (SD1/2 diffusers names, SDXL SGM names)
 CONV3X3 = re.compile(r"^lora_unet_.*_(conv|conv1|conv2|in_layers_2|out_layers_3|op)$")
 
 
+FLOW_FORMAT = {"flux": "kohya", "sd3": "diffusers"}  # the file every loader reads (trainer/flow_names.py)
+
+
 def to_kohya(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every wrapped module's factors under `<kohya name>.<param>`; alpha stays fp32 like kohya's."""
+    """Every wrapped module's factors under `<kohya name>.<param>`; alpha stays fp32 like kohya's. SD 3.5 / FLUX.1
+    go through trainer/flow_names.py: FLUX.1 in kohya's format (q/k/v fused), SD 3.5 in diffusers' format."""
+    if getattr(net, "file_modules", None) is not None:
+        return to_flow_file(net, dtype)
     out: dict[str, torch.Tensor] = {}
     for name in net.names():
         for param, tensor in net.factors(name).items():
             t = tensor.detach().to("cpu").contiguous()
             out[f"{name}.{param}"] = t.float() if param == "alpha" else t.to(dtype)
     return out
+
+
+def to_flow_file(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from trainer import flow_names
+
+    if net.exports_as != "lora":
+        raise ValueError(f"{net.arch}: only LoRA-form files are written for SD 3.5 / FLUX.1, not {net.kind}")
+    loras = {}
+    for name in net.names():
+        f = net.factors(name)
+        loras[name] = flow_names.Lora(f["lora_down.weight"].detach().cpu().float(),
+                                      f["lora_up.weight"].detach().cpu().float(), float(f["alpha"]))
+    sd = flow_names.export(net.arch, net.file_modules, loras, FLOW_FORMAT[net.arch])
+    return {k: t.float().contiguous() if k.endswith(".alpha") else t.to(dtype).contiguous() for k, t in sd.items()}
 
 
 def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_images: int, epoch: int, step: int,
@@ -41,7 +68,11 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
     (loss, step, pictures) also `ss_validation_loss`, `ss_validation_step` and `ss_validation_images`."""
     n, o, t = cfg.network, cfg.optimizer, cfg.training
     v2 = arch == "sd2"
-    spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
+    if arch in FLOW_FORMAT:
+        from trainer.transformer_files import variant_of_config
+        spec_arch = MODELSPEC_ARCH[variant_of_config(arch, net.components["transformer"].config)]
+    else:
+        spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
     now = datetime.now(timezone.utc)
     fields = {
         "ss_network_module": NETWORK_MODULE[net.exports_as],
@@ -78,14 +109,15 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{spec_arch}/{net.exports_as}",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": IMPLEMENTATION.get(arch, "diffusers"),
         "modelspec.title": f"{t.output_name} (epoch {epoch})",
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": cfg.data.trigger_word,
     }
+    if arch in FLOW_FORMAT:  # as sd-scripts: no epsilon / v for a flow-matching model
+        del fields["modelspec.prediction_type"]
     if held_out is not None:
         loss, held_step, pictures = held_out
         fields |= {"ss_validation_loss": repr(loss), "ss_validation_step": str(held_step),

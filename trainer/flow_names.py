@@ -79,6 +79,7 @@ from typing import NamedTuple
 import torch
 
 FORMATS = {"flux": ("kohya",), "sd3": ("kohya", "diffusers")}
+BLOCK_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_joint_blocks_")
 TE_PREFIX = {"flux": {"text_encoder": "lora_te1"}, "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
 CLIP_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -294,3 +295,47 @@ def diffusers_gaps(modules: list[FileModule], loras: dict[str, Lora]) -> list[st
 def kohya_names(arch: str, transformer, text_encoders: dict | None = None) -> dict[str, str]:
     """diffusers module ("transformer.<path>") -> the kohya module name that carries it (several map to one fused)."""
     return {p: m.name for m in plan(arch, transformer, text_encoders) for p in m.parts}
+
+
+def check_file(arch: str, modules: list[FileModule], sd: dict[str, torch.Tensor], fmt: str = "kohya") -> list[str]:
+    """What is wrong with a file's state dict against `modules` (planned on the base): every key must belong to a
+    module of the base, with the shapes that module takes (kohya: up (sum of the fused widths, r), down (r, in),
+    alpha; diffusers: lora_A (r, in), lora_B (out, r) of the live Linear). [] = every key maps."""
+    problems = []
+    if fmt == "kohya":
+        by_name = {m.name: m for m in modules}
+        stems: dict[str, set] = {}
+        for key in sd:
+            name, _, param = key.partition(".")
+            stems.setdefault(name, set()).add(param)
+        for name, params in stems.items():
+            m = by_name.get(name)
+            if m is None:
+                problems.append(f"{name}: no module of this {arch} model")
+                continue
+            if params != {"lora_down.weight", "lora_up.weight", "alpha"}:
+                problems.append(f"{name}: holds {sorted(params)}, not lora_down / lora_up / alpha")
+                continue
+            down, up = sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"]
+            if (up.shape[0], down.shape[1]) != (sum(m.widths), m.in_features) or up.shape[1] != down.shape[0]:
+                problems.append(f"{name}: up {tuple(up.shape)} x down {tuple(down.shape)} does not patch "
+                                f"{m.original} ({sum(m.widths)}, {m.in_features})")
+        return problems
+    shapes = {p: (w, m.in_features) for m in modules for p, w in zip(m.parts, m.widths)}
+    stems = {}
+    for key in sd:
+        stem, _, param = key.rpartition(".lora_")
+        stems.setdefault(stem, set()).add(param)
+    for stem, params in stems.items():
+        component, _, path = stem.partition(".")
+        live = stem if component == "transformer" else f"{component}.{_te_path(path)}"
+        if live not in shapes:
+            problems.append(f"{stem}: no Linear of this {arch} model")
+            continue
+        if params != {"A.weight", "B.weight"}:
+            problems.append(f"{stem}: holds {sorted(params)}, not lora_A / lora_B")
+            continue
+        a, b = sd[stem + ".lora_A.weight"], sd[stem + ".lora_B.weight"]
+        if (b.shape[0], a.shape[1]) != shapes[live] or b.shape[1] != a.shape[0]:
+            problems.append(f"{stem}: B {tuple(b.shape)} x A {tuple(a.shape)} does not patch {shapes[live]}")
+    return problems

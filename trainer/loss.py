@@ -1,4 +1,5 @@
-"""The denoising loss, set up once from the config so the training loop has no option branches."""
+"""The denoising (SD 1/2/XL) and flow-matching (SD 3.5 / FLUX.1) losses, set up once from the config so the
+training loop has no option branches."""
 
 from __future__ import annotations
 
@@ -52,11 +53,103 @@ class DenoisingLoss:
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def check(self, loss: torch.Tensor) -> None:
-        # one device sync per step: the loss is logged anyway
-        value = loss.item()
-        if not math.isfinite(value):
-            hint = (" fp16 overflows easily: try mixed_precision = \"bf16\" (or \"no\")."
-                    if self.mixed_precision == "fp16" else "")
-            raise TrainingError(f"the loss became {value}: the learning rate is probably too high; lower "
-                                f"learning_rate / unet_lr / text_encoder_lr (e.g. by 10x).{hint} "
-                                "No file was written from the broken weights.")
+        check_finite_loss(loss, self.mixed_precision)
+
+
+def check_finite_loss(loss: torch.Tensor, mixed_precision: str) -> None:
+    """Raise TrainingError naming the likely cause when the loss is NaN / inf."""
+    # one device sync per step: the loss is logged anyway
+    value = loss.item()
+    if not math.isfinite(value):
+        hint = (" fp16 overflows easily: try mixed_precision = \"bf16\" (or \"no\")."
+                if mixed_precision == "fp16" else "")
+        raise TrainingError(f"the loss became {value}: the learning rate is probably too high; lower "
+                            f"learning_rate / unet_lr / text_encoder_lr (e.g. by 10x).{hint} "
+                            "No file was written from the broken weights.")
+
+
+TRAIN_GUIDANCE = 1.0  # FLUX.1 dev's distilled-guidance input while training (kohya sd-scripts' FLUX examples)
+
+
+@dataclass
+class FlowMatchingLoss:
+    """Rectified flow for SD 3.5 / FLUX.1: x_t = (1 - σ)·x0 + σ·ε, the transformer predicts the velocity ε - x0.
+
+    σ is drawn logit-normal (u = sigmoid(N(logit_mean, logit_std)), Esser et al. 2024, as diffusers'
+    `compute_density_for_timestep_sampling("logit_normal")`) and shifted as the model's scheduler shifts it:
+    SD 3.5 by its fixed `shift` (3.0): σ = s·u / (1 + (s - 1)·u); FLUX.1 dev by the resolution-dependent shift
+    (`use_dynamic_shifting`): μ = calculate_shift(image tokens, base/max_image_seq_len, base/max_shift),
+    σ = e^μ / (e^μ + 1/u - 1); FLUX.1 schnell's scheduler has shift 1 (σ = u). Plain MSE, unweighted (the
+    examples' weighting_scheme "logit_normal" weighs every σ 1). Same interface as DenoisingLoss: `__call__`,
+    `per_sample` (at given noise and σ), `reduce`, `check`; `added_cond` = {"pooled": pooled projections}."""
+
+    arch: str  # "sd3" | "flux"
+    shift: float = 1.0
+    dynamic_shift: tuple | None = None  # FLUX.1 dev: (base_image_seq_len, max_image_seq_len, base_shift, max_shift)
+    guidance: float | None = None  # FLUX.1 dev's guidance input; None: the model has no guidance embedder
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    num_train_timesteps: int = 1000  # SD3's transformer takes σ·1000; FLUX's takes σ and scales it itself
+    mixed_precision: str = "no"
+
+    @classmethod
+    def for_model(cls, base, mixed_precision: str = "no") -> FlowMatchingLoss:
+        """From the base's own scheduler config and transformer (guidance embedder or not)."""
+        sc = base.pipeline.scheduler.config
+        dynamic = ((sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
+                   if sc.get("use_dynamic_shifting") else None)
+        guided = base.arch == "flux" and base.denoiser.config.get("guidance_embeds")
+        return cls(base.arch, float(sc.shift), dynamic, TRAIN_GUIDANCE if guided else None,
+                   num_train_timesteps=sc.num_train_timesteps, mixed_precision=mixed_precision)
+
+    def __call__(self, model, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
+        """Mean loss of one batch: latents moved along the straight path to noise at logit-normal σ."""
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        u = torch.sigmoid(torch.randn(b, generator=generator) * self.logit_std + self.logit_mean)
+        sigmas = self.shifted(u, latents.shape[-2] * latents.shape[-1] // 4).to(latents.device)
+        return self.reduce(self.per_sample(model, latents, noise, sigmas, hidden, added_cond), sigmas)
+
+    def shifted(self, u: torch.Tensor, image_tokens: int) -> torch.Tensor:
+        """σ from u in (0, 1): the family's shift; `image_tokens` = (h/2)·(w/2) latent patches."""
+        if self.dynamic_shift is not None:
+            base_len, max_len, base_shift, max_shift = self.dynamic_shift
+            mu = base_shift + (max_shift - base_shift) * (image_tokens - base_len) / (max_len - base_len)
+            return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def reduce(self, per_sample: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        loss = per_sample.mean()
+        self.check(loss)
+        return loss
+
+    def per_sample(self, model, latents, noise, sigmas, hidden, added_cond=None) -> torch.Tensor:
+        """The unweighted MSE of each sample's velocity prediction at the given noise and σ."""
+        s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
+        noisy = (1 - s) * latents + s * noise
+        target = noise - latents
+        pooled = added_cond["pooled"]
+        if self.arch == "flux":
+            pred, target = self.flux_forward(model, noisy, target, sigmas, hidden, pooled)
+            return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2))
+        pred = model(hidden_states=noisy, timestep=sigmas * self.num_train_timesteps, encoder_hidden_states=hidden,
+                     pooled_projections=pooled, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def flux_forward(self, model, noisy, target, sigmas, hidden, pooled) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX.1 sees latents packed into 2x2 patches with their (0, row, col) ids, text ids all zero; the
+        target is packed the same way (the MSE over elements does not depend on the order)."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = (None if self.guidance is None
+                    else torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32))
+        pred = model(hidden_states=packed, timestep=sigmas, guidance=guidance, pooled_projections=pooled,
+                     encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return pred, FluxPipeline._pack_latents(target, b, c, h, w)
+
+    def check(self, loss: torch.Tensor) -> None:
+        check_finite_loss(loss, self.mixed_precision)

@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler
 from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
 from trainer.events import EventWriter
-from trainer.loading import BaseModel, load_base
-from trainer.loss import DenoisingLoss
+from trainer.loading import FLOW_ARCHES, BaseModel, load_base
+from trainer.loss import DenoisingLoss, FlowMatchingLoss
 from trainer.networks import create as create_network
 from trainer.optim import make_optimizer, make_scheduler
 from trainer.quantize import quantize_unet_nf4
@@ -82,14 +82,14 @@ class Run:
     base: BaseModel
     items: list[data.Item]  # one per image
     latents_of: dict | None  # (item index, flipped) -> latent; None when latents are encoded every step
-    encode: Callable  # captions -> (hidden, pooled)
+    encode: Callable  # captions -> (hidden, pooled); pooled None for SD1/SD2
     time_ids: list | None  # SDXL's size conditioning per item; None for SD1/SD2
     net: Network
     params: list[torch.Tensor]
     optimizer: torch.optim.Optimizer  # accelerate's wrapper
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     clip: Callable[[list[torch.Tensor]], None]  # gradient clipping, or nothing
-    loss_fn: DenoisingLoss
+    loss_fn: DenoisingLoss | FlowMatchingLoss
     schedule: Schedule
     progress: Progress
     prompts: list[str]  # sample prompts, trigger word filled in
@@ -142,8 +142,7 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
-    loss_fn = DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
-                            cfg.training.min_snr_gamma, cfg.training.noise_offset, acc.mixed_precision)
+    loss_fn = make_loss(cfg, base, acc)
     progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
     return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
                latents_of=latents_of, encode=encode, time_ids=sdxl_time_ids(items) if base.arch == "sdxl" else None,
@@ -153,33 +152,53 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
                samples_per_batch=cfg.training.train_batch_size * acc.num_processes, held_out=held_out)
 
 
+def make_loss(cfg, base, acc) -> DenoisingLoss | FlowMatchingLoss:
+    """SD 1/2/XL: the DDPM denoising loss (epsilon / v, min-SNR, noise offset); SD 3.5 / FLUX.1: rectified flow
+    with the family's timestep shift (and FLUX.1 dev's guidance input), from the base's own scheduler config."""
+    if base.arch in FLOW_ARCHES:
+        return FlowMatchingLoss.for_model(base, acc.mixed_precision)
+    return DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
+                         cfg.training.min_snr_gamma, cfg.training.noise_offset, acc.mixed_precision)
+
+
 def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
     m = cfg.model
     events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
     base = load_base(m.pretrained_model_name_or_path, m.prediction_type)
+    flow_family, flow_base = cfg.family in FLOW_ARCHES, base.arch in FLOW_ARCHES
+    if flow_family != flow_base or flow_base and cfg.family != base.arch:
+        from trainer.loading import ARCH_NAMES
+        raise ValueError(f"{m.pretrained_model_name_or_path} is {ARCH_NAMES[base.arch]}, but the config's family is "
+                         f"{cfg.family!r}: build it with the base's own preset variant")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    base.unet.to(acc.device, dtype=weight_dtype)
+    base.denoiser.to(acc.device, dtype=weight_dtype)
     base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
     for te in base.text_encoders:
         te.to(acc.device, dtype=weight_dtype)
     components, train_te = choose_components(cfg, base)
     if m.unet_quantization == "nf4":
-        count = quantize_unet_nf4(base.unet, weight_dtype, acc.device)
+        count = quantize_unet_nf4(base.denoiser, weight_dtype, acc.device)
         events.status("loading", f"UNet held in 4-bit NF4 ({count} linear layers)")
     if m.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.denoiser.enable_gradient_checkpointing()
         for te in base.text_encoders if train_te else []:
             te.gradient_checkpointing_enable()
     if m.attention == "xformers" and acc.device.type == "cuda":
-        base.unet.enable_xformers_memory_efficient_attention()
+        base.denoiser.enable_xformers_memory_efficient_attention()
     return base, components, train_te
 
 
 def choose_components(cfg, base) -> tuple[dict, bool]:
-    """({component name: module} the config's adapter wraps, whether the text encoders train)."""
+    """({component name: module} the config's adapter wraps, whether the text encoders train). SD 3.5 / FLUX.1:
+    the transformer only (trainer.config refuses text-encoder LoRA on them)."""
     n = cfg.network
     train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
+    if base.arch in FLOW_ARCHES:
+        if train_te or n.network_train_text_encoder_only:
+            raise ValueError(f"{base.describe()}: text-encoder LoRA is not built for SD 3.5 / FLUX.1 yet; set "
+                             "network_train_unet_only = true")
+        return {"transformer": base.denoiser}, False
     te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
     components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
     if train_te:
@@ -245,7 +264,9 @@ def make_network(n, base, components: dict, total_steps: int, events):
 
 def make_optimization(o, net, components: dict, acc, total_steps: int) -> tuple[list, object, object]:
     """(the trained parameters, the optimizer, its learning-rate schedule), both registered for resuming."""
-    lrs = {"unet": o.unet_lr or o.learning_rate, "text_encoder": o.text_encoder_lr, "text_encoder_2": o.text_encoder_lr}
+    denoiser_lr = o.unet_lr or o.learning_rate
+    lrs = {"unet": denoiser_lr, "transformer": denoiser_lr, "text_encoder": o.text_encoder_lr,
+           "text_encoder_2": o.text_encoder_lr}
     groups = [g for c in components for g in net.param_groups(c, lrs[c]) if g["params"]]
     params = [p for g in groups for p in g["params"]]
     optimizer = acc.prepare(make_optimizer(o, groups, acc.device))
@@ -303,7 +324,8 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
         generator = torch.Generator().manual_seed(0)
         dist = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist
         latent = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device))[0]
-        latent = latent * vae.config.scaling_factor
+        shift = vae.config.get("shift_factor")  # SD 3.5 / FLUX.1 VAEs: (z - shift) * scale; SD ones have none
+        latent = latent * vae.config.scaling_factor if shift is None else (latent - shift) * vae.config.scaling_factor
     if disk is not None:
         disk.mkdir(parents=True, exist_ok=True)
         save_file({"latent": latent.cpu().contiguous()}, str(disk / f"{key}.safetensors"))
@@ -312,10 +334,22 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
 
 def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict):
     """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once
-    (into `cached`, which runs on the same frozen encoders and clip skip may share)."""
+    (into `cached`, which runs on the same frozen encoders and clip skip may share). SD 3.5 / FLUX.1: the
+    pipeline's own prompt encoding (CLIP + T5); once cached, the text encoders leave the device unless the run
+    samples (sampling encodes its prompts with them)."""
     d = cfg.data
-    def run(captions):
-        return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip, acc.device)
+    if base.arch in FLOW_ARCHES:
+        from trainer.transformer_files import MAX_SEQUENCE
+
+        length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
+
+        def run(captions):
+            with torch.no_grad():
+                return text.encode_flow(base.pipeline, base.arch, captions, length, acc.device)
+    else:
+        def run(captions):
+            return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip,
+                               acc.device)
 
     fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
     if train_te or not d.cache_text_encoder_outputs or not fixed:
@@ -324,13 +358,29 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
     with torch.no_grad(), acc.autocast():
         for c in sorted({item.caption for item in items} - set(cached)):
             cached[c] = run([c])
+    if base.arch in FLOW_ARCHES:
+        release_text_encoders(base, cfg, events)
 
     def lookup(captions):
         hidden = torch.cat([cached[c][0] for c in captions])
-        pooled = torch.cat([cached[c][1] for c in captions]) if base.arch == "sdxl" else None
+        pooled = torch.cat([cached[c][1] for c in captions]) if base.arch in ("sdxl", *FLOW_ARCHES) else None
         return hidden, pooled
 
     return lookup
+
+
+def release_text_encoders(base, cfg, events) -> None:
+    """SD 3.5 / FLUX.1 with their captions cached: T5-XXL (~9.5 GB in fp16) and CLIP are not needed to train, so
+    they go back to the CPU, unless samples are drawn during the run."""
+    s = cfg.sample
+    if s.sample_every_n_steps or s.sample_every_n_epochs:
+        events.status("caching", "Captions cached; the text encoders stay on the device to encode the sample prompts")
+        return
+    for te in base.text_encoders:
+        te.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    events.status("caching", "Captions cached; the text encoders (T5 included) moved off the device")
 
 
 def sdxl_time_ids(items) -> list[torch.Tensor]:

@@ -52,7 +52,7 @@ def loop(run: Run, stop: StopFlag) -> bool:
         for i in range(p.batch, len(batches)):
             batch = make_batch(run, batches[i], position_rng(run, epoch, i))
             with acc.autocast():
-                loss = run.loss_fn(run.base.unet, batch.latents, batch.hidden, batch.added_cond)
+                loss = run.loss_fn(run.base.denoiser, batch.latents, batch.hidden, batch.added_cond)
             meter.add(loss.item())  # free here (the loss check synced); after backward it would wait for it
             acc.backward((loss + run.net.regularization()) / schedule.accumulation)
             p.batch = i + 1
@@ -113,6 +113,8 @@ def make_batch(run: Run, indices: list[int], rng: random.Random) -> Batch:
     if run.time_ids is not None:
         time_ids = torch.stack([run.time_ids[i] for i in indices]).to(device, hidden.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
+    elif pooled is not None:  # SD 3.5 / FLUX.1: the pooled text projections
+        added = {"pooled": pooled}
     return Batch(latents, hidden, added)
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from trainer.kohya_names import kohya_name
+
+FLOW_ARCHES = ("sd3", "flux")  # transformers: targets and file names from trainer/flow_names.py
 from trainer.methods import CATALOG, Method
 
 NETWORKS: dict[str, type["Network"]] = {}
@@ -59,6 +61,8 @@ def is_conv3x3(module: nn.Module) -> bool:
 def find_targets(arch: str, components: dict[str, nn.Module], with_convs: bool) -> list[Target]:
     """kohya's defaults: Linear and 1x1 convs of every UNet transformer block and every CLIP attention / MLP; with
     `with_convs` (LoCon), also the res-blocks and up/down-samplers, whose 3x3 convs take the conv rank."""
+    if arch in FLOW_ARCHES:
+        return flow_targets(arch, components)
     targets = []
     for component, model in components.items():
         blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if with_convs else ()) if component == "unet" else TEXT_ENCODER_BLOCKS
@@ -75,6 +79,21 @@ def find_targets(arch: str, components: dict[str, nn.Module], with_convs: bool) 
     return targets
 
 
+def flow_targets(arch: str, components: dict[str, nn.Module]) -> list[Target]:
+    """SD 3.5 / FLUX.1: every Linear of the transformer's blocks (FLUX double/single blocks, SD3 joint blocks),
+    as kohya's default targets (its FLUX `in_dims` / SD3 `emb_dims` embedders and the final layer are off by
+    default). Named by their diffusers path ("transformer.<path>"): several of them fuse into one file module
+    (trainer/flow_names.py), so the file's names are made when exporting, not here."""
+    from trainer import flow_names
+
+    if set(components) - {"transformer"}:
+        raise ValueError(f"{arch}: text-encoder LoRA is not built for SD 3.5 / FLUX.1 yet; train the transformer only "
+                         "(network_train_unet_only = true)")
+    return [Target(part, "transformer", part.removeprefix("transformer."), False)
+            for m in flow_names.plan(arch, components["transformer"]) if m.name.startswith(flow_names.BLOCK_PREFIXES)
+            for part in m.parts]
+
+
 class Network:
     """An adapter on the UNet and/or text encoders of one base model."""
 
@@ -89,6 +108,11 @@ class Network:
         if self.linear_only:
             targets = [t for t in targets if isinstance(components[t.component].get_submodule(t.path), nn.Linear)]
         self.targets = {t.name: t for t in targets}
+        # SD 3.5 / FLUX.1: the file's modules, planned on the transformer before the adapter wraps its Linears
+        self.file_modules = None
+        if arch in FLOW_ARCHES and "transformer" in components:
+            from trainer import flow_names
+            self.file_modules = flow_names.plan(arch, components["transformer"])
 
     @property
     def kind(self) -> str:
