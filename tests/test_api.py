@@ -55,7 +55,7 @@ def test_a_script_drives_one_run_end_to_end(tiny_models, tmp_path):
             client.predict(run_id="../" + run["run_id"], api_name="/status")
         assert sorted(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
             "/cancel", "/compare_cancel", "/compare_start", "/compare_status", "/create_run", "/files", "/list_runs",
-            "/resume", "/status"]
+            "/resume", "/status", "/sweep_cancel", "/sweep_start", "/sweep_status"]
     finally:
         app.stop()
 
@@ -194,3 +194,54 @@ def test_a_script_compares_a_runs_files_with_its_sample_settings(served):
         with pytest.raises(Exception, match=message):
             client.predict(run_id=run_id, files=None, settings=None, api_name="/compare_start")
     assert len(compares.compares()) == 2
+
+
+def test_a_script_sweeps_a_runs_settings(served, tiny_models, tmp_path):
+    """sweep_start from a run's config and pictures, the real sweep engine on the tiny SD1 model: 2 trials ranked,
+    the best config; errors name the field, ids are plain names."""
+    import shutil
+
+    from gradio_client import Client
+
+    from trainer import config
+    from trainer.rundir import create
+
+    url, compares = served
+    runs = compares.compares_dir.parent
+    cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": str(tiny_models["sd1"][1]),
+                                             "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
+                                             "num_repeats": 1, "max_train_epochs": 1, "train_batch_size": 2,
+                                             "network_dim": 4, "network_alpha": 2, "sample_every_n_epochs": 0,
+                                             "save_every_n_epochs": 0, "text_encoder_lr": 0})
+    pictures = draw_dataset(tmp_path / "pictures", 6)
+    create(runs, cfg, lambda d: shutil.copytree(pictures, d), state="done", name="base")
+    client = Client(url, verbose=False)
+    held_out = {"settings": {"validation_split": 0.34}}
+    for kwargs, message in (({"space": {"unet_lr": [1e-4, 1e-3]}, "settings": None}, "data.validation_split"),
+                            ({"space": {"network_dimm": [4, 8]}}, "did you mean 'network_dim'"),
+                            ({"space": {"resolution": [64, 128]}}, "data.resolution cannot vary"),
+                            ({"space": {"unet_lr": "1e-4:1e-3"}, "search": "tpe"}, "needs --trials N"),
+                            ({"space": {"unet_lr": [1e-4]}, "run_id": "../base"}, "must be a plain name"),
+                            ({"space": {"unet_lr": [1e-4]}, "run_id": None}, "run_id: name the run")):
+        with pytest.raises(Exception, match=message):
+            client.predict(**({"run_id": "base"} | held_out | kwargs), api_name="/sweep_start")
+    started = client.predict(settings={"validation_split": 0.34, "validation_every_n_steps": 1},
+                             space={"unet_lr": [1e-4, 1e-3]}, run_id="base", api_name="/sweep_start")
+    assert started["state"] in ("queued", "running") and started["trials_wanted"] == 2
+    deadline = time.time() + 90
+    while (status := client.predict(sweep_id=started["sweep_id"], api_name="/sweep_status"))["state"] in (
+            "queued", "running"):
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+    assert status["state"] == "done", status
+    assert [t["rank"] for t in status["trials"]] == [1, 2] and all(t["state"] == "done" for t in status["trials"])
+    assert sorted(t["params"]["unet_lr"] for t in status["trials"]) == [1e-4, 1e-3]
+    assert status["best"] == status["trials"][0]["name"] and "[optimizer]" in status["best_config"]
+    assert "rank  trial" in status["table"]
+    assert (runs / started["sweep_id"] / status["best"] / "config.toml").read_text() == status["best_config"]
+    assert client.predict(sweep_id=started["sweep_id"], api_name="/sweep_cancel")["state"] == "done"
+    for route in ("/sweep_status", "/sweep_cancel"):
+        with pytest.raises(Exception, match="must be a plain name"):
+            client.predict(sweep_id="../runs", api_name=route)
+        with pytest.raises(Exception, match="no sweep 'base'"):  # a run is not a sweep
+            client.predict(sweep_id="base", api_name=route)
