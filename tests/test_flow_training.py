@@ -138,33 +138,19 @@ def test_a_run_writes_a_file_every_loader_reads(flow, tmp_path, caplog, arch):
     else:
         assert all(k.startswith("transformer.transformer_blocks.") for k in sd)
 
-    # the file holds exactly the trained update: patched as ComfyUI patches (FLUX) / as diffusers reads (SD3)
-    model, net = trained_net(cfg, arch, files["folder"], run_dir)
-    deltas = {name: net.delta(name) for name in net.names()}
-    assert max(d.abs().max().item() for d in deltas.values()) > 0
-    want = {k: v.clone() for k, v in fresh.denoiser.state_dict().items()}
-    for name, d in deltas.items():
-        want[name.removeprefix("transformer.") + ".weight"] += d
-    if arch == "flux":
-        original = flux_to_original(fresh.denoiser)
-        patched, _ = comfy_apply_kohya(original, comfy_unet_keys(original), sd)
-        back = flux_to_diffusers(patched)
-    else:
-        back = {k: v.clone() for k, v in fresh.denoiser.state_dict().items()}
-        for key in {k.rsplit(".lora_", 1)[0] for k in sd}:
-            path = key.removeprefix("transformer.") + ".weight"
-            back[path] += sd[key + ".lora_B.weight"].float() @ sd[key + ".lora_A.weight"].float()
-    assert max((back[k] - want[k]).abs().max().item() for k in want) <= TOL
+    _, net = trained_net(cfg, arch, files["folder"], run_dir)
+    deltas = assert_file_holds_the_update(arch, sd, fresh.denoiser, net)
 
     # diffusers' load_lora_weights: the same update, a changed output. Its kohya FLUX converter hard-codes
     # FLUX.1's widths for single_blocks.linear1 (checked at full width in tests/test_flow_names.py), so on the
     # tiny model that module is left out of the file it reads, and out of the update compared
+    owner = flow_names.kohya_names(arch, fresh.denoiser)
     if arch == "flux":
         sd = {k: v for k, v in sd.items() if "single_blocks_0_linear1" not in k}
-        want = {k: v.clone() for k, v in fresh.denoiser.state_dict().items()}
-        for name, d in deltas.items():
-            if flow_names.kohya_names(arch, fresh.denoiser)[name] != "lora_unet_single_blocks_0_linear1":
-                want[name.removeprefix("transformer.") + ".weight"] += d
+    want = {k: v.clone() for k, v in fresh.denoiser.state_dict().items()}
+    for name, d in deltas.items():
+        if arch == "sd3" or owner[name] != "lora_unet_single_blocks_0_linear1":
+            want[name.removeprefix("transformer.") + ".weight"] += d
     path = tmp_path / "for-diffusers.safetensors"
     save_file(sd, str(path))
     expected = copy.deepcopy(fresh.denoiser)
@@ -181,6 +167,44 @@ def test_a_run_writes_a_file_every_loader_reads(flow, tmp_path, caplog, arch):
         got = fresh.pipeline.transformer(**inputs)[0]
     changed, off = (got - base_out).abs().max().item(), (got - want_out).abs().max().item()
     assert changed > 20 * OUT_TOL and off <= OUT_TOL, (changed, off)
+
+
+def assert_file_holds_the_update(arch: str, sd: dict, transformer, net) -> dict:
+    """The file's update, patched into the original (BFL) weights as ComfyUI patches them (FLUX.1) or added to the
+    diffusers weights as diffusers reads its format (SD 3.5), equals the trained adapter's ΔW of every module."""
+    deltas = {name: net.delta(name) for name in net.names()}
+    still = sorted(name for name, d in deltas.items() if not d.abs().max() > 0)
+    # every module trained but SD3's last context query (context_pre_only: its output is dropped, no gradient)
+    assert still == (["transformer.transformer_blocks.1.attn.add_q_proj"] if arch == "sd3" else []), still
+    want = {k: v.clone() for k, v in transformer.state_dict().items()}
+    for name, d in deltas.items():
+        want[name.removeprefix("transformer.") + ".weight"] += d
+    if arch == "flux":
+        original = flux_to_original(transformer)
+        patched, _ = comfy_apply_kohya(original, comfy_unet_keys(original), sd)
+        back = flux_to_diffusers(patched)
+    else:
+        back = {k: v.clone() for k, v in transformer.state_dict().items()}
+        for key in {k.rsplit(".lora_", 1)[0] for k in sd}:
+            path = key.removeprefix("transformer.") + ".weight"
+            back[path] += sd[key + ".lora_B.weight"].float() @ sd[key + ".lora_A.weight"].float()
+    assert max((back[k] - want[k]).abs().max().item() for k in want) <= TOL
+    return deltas
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("method", ["rslora", "lora_fa"])
+def test_the_lora_variants_export_their_update(flow, tmp_path, arch, method):
+    """rsLoRA (alpha·√r stored) and LoRA-FA (A frozen) are plain LoRA in the file."""
+    run_dir, cfg = make_flow_run(tmp_path, arch, flow[arch]["folder"], {"network": {"network_type": method},
+                                                                         "training": {"max_train_epochs": 1}})
+    final = train(config.load(run_dir / "config.toml"), run_dir)
+    sd, fresh = load_file(str(final)), load_base(flow[arch]["folder"])
+    assert flow_names.check_file(arch, flow_names.plan(arch, fresh.denoiser), sd,
+                                 "kohya" if arch == "flux" else "diffusers") == []
+    _, net = trained_net(cfg, arch, flow[arch]["folder"], run_dir)
+    assert net.kind == method
+    assert_file_holds_the_update(arch, sd, fresh.denoiser, net)
 
 
 class StopAt(StopFlag):
@@ -223,3 +247,21 @@ def test_what_is_not_built_is_refused_by_name(flow):
         config.build("style", "flux")
     with pytest.raises(config.ConfigError, match="is FLUX.1: set family = 'flux'"):
         config.build("character", "sd15", {"pretrained_model_name_or_path": base})
+
+
+def test_a_flux_run_samples_with_its_guidance(flow, tmp_path):
+    from PIL import Image
+
+    from trainer.events import read_all
+
+    run_dir, _ = make_flow_run(tmp_path, "flux", flow["flux"]["folder"], {
+        "training": {"max_train_epochs": 1}, "sample": {"sample_every_n_epochs": 1, "sample_steps": 2,
+                                                        "sample_prompts": ["{trigger}, a red circle"]}})
+    assert train(config.load(run_dir / "config.toml"), run_dir).is_file()
+    events = read_all(run_dir)
+    assert any("stay on the device to encode the sample prompts" in e.get("message", "") for e in events)
+    samples = [e for e in events if e["type"] == "sample"]
+    assert [e["step"] for e in samples] == [0, 3]
+    image = Image.open(run_dir / samples[-1]["path"])
+    assert image.size == (64, 64)
+    assert "Steps: 2, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5" in image.text["parameters"]

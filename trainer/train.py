@@ -247,7 +247,7 @@ def sample(run: Run, prompt: str, index: int) -> None:
         image = sampling.generate(run.base, prompt, clip_skip=cfg.model.clip_skip, **options)
     path = run.run_dir / "samples" / f"step-{step:06d}-p{index}.png"
     model = Path(cfg.model.pretrained_model_name_or_path).name
-    sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, **options))
+    sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, arch=run.base.arch, **options))
     run.events.emit("sample", step=step, prompt=prompt, seed=s.sample_seed, path=str(path.relative_to(run.run_dir)),
                     index=index)
 
