@@ -23,7 +23,7 @@ from ui.sweeps import SweepManager, SweepView, final_file, params_text, space_of
 ROWS = 3  # "field | values" rows of the form
 HEADERS = ["rank", "trial", "params", "state", "group", "step", "held-out loss"]
 NO_SWEEP = "Choose a sweep, or start one from the Train tab's Sweep section."
-EXAMPLE = [("unet_lr", "1e-4, 5e-4, 1e-3"), ("network_dim", "4, 8"), ("", "")]
+EXAMPLE = [("unet_lr", "1e-4, 5e-4, 1e-3"), ("", ""), ("", "")]  # e.g. network_type "lora, lokr", network_dim "4, 8"
 
 
 def sweepable_fields() -> list[str]:
@@ -51,7 +51,8 @@ def build_form() -> SweepForm:
     """The Train tab's Sweep section: the base config is the form above, exactly as Train would start it."""
     with gr.Accordion("Sweep: train several variations of these settings and rank them", open=False,
                       elem_id="sweep-section"):
-        gr.Markdown("Each row is a field and its values: a list `1e-4, 5e-4, 1e-3` (every combination is a trial "
+        gr.Markdown("Each row is a field and its values: a list `1e-4, 5e-4, 1e-3` or `lora, lokr` (every "
+                    "combination is a trial "
                     "with **grid**), or a range `1e-5:1e-3:log` for **random** / **tpe** with a trial count. The "
                     "trials train together on one loaded base and are ranked by their held-out loss, so set "
                     "*Validation split* under Advanced.")
