@@ -18,24 +18,19 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from trainer import config
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, metadata, number  # noqa: F401
 from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
 from ui.security import inside
+from ui.worker_queue import WorkerQueue
 
-ROOT = Path(__file__).resolve().parent.parent
 FINAL = ("done", "failed", "cancelled")
 EXIT_CANCELLED = 3
-WAITING_FOR_GPU = "waiting for a GPU that no training run is using"
 
 
 # --- the files of a run ---
@@ -173,15 +168,9 @@ def worker_alive(pid, folder: Path) -> bool:
 
 
 @dataclass
-class CompareManager:
+class CompareManager(WorkerQueue):
     compares_dir: Path
-    python: str = sys.executable
-    free_device: Callable[[], str | None] = lambda: ""  # a GPU free of training, "" = CPU, None = wait
-    poll_s: float = 1.0
-    _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _cancels: dict[str, int] = field(default_factory=dict)
-    _lock: threading.RLock = field(default_factory=threading.RLock)
-    _thread: threading.Thread | None = None
+    command: ClassVar[str] = "compare"
 
     def __post_init__(self):
         self.compares_dir = Path(self.compares_dir)
@@ -201,6 +190,8 @@ class CompareManager:
             return []
         found = [self.info(p.name) for p in self.compares_dir.iterdir() if (p / SPEC_FILE).is_file()]
         return sorted(found, key=lambda c: c.created, reverse=True)
+
+    listed = compares
 
     def info(self, compare_id: str) -> CompareInfo:
         path = self.folder(compare_id)
@@ -240,26 +231,9 @@ class CompareManager:
         self.tick()
         return self.info(folder.name)
 
-    def tick(self) -> None:
-        """Start the oldest queued compare when none runs and a device is free."""
-        with self._lock:
-            compares = self.compares()
-            if any(c.state == "running" for c in compares):
-                return
-            queued = sorted((c for c in compares if c.state == "queued"), key=lambda c: c.created)
-            if queued and (device := self.free_device()) is not None:
-                self._launch(queued[0], device)
-            elif queued and queued[0].message != WAITING_FOR_GPU:
-                RunDir(queued[0].path).write_status(message=WAITING_FOR_GPU)
-
     def _launch(self, compare: CompareInfo, device: str) -> None:
-        env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": device} if device else {})
         RunDir(compare.path).write_status(state="running", message="starting the worker", pid=None)
-        with open(compare.path / "worker.out", "ab") as log:
-            proc = subprocess.Popen([self.python, "-m", "trainer", "compare", str(compare.path)], cwd=ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)  # its own group: cancel reaches all of it
-        self._procs[compare.compare_id] = proc
+        self.spawn(compare.compare_id, compare.path, device)
 
     def cancel(self, compare_id: str) -> CompareInfo:
         """A queued compare ends at once; a running one gets SIGTERM (it stops after the current cell), then, on a
@@ -280,20 +254,6 @@ class CompareManager:
                 except (ProcessLookupError, PermissionError):
                     pass
             return self.info(compare_id)
-
-    def start_background(self) -> None:
-        """Start queued compares and record ended ones once a second, with or without a page open."""
-        def loop():
-            while True:
-                try:
-                    self.tick()
-                except Exception as e:  # the loop must keep going whatever one compare folder holds
-                    print(f"compare manager: {e}", file=sys.stderr)
-                time.sleep(self.poll_s)
-
-        if self._thread is None:
-            self._thread = threading.Thread(target=loop, daemon=True, name="compare-manager")
-            self._thread.start()
 
     def view(self, compare_id: str) -> "CompareView":
         return CompareView(compare_id, self.folder(compare_id), self.spec(compare_id))

@@ -18,24 +18,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 from trainer import config, sweep, sweep_space
 from trainer.config import ConfigError
 from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
 from ui.security import inside
+from ui.worker_queue import WorkerQueue
 
-ROOT = Path(__file__).resolve().parent.parent
 EXIT_CANCELLED, EXIT_LOCKED = 3, 4  # trainer/sweep_run.py's exit codes
-WAITING_FOR_GPU = "waiting for a GPU that no training run is using"
 RESUMABLE = ("cancelled", "interrupted", "failed", "created")
 
 
@@ -123,15 +119,9 @@ def last_line(path: Path) -> str:
 
 
 @dataclass
-class SweepManager:
+class SweepManager(WorkerQueue):
     runs_dir: Path
-    python: str = sys.executable
-    free_device: Callable[[], str | None] = lambda: ""  # a GPU free of training, "" = CPU, None = wait
-    poll_s: float = 1.0
-    _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _cancels: dict[str, int] = field(default_factory=dict)
-    _lock: threading.RLock = field(default_factory=threading.RLock)
-    _thread: threading.Thread | None = None
+    command: ClassVar[str] = "sweep"
 
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir)
@@ -156,6 +146,8 @@ class SweepManager:
             return []
         found = [self.info(p.name) for p in self.runs_dir.iterdir() if (p / sweep.SWEEP_FILE).is_file()]
         return sorted(found, key=lambda s: s.created, reverse=True)
+
+    listed = sweeps
 
     def info(self, sweep_id: str) -> SweepInfo:
         path = self.folder(sweep_id)
@@ -198,25 +190,8 @@ class SweepManager:
         self.tick()
         return self.info(folder.name)
 
-    def tick(self) -> None:
-        """Start the oldest queued sweep when none runs and a device is free."""
-        with self._lock:
-            sweeps = self.sweeps()
-            if any(s.state == "running" for s in sweeps):
-                return
-            queued = sorted((s for s in sweeps if s.state == "queued"), key=lambda s: s.created)
-            if queued and (device := self.free_device()) is not None:
-                self._launch(queued[0], device)
-            elif queued and queued[0].message != WAITING_FOR_GPU:
-                RunDir(queued[0].path).write_status(message=WAITING_FOR_GPU)
-
     def _launch(self, info: SweepInfo, device: str) -> None:
-        env = os.environ | {"PYTHONUNBUFFERED": "1"} | ({"CUDA_VISIBLE_DEVICES": device} if device else {})
-        with open(info.path / "worker.out", "ab") as log:
-            proc = subprocess.Popen([self.python, "-m", "trainer", "sweep", str(info.path)], cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)  # its own group: cancel reaches all of it
-        self._procs[info.sweep_id] = proc
+        proc = self.spawn(info.sweep_id, info.path, device)
         RunDir(info.path).write_status(state="running", message="", pid=proc.pid, started=time.time())
 
     def cancel(self, sweep_id: str) -> SweepInfo:
@@ -252,20 +227,6 @@ class SweepManager:
             RunDir(info.path).write_status(state="queued", message="resuming")
         self.tick()
         return self.info(sweep_id)
-
-    def start_background(self) -> None:
-        """Start queued sweeps and record ended ones once a second, with or without a page open."""
-        def loop():
-            while True:
-                try:
-                    self.tick()
-                except Exception as e:  # the loop must keep going whatever one sweep folder holds
-                    print(f"sweep manager: {e}", file=sys.stderr)
-                time.sleep(self.poll_s)
-
-        if self._thread is None:
-            self._thread = threading.Thread(target=loop, daemon=True, name="sweep-manager")
-            self._thread.start()
 
     def view(self, sweep_id: str) -> "SweepView":
         return SweepView(sweep_id, self.folder(sweep_id))
