@@ -15,9 +15,9 @@ from tests.test_training import draw_dataset
 from trainer import config, sweep
 from trainer.config import ConfigError
 from trainer.rundir import RunDir
-from ui import compare_tab, sweep_tab, train_tab
-from ui.compares import CompareManager, trial_names, trial_run
-from ui.jobs import JobManager
+from ui import compare_tab, monitor_tab, runs_tab, sweep_tab, train_tab
+from ui.compares import CompareManager, trial_names
+from ui.jobs import JobManager, trial_run
 from ui.sweeps import SweepManager, api_space, space_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,19 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     assert config.load(folder / "base.toml").data.train_data_dir == str((folder / "dataset").resolve())
     assert sorted(p.name for p in (folder / "dataset").glob("*.png")) == sorted(p.name for p in pictures.glob("*.png"))
     assert wait(sweeps, sweep_id) == "done", (folder / "worker.out").read_text()[-2000:]
-    assert jobs.runs() == []  # a sweep is not a run of the Runs tab; its trials are under it
+    assert jobs.runs() == []  # a sweep is not a run the queue starts; its trials are listed under it
+    trials = [f"{sweep_id}/trial-000", f"{sweep_id}/trial-001"]
+    rows, ids = runs_tab.table(jobs)
+    assert ids == trials and [r[:2] for r in rows] == [[t, "done"] for t in trials]
+    files, best_line = runs_tab.choose(jobs, trials[0])
+    assert files[0] == str(folder / "trial-000" / "output" / "lora.safetensors") and "held-out" in best_line
+    title, *_ = monitor_tab.refresh(jobs, trials[1], None)
+    assert title == f"### {trials[1]} — done"
+    for act, doing in ((monitor_tab.cancel, "cancel"), (monitor_tab.resume, "resume")):
+        assert act(jobs, trials[0]) == (f"⚠ {trials[0]} is a trial of sweep {sweep_id}, trained by the sweep's "
+                                        f"worker: {doing} the sweep in the Sweeps tab")
+    said, _ = runs_tab.delete(jobs, trials[0], "")
+    assert said.startswith("⚠") and "delete the sweep" in said and (folder / "trial-000" / "output").is_dir()
 
     state_line, table, plot, best, best_config, view = sweep_tab.refresh(sweeps, sweep_id, None)
     assert f"**{sweep_id}**: done" in state_line and "2 / 2 trial(s) ended" in state_line

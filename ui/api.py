@@ -129,8 +129,8 @@ def register(jobs: JobManager, compares: CompareManager, sweeps: SweepManager) -
         return status(run_id)
 
     def list_runs() -> dict:
-        """{"runs": every run, newest first}."""
-        return {"runs": [{"run_id": r.run_id, "state": r.state, "message": r.message} for r in jobs.runs()]}
+        """{"runs": every run, newest first, then the sweeps' trials ("<sweep id>/<trial>")}."""
+        return {"runs": [{"run_id": r.run_id, "state": r.state, "message": r.message} for r in jobs.listed()]}
 
     def files(run_id: str) -> list[FileData]:
         """The run's .safetensors files (one per saved epoch and the final) and its config.toml."""

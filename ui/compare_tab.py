@@ -18,10 +18,9 @@ import gradio as gr
 from trainer import config
 from trainer.compare_spec import DEFAULTS, CompareError
 from ui import train_tab
-from ui.compares import (CompareManager, CompareView, run_files, run_settings, spec_of, trial_names, trial_run,
+from ui.compares import (CompareManager, CompareView, run_files, run_settings, spec_of, trial_names,
                          upload_label)
 from ui.jobs import JobManager
-from ui.security import inside
 
 SETTINGS = ["base", "prompts", "negative", "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]
 SUGGESTED = ["base", "prompts", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]  # a run fills these in
@@ -100,17 +99,6 @@ def run_choices(jobs: JobManager, chosen: str | list[str] = "") -> dict:
     return gr.update(choices=ids, value=chosen if isinstance(chosen, list) else [chosen])
 
 
-def run_dir_of(jobs: JobManager, name: str):
-    """A run of the runs folder, or a sweep's trial named "<sweep id>/<trial>" (checked by compares.trial_run);
-    anything else is checked as a run id (and refused as one)."""
-    sweep_id, sep, _ = str(name).partition("/")
-    try:
-        of_sweep = bool(sep) and (inside(jobs.runs_dir, sweep_id, "sweep id") / "sweep.json").is_file()
-    except ValueError:
-        of_sweep = False
-    return trial_run(jobs.runs_dir, name) if of_sweep else jobs.run_dir(name)
-
-
 def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list:
     """[files (all ticked), note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height]: the
     saved files of every chosen run, each labelled with its run, and the settings the first run suggests.
@@ -120,7 +108,7 @@ def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list
     if not run_ids:
         return [gr.update(choices=[], value=[]), "", "", *keep]
     try:
-        runs = [run_dir_of(jobs, r) for r in run_ids]
+        runs = [jobs.run_dir(r) for r in run_ids]
         files = {name: run_files(run) for name, run in zip(run_ids, runs)}
         suggested = [compares_settings(run) for run in runs]
     except (ValueError, OSError) as e:
@@ -160,7 +148,7 @@ def on_compare(compares: CompareManager, jobs: JobManager, run_ids: list[str], c
     if not chosen and not uploads:
         return ["⚠ files: tick some of the runs' saved files or drop .safetensors files", gr.update(), gr.update()]
     try:
-        runs = [run_dir_of(jobs, r) for r in run_ids or []] if chosen else []
+        runs = [jobs.run_dir(r) for r in run_ids or []] if chosen else []
         spec = spec_of(runs, list(chosen or []), settings)
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows

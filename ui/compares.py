@@ -26,6 +26,7 @@ from trainer import config
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, metadata, number  # noqa: F401
 from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
+from ui.jobs import trial_ids
 from ui.security import inside
 from ui.worker_queue import WorkerQueue
 
@@ -95,34 +96,9 @@ def spec_of(runs: list[RunDir], chosen: list[str] | None, settings: dict) -> dic
 
 # --- the trials of sweeps (issue #16): their files are compared like a run's ---
 
-def trial_run(runs_dir: Path, name) -> RunDir:
-    """The run directory `<sweep id>/<trial>` names: each part a plain name (`inside`), the sweep a folder of the
-    runs folder holding sweep.json, the trial one that sweep.json lists. ValueError otherwise."""
-    from trainer import sweep
-
-    sweep_id, sep, trial = str(name).partition("/")
-    folder = inside(runs_dir, sweep_id, "sweep id")
-    if not sep or not (folder / sweep.SWEEP_FILE).is_file():
-        raise ValueError(f"no sweep trial {str(name)[:80]!r}")
-    path = inside(folder, trial, "trial")
-    if trial not in {t["name"] for t in sweep.read(folder)["trials"]}:
-        raise ValueError(f"{trial!r} is not a trial of sweep {sweep_id}")
-    return RunDir(path)
-
-
 def trial_names(runs_dir: Path) -> list[str]:
     """"<sweep id>/<trial>" for every trial with a saved file, of every sweep in the runs folder, newest first."""
-    from trainer import sweep
-
-    found = []
-    for folder in sorted(Path(runs_dir).glob(f"*/{sweep.SWEEP_FILE}"), reverse=True):
-        try:
-            trials = sweep.read(folder.parent)["trials"]
-        except (OSError, ValueError, KeyError):
-            continue
-        found += [f"{folder.parent.name}/{t['name']}" for t in trials
-                  if any((folder.parent / t["name"] / "output").glob("*.safetensors"))]
-    return found
+    return [t for t in trial_ids(runs_dir) if any((Path(runs_dir) / t / "output").glob("*.safetensors"))]
 
 
 # --- one compare folder ---

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.events import read_all
+from trainer import sweep
+from trainer.sweep import SWEEP_FILE
 from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
 from ui.security import inside
 
@@ -69,6 +71,43 @@ def requested_gpus(run: RunDir) -> int:
         return 1
     value = data.get("training", {}).get("num_gpus", data.get("num_gpus", 1))
     return value if isinstance(value, int) and value >= 1 else 1
+
+
+def sweep_folder(runs_dir: Path, name) -> Path | None:
+    """The sweep `<sweep id>/<trial>` points into (a plain name of the runs folder holding sweep.json), or None."""
+    sweep_id, sep, _ = str(name).partition("/")
+    try:
+        folder = inside(runs_dir, sweep_id, "sweep id") if sep else None
+    except ValueError:
+        return None
+    return folder if folder is not None and (folder / SWEEP_FILE).is_file() else None
+
+
+def trial_run(runs_dir: Path, name) -> RunDir:
+    """The run directory `<sweep id>/<trial>` names: each part a plain name (`inside`), the sweep a folder of the
+    runs folder holding sweep.json, the trial one that sweep.json lists. ValueError otherwise."""
+    sweep_id, sep, trial = str(name).partition("/")
+    folder = inside(runs_dir, sweep_id, "sweep id")
+    if not sep or not (folder / SWEEP_FILE).is_file():
+        raise ValueError(f"no sweep trial {str(name)[:80]!r}")
+    path = inside(folder, trial, "trial")
+    if trial not in trials_of(folder):
+        raise ValueError(f"{trial!r} is not a trial of sweep {folder.name}")
+    return RunDir(path)
+
+
+def trials_of(folder: Path) -> list[str]:
+    """The trial names sweep.json lists, in order ([] when it cannot be read)."""
+    try:
+        return [str(t["name"]) for t in sweep.read(folder)["trials"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def trial_ids(runs_dir: Path) -> list[str]:
+    """"<sweep id>/<trial>" for every trial of every sweep in the runs folder, newest sweep first."""
+    return [f"{f.parent.name}/{t}" for f in sorted(Path(runs_dir).glob(f"*/{SWEEP_FILE}"), reverse=True)
+            for t in trials_of(f.parent) if (f.parent / t / "config.toml").is_file()]
 
 
 def worker_alive(run: RunDir, pid: int | None) -> bool:
@@ -123,9 +162,22 @@ class JobManager:
         infos = [self.info(p.name) for p in self.runs_dir.iterdir() if (p / "config.toml").is_file()]
         return sorted(infos, key=lambda r: float(r.created), reverse=True)
 
+    def listed(self) -> list[RunInfo]:
+        """The runs, newest first, then the trials of every sweep (ids "<sweep id>/<trial>"): what the Runs tab and
+        the API list. Trials are ordinary run directories their sweep's worker trains; the queue never starts them."""
+        return self.runs() + [self.info(t) for t in trial_ids(self.runs_dir)]
+
     def run_dir(self, run_id: str) -> RunDir:
-        """The run's folder; ValueError naming `run_id` unless it is a plain name right inside the runs folder."""
+        """The run's folder; ValueError naming `run_id` unless it is a plain name right inside the runs folder, or
+        a sweep's trial "<sweep id>/<trial>" that the sweep lists."""
+        if sweep_folder(self.runs_dir, run_id) is not None:
+            return trial_run(self.runs_dir, run_id)
         return RunDir(inside(self.runs_dir, run_id, "run id"))
+
+    def _not_a_trial(self, run_id: str, doing: str) -> None:
+        if (folder := sweep_folder(self.runs_dir, run_id)) is not None:
+            raise ValueError(f"{run_id} is a trial of sweep {folder.name}, trained by the sweep's worker: {doing} "
+                             "the sweep in the Sweeps tab")
 
     def info(self, run_id: str) -> RunInfo:
         run = self.run_dir(run_id)
@@ -161,6 +213,7 @@ class JobManager:
         return self.info(run.id)
 
     def resume(self, run_id: str) -> RunInfo:
+        self._not_a_trial(run_id, "resume")
         run = self.info(run_id)
         if run.state not in RESUMABLE_STATES:
             raise ValueError(f"{run_id} is {run.state}; only a cancelled, interrupted or failed run can resume")
@@ -178,6 +231,7 @@ class JobManager:
     def cancel(self, run_id: str) -> RunInfo:
         """First cancel: SIGTERM, the worker saves a resumable state and exits. A second one waits for that save
         (killing now would lose it); a third kills the worker."""
+        self._not_a_trial(run_id, "cancel")
         with self._lock:
             run, rd = self.info(run_id), self.run_dir(run_id)
             if run.state == "queued":
@@ -203,6 +257,7 @@ class JobManager:
                 pass
 
     def delete(self, run_id: str) -> None:
+        self._not_a_trial(run_id, "delete")
         run = self.info(run_id)
         if run.state == "running" or self.run_dir(run_id).holder() is not None:
             raise ValueError(f"{run_id} is running: cancel it first")

@@ -44,8 +44,8 @@ def build(resized_dir: Path) -> RunsTab:
 
 
 def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
-    """(rows of the table, run ids for the chooser), newest first."""
-    runs = jobs.runs()
+    """(rows of the table, run ids for the chooser): the runs newest first, then the sweeps' trials."""
+    runs = jobs.listed()
     return [[r.run_id, r.state, r.message] for r in runs], [r.run_id for r in runs]
 
 
