@@ -29,7 +29,7 @@ ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for the
 FLOW_METHODS = ("lora", "rslora", "lora_fa")  # the methods trained and tested on them so far (peft, LoRA files)
 NOT_TRAINED = ("SD 3.5 / FLUX.1 train LoRA on the transformer (lora, rslora, lora_fa; the character preset's "
                "variant); not built for them yet (issue #17): the other methods, text-encoder LoRA, the other presets, "
-               "held-out loss, min-SNR / noise offset, NF4 and pruning")
+               "min-SNR / noise offset, NF4 and pruning")
 
 
 class ConfigError(ValueError):
@@ -313,7 +313,7 @@ def _check_flow(cfg: TrainConfig) -> None:
     """What SD 3.5 / FLUX.1 training does not have yet, refused by field with what to set (issue #17)."""
     if cfg.family not in FLOW_FAMILIES:
         return
-    name, n, t, d = FLOW_FAMILIES[cfg.family], cfg.network, cfg.training, cfg.data
+    name, n, t = FLOW_FAMILIES[cfg.family], cfg.network, cfg.training
     missing = f"is not built for {name} yet (issue #17)"
     rules = [
         ("network.network_type", n.network_type not in FLOW_METHODS,
@@ -326,8 +326,6 @@ def _check_flow(cfg: TrainConfig) -> None:
          "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),
         ("training.noise_offset", t.noise_offset > 0, f"training.noise_offset = {t.noise_offset}: noise offset "
                                                       f"{missing}: set noise_offset = 0"),
-        ("data.validation_split", bool(d.validation_split or d.validation_dir),
-         f"the held-out loss {missing}: set validation_split = 0 and validation_dir = \"\""),
         ("model.unet_quantization", cfg.model.unet_quantization != "none",
          f"model.unet_quantization = {cfg.model.unet_quantization!r}: a quantized transformer {missing}"),
         ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),

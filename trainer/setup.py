@@ -137,12 +137,12 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     latents_of = cache_latents(items, base.vae, acc, d, run_dir, events, caches.latents) if d.cache_latents \
         else None
     encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches.captions)
-    held_out = prepare_held_out(held_items, base, acc, caches.latents) if held_items else None
+    loss_fn = make_loss(cfg, base, acc)
+    held_out = prepare_held_out(held_items, base, acc, caches.latents, loss_fn) if held_items else None
     schedule = make_schedule(cfg, items, acc, held_out is not None)
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
-    loss_fn = make_loss(cfg, base, acc)
     progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
     return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
                latents_of=latents_of, encode=encode, time_ids=sdxl_time_ids(items) if base.arch == "sdxl" else None,
@@ -231,11 +231,11 @@ def load_items(cfg, events) -> tuple[list, list]:
     return items, held
 
 
-def prepare_held_out(items, base, acc, memo: dict) -> validation.HeldOut:
+def prepare_held_out(items, base, acc, memo: dict, loss_fn) -> validation.HeldOut:
     latents = [remembered(memo, item, False, lambda item=item: encode_image(item, False, base.vae, acc.device, None))
                for item in items]
-    return validation.prepare(items, latents, sdxl_time_ids(items) if base.arch == "sdxl" else None,
-                              base.pipeline.scheduler.config.num_train_timesteps, acc.device)
+    return validation.prepare(items, latents, sdxl_time_ids(items) if base.arch == "sdxl" else None, loss_fn,
+                              acc.device)
 
 
 def make_schedule(cfg, items, acc, held_out: bool = False) -> Schedule:

@@ -1,9 +1,10 @@
-"""Held-out loss: the denoising loss on pictures the run never trains on, at fixed timesteps and fixed noise.
+"""Held-out loss: the training objective on pictures the run never trains on, at fixed points and fixed noise.
 
-The pictures, timesteps and noise are the same at every measurement, and the loss is the plain MSE of the
-prediction (no min-SNR weighting, no noise offset), so the curve compares across steps, runs and methods that
-share the base and the held-out pictures. The noise comes from its own generators: measuring draws nothing from
-the training's random stream.
+SD 1/2/XL score the denoising loss at fixed timesteps; SD 3.5 / FLUX.1 the flow-matching loss at fixed σ (see
+`fixed_points`). The pictures, points and noise are the same at every measurement, and the loss is the plain MSE
+of the prediction (no min-SNR weighting, no noise offset), so the curve compares across steps, runs and methods
+that share the base and the held-out pictures. The noise comes from its own generators: measuring draws nothing
+from the training's random stream.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer import data
+from trainer.loss import DenoisingLoss, FlowMatchingLoss
 
 if TYPE_CHECKING:
     from trainer.setup import Run
 
-TIMESTEPS = 4  # per picture: the centres of equal parts of the noise schedule
+TIMESTEPS = 4  # per picture: the centres of equal parts of the noise schedule (flow: of σ's distribution)
 NOISE_SEED = 1_000_003  # + the picture's index
 MIN_TRAIN = 2  # pictures a split must leave to train on
 
@@ -57,14 +59,14 @@ def choose(found: list, fraction: float, folder: str, seed: int, caption_extensi
 
 @dataclass
 class HeldOut:
-    """The held-out pictures ready to score: latents, captions, SDXL size conditioning, fixed noise and timesteps."""
+    """The held-out pictures ready to score: latents, captions, SDXL size conditioning, fixed noise and points."""
 
     paths: list[Path]
     latents: list[torch.Tensor]
     captions: list[str]
     time_ids: list[torch.Tensor] | None
     noise: list[torch.Tensor]  # per picture [TIMESTEPS, C, H, W]
-    timesteps: torch.Tensor  # [TIMESTEPS]
+    timesteps: list[torch.Tensor]  # per picture [TIMESTEPS]: DDPM timesteps, or σ for flow matching
     step: int | None = None  # of the last measurement, whose value is kept
     value: float = 0.0
 
@@ -82,15 +84,17 @@ class HeldOut:
         return sum(losses) / len(losses)
 
     def picture_loss(self, run: Run, j: int) -> float:
-        k = len(self.timesteps)
+        k = len(self.timesteps[j])
         hidden, pooled = run.encode([self.captions[j]])
         added = None
         if self.time_ids is not None:
             added = {"text_embeds": pooled.expand(k, -1),
                      "time_ids": self.time_ids[j][None].expand(k, -1).to(hidden.device, hidden.dtype)}
+        elif pooled is not None:  # SD 3.5 / FLUX.1: the pooled text projections
+            added = {"pooled": pooled.expand(k, -1)}
         latents = self.latents[j][None].expand(k, -1, -1, -1)
-        loss = run.loss_fn.per_sample(run.base.unet, latents, self.noise[j], self.timesteps, hidden.expand(k, -1, -1),
-                                      added)
+        loss = run.loss_fn.per_sample(run.base.denoiser, latents, self.noise[j], self.timesteps[j],
+                                      hidden.expand(k, -1, -1), added)
         return loss.mean().item()
 
 
@@ -98,8 +102,24 @@ def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.T
     return torch.tensor([(2 * i + 1) * num_train_timesteps // (2 * count) for i in range(count)])
 
 
-def prepare(items: list, latents: list[torch.Tensor], time_ids, num_train_timesteps: int, device) -> HeldOut:
+def fixed_sigmas(loss_fn: FlowMatchingLoss, latent: torch.Tensor, count: int = TIMESTEPS) -> torch.Tensor:
+    """σ at the centres of `count` equal parts of the distribution training draws σ from: u at the logit-normal's
+    quantiles (2i + 1) / 2·count, then shifted as training shifts it for a picture of this latent's size."""
+    q = (2 * torch.arange(count, dtype=torch.float64) + 1) / (2 * count)
+    u = torch.sigmoid(torch.special.ndtri(q) * loss_fn.logit_std + loss_fn.logit_mean)
+    return loss_fn.shifted(u, latent.shape[-2] * latent.shape[-1] // 4).float()
+
+
+def fixed_points(loss_fn: DenoisingLoss | FlowMatchingLoss, latent: torch.Tensor) -> torch.Tensor:
+    """Where a picture is scored: the DDPM objective at fixed timesteps, the flow-matching one at fixed σ."""
+    if isinstance(loss_fn, FlowMatchingLoss):
+        return fixed_sigmas(loss_fn, latent)
+    return fixed_timesteps(loss_fn.scheduler.config.num_train_timesteps)
+
+
+def prepare(items: list, latents: list[torch.Tensor], time_ids, loss_fn: DenoisingLoss | FlowMatchingLoss,
+            device) -> HeldOut:
     noise = [torch.randn((TIMESTEPS, *z.shape), generator=torch.Generator().manual_seed(NOISE_SEED + j),
                          dtype=z.dtype).to(device) for j, z in enumerate(latents)]
     return HeldOut([item.path for item in items], latents, [item.caption for item in items], time_ids, noise,
-                   fixed_timesteps(num_train_timesteps).to(device))
+                   [fixed_points(loss_fn, z).to(device) for z in latents])
