@@ -1,9 +1,14 @@
 """SD 3.5 / FLUX.1 (issue #17): the held-out loss (the flow-matching loss at fixed σ and fixed noise on pictures
-never trained on), on the tiny models."""
+never trained on), a FLUX.1 worker cut by SIGTERM resuming to the uninterrupted losses, and `python -m trainer
+new` training a FLUX.1 folder and an SD 3.5 single file, all on the tiny models."""
 
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import time
 from statistics import NormalDist
 
 import pytest
@@ -11,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from tests.test_flow_training import FAMILIES, make_flow_run
-from tests.test_training import losses
+from tests.test_training import ROOT, draw_dataset, losses, worker
 from tests.test_validation import held_out_events, spy  # noqa: F401  (spy: a fixture)
 from tests.tiny_models import flow_layouts
 from trainer import config, validation
@@ -99,3 +104,72 @@ def test_held_out_loss_falls_with_the_training_loss(flow, tmp_path, arch):
     other, _ = make_flow_run(tmp_path / "other", arch, flow[arch]["folder"], SPLIT, one_epoch)
     train(config.load(other / "config.toml"), other)
     assert abs(held_out_events(other)[0] - scored[0]) <= TOL
+
+
+@pytest.mark.slow
+def test_a_flux_worker_cut_by_sigterm_resumes_to_the_same_losses(flow, tmp_path):
+    layer = {"training": {"max_train_epochs": 4, "save_every_n_steps": 2}}
+    alone, _ = make_flow_run(tmp_path / "alone", "flux", flow["flux"]["folder"], SPLIT, layer)
+    assert train(config.load(alone / "config.toml"), alone) is not None
+    reference, reference_held = losses(alone), held_out_events(alone)
+    assert sorted(reference) == list(range(1, 9))
+
+    run_dir, _ = make_flow_run(tmp_path / "cut", "flux", flow["flux"]["folder"], SPLIT, layer)
+    proc = worker(run_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "checkpoint" and "state" in e["path"]
+                                             for e in read_all(run_dir)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, out
+    events = read_all(run_dir)
+    assert events[-1]["type"] == "cancelled"
+    cut_at = events[-1]["step"]
+    assert 2 <= cut_at < 8, cut_at
+
+    proc = worker(run_dir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and (run_dir / "output" / "lora.safetensors").is_file(), out
+    assert any(e.get("message", "").startswith(f"Resuming from step {cut_at} ") for e in read_all(run_dir))
+    resumed, resumed_held = losses(run_dir), held_out_events(run_dir)
+    assert set(resumed) == set(reference) and set(resumed_held) == set(reference_held)
+    for step in range(cut_at + 1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+        assert resumed_held[step] == pytest.approx(reference_held[step], rel=1e-5, abs=1e-6), step
+
+
+def cli_new(base, images, runs, name: str, tokenizer=None) -> subprocess.CompletedProcess:
+    """`python -m trainer new ...` on a tiny base with the tiny sizes. A single file has no T5 tokenizer in it and
+    the real one is not bundled: `tokenizer` is put where trainer/transformer_files.py looks for it (its
+    T5_TOKENIZER_DIR) before the same command line runs, as when a user has put tokenizer.json there."""
+    sets = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "num_repeats": 1, "train_batch_size": 2,
+            "max_train_steps": 3, "network_dim": 4, "network_alpha": 2, "sample_every_n_epochs": 0,
+            "validation_split": 0.34}
+    args = ["new", "--base", str(base), "--images", str(images), "--preset", "character", "--runs-dir", str(runs),
+            "--name", name] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "trainer", *args]
+    if tokenizer is not None:
+        cmd = [sys.executable, "-c", "import sys; from pathlib import Path; import trainer.transformer_files as tf; "
+               "tf.T5_TOKENIZER_DIR = Path(sys.argv[1]); from trainer.__main__ import main; "
+               "sys.exit(main(sys.argv[2:]))", str(tokenizer), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch, layout", [("flux", "folder"), ("sd3", "single")])
+def test_cli_new_trains_a_flow_base(flow, tmp_path, arch, layout):
+    files = flow[arch]
+    images = draw_dataset(tmp_path / "pictures")
+    r = cli_new(files[layout], images, tmp_path / "runs", "first",
+                files["t5_tokenizer"] if layout == "single" else None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = tmp_path / "runs" / "first"
+    assert r.stdout.splitlines()[0] == str(run_dir)
+    cfg = config.load(run_dir / "config.toml")
+    assert cfg.family == arch and cfg.data.resolution == 64
+    steps = losses(run_dir)
+    assert sorted(steps) == [1, 2, 3] and all(math.isfinite(v) for v in steps.values())
+    with safe_open(str(run_dir / "output" / "lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "sd3"}[arch] and keys
+    assert math.isfinite(float(meta["ss_validation_loss"])) and meta["ss_validation_images"] == "2"
