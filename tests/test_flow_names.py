@@ -234,6 +234,12 @@ def test_fused_equals_split():
     fused = fuse(same, widths, n_in)
     assert fused.down.shape == (12, n_in) and fused.alpha == 2.0 * 12  # shared scale 6/3 kept, weights untouched
     assert torch.equal(fused.up[:6, :3], same[0].up) and not fused.up[:6, 3:].any()  # block-diagonal
+    a = torch.randn(3, n_in, generator=g)  # VeRA: q, k, v (and mlp) share one A
+    shared = [Lora(a, torch.randn(w, 3, generator=g), 3.0) for w in widths[:3]] + [None]
+    fused = fuse(shared, widths, n_in)
+    split = torch.cat([p.delta() if p is not None else torch.zeros(w, n_in) for p, w in zip(shared, widths)])
+    assert fused.down.shape == (3, n_in) and fused.alpha == 3.0  # rank r, not 3r
+    assert (fused.alpha / 3 * (fused.up @ fused.down) - split).abs().max().item() <= 1e-6
 
 
 def flux_inputs():

@@ -26,7 +26,7 @@ MAX_NAME = 120  # characters of an output file name
 FAMILIES = ("sd15", "sdxl")  # preset variants every preset has: sd15 covers SD 1.x and SD 2.x bases
 FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # flow-matching transformers: LoRA on the transformer trains
 ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for these when it has their section
-FLOW_METHODS = ("lora", "rslora", "lora_fa")  # the methods trained and tested on them so far (peft, LoRA files)
+FLOW_METHODS = ("lora", "rslora", "lora_fa", "vera", "adalora")  # trained and tested on them (peft, LoRA files)
 NOT_TRAINED = ("SD 3.5 / FLUX.1 train LoRA on the transformer (lora, rslora, lora_fa; the character preset's "
                "variant); not built for them yet (issue #17): the other methods, text-encoder LoRA, the other presets, "
                "min-SNR / noise offset, NF4 and pruning")

@@ -57,7 +57,8 @@ alpha / lora_down.shape[0] (ComfyUI `weight_adapter/lora.py`, diffusers `_conver
 file's alpha is s * sum(r_j) (kohya's own split_qkv export keeps the part's alpha, which scales the fused module by
 1/3 or 1/4 when reloaded); when they differ each part's scale is folded into its up block and alpha = sum(r_j).
 diffusers' converter reads such a file exactly either way: a block-diagonal up is chunked back, any other is
-applied as up-rows x the whole down, the same product. The final layer is read by diffusers without its alpha
+applied as up-rows x the whole down, the same product. Parts that share one down (VeRA's shared random A, sliced to
+the same width for q, k, v) keep it: lora_down = A, lora_up = the parts' ups (scale folded) stacked, rank r. The final layer is read by diffusers without its alpha
 ("TODO: alphas"), so its scale is always folded in (alpha = rank).
 
 DIFFUSERS_GAP: diffusers 0.42's kohya FLUX converter writes the embedders' and final layer's keys without the
@@ -222,6 +223,8 @@ def fuse(parts: list[Lora | None], widths: tuple[int, ...], in_features: int, fo
         raise ValueError("fuse: no part was trained")
     ref = given[0]
     dtype, device = ref.down.dtype, ref.down.device
+    if len(given) > 1 and all(p.down.shape == ref.down.shape and torch.equal(p.down, ref.down) for p in given):
+        return _fuse_shared_down(parts, widths, ref.down)
     rank = max(p.down.shape[0] for p in given)  # untrained parts get a zero block of the common rank
     scales = {p.scale for p in given}
     same = len(scales) == 1 and not fold
@@ -246,6 +249,18 @@ def fuse(parts: list[Lora | None], widths: tuple[int, ...], in_features: int, fo
         row, col = row + u.shape[0], col + u.shape[1]
     alpha = scales.pop() * total if same else float(total)
     return Lora(down, up, alpha)
+
+
+def _fuse_shared_down(parts: list[Lora | None], widths: tuple[int, ...], down: torch.Tensor) -> Lora:
+    """Parts that share one down (VeRA's shared random A): the fused module keeps that down and stacks the ups, each
+    part's scale folded in (alpha = rank): rank r instead of the block-diagonal's sum of the parts' ranks."""
+    rank = down.shape[0]
+    ups = [torch.zeros(w, rank, dtype=down.dtype, device=down.device) if p is None else p.up * p.scale
+           for p, w in zip(parts, widths)]
+    for u, w in zip(ups, widths):
+        if tuple(u.shape) != (w, rank):
+            raise ValueError(f"fuse: a part's up {tuple(u.shape)} does not fit ({w}, {rank})")
+    return Lora(down, torch.cat(ups, 0), float(rank))
 
 
 def export(arch: str, modules: list[FileModule], loras: dict[str, Lora], fmt: str = "kohya") -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ class VeRA(Network):
     @staticmethod
     def projection_key(component: str) -> int:
         """The shared projections are regenerated from this key on resume, so they are never stored."""
-        return {"unet": 0, "text_encoder": 1, "text_encoder_2": 2}[component]
+        return {"unet": 0, "transformer": 0, "text_encoder": 1, "text_encoder_2": 2}[component]
 
     def delta(self, name: str) -> torch.Tensor:
         with torch.no_grad():
