@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_training import TINY, draw_dataset
-from trainer import config, sweep, sweep_space
+from trainer import config, sweep, sweep_space, validation
 from trainer.config import ConfigError
 from trainer.events import read_all
 from trainer.sweep_run import train_sweep
@@ -80,12 +80,22 @@ def test_space_refuses_what_trials_cannot_share(tiny_models, tmp_path):
                              "grid", 0) == 4
 
 
-def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_path):
-    """The issue's key check, for LoRA and LyCORIS LoKr: four trials share every forward, each its own seed."""
+def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_path, monkeypatch):
+    """The issue's key check, for LoRA and LyCORIS LoKr: four trials share every forward, each its own seed, and
+    their held-out losses come from shared forwards too."""
     toml = base_toml(tmp_path, tiny_models["sd1"][0])
     folder = sweep.create(tmp_path / "runs", toml, {"network_type": {"values": ["lora", "lokr"]},
                                                     "unet_lr": {"values": [5e-4, 2e-3]}}, "grid", name="eq")
+    measured_alone, measure = [], validation.HeldOut.measure
+
+    def counted(held, run):
+        if held.known is None or held.known[0] != run.progress.step:
+            measured_alone.append(run.progress.step)
+        return measure(held, run)
+
+    monkeypatch.setattr(validation.HeldOut, "measure", counted)
     assert train_sweep(folder, StopFlag()) == "done"
+    assert measured_alone == []
     state = sweep.read(folder)
     assert [t["group"] for t in state["trials"]] == ["shared"] * 4
     assert [t["state"] for t in state["trials"]] == ["done"] * 4

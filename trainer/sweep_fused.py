@@ -40,6 +40,7 @@ from trainer.loss import TrainingError
 from trainer.setup import Caches, Run, assemble, choose_components
 from trainer.train import (Batch, Meter, baseline, cancel, end_epoch, epoch_batches, finish, log_step, make_batch,
                            optimizer_step, position_rng, sample_all, save_state, validate)
+from trainer.validation import eval_mode
 
 ADAPTER = "default"  # peft's adapter name in trainer/networks/lora.py
 SHARED_FORWARD = ("lora", "locon", "rslora", "lora_fa")  # the base layer's output is shared
@@ -216,41 +217,63 @@ class Group:
     plan: Plan = field(default_factory=Plan)
 
     def losses(self, works: list[Work]) -> list[torch.Tensor]:
-        """Each trial's per-sample MSE, from one forward per latent shape (batches of different buckets cannot
-        stack); each sample through its own trial's adapter."""
+        """Each trial's per-sample MSE of its batch; each sample through its own trial's adapter."""
+        return self.routed([(w.cursor, (w.batch.latents, w.noise, w.timesteps, w.batch.hidden, w.batch.added_cond))
+                            for w in works])
+
+    def routed(self, items: list[tuple[Cursor, tuple]]) -> list[torch.Tensor]:
+        """The per-sample loss of each (trial, (latents, noise, timesteps, hidden, added)), from one forward per
+        latent shape (inputs of different buckets cannot stack)."""
         keys = {id(c): k for k, c in enumerate(self.cursors)}
-        out: list = [None] * len(works)
+        out: list = [None] * len(items)
         shapes: dict = {}
-        for j, w in enumerate(works):
-            shapes.setdefault((tuple(w.batch.latents.shape[1:]), tuple(w.batch.hidden.shape[1:])), []).append(j)
+        for j, (_, (latents, _, _, hidden, _)) in enumerate(items):
+            shapes.setdefault((tuple(latents.shape[1:]), tuple(hidden.shape[1:])), []).append(j)
         for members in shapes.values():
-            part = [works[j] for j in members]
-            ends = list(itertools.accumulate(len(w.batch.latents) for w in part))
-            spans = [(keys[id(w.cursor)], end - len(w.batch.latents), end) for w, end in zip(part, ends)]
+            part = [items[j] for j in members]
+            ends = list(itertools.accumulate(len(inputs[0]) for _, inputs in part))
+            spans = [(keys[id(c)], end - len(inputs[0]), end) for (c, inputs), end in zip(part, ends)]
             self.plan.spans = spans
             try:
                 with self.acc.autocast():
-                    per = part[0].cursor.run.loss_fn.per_sample(self.unet, *stacked(part))
+                    per = part[0][0].run.loss_fn.per_sample(self.unet, *stacked([inputs for _, inputs in part]))
             finally:
                 self.plan.spans = []
             for j, (_, a, b) in zip(members, spans):
                 out[j] = per[a:b]
         return out
 
+    def measure_held_out(self, cursors: list[Cursor]) -> None:
+        """The held-out loss of these trials at their current step from routed forwards, one per picture over all
+        of them (the frozen UNet's work shared as in training); each trial's HeldOut keeps it as `known`, so the
+        single run's validate() logs it. Trials whose held-out pictures differ in number measure alone."""
+        runs = [c.run for c in cursors if c.run.held_out is not None and c.run.acc.is_main_process]
+        if len(runs) < 2 or len({len(r.held_out.latents) for r in runs}) > 1:
+            return
+        by_run = {id(c.run): c for c in cursors}
+        roots = [self.unet, *(m for r in runs for m in r.net.torch_modules())]
+        with eval_mode(roots), torch.no_grad():
+            losses = [[per.mean().item() for per in self.routed([(by_run[id(r)], r.held_out.inputs(r, j))
+                                                                 for r in runs])]
+                      for j in range(len(runs[0].held_out.latents))]
+        for i, r in enumerate(runs):
+            r.held_out.known = (r.progress.step, sum(row[i] for row in losses) / len(losses))
 
-def stacked(part: list[Work]) -> tuple:
-    """(latents, noise, timesteps, hidden, added_cond) of several trials' batches, one after another."""
-    b = [w.batch for w in part]
-    added = None
-    if b[0].added_cond is not None:
-        added = {k: torch.cat([x.added_cond[k] for x in b]) for k in b[0].added_cond}
-    return (torch.cat([x.latents for x in b]), torch.cat([w.noise for w in part]),
-            torch.cat([w.timesteps for w in part]), torch.cat([x.hidden for x in b]), added)
+
+def stacked(parts: list[tuple]) -> tuple:
+    """(latents, noise, timesteps, hidden, added_cond) of several trials' inputs, one after another."""
+    latents, noise, timesteps, hidden, added = zip(*parts)
+    if added[0] is not None:
+        added = {k: torch.cat([a[k] for a in added]) for k in added[0]}
+    else:
+        added = None
+    return torch.cat(latents), torch.cat(noise), torch.cat(timesteps), torch.cat(hidden), added
 
 
 def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> None:
     """Train the group's trials to their ends, together; `judge` may prune trials after each fused step.
     On `stop`, every trial stops at its next optimizer step with a resumable state (state "cancelled")."""
+    group.measure_held_out([c for c in group.cursors if c.run.progress.step == 0])  # the baselines
     for c in group.cursors:
         start(c)
     settle(group.cursors)
@@ -269,9 +292,10 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
             total = total + (loss + c.run.net.regularization()) / c.run.schedule.accumulation
         if isinstance(total, torch.Tensor):
             group.acc.backward(total)
-        for c in active:
-            if c.state == "training":
-                advance(c, stop)
+        stepped = [c for c in active if c.state == "training" and step_optimizer(c)]
+        group.measure_held_out([c for c in stepped if held_out_due(c)])
+        for c in stepped:
+            after_step(c, stop)
         settle(active)
         judge(group.cursors)
 
@@ -302,15 +326,29 @@ def draw(c: Cursor) -> Work:
     return Work(c, batch, *draw_noise(run.loss_fn, batch.latents))
 
 
-def advance(c: Cursor, stop) -> None:
-    """After the backward: the optimizer step at the accumulation boundary, then what the single loop does after
-    it (log, sample, validate, save, the epoch's end), then finished / cancelled."""
+def step_optimizer(c: Cursor) -> bool:
+    """After the backward: the optimizer step and its log line at the accumulation boundary (True then)."""
     run, p, s = c.run, c.run.progress, c.run.schedule
     p.batch += 1
     if p.batch % s.accumulation and p.batch < len(c.batches):
-        return
+        return False
     optimizer_step(run)
     log_step(run, c.epoch, c.meter)
+    return True
+
+
+def held_out_due(c: Cursor) -> bool:
+    """Does the step just taken measure the held-out loss (a checkpoint, or a file saved now)?"""
+    p, s = c.run.progress, c.run.schedule
+    epoch_ends = p.batch >= len(c.batches)
+    return s.should_validate(p.step) or s.finished(p.step) or epoch_ends and (
+        s.should_save_file(c.epoch + 1) or c.epoch + 1 >= s.epochs)
+
+
+def after_step(c: Cursor, stop) -> None:
+    """What the single loop does after an optimizer step (sample, validate, save, the epoch's end), then
+    finished / cancelled."""
+    run, p, s = c.run, c.run.progress, c.run.schedule
     if s.should_sample(p.step):
         sample_all(run)
     if s.should_validate(p.step):

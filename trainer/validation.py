@@ -10,6 +10,7 @@ from the training's random stream.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,21 +70,19 @@ class HeldOut:
     timesteps: list[torch.Tensor]  # per picture [TIMESTEPS]: DDPM timesteps, or σ for flow matching
     step: int | None = None  # of the last measurement, whose value is kept
     value: float = 0.0
+    known: tuple[int, float] | None = None  # (step, value) measured elsewhere: a sweep measures its trials together
 
     def measure(self, run: Run) -> float:
         """Mean loss over the pictures and timesteps with the adapter as it is: no grad, eval mode (restored)."""
-        modes = {m: m.training for root in run.net.torch_modules() for m in root.modules()}
-        for m in modes:
-            m.eval()
-        try:
-            with torch.no_grad(), run.acc.autocast():
-                losses = [self.picture_loss(run, j) for j in range(len(self.latents))]
-        finally:
-            for m, mode in modes.items():
-                m.train(mode)
+        if self.known is not None and self.known[0] == run.progress.step:
+            return self.known[1]
+        with eval_mode(run.net.torch_modules()), torch.no_grad(), run.acc.autocast():
+            losses = [run.loss_fn.per_sample(run.base.denoiser, *self.inputs(run, j)).mean().item()
+                      for j in range(len(self.latents))]
         return sum(losses) / len(losses)
 
-    def picture_loss(self, run: Run, j: int) -> float:
+    def inputs(self, run: Run, j: int) -> tuple:
+        """(latents, noise, points, hidden states, added conditioning) of picture j: its TIMESTEPS samples."""
         k = len(self.timesteps[j])
         hidden, pooled = run.encode([self.captions[j]])
         added = None
@@ -93,9 +92,20 @@ class HeldOut:
         elif pooled is not None:  # SD 3.5 / FLUX.1: the pooled text projections
             added = {"pooled": pooled.expand(k, -1)}
         latents = self.latents[j][None].expand(k, -1, -1, -1)
-        loss = run.loss_fn.per_sample(run.base.denoiser, latents, self.noise[j], self.timesteps[j],
-                                      hidden.expand(k, -1, -1), added)
-        return loss.mean().item()
+        return latents, self.noise[j], self.timesteps[j], hidden.expand(k, -1, -1), added
+
+
+@contextmanager
+def eval_mode(roots):
+    """Every module under `roots` in eval mode for the block, then each back in its own mode."""
+    modes = {m: m.training for root in roots for m in root.modules()}
+    for m in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.Tensor:
