@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests.tiny_models import build_flow, flux_to_original, hf_clip, sd3_to_original
-from trainer.flow_names import FORMATS, Lora, diffusers_gaps, export, fuse, plan
+from trainer.flow_names import BLOCK_PREFIXES, FORMATS, Lora, diffusers_gaps, export, fuse, plan
+from trainer.kohya_names import by_module
 from trainer.transformer_files import flux_to_diffusers
 
 TOL = 1e-5
@@ -124,6 +125,116 @@ def comfy_apply_kohya(original: dict, keymap: dict, sd: dict) -> tuple[dict, set
         out[target] = out[target] + alpha * (up @ down)
         hit.add(target)
     return out, hit
+
+
+# --- ComfyUI's LyCORIS path: comfy/utils.py's diffusers maps (fused key, offset (dim, start, size), function), the
+# `lycoris_<k>` keys comfy/lora.py model_lora_keys_unet adds for them, and calculate_weight + weight_adapter/ ---
+
+FLUX_BLOCK = {"attn.to_out.0": "img_attn.proj", "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+              "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+              "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+MMDIT_BLOCK = {"norm1_context.linear": "context_block.adaLN_modulation.1", "attn.to_add_out": "context_block.attn.proj",
+               "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+               "norm1.linear": "x_block.adaLN_modulation.1", "attn.to_out.0": "x_block.attn.proj",
+               "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2"}  # MMDIT_MAP_BLOCK: no attn2
+EMBEDDERS = {f"time_text_embed.{e}.linear_{j}": (e, j) for e in ("timestep_embedder", "text_embedder",
+                                                                   "guidance_embedder") for j in (1, 2)}
+FLUX_BASIC = {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in"} | {
+    d: f"{dict(timestep_embedder='time', text_embedder='vector', guidance_embedder='guidance')[e]}_in."
+       f"{'in' if j == 1 else 'out'}_layer" for d, (e, j) in EMBEDDERS.items()}
+MMDIT_BASIC = {"proj_out": "final_layer.linear", "context_embedder": "context_embedder",
+               "pos_embed.proj": "x_embedder.proj"} | {d: f"{'t' if e == 'timestep_embedder' else 'y'}_embedder.mlp.{2 * j - 2}"
+                    for d, (e, j) in EMBEDDERS.items() if e != "guidance_embedder"}
+
+
+def comfy_flux_to_diffusers(transformer) -> dict[str, tuple]:
+    """comfy.utils.flux_to_diffusers for weights: diffusers key -> (original key, offset or None, function or None);
+    hidden_size as ComfyUI detects it (img_in's rows)."""
+    h = transformer.x_embedder.out_features
+    out = {}
+    for i in range(len(transformer.transformer_blocks)):
+        f, t = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for j, p in enumerate("qkv"):
+            out[f"{f}attn.to_{p}.weight"] = (t + "img_attn.qkv.weight", (0, h * j, h), None)
+            out[f"{f}attn.add_{p}_proj.weight"] = (t + "txt_attn.qkv.weight", (0, h * j, h), None)
+        out |= {f"{f}{d}.weight": (f"{t}{o}.weight", None, None) for d, o in FLUX_BLOCK.items()}
+    for i in range(len(transformer.single_transformer_blocks)):
+        f, t = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for j, p in enumerate("qkv"):
+            out[f"{f}attn.to_{p}.weight"] = (t + "linear1.weight", (0, h * j, h), None)
+        out[f"{f}proj_mlp.weight"] = (t + "linear1.weight", (0, h * 3, h * 4), None)
+        out |= {f"{f}norm.linear.weight": (t + "modulation.lin.weight", None, None),
+                f"{f}proj_out.weight": (t + "linear2.weight", None, None)}
+    out |= {f"{d}.weight": (f"{o}.weight", None, None) for d, o in FLUX_BASIC.items()}
+    out["norm_out.linear.weight"] = ("final_layer.adaLN_modulation.1.weight", None, swap)  # swap_scale_shift
+    return out
+
+
+def comfy_mmdit_keys(transformer) -> dict[str, tuple]:
+    """comfy.utils.mmdit_to_diffusers for weights (offset = depth * 64, depth = x_embedder rows / 64), the same triples."""
+    off = transformer.pos_embed.proj.out_channels // 64 * 64
+    n = len(transformer.transformer_blocks)
+    out = {}
+    for i in range(n):
+        f, t = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for j, p in enumerate("qkv"):
+            out[f"{f}attn.to_{p}.weight"] = (t + "x_block.attn.qkv.weight", (0, off * j, off), None)
+            out[f"{f}attn.add_{p}_proj.weight"] = (t + "context_block.attn.qkv.weight", (0, off * j, off), None)
+        out |= {f"{f}{d}.weight": (f"{t}{o}.weight", None, None) for d, o in MMDIT_BLOCK.items()}
+    out |= {f"{d}.weight": (f"{o}.weight", None, None) for d, o in MMDIT_BASIC.items()}
+    out["norm_out.linear.weight"] = ("final_layer.adaLN_modulation.1.weight", None, swap)
+    out[f"transformer_blocks.{n - 1}.norm1_context.linear.weight"] = (
+        f"joint_blocks.{n - 1}.context_block.adaLN_modulation.1.weight", None, swap)
+    return out
+
+
+def comfy_lycoris_keys(arch: str, transformer, original: dict) -> dict[str, tuple]:
+    """model_lora_keys_unet for these models: `lora_unet_<original>` (no offset) and `lycoris_<diffusers key>`."""
+    keys = {k: (v, None, None) for k, v in comfy_unet_keys(original).items()}
+    diffusers = comfy_flux_to_diffusers(transformer) if arch == "flux" else comfy_mmdit_keys(transformer)
+    return keys | {"lycoris_" + k[:-len(".weight")].replace(".", "_"): v for k, v in diffusers.items()}
+
+
+def comfy_adapter_diff(p: dict) -> tuple[torch.Tensor, float]:
+    """(ΔW before scaling, alpha scale) of one module, as weight_adapter/lora.py, loha.py, lokr.py compute it."""
+    alpha = p["alpha"].item() if "alpha" in p else None
+    if "lora_up.weight" in p:
+        up, down = p["lora_up.weight"].float(), p["lora_down.weight"].float()
+        return up @ down, alpha / down.shape[0] if alpha is not None else 1.0
+    if "hada_w1_a" in p:
+        w1 = p["hada_w1_a"].float() @ p["hada_w1_b"].float()
+        return w1 * (p["hada_w2_a"].float() @ p["hada_w2_b"].float()), alpha / p["hada_w1_b"].shape[0]
+    dim, sides = None, []
+    for w in ("lokr_w1", "lokr_w2"):
+        if w in p:
+            sides.append(p[w].float())
+        else:
+            dim = p[w + "_b"].shape[0]
+            sides.append(p[w + "_a"].float() @ p[w + "_b"].float())
+    return torch.kron(*sides), alpha / dim if alpha is not None and dim is not None else 1.0
+
+
+def comfy_weight_decompose(dora_scale, weight, diff, alpha, function):
+    """weight_adapter/base.py weight_decompose at strength 1: the slice's columns renormalised to dora_scale."""
+    calc = weight + function(diff * alpha)
+    norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True).reshape(calc.shape[1], 1)
+    weight[:] = calc * (dora_scale.float() / norm.transpose(0, 1))
+
+
+def comfy_apply_lycoris(original: dict, keymap: dict, sd: dict) -> dict:
+    """calculate_weight at strength 1: each module's ΔW into weight.narrow(*offset), through its function."""
+    out = {k: v.clone().float() for k, v in original.items()}
+    for name, params in by_module(sd).items():
+        target, offset, function = keymap[name]
+        weight = out[target] if offset is None else out[target].narrow(*offset)
+        function = function or (lambda t: t)
+        diff, alpha = comfy_adapter_diff(params)
+        diff = diff.reshape(weight.shape)  # ComfyUI logs an error and skips the module when this fails
+        if "dora_scale" in params:
+            comfy_weight_decompose(params["dora_scale"], weight, diff, alpha, function)
+        else:
+            weight += function(alpha * diff)
+    return out
 
 
 def weights(module, prefix=""):
@@ -329,3 +440,43 @@ def test_refused_by_name(pipes):
     with pytest.raises(ValueError, match="sdxl"):
         plan("sdxl", pipe.transformer)
     assert FORMATS == {"flux": ("kohya",), "sd3": ("kohya", "diffusers")}
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_lycoris_keys_are_the_ones_comfyui_maps(pipes, arch):
+    """Every split Linear of the blocks has a LyCORIS key ComfyUI maps to its fused weight at the right rows (SD 3.5's
+    attn2 q/k/v excepted: no ComfyUI key), and the file check names a module of the wrong shape or an unknown key."""
+    from trainer.flow_names import check_lycoris_file, export_lycoris, lycoris_keys
+
+    pipe = pipes[arch]
+    mods = plan(arch, pipe.transformer)
+    original = flux_to_original(pipe.transformer) if arch == "flux" else sd3_to_original(pipe.transformer)
+    comfy = comfy_lycoris_keys(arch, pipe.transformer, original)
+    keys = lycoris_keys(arch, mods)
+    blocks = {p for m in mods if m.name.startswith(BLOCK_PREFIXES) for p in m.parts}
+    left = {f"transformer.transformer_blocks.0.attn2.to_{p}" for p in "qkv"} if arch == "sd3" else set()
+    assert set(keys) >= blocks - left and not set(keys) & left
+    lin = linears(pipe.transformer)
+    for part, key in keys.items():
+        target, offset, _ = comfy[key]
+        rows = original[target].shape[0] if offset is None else offset[2]
+        assert (rows, original[target].shape[1]) == tuple(lin[part.removeprefix("transformer.")].weight.shape), key
+    if arch == "flux":
+        assert keys["transformer.single_transformer_blocks.0.proj_mlp"] == \
+            "lycoris_single_transformer_blocks_0_proj_mlp"
+    else:
+        assert keys["transformer.transformer_blocks.0.attn2.to_out.0"] == "lora_unet_joint_blocks_0_x_block_attn2_proj"
+    part = "transformer.transformer_blocks.0.attn.to_q"
+    q = lin[part.removeprefix("transformer.")]
+    good = {"hada_w1_a": torch.ones(q.out_features, 2), "hada_w1_b": torch.ones(2, q.in_features),
+            "alpha": torch.tensor(2.0)}
+    good |= {"hada_w2_a": good["hada_w1_a"], "hada_w2_b": good["hada_w1_b"]}
+    sd = export_lycoris(arch, mods, {part: good})
+    assert check_lycoris_file(arch, mods, sd) == []
+    bad = dict(sd) | {keys[part] + ".hada_w2_b": torch.ones(2, 3), "lycoris_nowhere.hada_w1_a": torch.ones(1, 1)}
+    problems = sorted(check_lycoris_file(arch, mods, bad))
+    assert len(problems) == 2 and problems[1].startswith(keys[part] + ": ") and "rebuild None" in problems[1]
+    assert problems[0].startswith("lycoris_nowhere: no module"), problems
+    if arch == "sd3":
+        with pytest.raises(ValueError, match="attn2"):
+            export_lycoris(arch, mods, {"transformer.transformer_blocks.0.attn2.to_q": good})

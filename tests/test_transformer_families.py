@@ -234,9 +234,10 @@ def test_parameters_say_how_it_was_drawn():
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_they_train_with_their_own_family_and_lora_only(flow, tiny_models, arch):
-    """LoRA on the transformer trains (tests/test_flow_training.py); a base given with an SD family, another
-    method or a preset without a variant for the family is refused by name, saying what is not built yet."""
+def test_they_train_with_their_own_family_and_the_linear_methods(flow, tiny_models, arch):
+    """Every method but LoCon trains the transformer's Linears (tests/test_flow_training.py); a base given with an SD
+    family, LoCon (3x3 convs: the transformer has none) or a preset without a variant for the family is refused by
+    name, saying why."""
     name = {"sd3": "SD 3.5", "flux": "FLUX.1"}[arch]
     for base in (flow[arch]["single"], flow[arch]["transformer"], flow[arch]["folder"]):
         with pytest.raises(config.ConfigError, match=rf"is {re.escape(name)}: set family = '{arch}' \(its preset "
@@ -247,8 +248,10 @@ def test_they_train_with_their_own_family_and_lora_only(flow, tiny_models, arch)
                        {"pretrained_model_name_or_path": str(flow[arch]["folder"])})
     assert (cfg.family, cfg.network.network_type, cfg.sample.sample_sampler) == (arch, "lora", "euler")
     assert cfg.network.network_train_unet_only and cfg.training.min_snr_gamma == 0 and cfg.data.resolution == 1024
-    with pytest.raises(config.ConfigError, match=rf"lokr is not built for {re.escape(name)} yet \(issue #17\)") as e:
-        config.build("character", arch, {"network_type": "lokr"})
+    for method in ("loha", "lokr", "dora", "vera", "adalora", "rslora", "lora_fa"):
+        assert config.build("character", arch, {"network_type": method}).network.network_type == method
+    with pytest.raises(config.ConfigError, match=rf"locon adapts 3x3 convs, and {re.escape(name)}'s transformer") as e:
+        config.build("character", arch, {"network_type": "locon", "conv_dim": 8})
     assert e.value.field == "network.network_type"
     with pytest.raises(config.ConfigError, match=rf"preset 'style' has no {re.escape(name)} variant yet"):
         config.build("style", arch)

@@ -26,7 +26,8 @@ MAX_NAME = 120  # characters of an output file name
 FAMILIES = ("sd15", "sdxl")  # preset variants every preset has: sd15 covers SD 1.x and SD 2.x bases
 FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # flow-matching transformers: LoRA on the transformer trains
 ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for these when it has their section
-FLOW_METHODS = ("lora", "rslora", "lora_fa", "vera", "adalora")  # trained and tested on them (peft, LoRA files)
+# the methods trained and tested on their transformers' Linears: every one but LoCon (3x3 convs: they have none)
+FLOW_METHODS = tuple(m for m in methods.NAMES if methods.CATALOG[m].convs != "required")
 NOT_TRAINED = ("SD 3.5 / FLUX.1 train LoRA on the transformer (lora, rslora, lora_fa; the character preset's "
                "variant); not built for them yet (issue #17): the other methods, text-encoder LoRA, the other presets, "
                "min-SNR / noise offset, NF4 and pruning")
@@ -61,8 +62,10 @@ class ModelConfig:
                                choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute activations: much less memory, ~30% slower")
     attention: str = opt("sdpa", "attention kernel (xformers when installed on CUDA)", choices=("sdpa", "xformers"))
-    unet_quantization: str = opt("none", "QLoRA: hold the frozen UNet's linear layers in 4-bit NF4 with double "
-                                 "quantisation (bitsandbytes, CUDA only)", choices=("none", "nf4"))
+    unet_quantization: str = opt("none", "hold the frozen UNet / transformer in fewer bits: nf4 = QLoRA, its linear "
+                                 "layers in 4-bit NF4 (bitsandbytes, CUDA only); fp8 = stored in float8, computed "
+                                 "in the mixed-precision dtype layer by layer (any device; pair it with "
+                                 "gradient_checkpointing)", choices=("none", "nf4", "fp8"))
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,10 @@ def _check_flow(cfg: TrainConfig) -> None:
     missing = f"is not built for {name} yet (issue #17)"
     rules = [
         ("network.network_type", n.network_type not in FLOW_METHODS,
-         f"network.network_type = {n.network_type!r}: {n.network_type} {missing}; use {', '.join(FLOW_METHODS)}"),
+         f"network.network_type = {n.network_type!r}: {n.network_type} adapts 3x3 convs, and {name}'s transformer "
+         f"has none (only Linears); use one of {', '.join(FLOW_METHODS)}"),
+        ("network.conv_dim", n.conv_dim > 0, f"network.conv_dim = {n.conv_dim}: {name}'s transformer has no 3x3 "
+                                             "convs (only its Linears are adapted): set conv_dim = 0"),
         ("network.network_train_unet_only", not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
          or n.network_train_text_encoder_only,
          f"text-encoder LoRA {missing}: set network_train_unet_only = true (the transformer is trained)"),
@@ -326,8 +332,8 @@ def _check_flow(cfg: TrainConfig) -> None:
          "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),
         ("training.noise_offset", t.noise_offset > 0, f"training.noise_offset = {t.noise_offset}: noise offset "
                                                       f"{missing}: set noise_offset = 0"),
-        ("model.unet_quantization", cfg.model.unet_quantization != "none",
-         f"model.unet_quantization = {cfg.model.unet_quantization!r}: a quantized transformer {missing}"),
+        ("model.unet_quantization", cfg.model.unet_quantization == "nf4",
+         f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
         ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),
          f"pruning when saving {missing}: set prune_rank, prune_energy and prune_drop to 0"),
         ("model.prediction_type", cfg.model.prediction_type != "auto",
@@ -421,7 +427,7 @@ def _check_network(cfg: TrainConfig) -> None:
                                                   f"{peft_only}")
     if cfg.model.unet_quantization != "none" and n.network_type not in peft:
         raise ConfigError("model.unet_quantization", f"model.unet_quantization = {cfg.model.unet_quantization!r}: "
-                                                     f"a 4-bit UNet {peft_only}")
+                                                     f"a quantized UNet {peft_only}")
     lora_form = methods.names(exports_as="lora")
     for name in ("prune_rank", "prune_energy", "prune_drop"):
         if getattr(n, name) and n.network_type not in lora_form:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from datetime import datetime, timezone
@@ -50,14 +51,24 @@ def to_kohya(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def to_flow_file(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from trainer import flow_names
 
-    if net.exports_as != "lora":
-        raise ValueError(f"{net.arch}: only LoRA-form files are written for SD 3.5 / FLUX.1, not {net.kind}")
+    if net.exports_as == "lycoris":
+        return to_flow_lycoris(net, dtype)
     loras = {}
     for name in net.names():
         f = net.factors(name)
         loras[name] = flow_names.Lora(f["lora_down.weight"].detach().cpu().float(),
                                       f["lora_up.weight"].detach().cpu().float(), float(f["alpha"]))
     sd = flow_names.export(net.arch, net.file_modules, loras, FLOW_FORMAT[net.arch])
+    return {k: t.float().contiguous() if k.endswith(".alpha") else t.to(dtype).contiguous() for k, t in sd.items()}
+
+
+def to_flow_lycoris(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """SD 3.5 / FLUX.1 LoHa / LoKr / DoRA: LyCORIS' tensors per split module (trainer/flow_names.py, LYCORIS)."""
+    from trainer import flow_names
+
+    factors = {name: {k: t.detach().cpu() for k, t in net.factors(name).items()} for name in net.names()}
+    sd = flow_names.export_lycoris(net.arch, net.file_modules, factors)
+    logging.getLogger(__name__).warning("%s file (%s): %s", net.kind, net.arch, flow_names.LYCORIS_LOADERS)
     return {k: t.float().contiguous() if k.endswith(".alpha") else t.to(dtype).contiguous() for k, t in sd.items()}
 
 

@@ -58,8 +58,9 @@ file's alpha is s * sum(r_j) (kohya's own split_qkv export keeps the part's alph
 1/3 or 1/4 when reloaded); when they differ each part's scale is folded into its up block and alpha = sum(r_j).
 diffusers' converter reads such a file exactly either way: a block-diagonal up is chunked back, any other is
 applied as up-rows x the whole down, the same product. Parts that share one down (VeRA's shared random A, sliced to
-the same width for q, k, v) keep it: lora_down = A, lora_up = the parts' ups (scale folded) stacked, rank r. The final layer is read by diffusers without its alpha
-("TODO: alphas"), so its scale is always folded in (alpha = rank).
+the same width for q, k, v) keep it: lora_down = A, lora_up = the parts' ups (scale folded) stacked, rank r.
+The final layer is read by diffusers without its alpha ("TODO: alphas"), so its scale is always folded in
+(alpha = rank).
 
 DIFFUSERS_GAP: diffusers 0.42's kohya FLUX converter writes the embedders' and final layer's keys without the
 `transformer.` prefix (`x_embedder.lora_A.weight`, `norm_out.linear...`), and `load_lora_adapter` keeps only
@@ -70,6 +71,27 @@ CLIP-L load in diffusers exactly. Its converter also hard-codes FLUX.1's widths 
 
 Refused, by name: T5 (no loader but ComfyUI reads T5 LoRA, diffusers drops it), SD3's patch embedder (`pos_embed.proj`,
 a Conv2d), anything that is not a Linear of these models.
+
+LYCORIS (LoHa, LoKr, DoRA): their update of a fused weight cannot be written as one LyCORIS module of it (a Kronecker
+or Hadamard product of q, k and v is not one of the fused rows; DoRA's norm would span them), so a LyCORIS file keeps
+one module per split diffusers Linear, named `lycoris_<diffusers path, "." -> "_">` (`lycoris_transformer_blocks_0_
+attn_to_q`, `lycoris_single_transformer_blocks_0_proj_mlp`), the prefix LyCORIS itself gives and SimpleTuner writes.
+ComfyUI (comfy/lora.py `model_lora_keys_unet`, the `comfy.model_base.Flux` and `SD3` branches) maps
+`lycoris_<k>` for every diffusers key k of `comfy/utils.py` `flux_to_diffusers` / `mmdit_to_diffusers`, whose values
+are (fused original key, offset (dim 0, start row, rows), function): q/k/v at (0, 0 | h | 2h, h) of
+`double_blocks.{i}.img_attn.qkv` / `txt_attn.qkv`, `single_blocks.{i}.linear1` (proj_mlp at (0, 3h, 4h)),
+`joint_blocks.{i}.x_block.attn.qkv` / `context_block.attn.qkv` (SD3: h = depth·64), the rest one to one, and
+`swap_scale_shift` as the function of `norm_out.linear` and SD3's last `norm1_context.linear`. `calculate_weight`
+(comfy/lora.py) narrows the weight to that slice and lets the adapter (comfy/weight_adapter/ lora.py, loha.py,
+lokr.py) add its ΔW (function applied) to it in place; DoRA (`weight_decompose`, weight_adapter/base.py) normalises
+the slice's columns by `dora_scale` [1, in], so a split DoRA module is decomposed over its own rows, as trained.
+Each module keeps its own alpha (loha: alpha / hada_w1_b rows, lokr: alpha / the decomposed factor's rank, scale 1
+when neither is, lora/DoRA: alpha / lora_down rows). Forge's lora.py carries the same maps. Gap: at ComfyUI's stored
+snapshot (utils.py commit 2ba5cc8) `mmdit_to_diffusers` maps no `attn2` key, so SD 3.5 Medium's attn2 q/k/v have no
+LyCORIS key any loader maps and are not trained by LyCORIS methods (`attn2.to_out.0`, a whole weight, takes its kohya
+name `lora_unet_joint_blocks_{i}_x_block_attn2_proj`, which the generic `lora_unet_<original key>` map reads).
+diffusers 0.42's `FluxLoraLoaderMixin` / `SD3LoraLoaderMixin` have no LoHa / LoKr reader (only FLUX.2 and Z-Image's
+mixins convert lokr_*) and drop DoRA's `dora_scale`: `LYCORIS_LOADERS` says so where the file is written.
 """
 
 from __future__ import annotations
@@ -353,4 +375,91 @@ def check_file(arch: str, modules: list[FileModule], sd: dict[str, torch.Tensor]
         a, b = sd[stem + ".lora_A.weight"], sd[stem + ".lora_B.weight"]
         if (b.shape[0], a.shape[1]) != shapes[live] or b.shape[1] != a.shape[0]:
             problems.append(f"{stem}: B {tuple(b.shape)} x A {tuple(a.shape)} does not patch {shapes[live]}")
+    return problems
+
+
+# --- LyCORIS files (LoHa, LoKr, DoRA): one module per split diffusers Linear, never fused (LYCORIS in the docstring)
+
+LYCORIS_PREFIX = "lycoris_"
+# SD 3.5 Medium's second attention: ComfyUI's mmdit_to_diffusers has no attn2 entry, so q/k/v (parts of the fused
+# x_block.attn2.qkv) have no key a loader maps; attn2.to_out.0 (the whole x_block.attn2.proj) takes its kohya name
+SD3_UNMAPPED = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+LYCORIS_FORMS = ({"lora_up.weight", "lora_down.weight"}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
+LYCORIS_LOADERS = ("ComfyUI and Forge load it (LyCORIS keys on the diffusers module names, sliced into the fused "
+                   "weights); diffusers' load_lora_weights (0.42) has no LoHa / LoKr / DoRA reader for SD 3.5 and "
+                   "FLUX.1 and cannot load it: use ComfyUI or Forge")
+
+
+def lycoris_key(arch: str, module: FileModule, part: str) -> str | None:
+    """The key stem of one split module ("transformer.<path>") of `module` in a LyCORIS file: `lycoris_<path, "."
+    -> "_">`, which ComfyUI maps to the fused weight with its row offset; SD 3.5's attn2.to_out.0 by its kohya name;
+    None where no loader maps one (SD 3.5's attn2 q/k/v): such modules are not trained by LyCORIS methods."""
+    path = part.removeprefix("transformer.")
+    if not part.startswith("transformer."):
+        raise ValueError(f"{arch}: LyCORIS files cover the transformer only, not {part}")
+    if arch == "sd3" and path.endswith(SD3_UNMAPPED):
+        return module.name if len(module.parts) == 1 else None
+    return LYCORIS_PREFIX + path.replace(".", "_")
+
+
+def lycoris_keys(arch: str, modules: list[FileModule]) -> dict[str, str]:
+    """diffusers module ("transformer.<path>") -> its key stem in a LyCORIS file, for every module that has one."""
+    keys = {p: lycoris_key(arch, m, p) for m in modules for p in m.parts if p.startswith("transformer.")}
+    return {p: k for p, k in keys.items() if k is not None}
+
+
+def export_lycoris(arch: str, modules: list[FileModule], factors: dict[str, dict[str, torch.Tensor]]
+                   ) -> dict[str, torch.Tensor]:
+    """The state dict of a LyCORIS file: each trained module's LyCORIS tensors (hada_*, lokr_*, lora_up/down +
+    dora_scale, alpha) under its `lycoris_key`, unchanged: the update is the trained one, module by module."""
+    keys = lycoris_keys(arch, modules)
+    unknown = sorted(set(factors) - set(keys))
+    if unknown:
+        raise ValueError(f"{arch}: no LyCORIS file key for {len(unknown)} trained module(s): {', '.join(unknown[:6])} "
+                         "(only the transformer's Linears that ComfyUI maps; not SD 3.5's attn2 q/k/v)")
+    return {f"{keys[name]}.{param}": t.contiguous() for name, params in factors.items() for param, t in params.items()}
+
+
+def lycoris_shape(params: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(out, in) of the weight a LoRA / LoHa / LoKr module's tensors rebuild; None when they are no such module."""
+    names = set(params) - {"alpha", "dora_scale"}
+    if names == LYCORIS_FORMS[0]:
+        up, down = params["lora_up.weight"], params["lora_down.weight"]
+        return (up.shape[0], down.shape[1]) if up.shape[1] == down.shape[0] else None
+    if names == LYCORIS_FORMS[1]:
+        a, b = params["hada_w1_a"] @ params["hada_w1_b"], params["hada_w2_a"] @ params["hada_w2_b"]
+        return tuple(a.shape) if a.shape == b.shape else None
+    sides = []
+    for w in ("lokr_w1", "lokr_w2"):
+        if names >= {w} and not names & {w + "_a", w + "_b"}:
+            sides.append(tuple(params[w].shape))
+        elif names >= {w + "_a", w + "_b"} and w not in names:
+            sides.append((params[w + "_a"].shape[0], params[w + "_b"].shape[1]))
+        else:
+            return None
+    if names - {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}:
+        return None  # lokr_t2 (Tucker) or anything else
+    return sides[0][0] * sides[1][0], sides[0][1] * sides[1][1]
+
+
+def check_lycoris_file(arch: str, modules: list[FileModule], sd: dict[str, torch.Tensor]) -> list[str]:
+    """What is wrong with a LyCORIS file against `modules` (planned on the base): every key stem must be the
+    `lycoris_key` of a module, holding one LoRA / LoHa / LoKr form (+ alpha, DoRA's dora_scale [1, in]) that rebuilds
+    that module's (out, in). [] = every key maps."""
+    widths = {p: (w, m.in_features) for m in modules for p, w in zip(m.parts, m.widths)}
+    owner = {k: p for p, k in lycoris_keys(arch, modules).items()}
+    stems: dict[str, dict] = {}
+    for key, t in sd.items():
+        name, _, param = key.partition(".")
+        stems.setdefault(name, {})[param] = t
+    problems = []
+    for name, params in stems.items():
+        if name not in owner:
+            problems.append(f"{name}: no module of this {arch} model")
+            continue
+        want, got = widths[owner[name]], lycoris_shape(params)
+        if got != want:
+            problems.append(f"{name}: {sorted(params)} rebuild {got}, not {owner[name]}'s {want}")
+        elif "dora_scale" in params and tuple(params["dora_scale"].shape) != (1, want[1]):
+            problems.append(f"{name}: dora_scale {tuple(params['dora_scale'].shape)}, not (1, {want[1]})")
     return problems

@@ -258,7 +258,9 @@ def make_network(n, base, components: dict, total_steps: int, events):
     for c in components:
         for p in net.parameters_of(c):
             p.data = p.data.float()  # adapters train in fp32 under autocast
-    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules")
+    left = (f"; {len(net.left_out)} left out, no loader maps them in a {net.kind} file ({net.left_out[0]}, …)"
+            if net.left_out else "")
+    events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules{left}")
     return net
 
 

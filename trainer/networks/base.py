@@ -107,12 +107,17 @@ class Network:
         targets = find_targets(arch, components, self.uses_convs())
         if self.linear_only:
             targets = [t for t in targets if isinstance(components[t.component].get_submodule(t.path), nn.Linear)]
-        self.targets = {t.name: t for t in targets}
         # SD 3.5 / FLUX.1: the file's modules, planned on the transformer before the adapter wraps its Linears
         self.file_modules = None
+        self.left_out: list[str] = []  # targets a method leaves out because no loader reads them in its file
         if arch in FLOW_ARCHES and "transformer" in components:
             from trainer import flow_names
             self.file_modules = flow_names.plan(arch, components["transformer"])
+            if self.exports_as == "lycoris":  # one module per split Linear, under a key ComfyUI maps
+                keys = flow_names.lycoris_keys(arch, self.file_modules)
+                self.left_out = [t.name for t in targets if t.name not in keys]
+                targets = [t for t in targets if t.name in keys]
+        self.targets = {t.name: t for t in targets}
 
     @property
     def kind(self) -> str:
