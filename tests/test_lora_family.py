@@ -134,7 +134,7 @@ def test_bias_modes_train_biases_the_file_leaves_out(tiny_models, tmp_path):
 def test_bias_modes_and_quantization_are_refused_where_they_cannot_apply():
     with pytest.raises(config.ConfigError, match=r"network_bias = 'all': peft's bias mode works with lora, locon"):
         config.build("lokr", "sd15", {"network_bias": "all"})
-    with pytest.raises(config.ConfigError, match="model.unet_quantization = 'nf4': a 4-bit UNet"):
+    with pytest.raises(config.ConfigError, match="model.unet_quantization = 'nf4': a quantized UNet"):
         config.build("character", "sd15", {"network_type": "loha", "unet_quantization": "nf4"})
     with pytest.raises(config.ConfigError, match=r"network\.prune_energy = 0\.9: pruning reduces LoRA-form files"):
         config.build("character", "sd15", {"network_type": "dora", "prune_energy": 0.9})

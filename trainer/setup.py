@@ -23,7 +23,7 @@ from trainer.loading import FLOW_ARCHES, BaseModel, load_base
 from trainer.loss import DenoisingLoss, FlowMatchingLoss
 from trainer.networks import create as create_network
 from trainer.optim import make_optimizer, make_scheduler
-from trainer.quantize import quantize_unet_nf4
+from trainer.quantize import quantize_unet_nf4, store_fp8
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
@@ -142,6 +142,11 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     schedule = make_schedule(cfg, items, acc, held_out is not None)
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
+    if cfg.model.unet_quantization == "fp8":
+        count = store_fp8(base.denoiser, compute_dtype(acc))
+        base.denoiser.to(acc.device)
+        events.status("loading", f"{type(base.denoiser).__name__} held in fp8 ({count} layers, computed in "
+                                 f"{str(compute_dtype(acc)).removeprefix('torch.')})")
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
     progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
     return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
@@ -161,6 +166,11 @@ def make_loss(cfg, base, acc) -> DenoisingLoss | FlowMatchingLoss:
                          cfg.training.min_snr_gamma, cfg.training.noise_offset, acc.mixed_precision)
 
 
+def compute_dtype(acc) -> torch.dtype:
+    """The frozen weights' dtype: the mixed-precision one (fp32 without)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+
+
 def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
     m = cfg.model
@@ -171,8 +181,9 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
         from trainer.loading import ARCH_NAMES
         raise ValueError(f"{m.pretrained_model_name_or_path} is {ARCH_NAMES[base.arch]}, but the config's family is "
                          f"{cfg.family!r}: build it with the base's own preset variant")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    base.denoiser.to(acc.device, dtype=weight_dtype)
+    weight_dtype = compute_dtype(acc)
+    # an fp8 denoiser goes to the device once it is stored in fp8 (assemble): never whole in weight_dtype there
+    base.denoiser.to(None if m.unet_quantization == "fp8" else acc.device, dtype=weight_dtype)
     base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
     for te in base.text_encoders:
         te.to(acc.device, dtype=weight_dtype)

@@ -83,6 +83,10 @@ def check(base: dict, space: dict, search: str, trials: int) -> int:
     if not (cfg.data.validation_split or cfg.data.validation_dir):
         raise ConfigError("data.validation_split", "a sweep ranks its trials by the held-out loss: set "
                                                    "data.validation_split (e.g. 0.2) or data.validation_dir")
+    if cfg.model.unet_quantization == "fp8":
+        raise ConfigError("model.unet_quantization", "model.unet_quantization = 'fp8': each trial's adapter is "
+                                                     "injected into a copy sharing the base's weights, which the fp8 "
+                                                     "casting would change under the others; sweep with \"none\"")
     if "seed" in space and cfg.data.validation_split:
         raise ConfigError("training.seed", "training.seed chooses the held-out pictures of data.validation_split, "
                                            "so trials of other seeds would be ranked on other pictures: vary the "
