@@ -9,3 +9,18 @@ def test_gpu_benchmark_smoke():
         ("sd15", "eager"), ("sd15", "checkpointing"), ("sdxl", "eager"), ("sdxl", "checkpointing"),
         ("sdxl", "lowvram")]
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu"] for r in results)
+
+
+def test_the_memory_estimate_counts_the_published_models():
+    """bench/memory.py builds the full-size transformers on the meta device from the shipped configs: their sizes are
+    the published ones, and the table's modes order as they must."""
+    from bench import memory
+
+    rows = {r["name"]: r for r in memory.main()}
+    assert abs(rows["FLUX.1 dev"]["params"] / 11.9e9 - 1) < 0.005  # Black Forest Labs: 12B (11.9 B)
+    assert abs(rows["SD 3.5 Large"]["params"] / 8.1e9 - 1) < 0.01  # Stability AI: 8.1B
+    assert abs(rows["SD 3.5 Large"]["t5_gb"] / 2 - 4.76) < 0.05  # T5-XXL's encoder: 4.76 B parameters
+    for r in rows.values():
+        assert r["fp8_gb"] < r["bf16_gb"] and r["peak_fp8_ckpt"] < r["peak_bf16_ckpt"] < r["peak_bf16_ckpt"] + 1
+        assert r["act_ckpt_gb"] < r["act_eager_gb"] and r["lora"] > 0
+    assert rows["FLUX.1 dev"]["peak_fp8_ckpt"] < 24 < rows["FLUX.1 dev"]["peak_bf16_ckpt"]
