@@ -260,6 +260,31 @@ def test_the_lora_variants_export_their_update(flow, tmp_path, caplog, arch, met
     assert_diffusers_applies(arch, sd, fresh, deltas, tmp_path, caplog, min_change=10 * OUT_TOL)
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_loraplus_trains_b_faster_on_the_transformer(flow, tmp_path, arch):
+    """LoRA+ through the existing parameter groups: the optimizer gets A at the learning rate and B at ratio × it."""
+    import trainer.setup
+
+    make, seen = trainer.setup.make_optimizer, {}
+
+    def spy(cfg, groups, device):
+        seen["optimizer"] = make(cfg, groups, device)
+        return seen["optimizer"]
+
+    trainer.setup.make_optimizer = spy
+    try:
+        run_dir, cfg = make_flow_run(tmp_path, arch, flow[arch]["folder"], {"network": {"loraplus_lr_ratio": 16.0},
+                                                                             "training": {"max_train_epochs": 1}})
+        final = train(config.load(run_dir / "config.toml"), run_dir)
+    finally:
+        trainer.setup.make_optimizer = make
+    a, b = seen["optimizer"].param_groups  # the transformer's A, then its B
+    assert a["initial_lr"] == cfg.optimizer.unet_lr and b["initial_lr"] == pytest.approx(16 * a["initial_lr"])
+    assert all(p.shape[1] == 4 for p in b["params"]) and all(p.shape[0] == 4 for p in a["params"])  # B [out, r]
+    assert len(b["params"]) == len(trained_net(cfg, arch, flow[arch]["folder"], run_dir)[1].names())
+    assert final.is_file() and all(torch.isfinite(torch.tensor(v)) for v in losses(run_dir).values())
+
+
 LYCORIS = ("loha", "lokr", "dora")
 SD3_LEFT_OUT = [f"transformer.transformer_blocks.0.attn2.to_{p}" for p in "qkv"]  # no key ComfyUI maps (flow_names)
 

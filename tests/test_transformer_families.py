@@ -264,8 +264,9 @@ def test_the_train_tab_says_what_trains(flow, tiny_models):
 
     for arch, name in (("sd3", "SD 3.5"), ("flux", "FLUX.1")):
         said = explain_base(str(flow[arch]["single"]))
-        assert said.startswith(f"⚠ Detected: **{name}**.") and "train LoRA on the transformer" in said, said
-        assert "not built for them yet (issue #17): the other methods, text-encoder LoRA" in said, said
+        assert said.startswith(f"⚠ Detected: **{name}**.") and "train the transformer's Linears" in said, said
+        assert "every method but LoCon" in said and "LyCORIS files for loha, lokr, dora" in said, said
+        assert "not built for them yet (issue #17): text-encoder LoRA" in said, said
     assert explain_base(str(tiny_models["sdxl"][1])) == "Detected: **SDXL** presets apply."
 
 

@@ -28,8 +28,9 @@ FLOW_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}  # flow-matching transformer
 ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for these when it has their section
 # the methods trained and tested on their transformers' Linears: every one but LoCon (3x3 convs: they have none)
 FLOW_METHODS = tuple(m for m in methods.NAMES if methods.CATALOG[m].convs != "required")
-NOT_TRAINED = ("SD 3.5 / FLUX.1 train LoRA on the transformer (lora, rslora, lora_fa; the character preset's "
-               "variant); not built for them yet (issue #17): the other methods, text-encoder LoRA, the other presets, "
+NOT_TRAINED = ("SD 3.5 / FLUX.1 train the transformer's Linears with every method but LoCon (LoRA-form files for "
+               "lora, rslora, lora_fa, vera, adalora and LoRA+; LyCORIS files for loha, lokr, dora; the character "
+               "preset's variant); not built for them yet (issue #17): text-encoder LoRA, the other presets, "
                "min-SNR / noise offset, NF4 and pruning")
 
 
