@@ -83,7 +83,9 @@ def comfy_clip_keys(arch: str, clips: dict[str, dict]) -> dict[str, str]:
 
 
 def comfy_mmdit_to_diffusers(depth: int) -> dict[str, tuple]:
-    """comfy.utils.mmdit_to_diffusers for weights: diffusers key -> (original key, row offset or None, swap)."""
+    """comfy.utils.mmdit_to_diffusers for weights: diffusers key -> (original key, row offset or None, swap).
+    NB: its attn2 entries are not ComfyUI's: mmdit_to_diffusers (commit 2ba5cc8) maps no attn2 key (comfy_mmdit_keys
+    below follows it), so ComfyUI skips SD 3.5 Medium's attn2 keys of the diffusers-format LoRA file."""
     off = depth * 64
     block = {"norm1_context.linear": "context_block.adaLN_modulation.1", "attn.to_add_out": "context_block.attn.proj",
              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",

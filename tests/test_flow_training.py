@@ -121,8 +121,8 @@ def test_lycoris_loss_falls_on_a_fixed_batch(flow, arch, method):
     net = create(cfg.network, arch, {"transformer": model.denoiser})
     assert net.kind == method and len(net.names()) == {"flux": 20, "sd3": 26}[arch]  # SD3: attn2 q/k/v left out
     before, after = fixed_batch_losses(model, arch, net, lr=3e-2 if method == "lokr" else 1e-2)  # LoKr: higher lr
-    # measured (FLUX; SD3): LoHa 2.30 -> 1.19; 2.27 -> 1.08, LoKr 2.30 -> 1.52; 2.27 -> 1.72,
-    # DoRA 2.30 -> 1.41; 2.27 -> 1.75
+    # measured (FLUX; SD3): LoHa 2.30 -> 1.17; 2.27 -> 1.06, LoKr 2.30 -> 1.51; 2.27 -> 1.86,
+    # DoRA 2.30 -> 1.37; 2.27 -> 1.79
     assert after < 0.85 * before, (before, after)
 
 
@@ -368,8 +368,6 @@ def test_what_is_not_built_is_refused_by_name(flow):
         config.build("character", "flux", {"min_snr_gamma": 5.0})
     with pytest.raises(config.ConfigError, match="flow-matching Euler"):
         config.build("character", "flux", {"sample_sampler": "euler_a"})
-    with pytest.raises(config.ConfigError, match="preset 'style' has no FLUX.1 variant yet"):
-        config.build("style", "flux")
     with pytest.raises(config.ConfigError, match="is FLUX.1: set family = 'flux'"):
         config.build("character", "sd15", {"pretrained_model_name_or_path": base})
 
