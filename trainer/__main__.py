@@ -3,9 +3,11 @@
     python -m trainer RUN_DIR [--set key=value ...]
         Train the run whose config.toml is in RUN_DIR, resuming from its newest state if it has one.
     python -m trainer new --base MODEL --images DIR --preset NAME --runs-dir DIR [--set key=value ...] [--no-train]
+                          [--clip-l FILE] [--clip-g FILE] [--t5xxl FILE] [--vae/--ae FILE] [--t5-tokenizer DIR]
         Make a run directory from a base model, a folder of images (with optional .txt/.caption captions), a
         preset and overrides; the pictures are imported as the Dataset tab imports them (skipped files and health
-        warnings printed); print its path; then train it.
+        warnings printed); print its path; then train it. An SD 3.5 / FLUX.1 transformer file as --base takes its
+        other parts (ComfyUI's split layout) as --clip-l, --clip-g (SD 3.5), --t5xxl and --vae (or --ae).
     python -m trainer resize SRC DST [--rank N] [--energy F] [--drop F] [--precision fp16|bf16|float]
         Shrink a kohya LoRA/LoCon file: cut each module to rank N and/or to the smallest rank keeping a fraction F
         of its energy (Σσ²), drop the fraction F of modules whose update is smallest; print a summary.
@@ -56,6 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--name", help="run folder name (default: date-time and preset)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--no-train", action="store_true", help="only make the run directory")
+        add_part_arguments(p)
         args = p.parse_args(argv[1:])
         args.command = "new"
         return args
@@ -74,6 +77,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.command = "train"
     return args
+
+
+def add_part_arguments(p: argparse.ArgumentParser) -> None:
+    """The split layout of SD 3.5 / FLUX.1 (--base the transformer file), named as kohya's sd-scripts names them;
+    each sets the [model] field of the same name (trainer/config.py)."""
+    from trainer.config import field_help
+
+    g = p.add_argument_group("SD 3.5 / FLUX.1 split layout (with --base a transformer file)")
+    for flags, name in ((("--clip-l", "--clip_l"), "clip_l"), (("--clip-g", "--clip_g"), "clip_g"),
+                        (("--t5xxl",), "t5xxl"), (("--vae", "--ae"), "vae"),
+                        (("--t5-tokenizer", "--t5_tokenizer"), "t5_tokenizer")):
+        g.add_argument(*flags, dest=name, type=Path, metavar="FILE", help=field_help(name)["help"])
+
+
+def part_overrides(args: argparse.Namespace) -> list[str]:
+    """--clip-l FILE ... as `model.clip_l="/abs/FILE"` overrides (absolute: the run may resume from elsewhere)."""
+    from trainer.config import PART_FIELDS
+
+    given = {name: getattr(args, name) for name in PART_FIELDS if getattr(args, name, None) is not None}
+    return [f"{name}={json.dumps(str(path.expanduser().resolve()))}" for name, path in given.items()]
 
 
 def parse_resize(argv: list[str]) -> argparse.Namespace:
@@ -289,9 +312,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli(args)
     if args.command == "new":
+        from trainer.config import ConfigError
         from trainer.new_run import create_run
 
-        run_dir = create_run(args.runs_dir, args.base, args.images, args.preset, args.overrides, args.name).path
+        try:
+            run_dir = create_run(args.runs_dir, args.base, args.images, args.preset,
+                                 part_overrides(args) + args.overrides, args.name).path
+        except ConfigError as e:  # a bad setting, named by field: no run is made
+            print(f"python -m trainer new: {e}", file=sys.stderr)
+            return 2
         print(run_dir, flush=True)
         return 0 if args.no_train else run(run_dir, [])
     if not (args.run_dir / "config.toml").is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from trainer import methods, optimizer_args, single_file
+from trainer import flow_parts, methods, optimizer_args, single_file
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
@@ -67,6 +67,18 @@ class ModelConfig:
                                  "layers in 4-bit NF4 (bitsandbytes, CUDA only); fp8 = stored in float8, computed "
                                  "in the mixed-precision dtype layer by layer (any device; pair it with "
                                  "gradient_checkpointing)", choices=("none", "nf4", "fp8"))
+    # the split layout of SD 3.5 / FLUX.1 (ComfyUI's): the transformer file as the base, its other parts beside it
+    clip_l: str = opt("", "SD 3.5 / FLUX.1 transformer file: its CLIP-L text encoder file (clip_l.safetensors); "
+                          "empty = inside the base file")
+    clip_g: str = opt("", "SD 3.5 transformer file: its CLIP-G text encoder file (clip_g.safetensors); empty = "
+                          "inside the base file. FLUX.1 has none")
+    t5xxl: str = opt("", "SD 3.5 / FLUX.1 transformer file: its T5-XXL text encoder file (t5xxl_fp16.safetensors "
+                         "or t5xxl_fp8_e4m3fn.safetensors); empty = inside the base file")
+    vae: str = opt("", "SD 3.5 / FLUX.1 transformer file: its VAE file (ae.safetensors for FLUX.1, kohya's --ae; "
+                       "the SD 3.5 VAE); empty = inside the base file")
+    t5_tokenizer: str = opt("", "SD 3.5 / FLUX.1 single file or split layout: the T5-XXL tokenizer (a folder with "
+                                "tokenizer.json of google/t5-v1_1-xxl, or that file); empty = "
+                                "trainer/model_configs/t5_tokenizer/ or the Hugging Face cache")
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_data(cfg.data)
     _check_network(cfg)
     _check_flow(cfg)
+    _check_parts(cfg.model, cfg.family)
     t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
@@ -348,6 +361,72 @@ def _check_flow(cfg: TrainConfig) -> None:
     for where, bad, message in rules:
         if bad:
             raise ConfigError(where, message)
+
+
+PART_FIELDS = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer")  # [model] fields of the split layout
+PART_OF = {f: part for part, f in flow_parts.CONFIG_FIELDS.items()}  # config field -> flow_parts part
+
+
+def _check_parts(m: ModelConfig, family: str) -> None:
+    """The split layout's files: each one there and of its kind, given only with an SD 3.5 / FLUX.1 transformer
+    file, fitting it; and every part a bare transformer lacks given (named by field, before a run is made)."""
+    given = {f: getattr(m, f) for f in PART_FIELDS if getattr(m, f)}
+    base, path = m.pretrained_model_name_or_path, Path(m.pretrained_model_name_or_path).expanduser()
+    if given and family not in FLOW_FAMILIES:
+        raise ConfigError(f"model.{next(iter(given))}", f"model.{', model.'.join(given)}: separate text-encoder / "
+                                                        f"VAE / tokenizer files go with an SD 3.5 or FLUX.1 transformer "
+                                                        f"file; {base!r} is an SD 1.x / 2.x / SDXL base, which holds "
+                                                        "its own: clear them")
+    if m.t5_tokenizer:
+        _check_tokenizer(m.t5_tokenizer)
+    if family not in FLOW_FAMILIES or not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        if parts := [f for f in given if f != "t5_tokenizer"]:
+            raise ConfigError(f"model.{parts[0]}", f"model.{', model.'.join(parts)}: separate text-encoder / VAE "
+                                                   f"files go with a transformer .safetensors file (e.g. "
+                                                   f"flux1-dev.safetensors); {base!r} is not one: clear them")
+        return
+    arch = family
+    if m.clip_g and arch == "flux":
+        raise ConfigError("model.clip_g", f"model.clip_g = {m.clip_g!r}: FLUX.1 has no CLIP-G text encoder (it "
+                                          "takes clip_l, t5xxl and vae): clear clip_g")
+    for f in given.keys() - {"t5_tokenizer"}:
+        try:
+            flow_parts.part_source(PART_OF[f], Path(given[f]).expanduser(), arch)
+        except (single_file.CheckpointError, OSError) as e:
+            raise ConfigError(f"model.{f}", f"model.{f} = {given[f]!r}: {str(e).removeprefix(PART_OF[f] + ': ')}")
+    _check_parts_fit(m, arch, path)
+
+
+def _check_parts_fit(m: ModelConfig, arch: str, path: Path) -> None:
+    try:
+        shapes = single_file.read_safetensors_shapes(path)
+    except (single_file.CheckpointError, OSError):
+        return  # the loader names what is wrong with the base itself
+    parts = flow_parts.parts_of(m)
+    if missing := flow_parts.missing_parts(arch, path, shapes, set(parts.given())):
+        fields_ = [f"model.{flow_parts.CONFIG_FIELDS[p]}" for p in missing]
+        what, them = "; ".join(flow_parts.PART_NAMES[p] for p in missing), "it" if len(missing) == 1 else "them"
+        raise ConfigError(fields_[0], f"{', '.join(fields_)}: not set, and {path.name} is a "
+                                      f"{flow_parts.FAMILY_NAMES[arch]} transformer without {what}; set {them} to "
+                                      "the files beside it (as ComfyUI keeps them), or use a checkpoint that "
+                                      "includes them")
+    try:
+        flow_parts.locate(arch, path, shapes, parts)
+    except single_file.CheckpointError as e:  # a part that does not fit this transformer (its widths)
+        text = str(e)
+        part = next((p for p in ("clip_l + clip_g", *flow_parts.CONFIG_FIELDS) if text.startswith(p)), "")
+        field_ = {"clip_l + clip_g": "clip_g"}.get(part, flow_parts.CONFIG_FIELDS.get(part, ""))
+        raise ConfigError(f"model.{field_}" if field_ else "model.pretrained_model_name_or_path",
+                          text.removeprefix(f"{part}: ") if part in flow_parts.CONFIG_FIELDS else text) from None
+
+
+def _check_tokenizer(given: str) -> None:
+    place = Path(given).expanduser()
+    if place.is_file() or place.is_dir() and any(place.glob("tokenizer*")):
+        return
+    raise ConfigError("model.t5_tokenizer", f"model.t5_tokenizer = {given!r}: " + (
+        "a folder without tokenizer.json" if place.is_dir() else "no such file or folder") +
+        " (give the T5-XXL tokenizer folder of google/t5-v1_1-xxl, or its tokenizer.json)")
 
 
 def _check_validation(cfg: TrainConfig) -> None:
@@ -622,6 +701,7 @@ def import_kohya(source) -> tuple[dict, list[str]]:
         out["attention"] = "xformers"
     if "pretrained_model_name_or_path" in flat:
         out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
+    warnings += _kohya_parts(flat, out.get("pretrained_model_name_or_path", ""))
     for key, value in flat.items():
         if key in SECTION_OF:
             out[key] = value
@@ -632,3 +712,18 @@ def import_kohya(source) -> tuple[dict, list[str]]:
     if isinstance(out.get("resolution"), str):  # kohya writes "512" or "512,768"
         out["resolution"] = max(int(v) for v in out["resolution"].split(","))
     return out, warnings
+
+
+def _kohya_parts(flat: dict, base: str) -> list[str]:
+    """kohya's clip_l / clip_g / t5xxl / ae (FLUX.1) / vae (SD 3) files, kept for an SD 3.5 / FLUX.1 base; with an
+    SD 1.x / 2.x / SDXL base (where kohya's vae replaces the checkpoint's) they are dropped, with a warning."""
+    if "ae" in flat:
+        flat["vae"] = flat.pop("ae")
+    try:
+        flow = single_file.family_of(base) in FLOW_FAMILIES if base else False
+    except (single_file.CheckpointError, OSError):
+        flow = False
+    if flow:
+        return []
+    return [f"{key}: a separate {key} file is read for SD 3.5 / FLUX.1 transformer files only; ignored"
+            for key in PART_FIELDS if flat.pop(key, None) is not None]

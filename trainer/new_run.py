@@ -18,7 +18,9 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
     images = Path(images)
     if not images.is_dir():
         raise SystemExit(f"--images {images}: not a folder")
-    layer = {"model": {"pretrained_model_name_or_path": str(base)}}
+    local = str(base) != "demo" and Path(base).expanduser().exists()  # absolute: the run may resume from elsewhere
+    base = str(Path(base).expanduser().resolve()) if local else str(base)
+    layer = {"model": {"pretrained_model_name_or_path": base}}
     cfg = config.build(preset, family_of(base), layer, config.parse_overrides(overrides))  # before writing anything
     results: list[dataset_folder.AddResult] = []
 

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler
 from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
 from trainer.events import EventWriter
+from trainer.flow_parts import parts_of
 from trainer.loading import FLOW_ARCHES, BaseModel, load_base
 from trainer.loss import DenoisingLoss, FlowMatchingLoss
 from trainer.networks import create as create_network
@@ -175,7 +176,7 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
     m = cfg.model
     events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
-    base = load_base(m.pretrained_model_name_or_path, m.prediction_type)
+    base = load_base(m.pretrained_model_name_or_path, m.prediction_type, parts=parts_of(m))
     flow_family, flow_base = cfg.family in FLOW_ARCHES, base.arch in FLOW_ARCHES
     if flow_family != flow_base or flow_base and cfg.family != base.arch:
         from trainer.loading import ARCH_NAMES
