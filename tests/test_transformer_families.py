@@ -253,8 +253,11 @@ def test_they_train_with_their_own_family_and_the_linear_methods(flow, tiny_mode
     with pytest.raises(config.ConfigError, match=rf"locon adapts 3x3 convs, and {re.escape(name)}'s transformer") as e:
         config.build("character", arch, {"network_type": "locon", "conv_dim": 8})
     assert e.value.field == "network.network_type"
-    with pytest.raises(config.ConfigError, match=rf"preset 'style' has no {re.escape(name)} variant yet"):
-        config.build("style", arch)
+    for preset, method in (("style", "lora"), ("scene", "lora"), ("lokr", "lokr")):  # every preset has the family's
+        cfg = config.build(preset, arch)
+        assert (cfg.family, cfg.network.network_type, cfg.network.conv_dim, cfg.data.resolution) == (
+            arch, method, 0, 1024)
+        assert cfg.optimizer.unet_lr <= 3e-4 and cfg.training.min_snr_gamma == 0 and cfg.model.gradient_checkpointing
     with pytest.raises(config.ConfigError, match=rf"is not {re.escape(name)}$"):
         config.build("character", arch, {"pretrained_model_name_or_path": str(tiny_models["sdxl"][1])})
 

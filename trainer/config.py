@@ -29,8 +29,8 @@ ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for the
 # the methods trained and tested on their transformers' Linears: every one but LoCon (3x3 convs: they have none)
 FLOW_METHODS = tuple(m for m in methods.NAMES if methods.CATALOG[m].convs != "required")
 NOT_TRAINED = ("SD 3.5 / FLUX.1 train the transformer's Linears with every method but LoCon (LoRA-form files for "
-               "lora, rslora, lora_fa, vera, adalora and LoRA+; LyCORIS files for loha, lokr, dora; the character "
-               "preset's variant); not built for them yet (issue #17): text-encoder LoRA, the other presets, "
+               "lora, rslora, lora_fa, vera, adalora and LoRA+; LyCORIS files for loha, lokr, dora; every preset "
+               "has their variant); not built for them yet (issue #17): text-encoder LoRA, "
                "min-SNR / noise offset, NF4 and pruning")
 
 
