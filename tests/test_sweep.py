@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.test_flow_training import FLOW_TINY, flow  # noqa: F401 (flow: the tiny FLUX.1 / SD 3.5 models)
 from tests.test_training import TINY, draw_dataset
 from trainer import config, sweep, sweep_space, validation
 from trainer.config import ConfigError
@@ -103,6 +104,22 @@ def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_pat
     for kind in ("lora", "lokr"):
         t = next(t for t in state["trials"] if t["params"] == {"network_type": kind, "unet_lr": 5e-4})
         print(f"{kind}: largest difference from alone {assert_same_as_alone(folder / t['name'], tmp_path / kind):.3g}")
+
+
+def test_flux_trials_share_the_transformer_forward_and_equal_their_runs_alone(flow, tmp_path):
+    """The same engine on FLUX.1's transformer: routed Linears, the flow-matching loss drawn as alone, held-out σ."""
+    data = draw_dataset(tmp_path / "pictures")
+    cfg = config.build("character", "flux", TINY, FLOW_TINY, BASE, {
+        "pretrained_model_name_or_path": str(flow["flux"]["folder"]), "train_data_dir": str(data)})
+    config.save(cfg, tmp_path / "base.toml")
+    folder = sweep.create(tmp_path / "runs", tmp_path / "base.toml", {"network_type": {"values": ["lora", "lokr"]}},
+                          "grid", name="flux")
+    assert train_sweep(folder, StopFlag()) == "done"
+    state = sweep.read(folder)
+    assert [t["group"] for t in state["trials"]] == ["shared"] * 2 and all(t["value"] for t in state["trials"])
+    for t in state["trials"]:
+        print(f"flux {t['params']['network_type']}: largest difference from alone "
+              f"{assert_same_as_alone(folder / t['name'], tmp_path / t['name']):.3g}")
 
 
 def test_trials_that_cannot_share_a_forward_train_alone_on_the_same_base(tiny_models, tmp_path):

@@ -44,9 +44,14 @@ class BaseModel:
         return self.pipeline.unet
 
     @property
+    def denoiser_name(self) -> str:
+        """The pipeline's component that denoises, as the adapter's targets name it."""
+        return "transformer" if self.arch in FLOW_ARCHES else "unet"
+
+    @property
     def denoiser(self):
         """The UNet (SD 1/2/XL) or the transformer (SD 3.5, FLUX.1)."""
-        return self.pipeline.transformer if self.arch in FLOW_ARCHES else self.pipeline.unet
+        return getattr(self.pipeline, self.denoiser_name)
 
     @property
     def vae(self):

@@ -26,14 +26,18 @@ class DenoisingLoss:
 
     def __call__(self, unet, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
         """Mean loss of one batch: noise the latents at random timesteps and score the UNet's prediction."""
+        noise, timesteps = self.draw(latents, generator)
+        return self.reduce(self.per_sample(unet, latents, noise, timesteps, hidden, added_cond), timesteps)
+
+    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's noise (with the offset) and timesteps, in the order every caller draws them."""
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         if self.noise_offset:
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
             noise = noise + self.noise_offset * offset.to(latents.device)
         steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (b,), generator=generator).to(latents.device)
-        return self.reduce(self.per_sample(unet, latents, noise, timesteps, hidden, added_cond), timesteps)
+        return noise, torch.randint(0, steps, (b,), generator=generator).to(latents.device)
 
     def reduce(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The batch's loss from its samples' MSE (min-SNR weighted when asked); checked to be finite."""
@@ -104,11 +108,14 @@ class FlowMatchingLoss:
 
     def __call__(self, model, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
         """Mean loss of one batch: latents moved along the straight path to noise at logit-normal σ."""
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        u = torch.sigmoid(torch.randn(b, generator=generator) * self.logit_std + self.logit_mean)
-        sigmas = self.shifted(u, latents.shape[-2] * latents.shape[-1] // 4).to(latents.device)
+        noise, sigmas = self.draw(latents, generator)
         return self.reduce(self.per_sample(model, latents, noise, sigmas, hidden, added_cond), sigmas)
+
+    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's noise and shifted σ, in the order every caller draws them."""
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        u = torch.sigmoid(torch.randn(latents.shape[0], generator=generator) * self.logit_std + self.logit_mean)
+        return noise, self.shifted(u, latents.shape[-2] * latents.shape[-1] // 4).to(latents.device)
 
     def shifted(self, u: torch.Tensor, image_tokens: int) -> torch.Tensor:
         """σ from u in (0, 1): the family's shift; `image_tokens` = (h/2)·(w/2) latent patches."""

@@ -1,5 +1,5 @@
 """Trials trained together on one loaded base (issue #16), as mLoRA does: the trials' batches are stacked into one
-forward of the frozen UNet, and each sample goes through its own trial's adapter.
+forward of the frozen UNet (SD 3.5 / FLUX.1: transformer), and each sample goes through its own trial's adapter.
 
 How a sample is routed. Every trial gets its own structural copy of the UNet (and of the text encoders it trains):
 `shared_copy` copies the module tree but not one weight, so a copy costs Python objects, not memory. The trial's
@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,7 +71,7 @@ def shared_copy(module: nn.Module) -> nn.Module:
 def trial_base(base, train_te: bool):
     """The base as one trial sees it: its own UNet tree (and text-encoder trees if it trains them), shared weights."""
     pipe = copy.copy(base.pipeline)
-    object.__setattr__(pipe, "unet", shared_copy(base.unet))
+    object.__setattr__(pipe, base.denoiser_name, shared_copy(base.denoiser))
     for name in ("text_encoder", "text_encoder_2") if train_te else ():
         if getattr(base.pipeline, name, None) is not None:
             object.__setattr__(pipe, name, shared_copy(getattr(base.pipeline, name)))
@@ -146,22 +147,23 @@ def lora_added(layer, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (base_out + lora_b(lora_a(layer.lora_dropout[ADAPTER](x))) * layer.scaling[ADAPTER]).to(base_out.dtype)
 
 
-def install(unet: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:
-    """Routers at every module any trial adapts (trial key = its index in `runs`); returns the undo."""
+def install(denoiser: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:
+    """Routers at every module of the UNet / transformer any trial adapts (trial key = its index in `runs`);
+    returns the undo."""
     routers: dict[str, Router] = {}
     for key, run in enumerate(runs):
         for target in run.net.targets.values():
-            if target.component != "unet":
+            if target.component != run.base.denoiser_name:
                 continue
             if target.path not in routers:
-                routers[target.path] = Router(unet.get_submodule(target.path), plan)
-            routers[target.path].layers[key] = run.base.unet.get_submodule(target.path)
+                routers[target.path] = Router(denoiser.get_submodule(target.path), plan)
+            routers[target.path].layers[key] = run.base.denoiser.get_submodule(target.path)
     for path, router in routers.items():
-        set_submodule(unet, path, router)
+        set_submodule(denoiser, path, router)
 
     def undo() -> None:
         for path, router in routers.items():
-            set_submodule(unet, path, router.base)
+            set_submodule(denoiser, path, router.base)
 
     return undo
 
@@ -169,19 +171,6 @@ def install(unet: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-# --- the loss, split around the shared forward ---
-
-def draw_noise(loss_fn, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise and timesteps `DenoisingLoss.__call__` draws for a batch, drawn in the same order."""
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
-    if loss_fn.noise_offset:
-        offset = torch.randn((b, latents.shape[1], 1, 1), dtype=latents.dtype)
-        noise = noise + loss_fn.noise_offset * offset.to(latents.device)
-    timesteps = torch.randint(0, loss_fn.scheduler.config.num_train_timesteps, (b,)).to(latents.device)
-    return noise, timesteps
 
 
 # --- the loop ---
@@ -211,36 +200,38 @@ class Work:
 class Group:
     """Trials that share each forward of one base UNet (a group of one is a trial trained on its own)."""
 
-    unet: nn.Module  # the loaded base's UNet, where the routers go
+    denoiser: nn.Module  # the loaded base's UNet / transformer, where the routers go
     acc: object
     cursors: list[Cursor]
     plan: Plan = field(default_factory=Plan)
 
-    def losses(self, works: list[Work]) -> list[torch.Tensor]:
-        """Each trial's per-sample MSE of its batch; each sample through its own trial's adapter."""
-        return self.routed([(w.cursor, (w.batch.latents, w.noise, w.timesteps, w.batch.hidden, w.batch.added_cond))
-                            for w in works])
+    @contextmanager
+    def routing(self, part: list[tuple[Cursor, tuple]]):
+        """The plan for a forward of these (trial, inputs), one after another. It must hold through the backward
+        too: gradient checkpointing runs the forward again there."""
+        keys = {id(c): k for k, c in enumerate(self.cursors)}
+        ends = list(itertools.accumulate(len(inputs[0]) for _, inputs in part))
+        self.plan.spans = [(keys[id(c)], end - len(inputs[0]), end) for (c, inputs), end in zip(part, ends)]
+        try:
+            yield
+        finally:
+            self.plan.spans = []
+
+    def forward(self, part: list[tuple[Cursor, tuple]]) -> list[torch.Tensor]:
+        """Inside `routing(part)`: each trial's per-sample loss of its (latents, noise, points, hidden, added),
+        from one forward of the stacked inputs, each sample through its own trial's adapter."""
+        with self.acc.autocast():
+            per = part[0][0].run.loss_fn.per_sample(self.denoiser, *stacked([inputs for _, inputs in part]))
+        return [per[a:b] for _, a, b in self.plan.spans]
 
     def routed(self, items: list[tuple[Cursor, tuple]]) -> list[torch.Tensor]:
-        """The per-sample loss of each (trial, (latents, noise, timesteps, hidden, added)), from one forward per
-        latent shape (inputs of different buckets cannot stack)."""
-        keys = {id(c): k for k, c in enumerate(self.cursors)}
+        """`forward` over items of any shapes: one forward per shape."""
         out: list = [None] * len(items)
-        shapes: dict = {}
-        for j, (_, (latents, _, _, hidden, _)) in enumerate(items):
-            shapes.setdefault((tuple(latents.shape[1:]), tuple(hidden.shape[1:])), []).append(j)
-        for members in shapes.values():
+        for members in by_shape(items):
             part = [items[j] for j in members]
-            ends = list(itertools.accumulate(len(inputs[0]) for _, inputs in part))
-            spans = [(keys[id(c)], end - len(inputs[0]), end) for (c, inputs), end in zip(part, ends)]
-            self.plan.spans = spans
-            try:
-                with self.acc.autocast():
-                    per = part[0][0].run.loss_fn.per_sample(self.unet, *stacked([inputs for _, inputs in part]))
-            finally:
-                self.plan.spans = []
-            for j, (_, a, b) in zip(members, spans):
-                out[j] = per[a:b]
+            with self.routing(part):
+                for j, per in zip(members, self.forward(part)):
+                    out[j] = per
         return out
 
     def measure_held_out(self, cursors: list[Cursor]) -> None:
@@ -251,13 +242,21 @@ class Group:
         if len(runs) < 2 or len({len(r.held_out.latents) for r in runs}) > 1:
             return
         by_run = {id(c.run): c for c in cursors}
-        roots = [self.unet, *(m for r in runs for m in r.net.torch_modules())]
+        roots = [self.denoiser, *(m for r in runs for m in r.net.torch_modules())]
         with eval_mode(roots), torch.no_grad():
             losses = [[per.mean().item() for per in self.routed([(by_run[id(r)], r.held_out.inputs(r, j))
                                                                  for r in runs])]
                       for j in range(len(runs[0].held_out.latents))]
         for i, r in enumerate(runs):
             r.held_out.known = (r.progress.step, sum(row[i] for row in losses) / len(losses))
+
+
+def by_shape(items: list[tuple[Cursor, tuple]]) -> list[list[int]]:
+    """The items' indices grouped by latent and text shape: inputs of different buckets cannot stack."""
+    shapes: dict = {}
+    for j, (_, (latents, _, _, hidden, _)) in enumerate(items):
+        shapes.setdefault((tuple(latents.shape[1:]), tuple(hidden.shape[1:])), []).append(j)
+    return list(shapes.values())
 
 
 def stacked(parts: list[tuple]) -> tuple:
@@ -279,25 +278,34 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
     settle(group.cursors)
     judge(group.cursors)  # a resumed sweep first judges the checkpoints reached before it stopped
     while active := [c for c in group.cursors if c.state == "training"]:
-        works = [draw(c) for c in active]
-        total = 0.0
-        for w, per_sample in zip(works, group.losses(works)):
-            c = w.cursor
-            try:
-                loss = c.run.loss_fn.reduce(per_sample, w.timesteps)
-            except TrainingError as e:  # this trial's loss broke: it fails, the others go on
-                fail(c, e)
-                continue
-            c.meter.add(loss.item())
-            total = total + (loss + c.run.net.regularization()) / c.run.schedule.accumulation
-        if isinstance(total, torch.Tensor):
-            group.acc.backward(total)
+        fused_step(group, [draw(c) for c in active])
         stepped = [c for c in active if c.state == "training" and step_optimizer(c)]
         group.measure_held_out([c for c in stepped if held_out_due(c)])
         for c in stepped:
             after_step(c, stop)
         settle(active)
         judge(group.cursors)
+
+
+def fused_step(group: Group, works: list[Work]) -> None:
+    """Forward and backward of the trials' batches, one stacked forward per shape; a trial whose loss breaks
+    fails, the others go on."""
+    items = [(w.cursor, (w.batch.latents, w.noise, w.timesteps, w.batch.hidden, w.batch.added_cond)) for w in works]
+    for members in by_shape(items):
+        part = [items[j] for j in members]
+        with group.routing(part):
+            total = 0.0
+            for j, per_sample in zip(members, group.forward(part)):
+                c = works[j].cursor
+                try:
+                    loss = c.run.loss_fn.reduce(per_sample, works[j].timesteps)
+                except TrainingError as e:
+                    fail(c, e)
+                    continue
+                c.meter.add(loss.item())
+                total = total + (loss + c.run.net.regularization()) / c.run.schedule.accumulation
+            if isinstance(total, torch.Tensor):
+                group.acc.backward(total)
 
 
 def settle(cursors: list[Cursor]) -> None:
@@ -323,7 +331,7 @@ def draw(c: Cursor) -> Work:
     """The trial's next batch, augmented and noised from its own position's random stream, as alone."""
     run, i = c.run, c.run.progress.batch
     batch = make_batch(run, c.batches[i], position_rng(run, c.epoch, i))
-    return Work(c, batch, *draw_noise(run.loss_fn, batch.latents))
+    return Work(c, batch, *run.loss_fn.draw(batch.latents))  # the noise and points the single loop's loss draws
 
 
 def step_optimizer(c: Cursor) -> bool:

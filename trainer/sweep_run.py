@@ -72,8 +72,8 @@ def train_round(folder: Path, state: dict, study, todo: list[dict], loaded: Load
             cursors.append(Cursor(t["name"], trial_run(config.load(run_dir.config), run_dir.path, loaded)))
         judge = Judge(state, study)
         for members in groups(cursors, todo, events):
-            group = Group(loaded.base.unet, loaded.acc, members)
-            undo = install(loaded.base.unet, [c.run for c in members], group.plan)
+            group = Group(loaded.base.denoiser, loaded.acc, members)
+            undo = install(loaded.base.denoiser, [c.run for c in members], group.plan)
             try:
                 train_group(group, stop, judge)
             finally:
