@@ -222,13 +222,30 @@ def test_a_script_sweeps_a_runs_settings(served, tiny_models, tmp_path):
                             ({"space": {"resolution": [64, 128]}}, "data.resolution cannot vary"),
                             ({"space": {"unet_lr": "1e-4:1e-3"}, "search": "tpe"}, "needs --trials N"),
                             ({"space": {"unet_lr": [1e-4]}, "run_id": "../base"}, "must be a plain name"),
-                            ({"space": {"unet_lr": [1e-4]}, "run_id": None}, "run_id: name the run")):
+                            ({"space": {"unet_lr": [1e-4]}, "run_id": None}, "run_id / images: give the run")):
         with pytest.raises(Exception, match=message):
             client.predict(**({"run_id": "base"} | held_out | kwargs), api_name="/sweep_start")
+    from gradio_client import handle_file
+
+    images = [handle_file(str(p)) for p in sorted(pictures.iterdir())]
+    with pytest.raises(Exception, match="not both"):
+        client.predict(images=images, run_id="base", space={"unet_lr": [1e-4]}, api_name="/sweep_start")
+    tiny = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "num_repeats": 1, "max_train_epochs": 1,
+            "train_batch_size": 2, "network_dim": 4, "sample_every_n_epochs": 0, "text_encoder_lr": 0}
+    pictured = client.predict(images=images, base=str(tiny_models["sd1"][1]), trigger="zxq", space={
+        "network_alpha": [1, 2]}, settings=tiny | held_out["settings"], api_name="/sweep_start")
+    assert pictured["added"] == 6 and pictured["skipped"] == [] and pictured["trials_wanted"] == 2
+    folder = runs / pictured["sweep_id"]
+    assert sorted(p.name for p in (folder / "dataset").iterdir()) == sorted(p.name for p in pictures.iterdir())
+    assert (folder / "dataset" / "img0.txt").read_text().startswith("zxq, ")  # the trigger, as create_run puts it
+    pictured_cfg = config.load(folder / "base.toml")
+    assert (pictured_cfg.data.resolution, pictured_cfg.data.validation_split) == (64, 0.34)
+    assert client.predict(sweep_id=pictured["sweep_id"], api_name="/sweep_cancel")["state"] in (
+        "cancelled", "running")  # queued: cancelled at once; running: SIGTERM, it stops at its next step
     started = client.predict(settings={"validation_split": 0.34, "validation_every_n_steps": 1},
                              space={"unet_lr": [1e-4, 1e-3]}, run_id="base", api_name="/sweep_start")
     assert started["state"] in ("queued", "running") and started["trials_wanted"] == 2
-    deadline = time.time() + 90
+    deadline = time.time() + 150
     while (status := client.predict(sweep_id=started["sweep_id"], api_name="/sweep_status"))["state"] in (
             "queued", "running"):
         assert time.time() < deadline, status

@@ -69,6 +69,24 @@ def path_of(upload) -> Path:
     return Path(upload["path"] if isinstance(upload, dict) else upload.path)
 
 
+def from_pictures(folder: Path, images, preset: str, base: str, settings, trigger: str) -> tuple:
+    """(the run config, what was imported) for pictures put into `folder` with a preset, base and settings."""
+    preset, settings = checked_preset(preset), checked_settings(settings)
+    result = dataset_folder.add_files([path_of(f) for f in images or []], folder)
+    if not result.added:
+        raise gr.Error("no readable pictures: " + "; ".join(f"{n}: {r}" for n, r in result.skipped))
+    if trigger:
+        dataset_folder.apply_trigger(folder, trigger)
+    try:
+        layer = settings | {"pretrained_model_name_or_path": base, "trigger_word": trigger,
+                            "train_data_dir": str(folder)}
+        cfg = config.build(preset, family_of(base), layer)
+    except config.ConfigError as e:
+        raise gr.Error(str(e)) from None
+    return cfg, {"added": len(result.added), "skipped": [list(s) for s in result.skipped],
+                 "notes": [list(n) for n in result.notes]}
+
+
 def register(jobs: JobManager, compares: CompareManager, sweeps: SweepManager) -> None:
     """Add the endpoints to the Blocks being built."""
 
@@ -77,24 +95,9 @@ def register(jobs: JobManager, compares: CompareManager, sweeps: SweepManager) -
         """Make a run from pictures (with .txt captions alongside, optional), a preset, a base model and
         settings by kohya name ({"network_dim": 8, ...}); it is queued at once. Returns its status, with how many
         pictures were added and which files were skipped (name, reason) or cut (notes)."""
-        preset, settings = checked_preset(preset), checked_settings(settings)
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            result = dataset_folder.add_files([Path(f["path"] if isinstance(f, dict) else f.path) for f in images],
-                                              folder)
-            if not result.added:
-                raise gr.Error("no readable pictures: " + "; ".join(f"{n}: {r}" for n, r in result.skipped))
-            if trigger:
-                dataset_folder.apply_trigger(folder, trigger)
-            try:
-                layer = settings | {"pretrained_model_name_or_path": base, "trigger_word": trigger,
-                                    "train_data_dir": str(folder)}
-                cfg = config.build(preset, family_of(base), layer)
-            except config.ConfigError as e:
-                raise gr.Error(str(e)) from None
-            imported = {"added": len(result.added), "skipped": [list(s) for s in result.skipped],
-                        "notes": [list(n) for n in result.notes]}
-            return status(jobs.create(cfg, folder).run_id) | imported
+            cfg, imported = from_pictures(Path(tmp), images, preset, base, settings, trigger)
+            return status(jobs.create(cfg, Path(tmp)).run_id) | imported
 
     def run_of(run_id) -> str:
         """`run_id` if it names a run in the runs folder; else the error a script sees."""
@@ -191,18 +194,32 @@ def register_compares(jobs: JobManager, compares: CompareManager, run_of) -> Non
 
 def register_sweeps(jobs: JobManager, sweeps: SweepManager, run_of) -> None:
     def sweep_start(settings: dict | None = None, space: dict | None = None, search: str = "grid", trials: int = 0,
-                    parallel: int = 0, prune: str = "none", run_id: str | None = None) -> dict:
-        """A sweep (issue #16) from a run: `run_id`'s config and pictures, with `settings` by kohya name on top,
-        over `space` {field: [v1, v2] or "low:high[:log]"}; search grid | random | tpe (random and tpe take
-        `trials`), `parallel` trials trained together (0 = all), prune none | halving | median. It is queued at
-        once; returns sweep_status. Errors name the field."""
-        if not run_id:
-            raise gr.Error("run_id: name the run whose config and pictures the sweep starts from (/list_runs)")
+                    parallel: int = 0, prune: str = "none", run_id: str | None = None,
+                    images: list[FileData] | None = None, preset: str = "character", base: str = "demo",
+                    trigger: str = "") -> dict:
+        """A sweep (issue #16) from a run, `run_id`'s config and pictures, or from `images` with a preset and base as
+        create_run takes them; `settings` by kohya name on top, over `space` {field: [v1, v2] or
+        "low:high[:log]"}; search grid | random | tpe (random and tpe take `trials`), `parallel` trials trained
+        together (0 = all), prune none | halving | median. It is queued at once; returns sweep_status (with what
+        was imported, from images). Errors name the field."""
+        if bool(run_id) == bool(images):
+            raise gr.Error("run_id / images: give the run whose config and pictures the sweep starts from "
+                           "(/list_runs), or pictures with a preset and base, not both")
+        if images:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg, imported = from_pictures(Path(tmp), images, preset, base, None, trigger)
+                return queue_sweep(cfg, Path(tmp), settings, space, search, trials, parallel, prune) | imported
         run = jobs.run_dir(run_of(run_id))
         try:
-            cfg = config.from_dict(config.deep_merge(config.to_dict(config.load(run.config)),
-                                                     checked_settings(settings)))
-            info = sweeps.create(cfg, run.dataset, api_space(space), search, trials, parallel, prune)
+            cfg = config.load(run.config)
+        except (config.ConfigError, OSError) as e:
+            raise gr.Error(str(e)) from None
+        return queue_sweep(cfg, run.dataset, settings, space, search, trials, parallel, prune)
+
+    def queue_sweep(cfg, pictures: Path, settings, space, search, trials, parallel, prune) -> dict:
+        try:
+            cfg = config.from_dict(config.deep_merge(config.to_dict(cfg), checked_settings(settings)))
+            info = sweeps.create(cfg, pictures, api_space(space), search, trials, parallel, prune)
         except (config.ConfigError, ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
         return sweep_status(info.sweep_id)
