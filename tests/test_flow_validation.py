@@ -5,10 +5,8 @@ new` training a FLUX.1 folder and an SD 3.5 single file, all on the tiny models.
 from __future__ import annotations
 
 import math
-import signal
 import subprocess
 import sys
-import time
 from statistics import NormalDist
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from tests.test_flow_training import FAMILIES, make_flow_run
-from tests.test_training import ROOT, draw_dataset, losses, worker
+from tests.test_training import ROOT, cut_after_a_state, draw_dataset, losses, worker
 from tests.test_validation import held_out_events, spy  # noqa: F401  (spy: a fixture)
 from tests.tiny_models import flow_layouts
 from trainer import config, validation
@@ -115,17 +113,7 @@ def test_a_flux_worker_cut_by_sigterm_resumes_to_the_same_losses(flow, tmp_path)
     assert sorted(reference) == list(range(1, 9))
 
     run_dir, _ = make_flow_run(tmp_path / "cut", "flux", flow["flux"]["folder"], SPLIT, layer)
-    proc = worker(run_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(e["type"] == "checkpoint" and "state" in e["path"]
-                                             for e in read_all(run_dir)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 3, out
-    events = read_all(run_dir)
-    assert events[-1]["type"] == "cancelled"
-    cut_at = events[-1]["step"]
+    cut_at = cut_after_a_state(run_dir)
     assert 2 <= cut_at < 8, cut_at
 
     proc = worker(run_dir)

@@ -204,14 +204,9 @@ def worker(run_dir: Path, *launcher: str) -> subprocess.Popen:
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
-@pytest.mark.slow
-def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
-    layer = {"training": {"max_train_epochs": 4, "save_every_n_steps": 2, "save_every_n_epochs": 1}}
-    alone, _ = make_run(tmp_path / "alone", tiny_models["sd1"][1], layer)
-    assert train_run(alone) is not None
-    reference = losses(alone)
-
-    run_dir, _ = make_run(tmp_path / "cut", tiny_models["sd1"][1], layer)
+def cut_after_a_state(run_dir: Path) -> int:
+    """`python -m trainer RUN_DIR` sent SIGTERM once it has saved a resumable state: it exits 3 with a cancelled
+    event; returns the step it stopped at."""
     proc = worker(run_dir)
     deadline = time.time() + 120
     while time.time() < deadline and not any(e["type"] == "checkpoint" and "state" in e["path"]
@@ -222,7 +217,18 @@ def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
     assert proc.returncode == 3, out
     events = read_all(run_dir)
     assert events[-1]["type"] == "cancelled"
-    cut_at = events[-1]["step"]
+    return events[-1]["step"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
+    layer = {"training": {"max_train_epochs": 4, "save_every_n_steps": 2, "save_every_n_epochs": 1}}
+    alone, _ = make_run(tmp_path / "alone", tiny_models["sd1"][1], layer)
+    assert train_run(alone) is not None
+    reference = losses(alone)
+
+    run_dir, _ = make_run(tmp_path / "cut", tiny_models["sd1"][1], layer)
+    cut_at = cut_after_a_state(run_dir)
     assert cut_at < len(reference)
     files_before = {p: p.stat().st_mtime_ns for p in (run_dir / "output").glob("*.safetensors")}
 
@@ -237,8 +243,8 @@ def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
         assert p.stat().st_mtime_ns == mtime, f"{p.name} was overwritten"
 
     killed, _ = make_run(tmp_path / "killed", tiny_models["sd1"][1], layer)  # kill -9: no chance to save
-    proc = worker(killed)
-    while time.time() < deadline + 120 and max(losses(killed), default=0) < 5:
+    proc, deadline = worker(killed), time.time() + 240
+    while time.time() < deadline and max(losses(killed), default=0) < 5:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
