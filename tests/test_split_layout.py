@@ -182,3 +182,63 @@ def test_cli_names_a_missing_part_before_making_a_run(flow, tmp_path):
                  "--runs-dir", str(tmp_path / "runs")], tmp_path)
     assert r.returncode == 2 and "python -m trainer new: model.t5xxl: not set" in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def comfy_folder(files: dict[str, Path], root: Path) -> Path:
+    """models/unet/flux1-dev.safetensors with clip_l, t5xxl_fp16 and ae beside it, as ComfyUI users keep them."""
+    unet = root / "models" / "unet"
+    unet.mkdir(parents=True)
+    for part, name in (("transformer", "flux1-dev"), ("clip_l", "clip_l"), ("t5", "t5xxl_fp16"), ("vae", "ae")):
+        shutil.copy(files[part], unet / f"{name}.safetensors")
+    return unet / "flux1-dev.safetensors"
+
+
+def test_train_tab_shows_the_parts_for_a_flow_file_prefilled_from_beside_it(flow, tiny_models, tmp_path):
+    from ui import train_tab
+
+    base = comfy_folder(flow["flux"], tmp_path)
+    assert [label for label, _ in train_tab.base_model_choices(base.parent)][1:] == ["flux1-dev.safetensors"]
+    group, note, clip_g = train_tab.on_base_parts(str(base))
+    assert group["visible"] is True and clip_g["visible"] is False  # FLUX.1 has no CLIP-G
+    assert note.startswith("**flux1-dev.safetensors** is a FLUX.1 transformer without the CLIP-L text encoder") and \
+        "Found beside it: clip_l, t5xxl, vae." in note, note
+    form = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_preset("character", str(base)))))
+    assert {n: form[n] for n in train_tab.PART_FIELDS} == {
+        "clip_l": str(base.parent / "clip_l.safetensors"), "clip_g": "",
+        "t5xxl": str(base.parent / "t5xxl_fp16.safetensors"), "vae": str(base.parent / "ae.safetensors"),
+        "t5_tokenizer": ""}
+    assert form["sample_sampler"] == "euler" and form["resolution"] == 1024  # the preset's flux variant
+    typed = ["/my/clip_l.safetensors", "", "/my/t5.safetensors", "/my/ae.safetensors", "/my/tok"]
+    kept = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_preset("style", str(base), *typed))))
+    assert [kept[n] for n in train_tab.PART_FIELDS] == typed  # a new preset keeps what was typed
+    group, note, clip_g = train_tab.on_base_parts(str(flow["sd3"]["single"]))
+    assert group["visible"] and clip_g["visible"] and "holds every part of SD 3.5" in note
+    for other in (str(tiny_models["sdxl"][1]), "demo", str(flow["flux"]["folder"])):
+        assert train_tab.on_base_parts(other)[0]["visible"] is False
+        assert train_tab.guess_parts(other) == dict.fromkeys(train_tab.PART_FIELDS, "")
+
+
+def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path):
+    from tests.test_jobs import fake_worker
+    from ui import train_tab
+    from ui.jobs import JobManager
+
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    jobs.tick = lambda: None
+    files, n = flow["flux"], len(train_tab.FIELDS)
+    base = str(files["transformer"])  # nothing beside it under the usual names
+    form = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_preset("character", base))))
+    folder = str(draw_dataset(tmp_path / "pictures", n=2))
+    out = train_tab.on_train(jobs, base, "character", folder, "", *(form | {"clip_l": str(files["clip_l"]),
+                                                                           "vae": str(files["vae"])}).values())
+    t5 = train_tab.FIELDS.index("t5xxl")
+    assert out[n].startswith("⚠ model.t5xxl: not set, and flux-transformer.safetensors is a FLUX.1 transformer "
+                             "without the T5-XXL text encoder"), out[n]
+    assert out[t5]["elem_classes"] == ["field-error"] and out[train_tab.FIELDS.index("vae")]["elem_classes"] == []
+    assert jobs.runs() == []  # no run was made
+    parts = {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5"]), "vae": str(files["vae"]),
+             "t5_tokenizer": str(files["t5_tokenizer"])}
+    good = train_tab.on_train(jobs, base, "character", folder, "", *(form | parts).values())
+    assert good[n].startswith("Queued **"), good[n]
+    m = config.load(jobs.run_dir(good[n + 2]).config).model
+    assert (m.clip_l, m.t5xxl, m.vae, m.t5_tokenizer) == tuple(parts.values())

@@ -83,8 +83,11 @@ def bind_dataset(ds, train, dataset_dir) -> None:
 
 def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> None:
     refill = [*train.form(), train.preset_info]
-    for event in (train.preset.change, train.base.change, demo.load):
+    parts = [train.fields[name] for name in train_tab.PART_FIELDS]
+    train.preset.change(train_tab.on_preset, [train.preset, train.base, *parts], refill)  # keeps the parts typed
+    for event in (train.base.change, demo.load):  # a new base: its parts pre-filled from beside it
         event(train_tab.on_preset, [train.preset, train.base], refill)
+        event(train_tab.on_base_parts, train.base, [train.parts, train.parts_info, train.fields["clip_g"]])
     train.base.change(train_tab.explain_base, train.base, train.base_info)
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],

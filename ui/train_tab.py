@@ -8,7 +8,9 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import config
-from trainer.single_file import CheckpointError, family_of
+from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, USUAL_NAMES, VAE_NAMES, found_beside,
+                                missing_parts)
+from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
@@ -23,9 +25,14 @@ ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "lor
 LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
           "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
           "text_encoder_lr": "Text encoder learning rate (0 = frozen)", "train_batch_size": "Batch size",
-          "sample_prompts": "Sample prompts (one per line; {trigger} = the trigger word)"}
+          "sample_prompts": "Sample prompts (one per line; {trigger} = the trigger word)",
+          "clip_l": "CLIP-L text encoder file (clip_l.safetensors)", "clip_g": "CLIP-G text encoder file "
+          "(clip_g.safetensors)", "t5xxl": "T5-XXL text encoder file (t5xxl_fp16.safetensors)",
+          "vae": "VAE file (ae.safetensors for FLUX.1)", "t5_tokenizer": "T5-XXL tokenizer (folder or tokenizer.json)"}
 SUFFIXES = (".safetensors", ".ckpt")
-FIELDS = MAIN_FIELDS + ADVANCED_FIELDS
+PART_FIELDS = list(config.PART_FIELDS)  # shown for an SD 3.5 / FLUX.1 .safetensors base: ComfyUI's split layout
+PART_FILES = {n for names in (*USUAL_NAMES.values(), *VAE_NAMES.values()) for n in names}  # not bases: not listed
+FIELDS = MAIN_FIELDS + ADVANCED_FIELDS + PART_FIELDS
 
 
 @dataclass
@@ -34,6 +41,8 @@ class TrainTab:
     preset: gr.Radio
     base_info: gr.Markdown
     preset_info: gr.Markdown
+    parts: gr.Group  # the split layout's files, shown for an SD 3.5 / FLUX.1 .safetensors base
+    parts_info: gr.Markdown
     fields: dict  # config field name -> its component
     start: gr.Button
     status: gr.Markdown
@@ -50,8 +59,13 @@ def build(models_dir: Path) -> TrainTab:
         preset = gr.Radio(choices=config.list_presets(), value="character", label="Preset", elem_id="train-preset",
                           scale=2)
     base_info = gr.Markdown(explain_base("demo"), elem_id="train-base-info")
-    preset_info = gr.Markdown(elem_id="train-preset-info")
     fields = {}
+    with gr.Group(visible=False, elem_id="train-parts") as parts:
+        parts_info = gr.Markdown(elem_id="train-parts-info")
+        for row in (PART_FIELDS[:3], PART_FIELDS[3:]):
+            with gr.Row():
+                fields |= {name: component_for(name, "") for name in row}
+    preset_info = gr.Markdown(elem_id="train-preset-info")
     for row in (MAIN_FIELDS[:4], MAIN_FIELDS[4:]):
         with gr.Row():
             fields |= {name: component_for(name, defaults[name]) for name in row}
@@ -61,13 +75,15 @@ def build(models_dir: Path) -> TrainTab:
                 fields |= {name: component_for(name, defaults[name]) for name in ADVANCED_FIELDS[start:start + 4]}
     start = gr.Button("Train", variant="primary", elem_id="train-start")
     status = gr.Markdown(elem_id="train-status")
-    return TrainTab(base, preset, base_info, preset_info, fields, start, status)
+    return TrainTab(base, preset, base_info, preset_info, parts, parts_info, fields, start, status)
 
 
-def on_preset(preset_name: str, base: str) -> list:
-    """The form refilled from a preset for the base's family, then the preset's description."""
+def on_preset(preset_name: str, base: str, *parts: str) -> list:
+    """The form refilled from a preset for the base's family, then the preset's description. The split layout's
+    fields keep `parts` (a new preset, the same base), else are pre-filled from the files beside the base."""
     family = family_or_default(base)
     values = flat_preset(preset_name, family, base)
+    values |= dict(zip(PART_FIELDS, parts)) if parts else guess_parts(base)
     info = config.preset_dict(preset_name, family).get("description", "")
     return [gr.update(value=display_value(n, values[n])) for n in FIELDS] + [info]
 
@@ -90,7 +106,7 @@ def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
     choices = [("Demo model (built in, tiny, CPU-friendly)", "demo")]
     if models_dir.is_dir():
         for p in sorted(models_dir.iterdir()):
-            if p.suffix.lower() in SUFFIXES or (p / "model_index.json").is_file():
+            if p.suffix.lower() in SUFFIXES and p.name not in PART_FILES or (p / "model_index.json").is_file():
                 choices.append((p.name, str(p)))
     return choices
 
@@ -122,7 +138,10 @@ def component_for(name: str, value):
 
 
 def flat_preset(preset: str, family: str, base: str = "") -> dict:
-    cfg = config.build(preset, family, {"pretrained_model_name_or_path": base} if base else {})
+    """Every field's value from the preset for `family` (an SD 3.5 / FLUX.1 base is left out: its parts are the
+    form's, checked when Train is clicked)."""
+    layer = {"pretrained_model_name_or_path": base} if base and family not in config.FLOW_FAMILIES else {}
+    cfg = config.build(preset, family, layer)
     return {k: v for section in config.to_dict(cfg).values() if isinstance(section, dict) for k, v in section.items()}
 
 
@@ -179,3 +198,52 @@ def explain_base(base: str) -> str:
     if family in config.FLOW_FAMILIES:
         return f"⚠ Detected: **{config.FLOW_FAMILIES[family]}**. {config.NOT_TRAINED}."
     return f"Detected: **{family.upper().replace('SD15', 'SD 1.x / 2.x')}** presets apply."
+
+
+def flow_file(base: str) -> str:
+    """"sd3" / "flux" when `base` is such a .safetensors file (a bare transformer or all-in-one), else ""."""
+    family = family_or_default(base)
+    path = Path(base or "").expanduser()
+    return family if family in config.FLOW_FAMILIES and path.suffix.lower() == ".safetensors" and path.is_file() \
+        else ""
+
+
+def guess_parts(base: str) -> dict[str, str]:
+    """Each split-layout field: "", or the file found beside an SD 3.5 / FLUX.1 transformer under its usual
+    ComfyUI name (clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors, …) for a part the base lacks."""
+    out = dict.fromkeys(PART_FIELDS, "")
+    if arch := flow_file(base):
+        try:
+            found = found_beside(Path(base), arch)
+        except (CheckpointError, OSError):
+            found = {}
+        out |= {CONFIG_FIELDS[part]: str(path) for part, path in found.items()}
+    return out
+
+
+def on_base_parts(base: str) -> list:
+    """[the split layout's group, its note, the CLIP-G field]: shown for an SD 3.5 / FLUX.1 .safetensors base,
+    CLIP-G for SD 3.5 only."""
+    arch = flow_file(base)
+    return [gr.update(visible=bool(arch)), explain_parts(base, arch) if arch else "",
+            gr.update(visible=arch == "sd3")]
+
+
+def explain_parts(base: str, arch: str) -> str:
+    path = Path(base).expanduser()
+    try:
+        lacks = missing_parts(arch, path, read_safetensors_shapes(path), set())
+    except (CheckpointError, OSError) as e:
+        return f"⚠ {e}"
+    name = FAMILY_NAMES[arch]
+    found = guess_parts(base)
+    if not lacks:
+        head = f"**{path.name}** holds every part of {name}; a file given here replaces that part."
+    else:
+        have = [CONFIG_FIELDS[p] for p in lacks if found[CONFIG_FIELDS[p]]]
+        head = (f"**{path.name}** is a {name} transformer without {'; '.join(PART_NAMES[p] for p in lacks)}: give "
+                f"{'it' if len(lacks) == 1 else 'them'} here (ComfyUI's split layout)."
+                + (f" Found beside it: {', '.join(have)}." if have else ""))
+    return head + (" The T5-XXL tokenizer (google/t5-v1_1-xxl's tokenizer.json) is read from the field, else "
+                   "trainer/model_configs/t5_tokenizer/ or the Hugging Face cache.")
+
