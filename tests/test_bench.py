@@ -24,3 +24,14 @@ def test_the_memory_estimate_counts_the_published_models():
         assert r["fp8_gb"] < r["bf16_gb"] and r["peak_fp8_ckpt"] < r["peak_bf16_ckpt"] < r["peak_bf16_ckpt"] + 1
         assert r["act_ckpt_gb"] < r["act_eager_gb"] and r["lora"] > 0
     assert rows["FLUX.1 dev"]["peak_fp8_ckpt"] < 24 < rows["FLUX.1 dev"]["peak_bf16_ckpt"]
+
+
+def test_the_flow_gpu_benchmark_smoke():
+    """bench/flow_gpu.py (peak memory per mode against bench/memory.py's estimate) runs its code path on CPU."""
+    from bench import flow_gpu
+
+    results = flow_gpu.main(["--smoke", "--models", "FLUX.1 dev,SD 3.5 Medium"])
+    assert [(r["model"], r["mode"]) for r in results] == [("FLUX.1 dev", "bf16"), ("FLUX.1 dev", "fp8"),
+                                                          ("SD 3.5 Medium", "bf16"), ("SD 3.5 Medium", "fp8")]
+    assert all(r["steps_per_s"] > 0 and r["estimate_gb"] > 0 for r in results)
+    assert results[1]["estimate_gb"] < results[0]["estimate_gb"]
