@@ -218,10 +218,14 @@ def test_train_tab_shows_the_parts_for_a_flow_file_prefilled_from_beside_it(flow
         assert train_tab.guess_parts(other) == dict.fromkeys(train_tab.PART_FIELDS, "")
 
 
-def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path):
+def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path, monkeypatch):
     from tests.test_jobs import fake_worker
+    from trainer import flow_parts
     from ui import train_tab
     from ui.jobs import JobManager
+
+    monkeypatch.setattr(flow_parts, "T5_TOKENIZER_DIR", tmp_path / "no-tokenizer")  # nor one in the HF cache:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
 
     jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
     jobs.tick = lambda: None
@@ -236,8 +240,16 @@ def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path):
                              "without the T5-XXL text encoder"), out[n]
     assert out[t5]["elem_classes"] == ["field-error"] and out[train_tab.FIELDS.index("vae")]["elem_classes"] == []
     assert jobs.runs() == []  # no run was made
-    parts = {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5"]), "vae": str(files["vae"]),
-             "t5_tokenizer": str(files["t5_tokenizer"])}
+    parts = {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5"]), "vae": str(files["vae"])}
+    out = train_tab.on_train(jobs, base, "character", folder, "", *(form | parts).values())
+    assert out[n].startswith("⚠ model.t5_tokenizer: not set, and the T5-XXL tokenizer is not in "), out[n]
+    assert out[train_tab.FIELDS.index("t5_tokenizer")]["elem_classes"] == ["field-error"] and jobs.runs() == []
+    cached = tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "snapshots" / "abc"
+    shutil.copytree(files["t5_tokenizer"], cached)  # the tokenizer in the Hugging Face cache: it will be found
+    assert flow_parts.t5_tokenizer_found() and not train_tab.on_train(jobs, base, "character", folder, "", *(
+        form | parts).values())[n].startswith("⚠")
+    shutil.rmtree(tmp_path / "hub")
+    parts["t5_tokenizer"] = str(files["t5_tokenizer"])
     good = train_tab.on_train(jobs, base, "character", folder, "", *(form | parts).values())
     assert good[n].startswith("Queued **"), good[n]
     m = config.load(jobs.run_dir(good[n + 2]).config).model

@@ -96,7 +96,7 @@ def part_overrides(args: argparse.Namespace) -> list[str]:
     from trainer.config import PART_FIELDS
 
     given = {name: getattr(args, name) for name in PART_FIELDS if getattr(args, name, None) is not None}
-    return [f"{name}={json.dumps(str(path.expanduser().resolve()))}" for name, path in given.items()]
+    return [f"{name}={json.dumps(os.path.abspath(path.expanduser()))}" for name, path in given.items()]
 
 
 def parse_resize(argv: list[str]) -> argparse.Namespace:

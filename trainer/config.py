@@ -374,9 +374,9 @@ def _check_parts(m: ModelConfig, family: str) -> None:
     base, path = m.pretrained_model_name_or_path, Path(m.pretrained_model_name_or_path).expanduser()
     if given and family not in FLOW_FAMILIES:
         raise ConfigError(f"model.{next(iter(given))}", f"model.{', model.'.join(given)}: separate text-encoder / "
-                                                        f"VAE / tokenizer files go with an SD 3.5 or FLUX.1 transformer "
-                                                        f"file; {base!r} is an SD 1.x / 2.x / SDXL base, which holds "
-                                                        "its own: clear them")
+                                                        "VAE / tokenizer files go with an SD 3.5 or FLUX.1 "
+                                                        f"transformer file; {base!r} is an SD 1.x / 2.x / SDXL base, "
+                                                        "which holds its own: clear them")
     if m.t5_tokenizer:
         _check_tokenizer(m.t5_tokenizer)
     if family not in FLOW_FAMILIES or not (path.is_file() and path.suffix.lower() == ".safetensors"):

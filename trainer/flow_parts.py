@@ -9,6 +9,7 @@ before a run is made, so the web UI can name a missing part without importing to
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ USUAL_NAMES = {  # text-encoder part -> the names ComfyUI users give its file, i
     "t5": ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "t5xxl.safetensors"),
 }
 VAE_NAMES = {"flux": ("ae.safetensors",), "sd3": ("sd3_vae.safetensors", "sd3.5_vae.safetensors")}  # both 16-ch
+T5_TOKENIZER_DIR = single_file.MODEL_CONFIGS / "t5_tokenizer"  # not shipped yet: the T5-XXL tokenizer.json goes here
+T5_HUB_ID = "google/t5-v1_1-xxl"
 COMFY_FOLDERS = ("clip", "text_encoders", "vae")  # models/unet/x.safetensors beside models/clip/, models/vae/
 
 
@@ -201,3 +204,16 @@ def _is_part(part: str, path: Path, arch: str) -> bool:
     except (CheckpointError, OSError):
         return False
     return True
+
+
+def t5_tokenizer_found() -> bool:
+    """Whether the loader finds the T5-XXL tokenizer without being given one: in T5_TOKENIZER_DIR, or google/t5-v1_1-xxl
+    in the local Hugging Face cache (its tokenizer.json or spiece.model), read from the folders alone."""
+    if T5_TOKENIZER_DIR.is_dir() and any(T5_TOKENIZER_DIR.glob("tokenizer*")):
+        return True
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
+    snapshots = cache / f"models--{T5_HUB_ID.replace('/', '--')}" / "snapshots"
+    return any(snapshots.glob("*/tokenizer.json")) or any(snapshots.glob("*/spiece.model"))
+

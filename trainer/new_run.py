@@ -3,6 +3,7 @@ them (the same conversions, the same caption reading, the same skipped files), w
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
     if not images.is_dir():
         raise SystemExit(f"--images {images}: not a folder")
     local = str(base) != "demo" and Path(base).expanduser().exists()  # absolute: the run may resume from elsewhere
-    base = str(Path(base).expanduser().resolve()) if local else str(base)
+    base = os.path.abspath(Path(base).expanduser()) if local else str(base)
     layer = {"model": {"pretrained_model_name_or_path": base}}
     cfg = config.build(preset, family_of(base), layer, config.parse_overrides(overrides))  # before writing anything
     results: list[dataset_folder.AddResult] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import gradio as gr
 
 from trainer import config
-from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, USUAL_NAMES, VAE_NAMES, found_beside,
-                                missing_parts)
+from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
+                                found_beside, missing_parts, t5_tokenizer_found)
 from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
@@ -176,7 +176,12 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     layer = form_layer(names, values)
     layer |= {"pretrained_model_name_or_path": base or "demo", "train_data_dir": str(dataset_dir),
               "trigger_word": trigger or ""}
-    return config.build(preset, family, layer)
+    cfg = config.build(preset, family, layer)
+    if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found():  # the loader would stop there
+        raise config.ConfigError("model.t5_tokenizer", "model.t5_tokenizer: not set, and the T5-XXL tokenizer is "
+                                                       f"not in {T5_TOKENIZER_DIR} nor the Hugging Face cache: give "
+                                                       "the folder with tokenizer.json of google/t5-v1_1-xxl")
+    return cfg
 
 
 def field_errors(names: list[str], error: config.ConfigError | None) -> list:
