@@ -269,7 +269,9 @@ def test_the_train_tab_says_what_trains(flow, tiny_models):
         said = explain_base(str(flow[arch]["single"]))
         assert said.startswith(f"⚠ Detected: **{name}**.") and "train the transformer's Linears" in said, said
         assert "every method but LoCon" in said and "LyCORIS files for loha, lokr, dora" in said, said
-        assert "not built for them yet (issue #17): text-encoder LoRA" in said, said
+        assert "text-encoder LoRA (network_train_unet_only = false, text_encoder_lr > 0) trains CLIP with it, " \
+               "never T5" in said, said
+        assert "not built for them yet (issue #17): LyCORIS on the text encoders" in said, said
     assert explain_base(str(tiny_models["sdxl"][1])) == "Detected: **SDXL** presets apply."
 
 

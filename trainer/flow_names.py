@@ -299,10 +299,7 @@ def export(arch: str, modules: list[FileModule], loras: dict[str, Lora], fmt: st
     sd: dict[str, torch.Tensor] = {}
     if fmt == "diffusers":
         for key, lora in loras.items():
-            component, path = key.split(".", 1)
-            if component != "transformer":
-                path = "text_model." + _te_path(path)
-            base = f"{component}.{path}"
+            base = _diffusers_stem(key)
             sd[base + ".lora_A.weight"] = lora.down.contiguous()
             sd[base + ".lora_B.weight"] = (lora.up * lora.scale).contiguous()
         return sd
@@ -322,6 +319,13 @@ def export(arch: str, modules: list[FileModule], loras: dict[str, Lora], fmt: st
         sd[m.name + ".lora_up.weight"] = up.contiguous()
         sd[m.name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return sd
+
+
+def _diffusers_stem(part: str) -> str:
+    """A live module ("transformer.<path>", "text_encoder.<path>") -> its key stem in the diffusers-format file: CLIP
+    paths always under `text_model.` (transformers 5's CLIPTextModel has none, CLIPTextModelWithProjection has)."""
+    component, path = part.split(".", 1)
+    return part if component == "transformer" else f"{component}.text_model.{_te_path(path)}"
 
 
 def diffusers_gaps(modules: list[FileModule], loras: dict[str, Lora]) -> list[str]:
@@ -358,23 +362,21 @@ def check_file(arch: str, modules: list[FileModule], sd: dict[str, torch.Tensor]
                 problems.append(f"{name}: up {tuple(up.shape)} x down {tuple(down.shape)} does not patch "
                                 f"{m.original} ({sum(m.widths)}, {m.in_features})")
         return problems
-    shapes = {p: (w, m.in_features) for m in modules for p, w in zip(m.parts, m.widths)}
+    shapes = {_diffusers_stem(p): (w, m.in_features) for m in modules for p, w in zip(m.parts, m.widths)}
     stems = {}
     for key in sd:
         stem, _, param = key.rpartition(".lora_")
         stems.setdefault(stem, set()).add(param)
     for stem, params in stems.items():
-        component, _, path = stem.partition(".")
-        live = stem if component == "transformer" else f"{component}.{_te_path(path)}"
-        if live not in shapes:
+        if stem not in shapes:
             problems.append(f"{stem}: no Linear of this {arch} model")
             continue
         if params != {"A.weight", "B.weight"}:
             problems.append(f"{stem}: holds {sorted(params)}, not lora_A / lora_B")
             continue
         a, b = sd[stem + ".lora_A.weight"], sd[stem + ".lora_B.weight"]
-        if (b.shape[0], a.shape[1]) != shapes[live] or b.shape[1] != a.shape[0]:
-            problems.append(f"{stem}: B {tuple(b.shape)} x A {tuple(a.shape)} does not patch {shapes[live]}")
+        if (b.shape[0], a.shape[1]) != shapes[stem] or b.shape[1] != a.shape[0]:
+            problems.append(f"{stem}: B {tuple(b.shape)} x A {tuple(a.shape)} does not patch {shapes[stem]}")
     return problems
 
 

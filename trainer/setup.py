@@ -26,6 +26,8 @@ from trainer.networks import create as create_network
 from trainer.optim import make_optimizer, make_scheduler
 from trainer.quantize import quantize_unet_nf4, store_fp8
 
+FLOW_CLIPS = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}  # the CLIPs; T5 comes after
+
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
     from trainer.networks.base import Network
@@ -203,14 +205,16 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
 
 def choose_components(cfg, base) -> tuple[dict, bool]:
     """({component name: module} the config's adapter wraps, whether the text encoders train). SD 3.5 / FLUX.1:
-    the transformer only (trainer.config refuses text-encoder LoRA on them)."""
+    the transformer, and with text-encoder LoRA their CLIP encoders (FLUX.1 CLIP-L, SD 3.5 CLIP-L and CLIP-G, as
+    sd-scripts trains them), never T5 (trainer.config refuses training the text encoders alone on them)."""
     n = cfg.network
     train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
     if base.arch in FLOW_ARCHES:
-        if train_te or n.network_train_text_encoder_only:
-            raise ValueError(f"{base.describe()}: text-encoder LoRA is not built for SD 3.5 / FLUX.1 yet; set "
-                             "network_train_unet_only = true")
-        return {"transformer": base.denoiser}, False
+        if n.network_train_text_encoder_only:
+            raise ValueError(f"{base.describe()}: the text encoders alone are not trained on SD 3.5 / FLUX.1; set "
+                             "network_train_text_encoder_only = false")
+        clips = {c: getattr(base.pipeline, c) for c in FLOW_CLIPS[base.arch]} if train_te else {}
+        return {"transformer": base.denoiser} | clips, train_te
     te_names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
     components = {} if n.network_train_text_encoder_only else {"unet": base.unet}
     if train_te:
@@ -350,12 +354,15 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
     """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once
     (into `cached`, which runs on the same frozen encoders and clip skip may share). SD 3.5 / FLUX.1: the
     pipeline's own prompt encoding (CLIP + T5); once cached, the text encoders leave the device unless the run
-    samples (sampling encodes its prompts with them)."""
+    samples (sampling encodes its prompts with them); with CLIP trained, `flow_te_encoder`."""
     d = cfg.data
+    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
     if base.arch in FLOW_ARCHES:
         from trainer.transformer_files import MAX_SEQUENCE
 
         length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
+        if train_te:
+            return flow_te_encoder(base, cfg, items, acc, length, fixed and d.cache_text_encoder_outputs, events)
 
         def run(captions):
             with torch.no_grad():
@@ -365,7 +372,6 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
             return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip,
                                acc.device)
 
-    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
     if train_te or not d.cache_text_encoder_outputs or not fixed:
         return run
     events.status("caching", "Encoding captions once (the text encoder is frozen)")
@@ -383,6 +389,31 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
     return lookup
 
 
+def flow_te_encoder(base, cfg, items, acc, length: int, cache: bool, events):
+    """SD 3.5 / FLUX.1 with CLIP trained: CLIP runs every step through its adapter (gradients reach it), T5 stays
+    frozen: its part is encoded once per caption and T5 leaves the device when the captions are fixed (as
+    sd-scripts' partial text-encoder cache), else encoded every step without gradients."""
+    pipe = base.pipeline
+
+    memo: dict = {}
+
+    def t5(captions):
+        if memo:
+            return torch.cat([memo[c] for c in captions])
+        with torch.no_grad(), acc.autocast():
+            return text.encode_flow_t5(pipe, captions, length, acc.device)
+
+    if cache:
+        events.status("caching", "Encoding the captions' T5 part once (CLIP trains, T5 is frozen)")
+        memo |= {c: t5([c]) for c in sorted({item.caption for item in items})}
+        release_t5(base, cfg, events)
+
+    def encode(captions):
+        return text.encode_flow_clip(pipe, base.arch, captions, t5(captions), acc.device)
+
+    return encode
+
+
 def release_text_encoders(base, cfg, events) -> None:
     """SD 3.5 / FLUX.1 with their captions cached: T5-XXL (~9.5 GB in fp16) and CLIP are not needed to train, so
     they go back to the CPU, unless samples are drawn during the run."""
@@ -395,6 +426,18 @@ def release_text_encoders(base, cfg, events) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     events.status("caching", "Captions cached; the text encoders (T5 included) moved off the device")
+
+
+def release_t5(base, cfg, events) -> None:
+    """T5-XXL's part cached while CLIP trains: T5 alone goes back to the CPU, unless the run samples."""
+    s = cfg.sample
+    if s.sample_every_n_steps or s.sample_every_n_epochs:
+        events.status("caching", "T5 part cached; T5 stays on the device to encode the sample prompts")
+        return
+    base.text_encoders[-1].to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    events.status("caching", "T5 part cached; T5 moved off the device (CLIP stays: it trains)")
 
 
 def sdxl_time_ids(items) -> list[torch.Tensor]:

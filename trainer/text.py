@@ -52,3 +52,23 @@ def encode_flow(pipe, arch: str, captions: list[str], max_sequence_length: int,
     embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
                                            max_sequence_length=max_sequence_length)
     return embeds, pooled
+
+
+def encode_flow_t5(pipe, captions: list[str], max_sequence_length: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The T5-XXL part of `encode_flow` [B, L, C]: what a run that trains CLIP can still cache (T5 stays frozen)."""
+    return pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=max_sequence_length, device=device)
+
+
+def encode_flow_clip(pipe, arch: str, captions: list[str], t5: torch.Tensor,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_flow` from T5's part (`encode_flow_t5`, maybe cached) and CLIP run now, through the pipeline's own
+    helpers and in encode_prompt's order, so gradients reach an adapted CLIP. FLUX.1: CLIP-L gives only the pooled
+    vector; SD 3.5: CLIP-L's and CLIP-G's tokens (padded to T5's width) go before T5's, their pooled side by side."""
+    if arch == "flux":
+        return t5, pipe._get_clip_prompt_embeds(prompt=captions, device=device)
+    tokens, pooled = zip(*(pipe._get_clip_prompt_embeds(prompt=captions, device=device, clip_model_index=i)
+                           for i in (0, 1)))
+    clip = torch.cat(tokens, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)

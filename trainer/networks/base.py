@@ -82,16 +82,23 @@ def find_targets(arch: str, components: dict[str, nn.Module], with_convs: bool) 
 def flow_targets(arch: str, components: dict[str, nn.Module]) -> list[Target]:
     """SD 3.5 / FLUX.1: every Linear of the transformer's blocks (FLUX double/single blocks, SD3 joint blocks),
     as kohya's default targets (its FLUX `in_dims` / SD3 `emb_dims` embedders and the final layer are off by
-    default). Named by their diffusers path ("transformer.<path>"): several of them fuse into one file module
-    (trainer/flow_names.py), so the file's names are made when exporting, not here."""
+    default), and with text-encoder LoRA every attention / MLP Linear of the CLIP encoders (FLUX.1 CLIP-L, SD 3.5
+    CLIP-L and CLIP-G; T5 is refused by flow_names.plan). Named by their diffusers path ("transformer.<path>",
+    "text_encoder.<path>"): several of them fuse into one file module (trainer/flow_names.py), so the file's names
+    are made when exporting, not here."""
     from trainer import flow_names
 
-    if set(components) - {"transformer"}:
-        raise ValueError(f"{arch}: text-encoder LoRA is not built for SD 3.5 / FLUX.1 yet; train the transformer only "
-                         "(network_train_unet_only = true)")
-    return [Target(part, "transformer", part.removeprefix("transformer."), False)
-            for m in flow_names.plan(arch, components["transformer"]) if m.name.startswith(flow_names.BLOCK_PREFIXES)
+    if "transformer" not in components:
+        raise ValueError(f"{arch}: the transformer trains on SD 3.5 / FLUX.1 (text-encoder LoRA goes with it)")
+    modules = flow_names.plan(arch, components["transformer"], flow_text_encoders(components))
+    return [Target(part, part.split(".", 1)[0], part.split(".", 1)[1], False) for m in modules
+            if m.name.startswith(flow_names.BLOCK_PREFIXES + tuple(flow_names.TE_PREFIX[arch].values()))
             for part in m.parts]
+
+
+def flow_text_encoders(components: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The text encoders among an SD 3.5 / FLUX.1 network's components (everything but the transformer)."""
+    return {c: m for c, m in components.items() if c != "transformer"}
 
 
 class Network:
@@ -112,7 +119,7 @@ class Network:
         self.left_out: list[str] = []  # targets a method leaves out because no loader reads them in its file
         if arch in FLOW_ARCHES and "transformer" in components:
             from trainer import flow_names
-            self.file_modules = flow_names.plan(arch, components["transformer"])
+            self.file_modules = flow_names.plan(arch, components["transformer"], flow_text_encoders(components))
             if self.exports_as == "lycoris":  # one module per split Linear, under a key ComfyUI maps
                 keys = flow_names.lycoris_keys(arch, self.file_modules)
                 self.left_out = [t.name for t in targets if t.name not in keys]
