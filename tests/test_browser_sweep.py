@@ -1,6 +1,7 @@
-"""A sweep in Debian's chromium, against the app on 127.0.0.1 and the real sweep worker: the Train tab's form with
-2 values of unet_lr in its Sweep section, the Sweeps tab's table filling with 2 ranked trials and the best config,
-then that config started as a full run."""
+"""A sweep in Debian's chromium, against the app on 127.0.0.1 and the real sweep worker, as issue #16 checks it: the
+demo dataset on the demo model, the Train tab's form with 4 values of unet_lr in its Sweep section and successive
+halving, the Sweeps tab's table filling with 4 ranked trials (the pruned ones marked) and the best config, then that
+config started as a full run; the Runs tab lists the trials."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import (CHROMIUM, App, app, browser, fill, field_value, models, page,  # noqa: F401  (fixtures)
-                                set_up_run)
-from tests.test_training import draw_dataset
+from tests.test_browser import CHROMIUM, App, app, browser, fill, field_value, models, page  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -23,43 +22,62 @@ def table_text(page) -> str:
     return page.locator("#sweep-table").inner_text()
 
 
-def test_a_sweep_from_the_train_tab(app, page, tmp_path):  # noqa: F811
+DEMO_FORM = {"max-train-epochs": "2", "num-repeats": "1", "train-batch-size": "2", "network-dim": "4",
+             "network-alpha": "2", "validation-split": "0.2", "validation-every-n-steps": "2",
+             "sample-every-n-epochs": "0", "save-every-n-epochs": "0"}  # 8 pictures trained, 8 steps, 2 held out
+
+
+def set_up_demo(page, app) -> None:
+    """The demo dataset (Dataset tab) on the demo model (the Train tab's default base), the form made short."""
+    page.goto(app.url)
+    page.locator("#dataset-demo").click()
+    page.get_by_text("Added 10 picture(s)").wait_for(timeout=30000)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
+    page.locator("#train-advanced").get_by_text("Advanced").click()
+    for _ in range(5):  # a late refill from the preset may overwrite a field: fill until the form holds still
+        for elem, value in DEMO_FORM.items():
+            fill(page, elem, value)
+        page.wait_for_timeout(1500)
+        if all(field_value(page, e) == v for e, v in DEMO_FORM.items()):
+            return
+    raise AssertionError({e: field_value(page, e) for e in DEMO_FORM})
+
+
+def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
     from trainer import config, sweep
 
-    images = sorted(draw_dataset(tmp_path / "pictures", 6).glob("*.png"))
-    set_up_run(page, app, images)
-    wanted = {"max-train-epochs": "1", "validation-split": "0.34", "validation-every-n-steps": "1",
-              "sample-every-n-epochs": "0", "save-every-n-epochs": "0"}
-    for elem, value in wanted.items():
-        fill(page, elem, value)
-    assert all(field_value(page, e) == v for e, v in wanted.items())
+    set_up_demo(page, app)
     page.locator("#sweep-section").get_by_text("Sweep:").click()
     values = page.locator("#sweep-values-0 input, #sweep-values-0 textarea").first
-    values.fill("1e-4, 1e-3")
+    values.fill("1e-4, 3e-4, 1e-3, 3e-3")
     values.press("Tab")
+    page.locator("#sweep-prune").get_by_text("halving").click()
     page.locator("#sweep-start").click()
     try:
-        page.locator("#sweep-status").get_by_text("2 trial(s), grid search").wait_for(state="attached", timeout=30000)
+        page.locator("#sweep-status").get_by_text("4 trial(s), grid search").wait_for(state="attached", timeout=30000)
     except Exception:
         raise AssertionError(f"no sweep; the section says {page.locator('#sweep-status').inner_text()!r}") from None
-    page.locator("#sweep-state").get_by_text("2 / 2 trial(s) ended").wait_for(timeout=60000)  # the Sweeps tab
+    page.locator("#sweep-state").get_by_text("4 / 4 trial(s) ended").wait_for(timeout=240000)  # the Sweeps tab
     page.locator("#sweep-best").get_by_text("Best:").wait_for(timeout=15000)
     deadline = time.time() + 15
-    while not ("trial-000" in (text := table_text(page)) and "trial-001" in text and text.count("done") >= 2):
+    while not (all(f"trial-00{i}" in (text := table_text(page)) for i in range(4)) and "pruned" in text):
         assert time.time() < deadline, text
         page.wait_for_timeout(300)
     runs = app.args[app.args.index("--runs-dir") + 1]
     (folder,) = [p.parent for p in Path(runs).glob("*/sweep.json")]
     state = sweep.read(folder)
     best = state["ranking"][0]["name"]
-    assert [r["rank"] for r in state["ranking"]] == [1, 2]
+    assert [r["rank"] for r in state["ranking"]] == [1, 2, 3, 4]
+    pruned = [t["name"] for t in state["trials"] if t["state"] == "pruned"]
+    assert pruned and text.count("pruned") >= len(pruned) and best not in pruned
     assert f"Best: {best} (" in page.locator("#sweep-best").inner_text()  # (it may hold a progress overlay)
     words = text.split()  # the table's cells, row by row: rank, trial, ...
     ranked = [words[words.index(r["name"]) - 1] + " " + r["name"] for r in state["ranking"]]
     assert ranked == [f"{r['rank']} {r['name']}" for r in state["ranking"]], text
     assert words.index(best) < words.index(state["ranking"][1]["name"]), text  # the best first
     shown = page.locator("#sweep-best-config").inner_text()
-    assert "[model]" in shown and "resolution = 64" in shown  # the editor draws only the lines in view
+    assert "[model]" in shown and 'pretrained_model_name_or_path = "demo"' in shown  # (only the lines in view)
     assert page.locator("#sweep-plot").get_by_text("held-out loss").count() > 0
 
     page.locator("#sweep-full-run").click()
@@ -67,7 +85,9 @@ def test_a_sweep_from_the_train_tab(app, page, tmp_path):  # noqa: F811
     run_id = page.locator("#sweep-action strong").inner_text()
     run = Path(runs) / run_id
     assert config.load(run / "config.toml").optimizer.unet_lr == state["ranking"][0]["params"]["unet_lr"]
-    deadline = time.time() + 60  # let the full run end, so no worker outlives the test
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-table").get_by_text(f"{folder.name}/{best}").wait_for(timeout=15000)  # trials are listed
+    deadline = time.time() + 120  # let the full run end, so no worker outlives the test
     while json.loads((run / "status.json").read_text())["state"] in ("queued", "running"):
         assert time.time() < deadline
         time.sleep(0.5)
