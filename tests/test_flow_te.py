@@ -10,16 +10,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.test_flow_names import comfy_apply_kohya, comfy_clip_keys, comfy_unet_keys, te_out
-from tests.test_flow_training import FAMILIES, StopAt, assert_file_holds_the_update, flow, make_flow_run  # noqa: F401
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+from tests.test_flow_names import (comfy_apply_kohya, comfy_apply_lycoris, comfy_clip_keys, comfy_lycoris_keys,
+                                   comfy_unet_keys, te_out)
+from tests.test_flow_training import (FAMILIES, StopAt, assert_file_holds_the_update, flow,  # noqa: F401
+                                      make_flow_run, updated)
 from tests.test_training import losses
-from tests.tiny_models import flux_to_original, hf_clip
+from tests.tiny_models import flux_to_original, hf_clip, sd3_to_original
 from trainer import checkpoint, config, flow_names, text
+from trainer.kohya_names import by_module
 from trainer.loading import load_base
 from trainer.loss import FlowMatchingLoss
 from trainer.networks import create
 from trainer.setup import FLOW_CLIPS, setup
 from trainer.train import StopFlag, finish, loop, train
+from trainer.transformer_files import flux_to_diffusers
 
 TE_LR = 3e-3  # the tiny CLIP moves visibly in a few steps; not the transformer's 2e-3 (FLOW_TINY)
 TE_ON = {"network": {"network_train_unet_only": False}, "optimizer": {"text_encoder_lr": TE_LR}}
@@ -241,11 +247,46 @@ def test_the_lora_variants_train_clip(flow, tmp_path, method):
                    k.endswith(".alpha"))  # alpha·√r, r = 4
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("method", ["loha", "lokr", "dora"])
+def test_lycoris_trains_clip_under_the_keys_comfyui_maps(flow, tmp_path, arch, method):
+    """LoHa / LoKr / DoRA on CLIP: the LyCORIS file names each CLIP module by its kohya stem (lora_te1 / lora_te2),
+    which model_lora_keys_clip maps; applied as ComfyUI applies LyCORIS tensors, it gives the trained update of the
+    CLIP modules and of the transformer's."""
+    run, final, _ = trained_run(tmp_path, flow, arch, {"network": {"network_type": method},
+                                                       "training": {"max_train_epochs": 1}})
+    sd, fresh = load_file(str(final)), load_base(flow[arch]["folder"])
+    assert flow_names.check_lycoris_file(arch, flow_names.plan(arch, fresh.denoiser, clips(fresh.pipeline, arch)),
+                                         sd) == []
+    stems = set(by_module(sd))
+    for prefix in ("lora_te1_", "lora_te2_")[: len(FLOW_CLIPS[arch])]:
+        assert len([s for s in stems if s.startswith(prefix)]) == 12, prefix
+    original = flux_to_original(fresh.denoiser) if arch == "flux" else sd3_to_original(fresh.denoiser)
+    hf = {f"{CLIP_NAME[c]}.{k}": v for c, te in clips(fresh.pipeline, arch).items() for k, v in hf_clip(te).items()}
+    keymap = comfy_lycoris_keys(arch, fresh.denoiser, original) | {
+        k: (v, None, None) for k, v in comfy_clip_map(arch, fresh.pipeline).items()}
+    assert stems <= set(keymap), sorted(stems - set(keymap))
+    patched = comfy_apply_lycoris(original | hf, keymap, sd)
+
+    deltas = te_deltas(run.net)
+    assert min(d.abs().max().item() for d in deltas.values()) > 1e-6  # every CLIP module moved
+    worst = max((patched[clip_key(name)] - hf[clip_key(name)] - d.cpu()).abs().max().item()
+                for name, d in deltas.items())
+    assert worst <= TOL, worst
+    transformer = {k: v for k, v in patched.items() if k in original}
+    back = flux_to_diffusers(transformer) if arch == "flux" else convert_sd3_transformer_checkpoint_to_diffusers(
+        transformer)
+    want = updated(fresh.denoiser, {n: run.net.delta(n).cpu() for n in run.net.names() if n.startswith("transformer.")})
+    assert max((back[k] - want[k]).abs().max().item() for k in want) <= TOL
+
+
+def clip_key(name: str) -> str:
+    """A CLIP module of the network ("text_encoder.<path>") -> its weight in the HF layout ("clip_l.text_model.…")."""
+    component, path = name.split(".", 1)
+    return f"{CLIP_NAME[component]}.text_model.{path.removeprefix('text_model.')}.weight"
+
+
 def test_what_is_not_built_is_refused_by_field():
-    for method in ("loha", "lokr", "dora"):
-        with pytest.raises(config.ConfigError, match=f"'{method}' with text-encoder LoRA is not built for FLUX.1") as e:
-            config.build("character", "flux", {"network_type": method}, TE_ON)
-        assert e.value.field == "network.network_type"
     with pytest.raises(config.ConfigError, match="text encoders alone are not trained on SD 3.5") as e:
         config.build("character", "sd3", {"network_train_text_encoder_only": True}, TE_ON)
     assert e.value.field == "network.network_train_text_encoder_only"

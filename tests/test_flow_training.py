@@ -362,10 +362,10 @@ def test_what_is_not_built_is_refused_by_name(flow):
     with pytest.raises(config.ConfigError, match="conv_dim = 4: SD 3.5's transformer has no 3x3 convs") as e:
         config.build("character", "sd3", {"network_type": "loha", "conv_dim": 4})
     assert e.value.field == "network.conv_dim"
-    with pytest.raises(config.ConfigError, match="'loha' with text-encoder LoRA is not built for SD 3.5 yet") as e:
-        config.build("character", "sd3", {"network_type": "loha", "network_train_unet_only": False,
-                                          "text_encoder_lr": 5e-5})  # LoRA-form methods train CLIP: test_flow_te.py
-    assert e.value.field == "network.network_type"
+    with pytest.raises(config.ConfigError, match="the text encoders alone are not trained on SD 3.5") as e:
+        config.build("character", "sd3", {"network_train_unet_only": False, "network_train_text_encoder_only": True,
+                                          "text_encoder_lr": 5e-5})  # CLIP with the transformer: test_flow_te.py
+    assert e.value.field == "network.network_train_text_encoder_only"
     with pytest.raises(config.ConfigError, match="set min_snr_gamma = 0"):
         config.build("character", "flux", {"min_snr_gamma": 5.0})
     with pytest.raises(config.ConfigError, match="flow-matching Euler"):

@@ -29,14 +29,11 @@ ALL_FAMILIES = FAMILIES + tuple(FLOW_FAMILIES)  # a preset has a variant for the
 # the methods trained and tested on their transformers' Linears: every one but LoCon (3x3 convs: they have none)
 FLOW_METHODS = tuple(m for m in methods.NAMES if methods.CATALOG[m].convs != "required")
 FLOW_CLIPS = {"sd3": "CLIP-L and CLIP-G", "flux": "CLIP-L"}  # what text-encoder LoRA trains (never T5, as sd-scripts)
-FLOW_TE_REFUSED = {m: "its text-encoder modules are not written or checked in the LyCORIS file yet"
-                   for m in ("loha", "lokr", "dora")}
 NOT_TRAINED = ("SD 3.5 / FLUX.1 train the transformer's Linears with every method but LoCon (LoRA-form files for "
                "lora, rslora, lora_fa, vera, adalora and LoRA+; LyCORIS files for loha, lokr, dora; every preset "
                "has their variant); text-encoder LoRA (network_train_unet_only = false, text_encoder_lr > 0) trains "
-               "CLIP with it, never T5: FLUX.1's CLIP-L, SD 3.5's CLIP-L and CLIP-G, with the LoRA-form methods; "
-               "not built for them yet (issue #17): LyCORIS on the text encoders, min-SNR / noise offset, NF4 and "
-               "pruning")
+               "CLIP with it, never T5: FLUX.1's CLIP-L, SD 3.5's CLIP-L and CLIP-G, with every method; "
+               "not built for them yet (issue #17): min-SNR / noise offset, NF4 and pruning")
 
 
 class ConfigError(ValueError):
@@ -337,7 +334,6 @@ def _check_flow(cfg: TrainConfig) -> None:
         return
     name, n, t = FLOW_FAMILIES[cfg.family], cfg.network, cfg.training
     missing = f"is not built for {name} yet (issue #17)"
-    train_te = not n.network_train_unet_only and cfg.optimizer.text_encoder_lr > 0
     rules = [
         ("network.network_type", n.network_type not in FLOW_METHODS,
          f"network.network_type = {n.network_type!r}: {n.network_type} adapts 3x3 convs, and {name}'s transformer "
@@ -347,10 +343,6 @@ def _check_flow(cfg: TrainConfig) -> None:
         ("network.network_train_text_encoder_only", n.network_train_text_encoder_only,
          f"network.network_train_text_encoder_only = true: the text encoders alone are not trained on {name}; set "
          f"it false (text-encoder LoRA trains {FLOW_CLIPS[cfg.family]} with the transformer)"),
-        ("network.network_type", train_te and n.network_type in FLOW_TE_REFUSED,
-         f"network.network_type = {n.network_type!r} with text-encoder LoRA {missing} "
-         f"({FLOW_TE_REFUSED.get(n.network_type)}): set network_train_unet_only = true, or use one of "
-         f"{', '.join(m for m in FLOW_METHODS if m not in FLOW_TE_REFUSED)}"),
         ("training.min_snr_gamma", t.min_snr_gamma > 0,
          f"training.min_snr_gamma = {t.min_snr_gamma}: min-SNR weighs the DDPM noise schedule; {name} trains by "
          "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),

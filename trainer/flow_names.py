@@ -90,6 +90,9 @@ when neither is, lora/DoRA: alpha / lora_down rows). Forge's lora.py carries the
 snapshot (utils.py commit 2ba5cc8) `mmdit_to_diffusers` maps no `attn2` key, so SD 3.5 Medium's attn2 q/k/v have no
 LyCORIS key any loader maps and are not trained by LyCORIS methods (`attn2.to_out.0`, a whole weight, takes its kohya
 name `lora_unet_joint_blocks_{i}_x_block_attn2_proj`, which the generic `lora_unet_<original key>` map reads).
+CLIP modules (text-encoder LoRA) are whole weights: a LyCORIS file keeps their kohya stems `lora_te1_text_model_…` /
+`lora_te2_…`, which `model_lora_keys_clip` maps to clip_l / clip_g whatever tensors the stem holds (ComfyUI's
+`load_lora` reads hada_* / lokr_* / dora_scale on any mapped stem), as LyCORIS' kohya-format SDXL files do.
 diffusers 0.42's `FluxLoraLoaderMixin` / `SD3LoraLoaderMixin` have no LoHa / LoKr reader (only FLUX.2 and Z-Image's
 mixins convert lokr_*) and drop DoRA's `dora_scale`: `LYCORIS_LOADERS` says so where the file is written.
 """
@@ -395,18 +398,24 @@ LYCORIS_LOADERS = ("ComfyUI and Forge load it (LyCORIS keys on the diffusers mod
 def lycoris_key(arch: str, module: FileModule, part: str) -> str | None:
     """The key stem of one split module ("transformer.<path>") of `module` in a LyCORIS file: `lycoris_<path, "."
     -> "_">`, which ComfyUI maps to the fused weight with its row offset; SD 3.5's attn2.to_out.0 by its kohya name;
-    None where no loader maps one (SD 3.5's attn2 q/k/v): such modules are not trained by LyCORIS methods."""
+    None where no loader maps one (SD 3.5's attn2 q/k/v): such modules are not trained by LyCORIS methods. A CLIP
+    module ("text_encoder(_2).<path>", one whole weight) keeps its kohya name `lora_te1_…` / `lora_te2_…`, the stem
+    ComfyUI's model_lora_keys_clip maps whatever the adapter's tensors (its load_lora reads hada_* / lokr_* /
+    dora_scale on any stem), as LyCORIS' own kohya-format files name SDXL's text encoders."""
+    if module.name.startswith(tuple(TE_PREFIX[arch].values())):
+        return module.name
     path = part.removeprefix("transformer.")
     if not part.startswith("transformer."):
-        raise ValueError(f"{arch}: LyCORIS files cover the transformer only, not {part}")
+        raise ValueError(f"{arch}: LyCORIS files cover the transformer and CLIP, not {part}")
     if arch == "sd3" and path.endswith(SD3_UNMAPPED):
         return module.name if len(module.parts) == 1 else None
     return LYCORIS_PREFIX + path.replace(".", "_")
 
 
 def lycoris_keys(arch: str, modules: list[FileModule]) -> dict[str, str]:
-    """diffusers module ("transformer.<path>") -> its key stem in a LyCORIS file, for every module that has one."""
-    keys = {p: lycoris_key(arch, m, p) for m in modules for p in m.parts if p.startswith("transformer.")}
+    """diffusers module ("transformer.<path>", "text_encoder.<path>") -> its key stem in a LyCORIS file, for every
+    module that has one."""
+    keys = {p: lycoris_key(arch, m, p) for m in modules for p in m.parts}
     return {p: k for p, k in keys.items() if k is not None}
 
 
@@ -418,7 +427,7 @@ def export_lycoris(arch: str, modules: list[FileModule], factors: dict[str, dict
     unknown = sorted(set(factors) - set(keys))
     if unknown:
         raise ValueError(f"{arch}: no LyCORIS file key for {len(unknown)} trained module(s): {', '.join(unknown[:6])} "
-                         "(only the transformer's Linears that ComfyUI maps; not SD 3.5's attn2 q/k/v)")
+                         "(only the transformer's and CLIP's Linears that ComfyUI maps; not SD 3.5's attn2 q/k/v)")
     return {f"{keys[name]}.{param}": t.contiguous() for name, params in factors.items() for param, t in params.items()}
 
 
