@@ -6,6 +6,9 @@ is computed once per module from its factors (lycoris.functional: LoRA/LoCon, Lo
 it, ΔW = W_dora − W0), and each strength s sets W = W0 + s·ΔW in the UNet and the text encoders, in place. The
 touched weights are restored exactly, from a CPU copy, before the next file. Strength 0 is the base, drawn once per
 prompt × seed.
+SD 3.5 / FLUX.1 bases (issue #17) take the files of their family in the layouts we write (kohya with fused q|k|v,
+diffusers, LyCORIS keys): trainer/compare_flow.py maps each module to the transformer / CLIP weights it patches, a
+fused one's ΔW split back into its diffusers weights by rows.
 
     FOLDER/compare.json   the spec (trainer.compare_spec)
            events.jsonl   status, compare_file, compare_cell, done, cancelled (trainer.events)
@@ -29,12 +32,14 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 from torch import nn
 
+from trainer.compare_flow import Fused, family_of_names, file_modules, flow_weights, names_a_transformer
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, number
 from trainer.events import EventWriter
-from trainer.kohya_names import by_module, kohya_name
-from trainer.loading import ARCH_NAMES, load_base
+from trainer.flow_parts import CONFIG_FIELDS, Parts
+from trainer.kohya_names import kohya_name
+from trainer.loading import ARCH_NAMES, FLOW_ARCHES, load_base
 from trainer.rundir import RunDir
-from trainer.sampling import parameters_text, generate, save_png
+from trainer.sampling import FLOW_SAMPLERS, parameters_text, generate, save_png
 from trainer.single_file import CheckpointError, read_safetensors_header
 
 log = logging.getLogger("trainer.compare")
@@ -71,9 +76,12 @@ class LoraFile:
 
 # --- the base's weights under kohya names ---
 
-def base_weights(base) -> dict[str, nn.Parameter]:
+def base_weights(base) -> dict[str, nn.Parameter | Fused]:
     """kohya name -> weight of every Linear and Conv2d in the UNet and text encoders: every module a file can name
-    (kohya's defaults, LoCon's convs, LyCORIS' full preset)."""
+    (kohya's defaults, LoCon's convs, LyCORIS' full preset). SD 3.5 / FLUX.1: every name a file of the family can
+    carry (trainer.compare_flow.flow_weights)."""
+    if base.arch in FLOW_ARCHES:
+        return flow_weights(base)
     components = {"unet": base.unet} | dict(zip(("text_encoder", "text_encoder_2"), base.text_encoders))
     found = {}
     for component, model in components.items():
@@ -91,7 +99,7 @@ def base_weights(base) -> dict[str, nn.Parameter]:
 
 def adapter_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """The modules that hold adapter factors (a file may carry other tensors beside them)."""
-    return {name: params for name, params in by_module(tensors).items() if FACTORS & set(params)}
+    return {name: params for name, params in file_modules(tensors).items() if FACTORS & set(params)}
 
 
 def form(params: dict) -> str:
@@ -147,15 +155,34 @@ def update(params: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tenso
 # --- checking a file before anything is drawn ---
 
 def file_arch(meta: dict, names) -> str | None:
-    """The family a file was made for: as its metadata says, else SDXL when its names are (two text encoders,
-    SGM UNet names); None when nothing tells (SD 1.x and 2.x files share their names)."""
+    """The family a file was made for: as its metadata says (`ss_base_model_version` flux1 / sd3 / sd_v1 ...,
+    `modelspec.architecture` flux-1-dev/lora, stable-diffusion-3-5-medium/lora ...), else FLUX.1 / SD 3.5 when its
+    names are only that family's (trainer.compare_flow.family_of_names), SDXL when they are (two text encoders, SGM
+    UNet names); None when nothing tells (SD 1.x and 2.x files share their names)."""
     said = f"{meta.get('ss_base_model_version', '')} {meta.get('modelspec.architecture', '')}".lower()
-    for mark, arch in (("xl", "sdxl"), ("v2", "sd2"), ("v1", "sd1")):
+    for mark, arch in (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"),
+                       ("v2", "sd2"), ("v1", "sd1")):
         if mark in said:
             return arch
-    if any(n.startswith(("lora_te1_", "lora_te2_", *SGM_UNET)) for n in names):
+    names = list(names)
+    if (family := family_of_names(names)) in FLOW_ARCHES:
+        return family
+    if any(n.startswith(("lora_te2_", *SGM_UNET)) for n in names) or (
+            any(n.startswith("lora_te1_") for n in names) and not names_a_transformer(names)):
         return "sdxl"
     return None
+
+
+def family_problem(arch: str | None, names, base_arch: str) -> str:
+    """Why a file is not of the base's family ("" when it is, or nothing tells)."""
+    base = ARCH_NAMES[base_arch]
+    if arch is not None:
+        return "" if arch == base_arch else f"made for {ARCH_NAMES[arch]}, the base is {base}"
+    if base_arch in FLOW_ARCHES and family_of_names(names) == "unet":
+        return f"made for SD 1.x / 2.x (its modules are a UNet's), the base is {base}"
+    if base_arch not in FLOW_ARCHES and names_a_transformer(names):
+        return f"made for SD 3.5 or FLUX.1 (its modules are a transformer's), the base is {base}"
+    return ""
 
 
 def method(modules: dict[str, dict]) -> str:
@@ -176,7 +203,7 @@ def fit_problem(modules: dict[str, dict], weights: dict[str, nn.Parameter]) -> s
         return f"{len(missing)} of its {len(modules)} modules have no match in this base (first: {missing[0]})"
     for name, params in modules.items():
         try:  # alpha only scales the update (and a meta tensor has no value)
-            update({k: v for k, v in params.items() if k != "alpha"}, weights[name].to("meta"))
+            update({k: v for k, v in params.items() if k != "alpha"}, torch.empty(weights[name].shape, device="meta"))
         except (ValueError, RuntimeError) as e:
             return f"{name}: {str(e).splitlines()[0]}"
     return ""
@@ -193,16 +220,13 @@ def inspect(index: int, label: str, path: Path, base_arch: str, weights: dict[st
     held_out = number(meta.get("ss_validation_loss"))
     tensors = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
     modules = adapter_modules(tensors)
-    if not modules or not all(n.startswith("lora_") for n in modules):
+    if not modules or not all(n.startswith(("lora_", "lycoris_", "transformer.", "text_encoder")) for n in modules):
         first = next(iter(header), "none")
         return LoraFile(index, label, path, None, "unknown", held_out,
                         f"not a LoRA file: it holds no kohya LoRA/LyCORIS weights (first key: {first})")
     arch = file_arch(meta, modules)
     found = LoraFile(index, label, path, arch, method(modules), held_out)
-    if arch is not None and arch != base_arch:
-        found.problem = f"made for {ARCH_NAMES[arch]}, the base is {ARCH_NAMES[base_arch]}"
-    else:
-        found.problem = fit_problem(modules, weights)
+    found.problem = family_problem(arch, modules, base_arch) or fit_problem(modules, weights)
     return found
 
 
@@ -227,22 +251,39 @@ class HotSwap:
             self.backup = {}
             self.updates = {}
             for name, params in adapter_modules(load_file(str(path))).items() if path else ():
-                self.backup[name] = self.weights[name].detach().to("cpu", copy=True)
+                self.backup[name] = snapshot(self.weights[name])
                 self.updates[name] = update(params, self.backup[name])
             self.path = path
         if strength != self.strength:
             for name, delta in self.updates.items():
-                weight = self.weights[name]
-                weight.copy_(self.backup[name])
-                if strength:
-                    weight.add_(delta.to(weight.device), alpha=strength)
+                put(self.weights[name], self.backup[name], delta, strength)
             self.strength = strength
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, original in self.backup.items():
-            self.weights[name].copy_(original)
+            put(self.weights[name], original)
         self.strength = 0.0
+
+
+def snapshot(target: nn.Parameter | Fused) -> torch.Tensor:
+    """A CPU copy of the weight a module patches (a fused one in the original layout)."""
+    return target.read() if isinstance(target, Fused) else target.detach().to("cpu", copy=True)
+
+
+@torch.no_grad()
+def put(target: nn.Parameter | Fused, original: torch.Tensor, delta: torch.Tensor | None = None,
+        strength: float = 0.0) -> None:
+    """target = original + strength · delta, in the target's dtype on its device; `original` alone at strength 0."""
+    if isinstance(target, Fused):
+        value = original.to(target.device, target.dtype, copy=True)
+        if strength:
+            value.add_(delta.to(target.device), alpha=strength)
+        target.write(value)
+        return
+    target.copy_(original)
+    if strength:
+        target.add_(delta.to(target.device), alpha=strength)
 
 
 # --- the cells ---
@@ -278,11 +319,11 @@ def quote(text: str) -> str:
     return json.dumps(text) if any(c in text for c in ",:\n") else text
 
 
-def cell_parameters(spec: dict, cell: Cell) -> str:
+def cell_parameters(spec: dict, cell: Cell, arch: str = "") -> str:
     lora = "none" if cell.file is None else quote(cell.file.label)
     return (parameters_text(spec["prompts"][cell.prompt], sampler=spec["sampler"], steps=spec["steps"],
                             cfg_scale=spec["cfg_scale"], seed=cell.seed, width=spec["width"], height=spec["height"],
-                            model=Path(str(spec["base"])).name, negative=spec["negative"])
+                            model=Path(str(spec["base"])).name, negative=spec["negative"], arch=arch)
             + f", Lora: {lora}, Strength: {cell.strength:g}")
 
 
@@ -336,6 +377,27 @@ def read_spec(folder: Path) -> dict:
     return checked(spec)
 
 
+def spec_parts(spec: dict) -> Parts:
+    """The separate CLIP / T5 / VAE files of an SD 3.5 / FLUX.1 split layout, as the spec's `parts` name them
+    (the run's [model] fields: clip_l, clip_g, t5xxl, vae, t5_tokenizer)."""
+    given = spec.get("parts") or {}
+    return Parts(**{part: given.get(name) or None for part, name in CONFIG_FIELDS.items()},
+                 t5_tokenizer=given.get("t5_tokenizer") or None)
+
+
+def check_drawing(spec: dict, arch: str) -> None:
+    """CompareError for settings this base cannot draw with: SD 3.5 / FLUX.1 sample with flow-matching Euler, on
+    sides that are multiples of 16 (8 × the VAE, 2 × the transformer's patches)."""
+    if arch not in FLOW_ARCHES:
+        return
+    if spec["sampler"] not in FLOW_SAMPLERS:
+        raise CompareError(f"sampler: {ARCH_NAMES[arch]} samples with flow-matching Euler: use 'euler' "
+                           f"(got {spec['sampler']!r})")
+    for side in ("width", "height"):
+        if spec[side] % 16:
+            raise CompareError(f"{side}: {ARCH_NAMES[arch]} draws sides that are multiples of 16 (got {spec[side]})")
+
+
 def check_files(spec: dict, base, weights, events: EventWriter) -> list[LoraFile]:
     """The usable files; a compare_file event for each; CompareError when none is usable."""
     files = [inspect(i, label, Path(path), base.arch, weights)
@@ -362,7 +424,8 @@ def compare(folder: Path, stop) -> str:
     run_dir.write_status(state="running", pid=os.getpid(), message="reading compare.json")
     spec = read_spec(folder)
     say("loading the base")
-    base = load_base(spec["base"], dtype=DTYPES[spec["precision"]])
+    base = load_base(spec["base"], dtype=DTYPES[spec["precision"]], parts=spec_parts(spec))
+    check_drawing(spec, base.arch)
     base.pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
     base.pipeline.set_progress_bar_config(disable=True)
     weights = base_weights(base)
@@ -377,7 +440,7 @@ def compare(folder: Path, stop) -> str:
                 row = cell.file
                 say("drawing the base" if row is None else f"file {files.index(row) + 1}/{len(files)}: {row.label}")
             swap.use(None if cell.file is None else cell.file.path, cell.strength)
-            save_png(draw(base, spec, cell), folder / cell.name, cell_parameters(spec, cell))
+            save_png(draw(base, spec, cell), folder / cell.name, cell_parameters(spec, cell, base.arch))
             events.emit("compare_cell", **cell.event())
             drawn += 1
     except Cancelled:

@@ -12,9 +12,11 @@ from trainer.single_file import read_safetensors_metadata as metadata  # noqa: F
 SPEC_FILE = "compare.json"
 LIMITS = {"files": (1, 16), "prompts": (1, 8), "seeds": (1, 4), "strengths": (1, 16)}
 DEFAULTS = {"strengths": [0, 0.5, 0.75, 1], "seeds": [1234], "negative": "", "sampler": "euler_a", "steps": 20,
-            "cfg_scale": 7.0, "width": 512, "height": 512, "clip_skip": 1, "precision": "fp32"}
+            "cfg_scale": 7.0, "width": 512, "height": 512, "clip_skip": 1, "precision": "fp32", "parts": {}}
 SETTINGS = tuple(DEFAULTS) + ("prompts",)  # what a form or a script may set; base, files and labels are chosen
 PRECISIONS = ("fp32", "fp16", "bf16")
+# an SD 3.5 / FLUX.1 base in the split layout: its separate files, under the run's [model] field names
+PARTS = config.PART_FIELDS
 # The compare worker's events (trainer.compare), added to the one event schema: the worker and the app both import
 # this module, so both write and read them (an EventReader skips a type it does not know).
 EVENTS = {"compare_file": ("index", "label", "arch", "method", "held_out", "problem"),
@@ -76,7 +78,24 @@ def checked(spec: dict) -> dict:
         raise CompareError("labels: one per file")
     if missing := [f for f in spec["files"] if not Path(f).is_file()]:
         raise CompareError(f"files: no such file {missing[0]}")
+    spec["parts"] = checked_parts(spec["parts"])
     return {k: spec[k] for k in ("base", "files", "labels", *DEFAULTS, "prompts")}
+
+
+def checked_parts(parts) -> dict[str, str]:
+    """The split layout's files ({clip_l, clip_g, t5xxl, vae, t5_tokenizer: path}, "" = inside the base), each
+    there; CompareError names the bad one."""
+    if not isinstance(parts, dict):
+        raise CompareError(f"parts: expected {{{', '.join(PARTS)}: path}}, got {type(parts).__name__}")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise CompareError(f"parts: {unknown[0]} is none of {', '.join(PARTS)}")
+    given = {k: str(v) for k, v in parts.items() if v}
+    for name, path in given.items():
+        there = Path(path).exists() if name == "t5_tokenizer" else Path(path).is_file()
+        if not there:
+            raise CompareError(f"parts: {name}: no such {'file or folder' if name == 't5_tokenizer' else 'file'} "
+                               f"{path}")
+    return given
 
 
 def check_range(spec: dict, name: str, low, high, kind):

@@ -65,12 +65,13 @@ def upload_label(path: Path) -> str:
 
 
 def run_settings(run: RunDir) -> dict:
-    """The compare settings a run suggests: its base, sample prompts (trigger filled in), sampler, steps, seed,
-    guidance, size and clip skip."""
+    """The compare settings a run suggests: its base (with the separate files of an SD 3.5 / FLUX.1 split layout),
+    sample prompts (trigger filled in), sampler, steps, seed, guidance, size and clip skip."""
     cfg = config.load(run.config)
     s, size = cfg.sample, cfg.data.resolution
     trigger = cfg.data.trigger_word
-    return {"base": cfg.model.pretrained_model_name_or_path,
+    parts = {f: getattr(cfg.model, f) for f in config.PART_FIELDS if getattr(cfg.model, f)}
+    return {"base": cfg.model.pretrained_model_name_or_path, "parts": parts,
             "prompts": [p.replace("{trigger}", trigger) for p in s.sample_prompts] or [trigger or "a picture"],
             "seeds": [s.sample_seed], "sampler": s.sample_sampler, "steps": s.sample_steps,
             "cfg_scale": s.sample_cfg_scale, "width": s.sample_width or size, "height": s.sample_height or size,
@@ -91,6 +92,8 @@ def spec_of(runs: list[RunDir], chosen: list[str] | None, settings: dict) -> dic
     if isinstance(given.get("prompts"), str):
         given["prompts"] = given["prompts"].splitlines()
     suggested = run_settings(runs[0]) if runs else {}
+    if "base" in given and given["base"] != suggested.get("base") and "parts" not in given:
+        suggested.pop("parts", None)  # the run's split-layout files go with its own base only
     return suggested | given | {"files": [f["path"] for f in saved], "labels": [f["label"] for f in saved]}
 
 
