@@ -24,6 +24,7 @@ from trainer.sweep_run import train_sweep
 from trainer.train import StopFlag, train
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATASET = ROOT / "demo" / "dataset"
 TOLERANCE = 1e-5  # max abs difference of every saved tensor, and of every logged loss (step and held-out)
 BASE = {"network": {"network_train_unet_only": True}, "data": {"validation_split": 0.34},  # 4 train, 2 held out
         "training": {"max_train_epochs": 2}}
@@ -168,9 +169,13 @@ def sweep_cli(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_cli_sweep_prunes_ranks_and_resumes_after_sigterm_with_the_same_table(tiny_models, tmp_path):
-    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {"max_train_epochs": 4, "save_every_n_steps": 1,
-                                                                    "validation_every_n_steps": 2}})
+def test_cli_sweep_prunes_ranks_and_resumes_after_sigterm_with_the_same_table(tmp_path):
+    """The issue's check: 4 trials on the demo model and dataset from the command line."""
+    cfg = config.build("character", "sd15", config.base_settings("demo"), TINY, BASE, {
+        "pretrained_model_name_or_path": "demo", "train_data_dir": str(DEMO_DATASET)},
+        {"training": {"max_train_epochs": 4, "save_every_n_steps": 1, "validation_every_n_steps": 2}})
+    config.save(cfg, tmp_path / "base.toml")
+    toml = tmp_path / "base.toml"
     space = ["--grid", "network_type=lora,lokr", "--grid", "unet_lr=2e-4,3e-3", "--prune", "halving"]
     whole = sweep_cli("--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--name", "whole", *space)
     out = whole.communicate(timeout=300)[0]

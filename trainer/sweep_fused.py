@@ -281,8 +281,9 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
         fused_step(group, [draw(c) for c in active])
         stepped = [c for c in active if c.state == "training" and step_optimizer(c)]
         group.measure_held_out([c for c in stepped if held_out_due(c)])
+        stopping = stop.requested  # asked once: the trials stop at the same step, before any is judged past it
         for c in stepped:
-            after_step(c, stop)
+            after_step(c, stopping)
         settle(active)
         judge(group.cursors)
 
@@ -353,7 +354,7 @@ def held_out_due(c: Cursor) -> bool:
         s.should_save_file(c.epoch + 1) or c.epoch + 1 >= s.epochs)
 
 
-def after_step(c: Cursor, stop) -> None:
+def after_step(c: Cursor, stopping: bool) -> None:
     """What the single loop does after an optimizer step (sample, validate, save, the epoch's end), then
     finished / cancelled."""
     run, p, s = c.run, c.run.progress, c.run.schedule
@@ -370,7 +371,7 @@ def after_step(c: Cursor, stop) -> None:
         c.batches = epoch_batches(run, c.epoch) if c.epoch < s.epochs else []
     if s.finished(p.step) or c.epoch >= s.epochs:
         c.state = "finished"
-    elif stop.requested:
+    elif stopping:
         cancel(run, epoch)
         c.state = "cancelled"
 
