@@ -17,7 +17,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.test_compare import adapter_file, cells_by_key, pixels, write_spec
+from tests.test_compare import adapter_file, cells_by_key, cli, pixels, write_spec
 from tests.test_flow_names import comfy_apply_kohya, comfy_apply_lycoris, comfy_lycoris_keys, comfy_unet_keys
 from tests.test_networks import net_config
 from tests.tiny_models import flow_layouts, flux_to_original, sd3_to_original
@@ -227,17 +227,24 @@ def test_what_a_flow_base_cannot_draw_is_refused_by_name(flow, tmp_path):
         checked(dict(base="x", files=[str(files["flux", "lora"])], prompts=["x"], parts={"clip_x": "a"}))
 
 
-def test_a_split_layout_base_loads_with_its_parts(flow, tmp_path):
-    """A FLUX.1 transformer file with its CLIP-L, T5 and VAE files (the run's [model] fields, as `parts`):
-    the compare loads it so and draws what the diffusers folder of the same model draws."""
+def test_the_command_draws_a_split_layout_flux_base_with_its_parts(flow, tmp_path):
+    """`python -m trainer compare --base <transformer file> --clip-l ... --t5xxl ... --vae ...`: the separate files
+    go into compare.json as `parts`, the worker loads the base so and draws what the diffusers folder of the same
+    model draws; the cells say FLUX.1's guidance as Forge writes it."""
     layouts, files = flow
-    parts = {"clip_l": str(layouts["flux"]["clip_l"]), "t5xxl": str(layouts["flux"]["t5"]),
-             "vae": str(layouts["flux"]["vae"]), "t5_tokenizer": str(layouts["flux"]["t5_tokenizer"])}
-    spec = dict(files=[str(files["flux", "lora"])], strengths=[1], prompts=[PROMPT], seeds=[2], **DRAW)
-    split = write_spec(tmp_path / "split", base=str(layouts["flux"]["transformer"]), parts=parts, **spec)
-    folder = write_spec(tmp_path / "folder", base=str(layouts["flux"]["folder"]), **spec)
-    assert json.loads((split / "compare.json").read_text())["parts"] == parts
-    for c in (split, folder):
-        assert engine.compare(c, SimpleNamespace(requested=False)) == "done"
-    got, want = (pixels(Image.open(cells_by_key(c)[(0, 1.0, 0, 2)])) for c in (split, folder))
-    assert np.abs(got - want).max() <= 2
+    lay = layouts["flux"]
+    out = tmp_path / "split"
+    r = cli("--base", lay["transformer"], "--clip-l", lay["clip_l"], "--t5xxl", lay["t5"], "--ae", lay["vae"],
+            "--t5-tokenizer", lay["t5_tokenizer"], "--files", files["flux", "lora"], "--strengths", "1",
+            "--prompts", PROMPT, "--seeds", "2", "--steps", "2", "--sampler", "euler", "--cfg-scale", "3.5",
+            "--width", "64", "--height", "64", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "compare.json").read_text())["parts"] == {
+        "clip_l": str(lay["clip_l"]), "t5xxl": str(lay["t5"]), "vae": str(lay["vae"]),
+        "t5_tokenizer": str(lay["t5_tokenizer"])}
+    folder = write_spec(tmp_path / "folder", base=str(lay["folder"]), files=[str(files["flux", "lora"])],
+                        strengths=[1], prompts=[PROMPT], seeds=[2], **DRAW)
+    assert engine.compare(folder, SimpleNamespace(requested=False)) == "done"
+    got, want = (Image.open(cells_by_key(c)[(0, 1.0, 0, 2)]) for c in (out, folder))
+    assert np.abs(pixels(got) - pixels(want)).max() <= 2
+    assert "Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 2" in got.info["parameters"]

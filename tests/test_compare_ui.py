@@ -406,3 +406,37 @@ def test_compare_ids_are_plain_names_and_cells_stay_in_their_folder(jobs, compar
     *_, view = refreshed(compares, compare_id, None, "done")
     (tmp_path / "secret.png").write_bytes(b"secret")
     assert compare_tab.picture(view, "../../secret.png") == ""  # an event is data, not a path to follow
+
+
+def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layout(jobs, compares, tmp_path):
+    """A FLUX.1 run trained on a split layout (transformer file + CLIP-L, T5, VAE files, issue #17): its files are
+    offered, the form gets flow-matching Euler and FLUX.1's distilled guidance, and the compare it starts carries
+    the run's separate files (`parts`), so the worker loads the base as the run did."""
+    from tests.tiny_models import flow_layouts
+
+    lay = flow_layouts("flux", tmp_path / "models")
+    parts = {"clip_l": str(lay["clip_l"]), "t5xxl": str(lay["t5"]), "vae": str(lay["vae"]),
+             "t5_tokenizer": str(lay["t5_tokenizer"])}
+    cfg = config.build("character", "flux", {"pretrained_model_name_or_path": str(lay["transformer"]),
+                                             "trigger_word": "zxq", "resolution": 64} | parts)
+    run = create(jobs.runs_dir, cfg, lambda d: d.mkdir(), state="done", name="f")
+    lora(run.output / "flux-000001.safetensors", ss_epoch="1", ss_steps="4", ss_base_model_version="flux1",
+         ss_validation_loss="0.5")
+    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg_scale, width, height = \
+        compare_tab.choose_runs(jobs, ["f"], "")
+    assert [text for text, _ in files["choices"]] == ["f / flux-000001 (epoch 1, step 4) · held-out 0.5000"]
+    assert (base, sampler, cfg_scale, width, height) == (str(lay["transformer"]), "euler", 3.5, 64, 64)
+    assert note == "1 saved file(s), all ticked." and prompts.startswith("zxq")
+    values = dict(base=base, prompts=prompts, negative="", strengths="0, 1", seeds=seeds, steps=steps,
+                  sampler=sampler, cfg_scale=cfg_scale, width=width, height=height)
+    status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["f"], files["value"], [],
+                                                   *[values[n] for n in compare_tab.SETTINGS])
+    assert status.endswith(": 1 files × 2 strengths × 2 prompts × 1 seeds."), status
+    spec = compares.spec(compare_id)
+    assert (spec["sampler"], spec["cfg_scale"], spec["parts"]) == ("euler", 3.5, parts)
+    refreshed(compares, compare_id, None, "done")
+    # another base chosen in the form: the run's separate files do not go with it
+    status, other, _ = compare_tab.on_compare(compares, jobs, ["f"], files["value"], [],
+                                              *[(values | {"base": str(lay["folder"])})[n]
+                                                for n in compare_tab.SETTINGS])
+    assert compares.spec(other)["parts"] == {}

@@ -15,9 +15,11 @@
     python -m trainer compare --base MODEL --files F [F ...] --prompts P [P ...] --out FOLDER [--labels L ...]
                               [--strengths 0,0.5,1] [--seeds 1,2] [--steps N] [--sampler S] [--cfg-scale X]
                               [--width W --height H] [--negative TEXT] [--clip-skip N] [--precision fp32|fp16|bf16]
+                              [--clip-l FILE] [--clip-g FILE] [--t5xxl FILE] [--vae/--ae FILE] [--t5-tokenizer DIR]
         Draw LoRA files × strengths × prompts × seeds on one loaded base (trainer.compare): the cells, then
         FOLDER/grid.png. The first form runs FOLDER/compare.json; the second writes it, then runs it. A file that
         does not fit the base is skipped with its problem named; none fitting exits 2, as a bad setting does.
+        SD 3.5 / FLUX.1: --sampler euler, and a transformer file as --base takes its split layout's other files.
     python -m trainer sweep SWEEP_DIR
     python -m trainer sweep --config RUN --runs-dir DIR [--grid key=v1,v2 ...] [--range key=lo:hi[:log] ...]
                             [--trials N] [--search grid|random|tpe] [--parallel K] [--prune none|halving|median]
@@ -134,6 +136,7 @@ def resize(args: argparse.Namespace) -> int:
 def parse_compare(argv: list[str]) -> argparse.Namespace:
     """Either FOLDER (holding compare.json), or the settings and --out FOLDER, where compare.json is written."""
     from trainer.compare_spec import CompareError, checked
+    from trainer.config import PART_FIELDS
 
     p = argparse.ArgumentParser(prog="python -m trainer compare",
                                 description="Compare LoRA files × strengths × prompts × seeds on one loaded base.")
@@ -153,6 +156,7 @@ def parse_compare(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clip-skip", type=int)
     p.add_argument("--precision")
     p.add_argument("--out", type=Path, help="the folder to write compare.json, the cells and grid.png into")
+    add_part_arguments(p)
     args = p.parse_args(argv)
     args.command = "compare"
     if (args.folder is None) == (args.out is None):
@@ -165,6 +169,8 @@ def parse_compare(argv: list[str]) -> argparse.Namespace:
                 "prompts": args.prompts} | {k: getattr(args, k) for k in (
                     "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height", "negative",
                     "clip_skip", "precision")}
+    settings["parts"] = {name: os.path.abspath(getattr(args, name).expanduser()) for name in PART_FIELDS
+                         if getattr(args, name, None) is not None}  # the split layout's files, stored absolute
     try:
         args.spec = checked(settings)
     except CompareError as e:
