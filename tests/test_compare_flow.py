@@ -248,3 +248,21 @@ def test_the_command_draws_a_split_layout_flux_base_with_its_parts(flow, tmp_pat
     got, want = (Image.open(cells_by_key(c)[(0, 1.0, 0, 2)]) for c in (out, folder))
     assert np.abs(pixels(got) - pixels(want)).max() <= 2
     assert "Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 2" in got.info["parameters"]
+
+
+def test_a_bf16_base_swaps_in_its_own_dtype_and_restores_bit_for_bit(flow):
+    """The app compares SD 3.5 / FLUX.1 runs in bf16 (ui.compares.run_settings): the fused parts are written in
+    bf16 (W0 + s · ΔW rounded once) and put back exactly."""
+    layouts, files = flow
+    base = load_base(layouts["flux"]["folder"], dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in base.denoiser.state_dict().items()}
+    swap = engine.HotSwap(engine.base_weights(base))
+    swap.use(files["flux", "lora"], 1.0)
+    now = base.denoiser.state_dict()
+    want = merged_state("flux", load_base(layouts["flux"]["folder"]).denoiser, files["flux", "lora"], 1.0)
+    qkv = "transformer_blocks.0.attn.to_k.weight"  # a part of the fused img_attn.qkv
+    assert now[qkv].dtype == torch.bfloat16 and not torch.equal(now[qkv], before[qkv])
+    assert max((now[k].float() - want[k]).abs().max().item() / (want[k].abs().max().item() + 1e-6)
+               for k in want) < 1e-2  # bf16 keeps 8 bits of mantissa
+    swap.restore()
+    assert all(torch.equal(v, before[k]) for k, v in base.denoiser.state_dict().items())

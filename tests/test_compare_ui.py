@@ -411,7 +411,8 @@ def test_compare_ids_are_plain_names_and_cells_stay_in_their_folder(jobs, compar
 def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layout(jobs, compares, tmp_path):
     """A FLUX.1 run trained on a split layout (transformer file + CLIP-L, T5, VAE files, issue #17): its files are
     offered, the form gets flow-matching Euler and FLUX.1's distilled guidance, and the compare it starts carries
-    the run's separate files (`parts`), so the worker loads the base as the run did."""
+    the run's separate files (`parts`), so the worker loads the base as the run did, in bf16 (FLUX.1 dev's
+    transformer alone is 48 GB in fp32)."""
     from tests.tiny_models import flow_layouts
 
     lay = flow_layouts("flux", tmp_path / "models")
@@ -433,7 +434,7 @@ def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layou
                                                    *[values[n] for n in compare_tab.SETTINGS])
     assert status.endswith(": 1 files × 2 strengths × 2 prompts × 1 seeds."), status
     spec = compares.spec(compare_id)
-    assert (spec["sampler"], spec["cfg_scale"], spec["parts"]) == ("euler", 3.5, parts)
+    assert (spec["sampler"], spec["cfg_scale"], spec["parts"], spec["precision"]) == ("euler", 3.5, parts, "bf16")
     refreshed(compares, compare_id, None, "done")
     # another base chosen in the form: the run's separate files do not go with it
     status, other, _ = compare_tab.on_compare(compares, jobs, ["f"], files["value"], [],

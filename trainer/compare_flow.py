@@ -26,7 +26,7 @@ from trainer import flow_names
 from trainer.kohya_names import by_module
 
 DIFFUSERS_PARAMS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
-DIFFUSERS_STEMS = ("transformer.", "text_encoder.", "text_encoder_2.")
+DIFFUSERS_STEMS = ("transformer.", "text_encoder.", "text_encoder_2.", "unet.")  # unet.*: SD's peft files
 FLUX_MARKS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_img_in", "lora_unet_txt_in",
               "lora_unet_guidance_in", "lycoris_single_transformer_blocks_", "transformer.single_transformer_blocks.",
               "lycoris_time_text_embed_guidance_embedder", "transformer.time_text_embed.guidance_embedder")
@@ -136,4 +136,5 @@ def family_of_names(names) -> str | None:
 
 
 def names_a_transformer(names) -> bool:
-    return any(n.startswith(("lycoris_", *DIFFUSERS_STEMS)) for n in names)
+    """Do a file's module names name an SD 3.5 / FLUX.1 transformer's diffusers modules?"""
+    return any(n.startswith(("lycoris_", "transformer.")) for n in names)
