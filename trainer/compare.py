@@ -234,7 +234,8 @@ def inspect(index: int, label: str, path: Path, base_arch: str, weights: dict[st
 
 class HotSwap:
     """The base's weights with at most one file applied, at one strength. `use` computes a file's ΔW once, when the
-    file changes, and keeps a CPU copy of every weight it touches, which `restore` puts back bit for bit."""
+    file changes, and keeps a CPU copy of every weight it touches, which `restore` puts back bit for bit. Both are
+    held in the weights' dtype, in CPU memory: twice the touched weights' size."""
 
     def __init__(self, weights: dict[str, nn.Parameter]):
         self.weights = weights
@@ -252,7 +253,8 @@ class HotSwap:
             self.updates = {}
             for name, params in adapter_modules(load_file(str(path))).items() if path else ():
                 self.backup[name] = snapshot(self.weights[name])
-                self.updates[name] = update(params, self.backup[name])
+                # kept in the weight's dtype: a LoRA on every block of FLUX.1 dev touches ~12 B weights
+                self.updates[name] = update(params, self.backup[name]).to(self.backup[name].dtype)
             self.path = path
         if strength != self.strength:
             for name, delta in self.updates.items():
