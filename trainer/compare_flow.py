@@ -117,8 +117,11 @@ def file_modules(tensors: dict) -> dict[str, dict]:
     for key, value in tensors.items():
         if key in kohya:
             continue
-        stem, param = (key.rsplit(".lora_", 1)[0], "lora_" + key.rsplit(".lora_", 1)[1]) if ".lora_" in key else \
-            key.rsplit(".", 1)
+        if ".lora_" in key:
+            stem, param = key.rsplit(".lora_", 1)
+            param = "lora_" + param
+        else:
+            stem, param = key.rsplit(".", 1)
         modules.setdefault(stem, {})[DIFFUSERS_PARAMS.get(param, param)] = value
     return modules
 
