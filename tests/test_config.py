@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from trainer import config, methods
+from trainer import config, kohya_import, methods
 from trainer.config import ConfigError
 
 
@@ -141,15 +141,15 @@ xformers = true
 output_dir = "/out"
 mystery_knob = 3
 ''')
-    flat, warnings = config.import_kohya(kohya)
+    flat, warnings = kohya_import.import_kohya(kohya)
     cfg = config.build(None, "sd15", flat)
     assert (cfg.network.network_type, cfg.network.conv_dim, cfg.network.network_dim) == ("locon", 4, 16)
     assert (cfg.optimizer.unet_lr, cfg.data.resolution, cfg.model.attention) == (2e-4, 512, "xformers")
     assert any(w.startswith("output_dir") for w in warnings) and any("mystery_knob" in w for w in warnings)
-    flat, _ = config.import_kohya({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]})
+    flat, _ = kohya_import.import_kohya({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]})
     assert flat == {"network_type": "lokr", "lokr_factor": 8}
     with pytest.raises(ConfigError, match="networks.dylora"):
-        config.import_kohya({"network_module": "networks.dylora"})
+        kohya_import.import_kohya({"network_module": "networks.dylora"})
 
 
 def test_config_module_stays_light():

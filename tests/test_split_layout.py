@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.test_training import ROOT, draw_dataset, losses
 from tests.tiny_models import flow_layouts
-from trainer import config
+from trainer import config, kohya_import
 from trainer.flow_parts import Parts, found_beside, parts_of
 
 FIELDS = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl", "vae": "vae", "t5_tokenizer": "t5_tokenizer"}
@@ -113,10 +113,10 @@ def test_kohya_names_carry_over(flow, tiny_models):
     files = flow["flux"]
     kohya = {"pretrained_model_name_or_path": str(files["transformer"]), "clip_l": str(files["clip_l"]),
              "t5xxl": str(files["t5"]), "ae": str(files["vae"])}  # flux_train_network.py's names
-    out, warnings = config.import_kohya(kohya)
+    out, warnings = kohya_import.import_kohya(kohya)
     assert (out["clip_l"], out["t5xxl"], out["vae"]) == (str(files["clip_l"]), str(files["t5"]), str(files["vae"]))
     assert warnings == [] and "ae" not in out
-    sdxl, warnings = config.import_kohya({"pretrained_model_name_or_path": str(tiny_models["sdxl"][1]),
+    sdxl, warnings = kohya_import.import_kohya({"pretrained_model_name_or_path": str(tiny_models["sdxl"][1]),
                                           "vae": "sdxl_vae.safetensors"})  # kohya's VAE swap for SDXL
     assert "vae" not in sdxl and warnings == ["vae: a separate vae file is read for SD 3.5 / FLUX.1 transformer "
                                               "files only; ignored"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from trainer import flow_parts, methods, optimizer_args, single_file
+from trainer import methods, optimizer_args
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
@@ -282,15 +282,17 @@ def from_dict(d: dict) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Raise the first ConfigError: ranges and choices of every field, then the rules between fields. Every
     combination the worker could only fail on is refused here, naming the field and the fix."""
-    check_base_family(cfg.family, cfg.model.pretrained_model_name_or_path)
+    from trainer import flow_config  # it reads this module's classes
+
+    flow_config.check_base_family(cfg.family, cfg.model.pretrained_model_name_or_path)
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
             _check_field(f"{section}.{f.name}", getattr(obj, f.name), f.metadata)
     _check_data(cfg.data)
     _check_network(cfg)
-    _check_flow(cfg)
-    _check_parts(cfg.model, cfg.family)
+    flow_config.check_flow(cfg)
+    flow_config.check_parts(cfg.model, cfg.family)
     t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
@@ -311,124 +313,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("preset", f"preset = {cfg.preset!r}: choose one of {', '.join(list_presets())}")
 
 
-def check_base_family(family: str, base: str = "") -> None:
-    """An SD 3.5 / FLUX.1 base trains with its own preset variant (family "sd3" / "flux"), and those variants with
-    such a base: a mismatch is named, with the family to set."""
-    try:
-        found = single_file.family_of(base) if base else ""
-    except (single_file.CheckpointError, OSError):
-        return  # not a model we can read: the loader says why when the run starts
-    if found in FLOW_FAMILIES and family != found:
-        raise ConfigError("model.pretrained_model_name_or_path",
-                          f"model.pretrained_model_name_or_path = {base!r} is {FLOW_FAMILIES[found]}: set family = "
-                          f"{found!r} (its preset variant), not {family!r}")
-    readable = bool(base) and base != "demo" and Path(base).expanduser().exists()  # "demo": the default, unset
-    if family in FLOW_FAMILIES and readable and found not in FLOW_FAMILIES:
-        raise ConfigError("family", f"family = {family!r} ({FLOW_FAMILIES[family]}), but "
-                                    f"model.pretrained_model_name_or_path = {base!r} is not {FLOW_FAMILIES[family]}")
-
-
-def _check_flow(cfg: TrainConfig) -> None:
-    """What SD 3.5 / FLUX.1 training does not have yet, refused by field with what to set (issue #17)."""
-    if cfg.family not in FLOW_FAMILIES:
-        return
-    name, n, t = FLOW_FAMILIES[cfg.family], cfg.network, cfg.training
-    missing = f"is not built for {name} yet (issue #17)"
-    rules = [
-        ("network.network_type", n.network_type not in FLOW_METHODS,
-         f"network.network_type = {n.network_type!r}: {n.network_type} adapts 3x3 convs, and {name}'s transformer "
-         f"has none (only Linears); use one of {', '.join(FLOW_METHODS)}"),
-        ("network.conv_dim", n.conv_dim > 0, f"network.conv_dim = {n.conv_dim}: {name}'s transformer has no 3x3 "
-                                             "convs (only its Linears are adapted): set conv_dim = 0"),
-        ("network.network_train_text_encoder_only", n.network_train_text_encoder_only,
-         f"network.network_train_text_encoder_only = true: the text encoders alone are not trained on {name}; set "
-         f"it false (text-encoder LoRA trains {FLOW_CLIPS[cfg.family]} with the transformer)"),
-        ("training.min_snr_gamma", t.min_snr_gamma > 0,
-         f"training.min_snr_gamma = {t.min_snr_gamma}: min-SNR weighs the DDPM noise schedule; {name} trains by "
-         "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),
-        ("training.noise_offset", t.noise_offset > 0, f"training.noise_offset = {t.noise_offset}: noise offset "
-                                                      f"{missing}: set noise_offset = 0"),
-        ("model.unet_quantization", cfg.model.unet_quantization == "nf4",
-         f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
-        ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),
-         f"pruning when saving {missing}: set prune_rank, prune_energy and prune_drop to 0"),
-        ("model.prediction_type", cfg.model.prediction_type != "auto",
-         f"model.prediction_type = {cfg.model.prediction_type!r}: {name} is a flow-matching model; leave it auto"),
-        ("model.clip_skip", cfg.model.clip_skip != 1,
-         f"model.clip_skip = {cfg.model.clip_skip}: {name} uses its encoders' fixed layers; set clip_skip = 1"),
-        ("sample.sample_sampler", cfg.sample.sample_sampler != "euler",
-         f"sample.sample_sampler = {cfg.sample.sample_sampler!r}: {name} samples with flow-matching Euler; "
-         "set sample_sampler = \"euler\""),
-    ]
-    for where, bad, message in rules:
-        if bad:
-            raise ConfigError(where, message)
-
-
 PART_FIELDS = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer")  # [model] fields of the split layout
-PART_OF = {f: part for part, f in flow_parts.CONFIG_FIELDS.items()}  # config field -> flow_parts part
-
-
-def _check_parts(m: ModelConfig, family: str) -> None:
-    """The split layout's files: each one there and of its kind, given only with an SD 3.5 / FLUX.1 transformer
-    file, fitting it; and every part a bare transformer lacks given (named by field, before a run is made)."""
-    given = {f: getattr(m, f) for f in PART_FIELDS if getattr(m, f)}
-    base, path = m.pretrained_model_name_or_path, Path(m.pretrained_model_name_or_path).expanduser()
-    if given and family not in FLOW_FAMILIES:
-        raise ConfigError(f"model.{next(iter(given))}", f"model.{', model.'.join(given)}: separate text-encoder / "
-                                                        "VAE / tokenizer files go with an SD 3.5 or FLUX.1 "
-                                                        f"transformer file; {base!r} is an SD 1.x / 2.x / SDXL base, "
-                                                        "which holds its own: clear them")
-    if m.t5_tokenizer:
-        _check_tokenizer(m.t5_tokenizer)
-    if family not in FLOW_FAMILIES or not (path.is_file() and path.suffix.lower() == ".safetensors"):
-        if parts := [f for f in given if f != "t5_tokenizer"]:
-            raise ConfigError(f"model.{parts[0]}", f"model.{', model.'.join(parts)}: separate text-encoder / VAE "
-                                                   f"files go with a transformer .safetensors file (e.g. "
-                                                   f"flux1-dev.safetensors); {base!r} is not one: clear them")
-        return
-    arch = family
-    if m.clip_g and arch == "flux":
-        raise ConfigError("model.clip_g", f"model.clip_g = {m.clip_g!r}: FLUX.1 has no CLIP-G text encoder (it "
-                                          "takes clip_l, t5xxl and vae): clear clip_g")
-    for f in given.keys() - {"t5_tokenizer"}:
-        try:
-            flow_parts.part_source(PART_OF[f], Path(given[f]).expanduser(), arch)
-        except (single_file.CheckpointError, OSError) as e:
-            raise ConfigError(f"model.{f}", f"model.{f} = {given[f]!r}: {str(e).removeprefix(PART_OF[f] + ': ')}")
-    _check_parts_fit(m, arch, path)
-
-
-def _check_parts_fit(m: ModelConfig, arch: str, path: Path) -> None:
-    try:
-        shapes = single_file.read_safetensors_shapes(path)
-    except (single_file.CheckpointError, OSError):
-        return  # the loader names what is wrong with the base itself
-    parts = flow_parts.parts_of(m)
-    if missing := flow_parts.missing_parts(arch, path, shapes, set(parts.given())):
-        fields_ = [f"model.{flow_parts.CONFIG_FIELDS[p]}" for p in missing]
-        what, them = "; ".join(flow_parts.PART_NAMES[p] for p in missing), "it" if len(missing) == 1 else "them"
-        raise ConfigError(fields_[0], f"{', '.join(fields_)}: not set, and {path.name} is a "
-                                      f"{flow_parts.FAMILY_NAMES[arch]} transformer without {what}; set {them} to "
-                                      "the files beside it (as ComfyUI keeps them), or use a checkpoint that "
-                                      "includes them")
-    try:
-        flow_parts.locate(arch, path, shapes, parts)
-    except single_file.CheckpointError as e:  # a part that does not fit this transformer (its widths)
-        text = str(e)
-        part = next((p for p in ("clip_l + clip_g", *flow_parts.CONFIG_FIELDS) if text.startswith(p)), "")
-        field_ = {"clip_l + clip_g": "clip_g"}.get(part, flow_parts.CONFIG_FIELDS.get(part, ""))
-        raise ConfigError(f"model.{field_}" if field_ else "model.pretrained_model_name_or_path",
-                          text.removeprefix(f"{part}: ") if part in flow_parts.CONFIG_FIELDS else text) from None
-
-
-def _check_tokenizer(given: str) -> None:
-    place = Path(given).expanduser()
-    if place.is_file() or place.is_dir() and any(place.glob("tokenizer*")):
-        return
-    raise ConfigError("model.t5_tokenizer", f"model.t5_tokenizer = {given!r}: " + (
-        "a folder without tokenizer.json" if place.is_dir() else "no such file or folder") +
-        " (give the T5-XXL tokenizer folder of google/t5-v1_1-xxl, or its tokenizer.json)")
 
 
 def _check_validation(cfg: TrainConfig) -> None:
@@ -657,75 +542,3 @@ def field_help(name: str) -> dict:
         if key in f.metadata:
             info[key] = f.metadata[key]
     return info
-
-
-# --- kohya sd-scripts training TOML ---
-
-KOHYA_ONLY = {"output_dir", "logging_dir", "save_model_as", "log_with", "log_prefix", "sample_prompts_file",
-              "persistent_data_loader_workers", "max_data_loader_n_workers", "save_state", "dataset_config",
-              "huggingface_repo_id", "wandb_api_key", "sdpa", "mem_eff_attn", "lowram", "highvram", "v2",
-              "v_parameterization", "sdxl", "network_weights", "in_json", "reg_data_dir", "full_fp16", "full_bf16"}
-KOHYA_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
-
-
-def import_kohya(source) -> tuple[dict, list[str]]:
-    """A kohya sd-scripts training TOML (flat keys; its [sections] are ignored, as kohya does) -> (our flat dict,
-    warnings). Unknown keys become warnings; an unsupported network is an error."""
-    data = tomllib.loads(Path(source).read_text(encoding="utf-8")) if not isinstance(source, dict) else source
-    flat: dict = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= value
-        else:
-            flat[key] = value
-    out, warnings = {}, []
-    args = dict(a.split("=", 1) for a in flat.pop("network_args", []) if "=" in a)
-    module = flat.pop("network_module", "networks.lora")
-    if module == "networks.lora":
-        out["network_type"] = "locon" if int(args.get("conv_dim", 0) or 0) > 0 else "lora"
-    elif module == "lycoris.kohya":
-        algo = args.get("algo", "lora").lower()
-        if algo not in KOHYA_ALGOS:
-            raise ConfigError("network_module", f"LyCORIS algo {algo!r} is not supported; use one of "
-                                                f"{', '.join(KOHYA_ALGOS)}")
-        out["network_type"] = KOHYA_ALGOS[algo]
-        if algo in ("lora", "locon") and str(args.get("dora_wd", "")).lower() == "true":
-            out["network_type"] = "dora"
-    else:
-        raise ConfigError("network_module", f"network_module {module!r} is not supported; use networks.lora or "
-                                            "lycoris.kohya")
-    for key in ("conv_dim", "conv_alpha"):
-        if key in args:
-            out[key] = float(args[key]) if key == "conv_alpha" else int(args[key])
-    if "factor" in args:
-        out["lokr_factor"] = int(args["factor"])
-    if flat.pop("xformers", False):
-        out["attention"] = "xformers"
-    if "pretrained_model_name_or_path" in flat:
-        out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
-    warnings += _kohya_parts(flat, out.get("pretrained_model_name_or_path", ""))
-    for key, value in flat.items():
-        if key in SECTION_OF:
-            out[key] = value
-        elif key in KOHYA_ONLY:
-            warnings.append(f"{key}: a kohya option with no effect here; ignored")
-        else:
-            warnings.append(f"{key}: unknown setting; ignored")
-    if isinstance(out.get("resolution"), str):  # kohya writes "512" or "512,768"
-        out["resolution"] = max(int(v) for v in out["resolution"].split(","))
-    return out, warnings
-
-
-def _kohya_parts(flat: dict, base: str) -> list[str]:
-    """kohya's clip_l / clip_g / t5xxl / ae (FLUX.1) / vae (SD 3) files, kept for an SD 3.5 / FLUX.1 base; with an
-    SD 1.x / 2.x / SDXL base (where kohya's vae replaces the checkpoint's) they are dropped, with a warning."""
-    if "ae" in flat:
-        flat["vae"] = flat.pop("ae")
-    try:
-        flow = single_file.family_of(base) in FLOW_FAMILIES if base else False
-    except (single_file.CheckpointError, OSError):
-        flow = False
-    if flow:
-        return []
-    return [f"{key}: a separate {key} file is read for SD 3.5 / FLUX.1 transformer files only; ignored"
-            for key in PART_FIELDS if flat.pop(key, None) is not None]
