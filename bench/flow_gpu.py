@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import memory  # noqa: E402
+from bench import gpu, memory  # noqa: E402
 
 SMOKE = {"flux": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]),
@@ -78,20 +77,12 @@ def run(name: str, mode: str, steps: int, device: str, smoke: bool) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+    seconds, peak_bytes = gpu.timed(step, 1, steps, device)
+    peak = peak_bytes / 1e9 if peak_bytes else None
     estimate = memory.estimate(name)  # less what this run does not hold: the CUDA context and the VAE
     expected = estimate["peak_fp8_ckpt" if mode == "fp8" else "peak_bf16_ckpt"] - memory.CONTEXT_GB - \
         memory.vae_gb(arch)
-    return {"model": name, "mode": mode, "steps_per_s": round(steps / (time.perf_counter() - t0), 3),
+    return {"model": name, "mode": mode, "steps_per_s": round(steps / seconds, 3),
             "peak_gb": round(peak, 2) if peak else None, "estimate_gb": round(expected, 2),
             "ratio": round(peak / expected, 3) if peak else None}
 

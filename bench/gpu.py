@@ -78,7 +78,15 @@ def run(arch: str, mode: str, batch: int, steps: int, device: str, smoke: bool) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    warmup = 2 if smoke else 5
+    seconds, peak = timed(step, 2 if smoke else 5, steps, device)
+    samples_per_s = batch * steps / seconds
+    return {"arch": arch, "mode": mode, "batch": batch, "samples_per_s": round(samples_per_s, 2),
+            "mfu": round(samples_per_s * FLOPS_PER_SAMPLE[arch] / (PEAK_TFLOPS * 1e12), 4),
+            "peak_vram_gb": round(peak / 2**30, 2) if peak else None}
+
+
+def timed(step, warmup: int, steps: int, device: str) -> tuple[float, float | None]:
+    """(seconds for `steps` calls of `step` after `warmup` ones, peak GPU memory in bytes over those; None on CPU)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -89,11 +97,7 @@ def run(arch: str, mode: str, batch: int, steps: int, device: str, smoke: bool) 
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    samples_per_s = batch * steps / seconds
-    return {"arch": arch, "mode": mode, "batch": batch, "samples_per_s": round(samples_per_s, 2),
-            "mfu": round(samples_per_s * FLOPS_PER_SAMPLE[arch] / (PEAK_TFLOPS * 1e12), 4),
-            "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if device == "cuda" else None
 
 
 def main(argv=None) -> list[dict]:

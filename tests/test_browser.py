@@ -313,7 +313,7 @@ def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
         page.wait_for_timeout(2500)
         assert last_step_plotted(page) > before
         page.locator("#monitor-cancel").click()  # the re-attached run is the app's own: it can stop it
-        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=15000)
+        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)  # saving its state first
         assert [e for e in read_all(run_dir) if e["type"] == "cancelled"]
     finally:
         app.stop()

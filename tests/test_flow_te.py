@@ -14,17 +14,17 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 
 from tests.test_flow_names import (comfy_apply_kohya, comfy_apply_lycoris, comfy_clip_keys, comfy_lycoris_keys,
                                    comfy_unet_keys, te_out)
-from tests.test_flow_training import (FAMILIES, StopAt, assert_file_holds_the_update, flow,  # noqa: F401
-                                      make_flow_run, updated)
+from tests.test_flow_training import (FAMILIES, assert_file_holds_the_update, assert_resume_reproduces,  # noqa: F401
+                                      flow, make_flow_run, updated)
 from tests.test_training import losses
 from tests.tiny_models import flux_to_original, hf_clip, sd3_to_original
-from trainer import checkpoint, config, flow_names, text
+from trainer import config, flow_names, text
 from trainer.kohya_names import by_module
 from trainer.loading import load_base
 from trainer.loss import FlowMatchingLoss
 from trainer.networks import create
 from trainer.setup import FLOW_CLIPS, setup
-from trainer.train import StopFlag, finish, loop, train
+from trainer.train import StopFlag, finish, loop
 from trainer.transformer_files import flux_to_diffusers
 
 TE_LR = 3e-3  # the tiny CLIP moves visibly in a few steps; not the transformer's 2e-3 (FLOW_TINY)
@@ -241,17 +241,7 @@ def assert_diffusers_applies_clip(arch: str, sd: dict, fresh, deltas: dict, tmp_
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_resume_after_a_cancel_reproduces_the_losses(flow, tmp_path, arch):
-    alone, cfg = make_flow_run(tmp_path / "alone", arch, flow[arch]["folder"], TE_ON)
-    train(cfg, alone)
-    reference = losses(alone)
-    cut, cfg = make_flow_run(tmp_path / "cut", arch, flow[arch]["folder"], TE_ON)
-    assert train(cfg, cut, StopAt(cut, 2)) is None
-    assert checkpoint.latest(cut).name == "step-00000002"
-    assert train(config.load(cut / "config.toml"), cut) is not None
-    resumed = losses(cut)
-    assert set(resumed) == set(reference) == set(range(1, 7))
-    for step in range(3, 7):
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    assert_resume_reproduces(flow, tmp_path, arch, TE_ON)
 
 
 @pytest.mark.parametrize("method", ["rslora", "lora_fa", "vera", "adalora"])

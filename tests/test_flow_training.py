@@ -340,10 +340,15 @@ class StopAt(StopFlag):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_resume_after_a_cancel_reproduces_the_losses(flow, tmp_path, arch):
-    alone, cfg = make_flow_run(tmp_path / "alone", arch, flow[arch]["folder"])
+    assert_resume_reproduces(flow, tmp_path, arch)
+
+
+def assert_resume_reproduces(flow, tmp_path, arch: str, *layers: dict) -> None:
+    """A run cancelled after its state at step 2 resumes to the uninterrupted run's losses at steps 3-6."""
+    alone, cfg = make_flow_run(tmp_path / "alone", arch, flow[arch]["folder"], *layers)
     train(cfg, alone)
     reference = losses(alone)
-    cut, cfg = make_flow_run(tmp_path / "cut", arch, flow[arch]["folder"])
+    cut, cfg = make_flow_run(tmp_path / "cut", arch, flow[arch]["folder"], *layers)
     assert train(cfg, cut, StopAt(cut, 2)) is None
     assert checkpoint.latest(cut).name == "step-00000002"
     assert train(config.load(cut / "config.toml"), cut) is not None

@@ -173,7 +173,7 @@ def test_cli_sweep_prunes_ranks_and_resumes_after_sigterm_with_the_same_table(tm
     """The issue's check: 4 trials on the demo model and dataset from the command line."""
     cfg = config.build("character", "sd15", config.base_settings("demo"), TINY, BASE, {
         "pretrained_model_name_or_path": "demo", "train_data_dir": str(DEMO_DATASET)},
-        {"training": {"max_train_epochs": 4, "save_every_n_steps": 1, "validation_every_n_steps": 2}})
+        {"training": {"max_train_epochs": 2, "save_every_n_steps": 1, "validation_every_n_steps": 2}})
     config.save(cfg, tmp_path / "base.toml")
     toml = tmp_path / "base.toml"
     space = ["--grid", "network_type=lora,lokr", "--grid", "unet_lr=2e-4,3e-3", "--prune", "halving"]

@@ -278,3 +278,10 @@ def test_the_train_tab_says_what_trains(flow, tiny_models):
 def test_sd_bases_still_train(tiny_models):
     cfg = config.build("character", "sdxl", {"pretrained_model_name_or_path": str(tiny_models["sdxl"][1])})
     assert cfg.model.pretrained_model_name_or_path.endswith("sdxl.safetensors")
+
+
+def test_ddpm_only_options_are_refused_with_the_reason(flow):
+    for arch, name in (("flux", "FLUX.1"), ("sd3", "SD 3.5")):
+        with pytest.raises(config.ConfigError, match=rf"{re.escape(name)}'s rectified flow reaches pure noise") as e:
+            config.build("character", arch, {"noise_offset": 0.05})
+        assert e.value.field == "training.noise_offset"

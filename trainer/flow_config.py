@@ -46,8 +46,9 @@ def check_flow(cfg: TrainConfig) -> None:
         ("training.min_snr_gamma", t.min_snr_gamma > 0,
          f"training.min_snr_gamma = {t.min_snr_gamma}: min-SNR weighs the DDPM noise schedule; {name} trains by "
          "flow matching at logit-normal timesteps: set min_snr_gamma = 0"),
-        ("training.noise_offset", t.noise_offset > 0, f"training.noise_offset = {t.noise_offset}: noise offset "
-                                                      f"{missing}: set noise_offset = 0"),
+        ("training.noise_offset", t.noise_offset > 0,
+         f"training.noise_offset = {t.noise_offset}: noise offset works around the DDPM schedule's never quite "
+         f"pure noise; {name}'s rectified flow reaches pure noise at σ = 1: set noise_offset = 0"),
         ("model.unet_quantization", cfg.model.unet_quantization == "nf4",
          f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
         ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),
