@@ -335,6 +335,7 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
     assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
     progress, problems, grid, download, view = refreshed(compares, compare_id, view, "cancelled")
     assert progress == "Cell 1 / 2 · cancelled" and grid.count("<img") == 1 and download is None
+    wait_for(lambda: compares.info(compare_id).state == "cancelled")  # the events say so before the worker exits
     assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped after 1 cell(s))"
     assert not Path(f"/proc/{pid}").exists()
     assert compare_tab.cancel(compares, "") == "No compare to cancel."
