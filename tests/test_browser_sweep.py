@@ -58,8 +58,8 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
         page.locator("#sweep-status").get_by_text("4 trial(s), grid search").wait_for(state="attached", timeout=30000)
     except Exception:
         raise AssertionError(f"no sweep; the section says {page.locator('#sweep-status').inner_text()!r}") from None
-    page.locator("#sweep-state").get_by_text("4 / 4 trial(s) ended").wait_for(timeout=240000)  # the Sweeps tab
-    page.locator("#sweep-best").get_by_text("Best:").wait_for(timeout=15000)
+    page.locator("#sweep-state").get_by_text("4 / 4 trial(s) ended").wait_for(timeout=420000)  # the Sweeps tab
+    page.locator("#sweep-best").get_by_text("Best:").wait_for(timeout=45000)
     deadline = time.time() + 15
     while not (all(f"trial-00{i}" in (text := table_text(page)) for i in range(4)) and "pruned" in text):
         assert time.time() < deadline, text
@@ -86,8 +86,8 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
     run = Path(runs) / run_id
     assert config.load(run / "config.toml").optimizer.unet_lr == state["ranking"][0]["params"]["unet_lr"]
     page.get_by_role("tab", name="Runs").click()
-    page.locator("#runs-table").get_by_text(f"{folder.name}/{best}").wait_for(timeout=15000)  # trials are listed
-    deadline = time.time() + 120  # let the full run end, so no worker outlives the test
+    page.locator("#runs-table").get_by_text(f"{folder.name}/{best}").wait_for(timeout=45000)  # trials are listed
+    deadline = time.time() + 240  # let the full run end, so no worker outlives the test
     while json.loads((run / "status.json").read_text())["state"] in ("queued", "running"):
         assert time.time() < deadline
         time.sleep(0.5)
