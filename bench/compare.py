@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="each way this many times, interleaved; the fastest counts")
-    p.add_argument("--quick", action="store_true", help="a tiny model, 2 steps, 1 and 2 files, 1 round")
+    p.add_argument("--quick", action="store_true", help="a tiny model, 2 steps, 2 files, 1 round")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(*args.child)
     if args.quick:
-        args.model, args.files, args.scaling, args.steps, args.size, args.rounds = "tiny", 2, "1", 2, 64, 1
+        args.model, args.files, args.scaling, args.steps, args.size, args.rounds = "tiny", 2, "", 2, 64, 1
     counts = sorted({args.files, *(int(n) for n in args.scaling.split(",") if n)})
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -155,8 +155,12 @@ def set_up_run(page, app: App, images: list[Path], trigger: str = "zxq") -> None
     page.wait_for_function("() => document.querySelector('#train-network-alpha input').value === '16'")
     page.wait_for_timeout(2000)
     page.locator("#train-advanced").get_by_text("Advanced").click()
-    wanted = TINY_FORM | TINY_ADVANCED
-    for _ in range(5):  # a late refill from the preset may overwrite a field: fill until the form holds still
+    fill_until_still(page, TINY_FORM | TINY_ADVANCED)
+
+
+def fill_until_still(page, wanted: dict[str, str]) -> None:
+    """Fill the Train tab's fields; a late refill from the preset may overwrite one, so fill until the form holds."""
+    for _ in range(5):
         for elem, value in wanted.items():
             fill(page, elem, value)
         page.wait_for_timeout(1500)
@@ -186,6 +190,12 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     assert "At 64 px, batch 2" in health.inner_text() and "64×64" in health.inner_text()
     page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
     page.get_by_role("tab", name="Train").click()
+    fill(page, "network-alpha", "-1")  # a bad value is refused beside its field, and no run is made
+    page.locator("#train-start").click()
+    beside = page.locator("#train-network-alpha")
+    beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
+    assert "network_alpha = -1" in beside.inner_text() and not any((tmp_path / "runs").glob("2*"))
+    fill(page, "network-alpha", TINY_FORM["network-alpha"])
     page.locator("#train-start").click()
     queued(page)
     progress = page.locator("#monitor-progress")
@@ -241,17 +251,6 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
 
 
-def test_invalid_value_is_refused_beside_the_field(app, page, tmp_path):
-    images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
-    set_up_run(page, app, images)
-    fill(page, "network-alpha", "-1")
-    page.locator("#train-start").click()
-    beside = page.locator("#train-network-alpha")
-    beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
-    assert "network_alpha = -1" in beside.inner_text()
-    assert not any((tmp_path / "runs").glob("2*"))  # no run was made
-
-
 def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:
     images = sorted(draw_dataset(tmp_path / "pictures", 8).glob("*.png"))
     set_up_run(page, app, images)
@@ -262,30 +261,8 @@ def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:
     page.locator("#monitor-progress").get_by_text(re.compile(r"Step \d+ /")).wait_for(timeout=120000)
 
 
-def test_cancel_stops_the_worker_and_resume_continues(app, page, tmp_path):
+def test_the_app_restarts_finds_its_running_run_cancels_and_resumes_it(browser, models, tmp_path):
     from trainer.checkpoint import latest
-    from trainer.events import read_all
-
-    start_training(page, app, tmp_path, epochs=60)
-    run_dir = next((tmp_path / "runs").glob("2*"))
-    pid = json.loads((run_dir / "status.json").read_text())["pid"]
-    page.locator("#monitor-cancel").click()
-    # "cancelled" is shown once the worker has saved its state and exited (seconds; more on a loaded machine)
-    page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
-    cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
-    assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
-    page.locator("#monitor-resume").click()
-    page.wait_for_function(f"""() => {{
-        const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
-        return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
-    page.locator("#monitor-cancel").click()
-    page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
-    resumed = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
-    assert resumed == sorted(set(resumed)) and resumed[0] == 1  # continued, never restarted from 0
-
-
-def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
     from trainer.events import read_all
 
     app = App(tmp_path / "runs", models).start()
@@ -311,9 +288,21 @@ def test_the_app_restarts_and_finds_its_running_run(browser, models, tmp_path):
         assert len([e for e in read_all(run_dir) if e["type"] == "step"]) > before  # it trained while the app was down
         page.wait_for_timeout(2500)
         assert last_step_plotted(page) > before
+        pid = json.loads((run_dir / "status.json").read_text())["pid"]
         page.locator("#monitor-cancel").click()  # the re-attached run is the app's own: it can stop it
-        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)  # saving its state first
-        assert [e for e in read_all(run_dir) if e["type"] == "cancelled"]
+        # "cancelled" is shown once the worker has saved its state and exited (seconds; more on a loaded machine)
+        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+        cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
+        assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
+        page.locator("#monitor-resume").click()
+        page.wait_for_function(f"""() => {{
+            const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
+            return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
+        page.locator("#monitor-cancel").click()
+        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
+        steps = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
+        assert steps == sorted(set(steps)) and steps[0] == 1  # continued, never restarted from 0
     finally:
         app.stop()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, App, app, browser, fill, field_value, models, page  # noqa: F401 (fixtures)
+from tests.test_browser import CHROMIUM, App, app, browser, fill_until_still, models, page  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -35,13 +35,7 @@ def set_up_demo(page, app) -> None:
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
     page.locator("#train-advanced").get_by_text("Advanced").click()
-    for _ in range(5):  # a late refill from the preset may overwrite a field: fill until the form holds still
-        for elem, value in DEMO_FORM.items():
-            fill(page, elem, value)
-        page.wait_for_timeout(1500)
-        if all(field_value(page, e) == v for e, v in DEMO_FORM.items()):
-            return
-    raise AssertionError({e: field_value(page, e) for e in DEMO_FORM})
+    fill_until_still(page, DEMO_FORM)
 
 
 def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811

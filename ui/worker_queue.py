@@ -62,14 +62,21 @@ class WorkerQueue:
 
     def start_background(self) -> None:
         """Start queued jobs and record ended ones once a second, with or without a page open."""
-        def loop():
-            while True:
-                try:
-                    self.tick()
-                except Exception as e:  # the loop must keep going whatever one folder holds
-                    print(f"{self.command} manager: {e}", file=sys.stderr)
-                time.sleep(self.poll_s)
-
         if self._thread is None:
-            self._thread = threading.Thread(target=loop, daemon=True, name=f"{self.command}-manager")
-            self._thread.start()
+            self._thread = tick_in_background(self.tick, self.poll_s, f"{self.command}-manager")
+
+
+def tick_in_background(tick: Callable[[], None], poll_s: float, name: str) -> threading.Thread:
+    """Call `tick` every `poll_s` seconds on a daemon thread for the app's life; an error in one tick is printed
+    and the next tick comes anyway (whatever one folder holds, the queue must keep going)."""
+    def loop():
+        while True:
+            try:
+                tick()
+            except Exception as e:
+                print(f"{name}: {e}", file=sys.stderr)
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=loop, daemon=True, name=name)
+    thread.start()
+    return thread
