@@ -221,3 +221,27 @@ def test_a_run_of_an_earlier_app_is_shown_ended_once_its_worker_lets_go_of_the_l
     finally:
         lock.release()
     assert jobs.info("a").state == "cancelled"
+
+
+def test_a_worker_of_an_earlier_app_that_let_go_of_the_lock_is_shown_stopping_until_it_exits(tmp_path):
+    """A worker releases its lock, then its interpreter takes seconds to shut down (torch): the run is shown ended
+    only once the process the lock file names is gone, so "cancelled" means the GPU is free."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    run = queue(jobs, tmp_path, "a")
+    run.write_status(state="cancelled", message="stopped; resumable", pid=None)
+    script = ("import sys, time; from trainer.rundir import RunDir; RunDir(sys.argv[2]).acquire().release(); "
+              "print('released', flush=True); time.sleep(60)")
+    worker = subprocess.Popen([sys.executable, "-c", script, "trainer", str(run.path)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)  # argv like `-m trainer RUN`
+    try:
+        assert worker.stdout.readline().strip() == "released" and run.holder() is None
+        info = jobs.info("a")
+        assert (info.state, info.message, info.pid) == ("running", "stopping: the worker is exiting", worker.pid)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert jobs.info("a").state == "cancelled"

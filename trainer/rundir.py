@@ -146,6 +146,14 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def last_holder_pid(self) -> int | None:
+        """The pid the lock file names, held now or not: a worker that let go of the lock may still be exiting."""
+        try:
+            pid = json.loads(self.lock_file.read_bytes() or b"{}").get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) else None
+
 
 class WorkerLock:
     def __init__(self, fd: int):

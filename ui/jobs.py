@@ -23,6 +23,7 @@ from trainer import sweep
 from trainer.sweep import SWEEP_FILE
 from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
 from ui.security import inside
+from ui.worker_queue import tick_in_background
 
 EXIT_DISK_FULL = 5  # trainer/__main__.py's exit code for a full disk
 
@@ -192,9 +193,11 @@ class JobManager:
         if run_id in self._unsaved:
             state, message, pid = self._unsaved[run_id]["state"], self._unsaved[run_id]["message"], None
         proc = self._procs.get(run_id)
-        if state in FINAL_STATES and (proc.poll() is None if proc is not None else run.holder() is not None):
-            # it wrote its end and is not gone yet (a worker started by an earlier app: it still holds the lock)
-            state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else pid
+        exiting = run.last_holder_pid() if proc is None and state in FINAL_STATES else None
+        if state in FINAL_STATES and (proc.poll() is None if proc is not None else worker_alive(run, exiting)):
+            # it wrote its end and is not gone yet (a worker started by an earlier app: it holds the lock, or it let
+            # go of it and its interpreter is still shutting down)
+            state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else exiting
         return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
 
     def recover(self) -> None:
@@ -358,17 +361,9 @@ class JobManager:
                         started=time.time())
 
     def start_background(self) -> None:
-        def loop():
-            while True:
-                try:
-                    self.tick()
-                except Exception as e:  # the queue must keep going whatever one run does
-                    print(f"job manager: {e}", file=sys.stderr)
-                time.sleep(self.poll_s)
-
+        """Start queued runs and record ended ones every poll_s seconds, with or without a page open."""
         if self._thread is None:
-            self._thread = threading.Thread(target=loop, daemon=True, name="job-manager")
-            self._thread.start()
+            self._thread = tick_in_background(self.tick, self.poll_s, "job-manager")
 
     # --- reading a run ---
     def files(self, run_id: str) -> list[Path]:
