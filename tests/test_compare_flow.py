@@ -31,7 +31,7 @@ from trainer.sampling import generate
 from trainer.transformer_files import flux_to_diffusers
 
 FAMILIES = ("flux", "sd3")
-VERSION = {"flux": "flux1", "sd3": "sd3"}
+VERSION = {"flux": "flux1", "sd3": "5-medium"}  # as sd-scripts writes them
 ARCHITECTURE = {"flux": "flux-1-dev", "sd3": "stable-diffusion-3-5-medium"}
 DRAW = dict(sampler="euler", steps=2, cfg_scale=3.5, clip_skip=1, negative="", width=64, height=64)
 PROMPT = "a red circle"

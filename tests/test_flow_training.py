@@ -27,7 +27,7 @@ from trainer.transformer_files import flux_to_diffusers
 
 FAMILIES = ("flux", "sd3")
 ARCHITECTURE = {"flux": "flux-1-dev/lora", "sd3": "stable-diffusion-3-5-medium/lora"}
-VERSION = {"flux": "flux1", "sd3": "sd3"}
+VERSION = {"flux": "flux1", "sd3": "5-medium"}  # sd-scripts: flux_utils.MODEL_VERSION_FLUX_V1, the MMDiT model_type
 FLOW_TINY = {"sample": {"sample_sampler": "euler", "sample_every_n_epochs": 0},
              "optimizer": {"learning_rate": 2e-3, "unet_lr": 2e-3}}  # a few steps move the tiny model visibly
 TOL = 1e-5  # weights; outputs through the whole transformer (merged weights vs diffusers' unmerged LoRA): OUT_TOL
@@ -395,3 +395,45 @@ def test_a_flux_run_samples_with_its_guidance(flow, tmp_path):
     image = Image.open(run_dir / samples[-1]["path"])
     assert image.size == (64, 64)
     assert "Steps: 2, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5" in image.text["parameters"]
+
+
+def file_delta(params: dict) -> torch.Tensor:
+    """ΔW a loader builds from one module of a file (kohya form: up @ down · alpha/r; diffusers form: B @ A)."""
+    down, up = params["lora_down.weight"].double(), params["lora_up.weight"].double()
+    scale = params["alpha"].item() / down.shape[0] if "alpha" in params else 1.0
+    return up.flatten(1) @ down.flatten(1) * scale
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_pruning_when_saving_gives_each_module_its_best_rank_two_update(flow, tmp_path, caplog, arch):
+    """prune_rank = 2 on a flow run: every module of the saved file (FLUX.1's fused q/k/v as one update) is the best
+    rank-2 approximation of the trained one, in the family's file form, and the loaders apply it."""
+    from trainer import export
+    from trainer.kohya_names import lora_modules
+
+    run_dir, cfg = make_flow_run(tmp_path, arch, flow[arch]["folder"], {"network": {"prune_rank": 2},
+                                                                         "training": {"max_train_epochs": 1}})
+    final = train(config.load(run_dir / "config.toml"), run_dir)
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(final))
+    fresh = load_base(flow[arch]["folder"])
+    _, net = trained_net(cfg, arch, flow[arch]["folder"], run_dir)
+    pruned, full = lora_modules(sd), lora_modules(export.to_kohya(net, torch.float32))  # the unpruned file
+    assert set(pruned) == set(full) and len(pruned) > 10
+    for name, params in pruned.items():
+        assert params["lora_down.weight"].shape[0] == 2 < full[name]["lora_down.weight"].shape[0], name
+        u, s, vh = torch.linalg.svd(file_delta(full[name]), full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        assert (file_delta(params) - best).abs().max() <= 1e-6 * max(best.abs().max().item(), 1e-3), name
+    assert meta["ss_network_dim"] == "2" and json.loads(meta["ss_resize"])["rank"] == 2
+    assert meta["ss_network_alpha"] == "2.0"  # FLUX.1: the alpha in the file; SD 3.5 (folded into B): as trained
+    fmt = "kohya" if arch == "flux" else "diffusers"
+    assert flow_names.check_file(arch, flow_names.plan(arch, fresh.denoiser), sd, fmt) == []
+    if arch == "flux":  # ComfyUI's key logic patches every module of the file
+        original = flux_to_original(fresh.denoiser)
+        _, hit = comfy_apply_kohya(original, comfy_unet_keys(original), sd)
+        assert len(hit) == len(pruned)
+    else:
+        assert_diffusers_applies(arch, sd, fresh, {name: file_delta(p).float() for name, p in pruned.items()},
+                                 tmp_path, caplog)

@@ -159,5 +159,5 @@ def test_cli_new_trains_a_flow_base(flow, tmp_path, arch, layout):
     assert sorted(steps) == [1, 2, 3] and all(math.isfinite(v) for v in steps.values())
     with safe_open(str(run_dir / "output" / "lora.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
-    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "sd3"}[arch] and keys
+    assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "5-medium"}[arch] and keys
     assert math.isfinite(float(meta["ss_validation_loss"])) and meta["ss_validation_images"] == "2"

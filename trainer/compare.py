@@ -35,6 +35,7 @@ from torch import nn
 from trainer.compare_flow import Fused, family_of_names, file_modules, flow_weights, names_a_transformer
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, number
 from trainer.events import EventWriter
+from trainer.export import SD3_MODEL_TYPES
 from trainer.flow_parts import CONFIG_FIELDS, Parts
 from trainer.kohya_names import kohya_name
 from trainer.loading import ARCH_NAMES, FLOW_ARCHES, load_base
@@ -155,10 +156,12 @@ def update(params: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tenso
 # --- checking a file before anything is drawn ---
 
 def file_arch(meta: dict, names) -> str | None:
-    """The family a file was made for: as its metadata says (`ss_base_model_version` flux1 / sd3 / sd_v1 ...,
+    """The family a file was made for: as its metadata says (`ss_base_model_version` flux1 / 5-large / sd_v1 ...,
     `modelspec.architecture` flux-1-dev/lora, stable-diffusion-3-5-medium/lora ...), else FLUX.1 / SD 3.5 when its
     names are only that family's (trainer.compare_flow.family_of_names), SDXL when they are (two text encoders, SGM
     UNet names); None when nothing tells (SD 1.x and 2.x files share their names)."""
+    if meta.get("ss_base_model_version") in SD3_MODEL_TYPES:  # sd-scripts writes the MMDiT's model type
+        return "sd3"
     said = f"{meta.get('ss_base_model_version', '')} {meta.get('modelspec.architecture', '')}".lower()
     for mark, arch in (("flux", "flux"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"),
                        ("v2", "sd2"), ("v1", "sd1")):

@@ -12,12 +12,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.kohya_names import by_module
+from trainer.kohya_names import is_diffusers_form, lora_modules
 
 BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", ("sd2", "v_prediction"): "sd_v2_v",
                       ("sd1", "v_prediction"): "sd_v1", ("sdxl", "epsilon"): "sdxl_base_v1-0",
-                      ("sdxl", "v_prediction"): "sdxl_base_v1-0", ("flux", "flow_matching"): "flux1",
-                      ("sd3", "flow_matching"): "sd3"}
+                      ("sdxl", "v_prediction"): "sdxl_base_v1-0"}
+# SD 3.5 / FLUX.1 by variant, as sd-scripts writes them: flux_utils.MODEL_VERSION_FLUX_V1, and for SD3 the MMDiT's
+# model_type (library/sd3_utils.analyze_state_dict_state: "medium", "5-medium", "5-large")
+FLOW_MODEL_VERSION = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3-medium": "medium",
+                      "sd3.5-medium": "5-medium", "sd3.5-large": "5-large"}
+SD3_MODEL_TYPES = ("medium", "5-medium", "5-large")
 # sd-scripts library/sai_model_spec.py: ARCH_SD3_M + "-" + model type, ARCH_FLUX_1_DEV / _SCHNELL
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
@@ -81,16 +85,18 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
     v2 = arch == "sd2"
     if arch in FLOW_FORMAT:
         from trainer.transformer_files import variant_of_config
-        spec_arch = MODELSPEC_ARCH[variant_of_config(arch, net.components["transformer"].config)]
+        variant = variant_of_config(arch, net.components["transformer"].config)
+        spec_arch, version = MODELSPEC_ARCH[variant], FLOW_MODEL_VERSION[variant]
     else:
         spec_arch = MODELSPEC_ARCH["sd2_v" if v2 and prediction_type == "v_prediction" else arch]
+        version = BASE_MODEL_VERSION[(arch, prediction_type)]
     now = datetime.now(timezone.utc)
     fields = {
         "ss_network_module": NETWORK_MODULE[net.exports_as],
         "ss_network_dim": str(n.network_dim),  # what was asked; save_atomic writes what the tensors hold
         "ss_network_alpha": str(n.network_alpha),
         "ss_network_args": json.dumps(net.network_args()),
-        "ss_base_model_version": BASE_MODEL_VERSION[(arch, prediction_type)],
+        "ss_base_model_version": version,
         "ss_v2": str(v2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_output_name": t.output_name,
@@ -153,15 +159,18 @@ def uniform(values: list) -> str:
 
 def rank_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
     """`meta` with the ranks and alphas the tensors hold: ss_network_dim / ss_network_alpha of the linear modules,
-    conv_dim / conv_alpha in ss_network_args of the 3x3 convs (removed when the file has none)."""
-    modules = by_module(tensors)
+    conv_dim / conv_alpha in ss_network_args of the 3x3 convs (removed when the file has none). A diffusers-form
+    file (SD 3.5) folds alpha into its factors, so only its ranks are read and the trained alpha stays."""
+    modules = lora_modules(tensors)
     ranks = {name: module_rank(params) for name, params in modules.items()}
     convs = {name for name in modules if CONV3X3.match(name)}
     linear = [r for name, r in ranks.items() if r and name not in convs]
     conv = [r for name, r in ranks.items() if r and name in convs]
     out = dict(meta)
     if linear:
-        out |= {"ss_network_dim": uniform([r for r, _ in linear]), "ss_network_alpha": uniform([a for _, a in linear])}
+        out["ss_network_dim"] = uniform([r for r, _ in linear])
+        if not is_diffusers_form(tensors):
+            out["ss_network_alpha"] = uniform([a for _, a in linear])
     try:
         args = json.loads(meta.get("ss_network_args", "{}"))
     except json.JSONDecodeError:
