@@ -271,7 +271,8 @@ def test_the_train_tab_says_what_trains(flow, tiny_models):
         assert "every method but LoCon" in said and "LyCORIS files for loha, lokr, dora" in said, said
         assert "text-encoder LoRA (network_train_unet_only = false, text_encoder_lr > 0) trains CLIP with it, " \
                "never T5" in said, said
-        assert "CLIP-L and CLIP-G, with every method; not built for them yet (issue #17): min-SNR" in said, said
+        assert "CLIP-L and CLIP-G, with every method; pruning when saving works on their LoRA-form files" in said
+        assert said.endswith("not built for them yet (issue #17): NF4."), said
     assert explain_base(str(tiny_models["sdxl"][1])) == "Detected: **SDXL** presets apply."
 
 

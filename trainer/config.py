@@ -33,7 +33,8 @@ NOT_TRAINED = ("SD 3.5 / FLUX.1 train the transformer's Linears with every metho
                "lora, rslora, lora_fa, vera, adalora and LoRA+; LyCORIS files for loha, lokr, dora; every preset "
                "has their variant); text-encoder LoRA (network_train_unet_only = false, text_encoder_lr > 0) trains "
                "CLIP with it, never T5: FLUX.1's CLIP-L, SD 3.5's CLIP-L and CLIP-G, with every method; "
-               "not built for them yet (issue #17): min-SNR / noise offset, NF4 and pruning")
+               "pruning when saving works on their LoRA-form files; min-SNR and noise offset do not apply to flow "
+               "matching; not built for them yet (issue #17): NF4")
 
 
 class ConfigError(ValueError):

@@ -51,8 +51,6 @@ def check_flow(cfg: TrainConfig) -> None:
          f"pure noise; {name}'s rectified flow reaches pure noise at σ = 1: set noise_offset = 0"),
         ("model.unet_quantization", cfg.model.unet_quantization == "nf4",
          f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
-        ("network.prune_rank", bool(n.prune_rank or n.prune_energy or n.prune_drop),
-         f"pruning when saving {missing}: set prune_rank, prune_energy and prune_drop to 0"),
         ("model.prediction_type", cfg.model.prediction_type != "auto",
          f"model.prediction_type = {cfg.model.prediction_type!r}: {name} is a flow-matching model; leave it auto"),
         ("model.clip_skip", cfg.model.clip_skip != 1,

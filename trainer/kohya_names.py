@@ -72,3 +72,24 @@ def by_module(tensors: dict) -> dict[str, dict]:
         name, _, param = key.partition(".")
         modules.setdefault(name, {})[param] = value
     return modules
+
+
+DIFFUSERS_FACTORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def is_diffusers_form(tensors: dict) -> bool:
+    """Keyed `<module path>.lora_A.weight` / `.lora_B.weight` with the scale folded into B (SD 3.5 files)."""
+    return any(key.endswith(".lora_A.weight") for key in tensors)
+
+
+def lora_modules(tensors: dict) -> dict[str, dict]:
+    """`by_module` for a file in either form: a diffusers-form file's factors come under kohya's param names
+    (`transformer.x.lora_B.weight` -> {"transformer.x": {"lora_up.weight": tensor}}); it has no alpha (scale 1)."""
+    if not is_diffusers_form(tensors):
+        return by_module(tensors)
+    modules: dict[str, dict] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in DIFFUSERS_FACTORS if key.endswith("." + s)), None)
+        stem, param = (key[: -len(suffix) - 1], DIFFUSERS_FACTORS[suffix]) if suffix else key.rsplit(".", 1)
+        modules.setdefault(stem, {})[param] = value
+    return modules

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer.export import DTYPES, rank_metadata, save_atomic
-from trainer.kohya_names import by_module
+from trainer.kohya_names import is_diffusers_form, lora_modules
 
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "alpha"}
 # WebUI applies a text-encoder attention LoRA (SD2's OpenCLIP-H, SDXL's CLIP-G: one fused in_proj) only when q, k,
@@ -70,8 +70,9 @@ def check_args(rank: int | None, energy: float | None, drop: float) -> None:
 
 
 def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """kohya module name -> {param: tensor}; refuses anything but LoRA/LoCon params."""
-    modules = by_module(tensors)
+    """Module name -> {param: tensor} (kohya's params, for a diffusers-form file too); refuses anything but
+    LoRA/LoCon params."""
+    modules = lora_modules(tensors)
     for name, params in modules.items():
         if any(p.startswith("hada_") for p in params):
             raise ResizeError(f"{name} is LoHa (hada_* keys): this tool reduces LoRA/LoCon files only")
@@ -141,9 +142,10 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
     modules (least ‖ΔW‖_F first), then give each kept module a fixed `rank`, or the smallest rank keeping `energy`
     of its Σσ², or both (`rank` caps). Factors come back in their input dtype (alpha in fp32) as
     up = U·√σ·c, down = c·√σ·Vh with c = √(new rank / alpha), so a loader's up @ down · alpha/r is the truncated
-    ΔW exactly."""
+    ΔW exactly; a diffusers-form file (SD 3.5) comes back in its form, c = 1 and no alpha."""
     check_args(rank, energy, drop)
     modules = split_modules(tensors)
+    diffusers = is_diffusers_form(tensors)  # written back as it came: lora_A / lora_B at scale 1, no alpha
     alpha = shared_alpha(modules)
     triplets = {name: svd(params) for name, params in modules.items()}
     dropped = drop_set({name: float(s.square().sum()) for name, (_, s, _) in triplets.items()}, drop)
@@ -157,11 +159,13 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
             report.modules.append(ModuleReport(name, down.shape[0], 0, total, 0.0))
             continue
         k = choose_rank(s, rank, energy)
-        root = s[:k].sqrt() * math.sqrt(k / alpha)
-        out[f"{name}.lora_down.weight"] = (root[:, None] * vh[:k]).reshape(k, *down.shape[1:]).to(down.dtype)
+        root = s[:k].sqrt() * (1.0 if diffusers else math.sqrt(k / alpha))
         up = params["lora_up.weight"]
-        out[f"{name}.lora_up.weight"] = (u[:, :k] * root).reshape(up.shape[0], k, *up.shape[2:]).to(up.dtype)
-        out[f"{name}.alpha"] = torch.tensor(alpha)
+        down_key, up_key = ("lora_A.weight", "lora_B.weight") if diffusers else ("lora_down.weight", "lora_up.weight")
+        out[f"{name}.{down_key}"] = (root[:, None] * vh[:k]).reshape(k, *down.shape[1:]).to(down.dtype)
+        out[f"{name}.{up_key}"] = (u[:, :k] * root).reshape(up.shape[0], k, *up.shape[2:]).to(up.dtype)
+        if not diffusers:
+            out[f"{name}.alpha"] = torch.tensor(alpha)
         kept = float(s[:k].square().sum()) / total if total > 0 else 1.0
         report.modules.append(ModuleReport(name, down.shape[0], k, total, kept))
     return out, report
