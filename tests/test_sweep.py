@@ -135,14 +135,20 @@ def test_trials_that_cannot_share_a_forward_train_alone_on_the_same_base(tiny_mo
     assert_same_as_alone(folder / groups[0.1]["name"], tmp_path / "alone-dropout", tolerance=0.0)
 
 
-def test_trials_training_the_text_encoder_share_the_unet_forward(tiny_models, tmp_path):
+def test_trials_training_the_text_encoder_share_the_unet_forward(tiny_models, tmp_path, monkeypatch):
     """Each trial's captions go through its own copy of the text encoder with its adapter; the UNet forward is
-    shared with a trial that trains the UNet only. Measured: 1.0e-5 (the TE adapter's Adam-normalised steps)."""
+    shared with a trial that trains the UNet only, the two UNet LoRAs of each layer as one batched matmul.
+    Measured: 1.0e-5 (the TE adapter's Adam-normalised steps)."""
+    from trainer import sweep_fused
+
+    batched, batched_lora_added = [], sweep_fused.batched_lora_added
+    monkeypatch.setattr(sweep_fused, "batched_lora_added", lambda *a: batched.append(1) or batched_lora_added(*a))
     toml = base_toml(tmp_path, tiny_models["sd1"][0], {"network": {"network_train_unet_only": False},
                                                        "optimizer": {"text_encoder_lr": 1e-3}})
     folder = sweep.create(tmp_path / "runs", toml, {"network_train_unet_only": {"values": [False, True]}}, "grid",
                           name="te")
     assert train_sweep(folder, StopFlag()) == "done"
+    assert len(batched) > 100  # every routed UNet layer, every step
     state = sweep.read(folder)
     assert [t["group"] for t in state["trials"]] == ["shared"] * 2
     te = next(t for t in state["trials"] if not t["params"]["network_train_unet_only"])

@@ -122,6 +122,8 @@ class Router(nn.Module):
         if x.shape[0] != spans[-1][2]:
             raise RuntimeError(f"a routed layer got {x.shape[0]} samples, the plan holds {spans[-1][2]}")
         layers = [self.layers.get(key) for key, _, _ in spans]
+        if stackable(layers, spans):
+            return batched_lora_added(layers, self.base(x, *args, **kwargs), x)
         shared = self.base(x, *args, **kwargs) if any(layer is None or shares_base(layer) for layer in layers) else None
         out = []
         for layer, (_, a, b) in zip(layers, spans):
@@ -145,6 +147,29 @@ def lora_added(layer, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     lora_a, lora_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
     return (base_out + lora_b(lora_a(layer.lora_dropout[ADAPTER](x))) * layer.scaling[ADAPTER]).to(base_out.dtype)
+
+
+def stackable(layers: list, spans: list[tuple[int, int, int]]) -> bool:
+    """Can the trials' LoRAs of this layer run as one batched matmul: Linear LoRAs of one rank without dropout, one
+    per span, the spans of one length (the usual sweep: every trial a batch of the same size)?"""
+    if len(layers) < 2 or any(layer is None or not shares_base(layer) for layer in layers):
+        return False
+    a = [layer.lora_A[ADAPTER] for layer in layers]
+    return (all(isinstance(m, nn.Linear) and isinstance(layer.lora_dropout[ADAPTER], nn.Identity)
+                for m, layer in zip(a, layers))
+            and len({m.weight.shape for m in a}) == 1 and len({b - a_ for _, a_, b in spans}) == 1)
+
+
+def batched_lora_added(layers: list, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`lora_added` for every span at once: the K trials' A and B stacked, two batched matmuls (as mLoRA's batched
+    LoRA operator), instead of K pairs of matmuls on slices and a concatenation."""
+    k = len(layers)
+    a = torch.stack([layer.lora_A[ADAPTER].weight for layer in layers])  # [K, r, in]
+    b = torch.stack([layer.lora_B[ADAPTER].weight for layer in layers])  # [K, out, r]
+    x = layers[0]._cast_input_dtype(x, a.dtype).reshape(k, -1, a.shape[-1])
+    scales = torch.tensor([layer.scaling[ADAPTER] for layer in layers], dtype=a.dtype, device=a.device)
+    delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scales[:, None, None]
+    return (base_out + delta.reshape(base_out.shape)).to(base_out.dtype)
 
 
 def install(denoiser: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:

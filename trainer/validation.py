@@ -97,15 +97,18 @@ class HeldOut:
 
 @contextmanager
 def eval_mode(roots):
-    """Every module under `roots` in eval mode for the block, then each back in its own mode."""
-    modes = {m: m.training for root in roots for m in root.modules()}
-    for m in modes:
-        m.eval()
+    """Every module under `roots` in eval mode for the block, then each back in its own mode. `train()` recurses
+    (and libraries override it: peft's DoRA clears its cache), so it is called on the roots, and on the way back in
+    tree order only where a module's mode differs from its parent's: O(modules), not O(modules × depth)."""
+    modes = {m: m.training for root in roots for m in root.modules()}  # parents before their children
+    for root in roots:
+        root.eval()
     try:
         yield
     finally:
         for m, mode in modes.items():
-            m.train(mode)
+            if m.training != mode:
+                m.train(mode)
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.Tensor:
