@@ -291,16 +291,16 @@ def test_the_app_restarts_finds_its_running_run_cancels_and_resumes_it(browser, 
         pid = json.loads((run_dir / "status.json").read_text())["pid"]
         page.locator("#monitor-cancel").click()  # the re-attached run is the app's own: it can stop it
         # "cancelled" is shown once the worker has saved its state and exited (seconds; more on a loaded machine)
-        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
+        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=120000)
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
         cut = [e for e in read_all(run_dir) if e["type"] == "cancelled"][-1]["step"]
         assert latest(run_dir).name == f"step-{cut:08d}"  # resumable from where it stopped
         page.locator("#monitor-resume").click()
         page.wait_for_function(f"""() => {{
             const m = document.querySelector('#monitor-progress').innerText.match(/Step (\\d+) \\//);
-            return m && Number(m[1]) > {cut + 1}; }}""", timeout=60000)
+            return m && Number(m[1]) > {cut + 1}; }}""", timeout=120000)  # a fresh worker: imports, loading
         page.locator("#monitor-cancel").click()
-        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=60000)
+        page.locator("#monitor-title").get_by_text("— cancelled").wait_for(timeout=120000)
         steps = [e["step"] for e in read_all(run_dir) if e["type"] == "step"]
         assert steps == sorted(set(steps)) and steps[0] == 1  # continued, never restarted from 0
     finally:

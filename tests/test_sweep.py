@@ -156,6 +156,22 @@ def test_trials_training_the_text_encoder_share_the_unet_forward(tiny_models, tm
     assert_same_as_alone(folder / te["name"], tmp_path / "alone-te", tolerance=3 * TOLERANCE)
 
 
+def test_trials_of_different_ranks_share_one_batched_matmul_and_equal_their_runs_alone(tiny_models, tmp_path,
+                                                                                       monkeypatch):
+    """network_dim 2 and 4: the rank-2 trial's A and B are padded with zeros to rank 4 in the batched matmul."""
+    from trainer import sweep_fused
+
+    batched, batched_lora_added = [], sweep_fused.batched_lora_added
+    monkeypatch.setattr(sweep_fused, "batched_lora_added", lambda *a: batched.append(1) or batched_lora_added(*a))
+    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {"max_train_epochs": 1}})
+    folder = sweep.create(tmp_path / "runs", toml, {"network_dim": {"values": [2, 4]}}, "grid", name="ranks")
+    assert train_sweep(folder, StopFlag()) == "done"
+    assert len(batched) > 50
+    low = next(t for t in sweep.read(folder)["trials"] if t["params"] == {"network_dim": 2})
+    print(f"rank 2 beside rank 4: largest difference from alone "
+          f"{assert_same_as_alone(folder / low['name'], tmp_path / 'alone-r2'):.3g}")
+
+
 def test_random_and_tpe_searches_ask_in_rounds(tiny_models, tmp_path):
     toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {"max_train_epochs": 1}})
     for search in ("random", "tpe"):

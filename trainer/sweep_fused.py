@@ -150,26 +150,33 @@ def lora_added(layer, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def stackable(layers: list, spans: list[tuple[int, int, int]]) -> bool:
-    """Can the trials' LoRAs of this layer run as one batched matmul: Linear LoRAs of one rank without dropout, one
-    per span, the spans of one length (the usual sweep: every trial a batch of the same size)?"""
+    """Can the trials' LoRAs of this layer run as one batched matmul: Linear LoRAs without dropout, one per span, the
+    spans of one length (the usual sweep: every trial a batch of the same size)?"""
     if len(layers) < 2 or any(layer is None or not shares_base(layer) for layer in layers):
         return False
-    a = [layer.lora_A[ADAPTER] for layer in layers]
-    return (all(isinstance(m, nn.Linear) and isinstance(layer.lora_dropout[ADAPTER], nn.Identity)
-                for m, layer in zip(a, layers))
-            and len({m.weight.shape for m in a}) == 1 and len({b - a_ for _, a_, b in spans}) == 1)
+    return (all(isinstance(layer.lora_A[ADAPTER], nn.Linear) and isinstance(layer.lora_dropout[ADAPTER], nn.Identity)
+                for layer in layers)
+            and len({b - a for _, a, b in spans}) == 1)
 
 
 def batched_lora_added(layers: list, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`lora_added` for every span at once: the K trials' A and B stacked, two batched matmuls (as mLoRA's batched
-    LoRA operator), instead of K pairs of matmuls on slices and a concatenation."""
+    LoRA operator), instead of K pairs of matmuls on slices and a concatenation. Lower ranks are padded with zero
+    rows of A and columns of B to the highest: their products add exact zeros."""
     k = len(layers)
-    a = torch.stack([layer.lora_A[ADAPTER].weight for layer in layers])  # [K, r, in]
-    b = torch.stack([layer.lora_B[ADAPTER].weight for layer in layers])  # [K, out, r]
+    rank = max(layer.lora_A[ADAPTER].weight.shape[0] for layer in layers)
+    a = torch.stack([padded(layer.lora_A[ADAPTER].weight, 0, rank) for layer in layers])  # [K, r, in]
+    b = torch.stack([padded(layer.lora_B[ADAPTER].weight, 1, rank) for layer in layers])  # [K, out, r]
     x = layers[0]._cast_input_dtype(x, a.dtype).reshape(k, -1, a.shape[-1])
     scales = torch.tensor([layer.scaling[ADAPTER] for layer in layers], dtype=a.dtype, device=a.device)
     delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scales[:, None, None]
     return (base_out + delta.reshape(base_out.shape)).to(base_out.dtype)
+
+
+def padded(weight: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`weight` with zeros appended along `dim` (0 or 1) up to `size`."""
+    missing = size - weight.shape[dim]
+    return weight if not missing else torch.nn.functional.pad(weight, (0, missing) if dim else (0, 0, 0, missing))
 
 
 def install(denoiser: nn.Module, runs: list[Run], plan: Plan) -> Callable[[], None]:
