@@ -139,3 +139,30 @@ def test_measuring_leaves_the_training_losses_as_they_were(tiny_models, tmp_path
     train(config.load(scored / "config.toml"), scored)
     assert sorted(held_out_events(scored)) == list(range(7))
     assert losses(scored) == losses(plain)  # bit for bit: the held-out noise never touches the training stream
+
+
+def test_eval_mode_puts_every_module_in_eval_and_gives_each_its_own_mode_back():
+    from torch import nn
+
+    from trainer.validation import eval_mode
+
+    class Cached(nn.Linear):  # as peft's DoRA layer: train(True) clears a cache built in eval
+        def train(self, mode: bool = True):
+            if mode:
+                self.cache = None
+            return super().train(mode)
+
+    shared = nn.Linear(2, 2)  # one module reached through two parents
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval()
+    cached = Cached(2, 2)
+    root = nn.Sequential(nn.Sequential(shared, frozen), nn.Sequential(shared, cached), nn.Dropout(0.5))
+    other = nn.Sequential(nn.Dropout(0.2))
+    root.train()
+    frozen.eval()
+    before = {m: m.training for r in (root, other) for m in r.modules()}
+    assert not all(before.values()) and any(before.values())
+    with eval_mode([root, other]):
+        assert not any(m.training for r in (root, other) for m in r.modules())
+        cached.cache = "built in eval"
+    assert {m: m.training for r in (root, other) for m in r.modules()} == before
+    assert cached.cache is None  # its own train(True) ran on the way back

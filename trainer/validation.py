@@ -109,6 +109,8 @@ def eval_mode(roots):
         for m, mode in modes.items():
             if m.training != mode:
                 m.train(mode)
+        for m, mode in modes.items():  # a module reached through two parents: its own flag last
+            m.training = mode
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.Tensor:
