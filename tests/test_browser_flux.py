@@ -2,7 +2,7 @@
 the transformer file as the base; the Train tab shows its parts, pre-filled from clip_l / t5xxl_fp16 / ae.safetensors
 beside it; a part left out is named beside the Train button and no run is made; with it back (and the T5 tokenizer
 typed in), Train runs the real worker on the tiny FLUX.1 model, and the Monitor shows a finite loss, the run done and
-its LoRA file to download."""
+its LoRA file to download; LoKr chosen in the same form then trains a LyCORIS file."""
 
 from __future__ import annotations
 
@@ -89,3 +89,33 @@ def test_flux_split_layout_trains_from_the_browser(app, page, flux, tmp_path):  
         ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_down.weight")}
     # the dim typed into the form: 4, and 3 × 4 / 4 × 4 where kohya's file fuses q|k|v (|mlp) into one Linear
     assert meta["ss_base_model_version"] == "flux1" and min(ranks) == 4 and ranks <= {4, 12, 16}, ranks
+
+    # a LyCORIS method from the same form: LoKr, its file in LyCORIS' keys for ComfyUI
+    first = next((tmp_path / "runs").glob("2*"))
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-network-type input").click()
+    page.get_by_role("option", name="lokr", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#train-network-type input').value === 'lokr'")
+    page.locator("#train-start").click()
+    queued(page)
+    second = wait_for_second_run(tmp_path / "runs", first)
+    page.locator("#monitor-title").get_by_text(f"{second.name} — done").wait_for(timeout=60000)  # the new run
+    with safe_open(str(second / "output" / "lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["modelspec.architecture"] == "flux-1-dev/lycoris" and meta["ss_network_module"] == "lycoris.kohya"
+    assert any(k.endswith(".lokr_w1") for k in keys) and not any("lora_down" in k for k in keys), keys[:8]
+
+
+def wait_for_second_run(runs: Path, first: Path, timeout: float = 400) -> Path:
+    """The run after `first`, once its worker has recorded it done (a loaded CI machine: minutes)."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for run in runs.glob("2*"):
+            status = run / "status.json"
+            if run != first and status.is_file() and json.loads(status.read_text()).get("state") == "done":
+                return run
+        time.sleep(1)
+    raise AssertionError(f"no second run finished in {timeout:.0f} s: {sorted(p.name for p in runs.glob('2*'))}")
