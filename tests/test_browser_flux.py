@@ -2,7 +2,8 @@
 the transformer file as the base; the Train tab shows its parts, pre-filled from clip_l / t5xxl_fp16 / ae.safetensors
 beside it; a part left out is named beside the Train button and no run is made; with it back (and the T5 tokenizer
 typed in), Train runs the real worker on the tiny FLUX.1 model, and the Monitor shows a finite loss, the run done and
-its LoRA file to download; LoKr chosen in the same form then trains a LyCORIS file."""
+its LoRA file to download; LoKr chosen in the same form then trains a LyCORIS file; an SD 3.5 diffusers folder picked
+next (FLUX.1's parts cleared from the form) trains its diffusers-form LoRA file."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, App, browser, field_value, fill, page, queued  # noqa: F401  (fixtures)
+from tests.test_browser import (CHROMIUM, App, browser, field_value, fill, fill_until_still, page,  # noqa: F401
+                                queued)  # (fixtures)
 from tests.test_training import draw_dataset
 from tests.tiny_models import flow_layouts
+from trainer import config
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")]
@@ -32,6 +35,7 @@ def flux(tmp_path) -> dict[str, Path]:
     models.mkdir()
     for part, name in (("transformer", "flux1-dev"), ("clip_l", "clip_l"), ("t5", "t5xxl_fp16"), ("vae", "ae")):
         shutil.copy(files[part], models / f"{name}.safetensors")
+    shutil.copytree(flow_layouts("sd3", tmp_path / "built")["folder"], models / "sd3.5-medium")  # a diffusers folder
     return {"models": models, "tokenizer": files["t5_tokenizer"]}
 
 
@@ -98,16 +102,39 @@ def test_flux_split_layout_trains_from_the_browser(app, page, flux, tmp_path):  
     page.wait_for_function("() => document.querySelector('#train-network-type input').value === 'lokr'")
     page.locator("#train-start").click()
     queued(page)
-    second = wait_for_second_run(tmp_path / "runs", first)
+    second = wait_for_run_done(tmp_path / "runs", {first})
     page.locator("#monitor-title").get_by_text(f"{second.name} — done").wait_for(timeout=60000)  # the new run
     with safe_open(str(second / "output" / "lora.safetensors"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["modelspec.architecture"] == "flux-1-dev/lycoris" and meta["ss_network_module"] == "lycoris.kohya"
     assert any(k.endswith(".lokr_w1") for k in keys) and not any("lora_down" in k for k in keys), keys[:8]
 
+    # SD 3.5 from a diffusers folder in the models folder: the preset's sd3 variant, a diffusers-form LoRA file
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-base input").click()
+    page.get_by_role("option", name="sd3.5-medium").click()
+    page.locator("#train-base-info").get_by_text("SD 3.5").wait_for(timeout=30000)
+    page.locator("#train-parts").first.wait_for(state="hidden", timeout=30000)  # a folder holds its parts: none asked
+    fill_until_still(page, TINY)
+    page.locator("#train-network-type input").click()
+    page.get_by_role("option", name="lora", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#train-network-type input').value === 'lora'")
+    page.locator("#train-start").click()
+    queued(page)
+    third = wait_for_run_done(tmp_path / "runs", {first, second})
+    page.locator("#monitor-title").get_by_text(f"{third.name} — done").wait_for(timeout=60000)
+    model = config.load(third / "config.toml").model  # FLUX.1's parts were not carried over to the folder
+    assert (model.clip_l, model.clip_g, model.t5xxl, model.vae, model.t5_tokenizer) == ("",) * 5, model
+    with safe_open(str(third / "output" / "lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora", meta["modelspec.architecture"]
+    assert meta["ss_base_model_version"] == "5-medium" and keys and all(
+        k.startswith("transformer.transformer_blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+        for k in keys), keys[:4]
 
-def wait_for_second_run(runs: Path, first: Path, timeout: float = 400) -> Path:
-    """The run after `first`, once its worker has recorded it done (a loaded CI machine: minutes)."""
+
+def wait_for_run_done(runs: Path, before: set[Path], timeout: float = 400) -> Path:
+    """The run not in `before`, once its worker has recorded it done (a loaded CI machine: minutes)."""
     import json
     import time
 
@@ -115,7 +142,7 @@ def wait_for_second_run(runs: Path, first: Path, timeout: float = 400) -> Path:
     while time.time() < deadline:
         for run in runs.glob("2*"):
             status = run / "status.json"
-            if run != first and status.is_file() and json.loads(status.read_text()).get("state") == "done":
+            if run not in before and status.is_file() and json.loads(status.read_text()).get("state") == "done":
                 return run
         time.sleep(1)
-    raise AssertionError(f"no second run finished in {timeout:.0f} s: {sorted(p.name for p in runs.glob('2*'))}")
+    raise AssertionError(f"no new run finished in {timeout:.0f} s: {sorted(p.name for p in runs.glob('2*'))}")
