@@ -46,6 +46,7 @@ def app(flux, tmp_path):
     running.stop()
 
 
+@pytest.mark.timeout(1200)  # three runs one after another: on a loaded CI machine each takes minutes
 def test_flux_split_layout_trains_from_the_browser(app, page, flux, tmp_path):  # noqa: F811
     from safetensors import safe_open
 
