@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, App, app, browser, fill_until_still, models, page  # noqa: F401 (fixtures)
+from tests.test_browser import CHROMIUM, SHOTS, App, app, browser, fill_until_still, models, page  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -73,6 +73,8 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
     shown = page.locator("#sweep-best-config").inner_text()
     assert "[model]" in shown and 'pretrained_model_name_or_path = "demo"' in shown  # (only the lines in view)
     assert page.locator("#sweep-plot").get_by_text("held-out loss").count() > 0
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "sweeps.png"), full_page=True)
 
     page.locator("#sweep-full-run").click()
     page.locator("#sweep-action").get_by_text("Queued").wait_for(timeout=30000)
