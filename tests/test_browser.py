@@ -310,7 +310,8 @@ def test_the_app_restarts_finds_its_running_run_cancels_and_resumes_it(browser, 
 def test_captioning_in_the_browser(app, page, tmp_path):
     from tests.test_datasets_captioners import tiny_tagger
 
-    slow = tiny_tagger(tmp_path / "slow-tagger", size=2048)  # ~0.2 s a picture: long enough to watch and cancel
+    # ~0.8 s a picture (~20 s for 24): the poll shows progress and the cancel lands well before the last picture
+    slow = tiny_tagger(tmp_path / "slow-tagger", size=4096)
     tagger = tiny_tagger(tmp_path / "tagger")
     images = sorted(draw_dataset(tmp_path / "pictures", 24).glob("*.png"))
     page.goto(app.url)
