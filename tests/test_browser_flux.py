@@ -7,9 +7,11 @@ next (FLUX.1's parts cleared from the form) trains its diffusers-form LoRA file.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -136,9 +138,6 @@ def test_flux_split_layout_trains_from_the_browser(app, page, flux, tmp_path):  
 
 def wait_for_run_done(runs: Path, before: set[Path], timeout: float = 400) -> Path:
     """The run not in `before`, once its worker has recorded it done (a loaded CI machine: minutes)."""
-    import json
-    import time
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         for run in runs.glob("2*"):

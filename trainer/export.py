@@ -21,7 +21,7 @@ BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", 
 # model_type (library/sd3_utils.analyze_state_dict_state: "medium", "5-medium", "5-large")
 FLOW_MODEL_VERSION = {"flux1-dev": "flux1", "flux1-schnell": "flux1", "sd3-medium": "medium",
                       "sd3.5-medium": "5-medium", "sd3.5-large": "5-large"}
-SD3_MODEL_TYPES = ("medium", "5-medium", "5-large")
+SD3_MODEL_TYPES = tuple(v for variant, v in FLOW_MODEL_VERSION.items() if variant.startswith("sd3"))
 # sd-scripts library/sai_model_spec.py: ARCH_SD3_M + "-" + model type, ARCH_FLUX_1_DEV / _SCHNELL
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                   "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
