@@ -135,6 +135,20 @@ def test_trials_that_cannot_share_a_forward_train_alone_on_the_same_base(tiny_mo
     assert_same_as_alone(folder / groups[0.1]["name"], tmp_path / "alone-dropout", tolerance=0.0)
 
 
+def test_vera_and_adalora_trials_train_alone_beside_shared_ones(tiny_models, tmp_path):
+    """VeRA's and AdaLoRA's layers are not routed (AdaLoRA's is a peft LoraLayer with its own forward, which the
+    shared LoRA forward must not take for a plain one): they train alone on the same base, equal to their runs
+    alone, while LoRA shares its forward."""
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    folder = sweep.create(tmp_path / "runs", toml, {"network_type": {"values": ["lora", "adalora", "vera"]}}, "grid",
+                          name="methods")
+    assert train_sweep(folder, StopFlag()) == "done"
+    trials = {t["params"]["network_type"]: t for t in sweep.read(folder)["trials"]}
+    assert {k: t["group"] for k, t in trials.items()} == {"lora": "shared", "adalora": "alone", "vera": "alone"}
+    assert all(t["state"] == "done" for t in trials.values())
+    assert_same_as_alone(folder / trials["adalora"]["name"], tmp_path / "alone-adalora")
+
+
 def test_trials_training_the_text_encoder_share_the_unet_forward(tiny_models, tmp_path, monkeypatch):
     """Each trial's captions go through its own copy of the text encoder with its adapter; the UNet forward is
     shared with a trial that trains the UNet only, the two UNet LoRAs of each layer as one batched matmul.

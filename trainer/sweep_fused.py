@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -137,8 +138,9 @@ class Router(nn.Module):
 
 
 def shares_base(layer: nn.Module) -> bool:
-    """A plain peft LoRA layer: base(x) + lora_B(lora_A(x))·scaling, so base(x) can be computed once for all."""
-    return (isinstance(layer, LoraLayer) and list(layer.lora_A) == [ADAPTER] and not layer.lora_variant
+    """A plain peft LoRA layer: base(x) + lora_B(lora_A(x))·scaling, so base(x) can be computed once for all.
+    (AdaLoRA's layer is a LoraLayer too, but its A, E and B are bare parameters with a forward of their own.)"""
+    return (isinstance(layer, LoraLayer) and not isinstance(layer, AdaLoraLayer) and list(layer.lora_A) == [ADAPTER] and not layer.lora_variant
             and not layer.merged and not layer.disable_adapters)
 
 
