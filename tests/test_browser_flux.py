@@ -3,7 +3,8 @@ the transformer file as the base; the Train tab shows its parts, pre-filled from
 beside it; a part left out is named beside the Train button and no run is made; with it back (and the T5 tokenizer
 typed in), Train runs the real worker on the tiny FLUX.1 model, and the Monitor shows a finite loss, the run done and
 its LoRA file to download; LoKr chosen in the same form then trains a LyCORIS file; an SD 3.5 diffusers folder picked
-next (FLUX.1's parts cleared from the form) trains its diffusers-form LoRA file."""
+next (FLUX.1's parts cleared from the form) trains its diffusers-form LoRA file. Every method offered on the two
+families is trained from the browser too, as a sweep over network_type started from the Train tab."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def flux(tmp_path) -> dict[str, Path]:
     models.mkdir()
     for part, name in (("transformer", "flux1-dev"), ("clip_l", "clip_l"), ("t5", "t5xxl_fp16"), ("vae", "ae")):
         shutil.copy(files[part], models / f"{name}.safetensors")
-    shutil.copytree(flow_layouts("sd3", tmp_path / "built")["folder"], models / "sd3.5-medium")  # a diffusers folder
-    return {"models": models, "tokenizer": files["t5_tokenizer"]}
+    sd3 = flow_layouts("sd3", tmp_path / "built")["folder"]
+    shutil.copytree(sd3, models / "sd3.5-medium")  # a diffusers folder
+    return {"models": models, "tokenizer": files["t5_tokenizer"], "folders": {"flux": files["folder"], "sd3": sd3}}
 
 
 @pytest.fixture()
@@ -146,3 +148,97 @@ def wait_for_run_done(runs: Path, before: set[Path], timeout: float = 400) -> Pa
                 return run
         time.sleep(1)
     raise AssertionError(f"no new run finished in {timeout:.0f} s: {sorted(p.name for p in runs.glob('2*'))}")
+
+
+FLOW_METHODS = ("lora", "rslora", "lora_fa", "dora", "loha", "lokr", "vera", "adalora")  # locon: no 3x3 convs
+
+
+def file_problems(arch: str, base: Path, path: Path) -> list[str]:
+    """What keeps a file's keys from mapping to the base's modules with their shapes ([] = every key maps)."""
+    from safetensors.torch import load_file
+
+    from trainer import flow_names
+    from trainer.loading import load_base
+
+    sd, modules = load_file(str(path)), flow_names.plan(arch, load_base(str(base)).denoiser)
+    if any(k.startswith("lycoris_") for k in sd):
+        return flow_names.check_lycoris_file(arch, modules, sd)
+    return flow_names.check_file(arch, modules, sd, "kohya" if arch == "flux" else "diffusers")
+
+
+def sweep_every_method(page, runs: Path) -> Path:
+    """The Sweep section of the Train tab as it is filled: network_type over every method, grid; the sweep folder
+    once the Sweeps tab shows this sweep with every trial ended."""
+    field = page.locator("#sweep-field-0 input")
+    if not field.is_visible():  # the section opens on a click and stays open
+        page.locator("#sweep-section").get_by_text("Sweep:").click()
+    field.click()
+    field.fill("network_type")
+    page.get_by_role("option", name="network_type", exact=True).click()
+    values = page.locator("#sweep-values-0 input, #sweep-values-0 textarea").first
+    values.fill(", ".join(FLOW_METHODS))
+    values.press("Tab")
+    page.locator("#sweep-start").click()
+    status = page.locator("#sweep-status")
+    try:
+        status.get_by_text(f"{len(FLOW_METHODS)} trial(s), grid search").wait_for(state="attached", timeout=30000)
+    except Exception:
+        raise AssertionError(f"no sweep; the section says {status.inner_text()!r}") from None
+    sweep_id = re.search(r"Sweep (\S+) ", status.inner_text()).group(1)
+    ended = f"{sweep_id}: done · {len(FLOW_METHODS)} / {len(FLOW_METHODS)} trial(s) ended"
+    deadline = time.time() + 400  # a loaded CI machine
+    while ended not in (shown := page.locator("#sweep-state").inner_text()):
+        assert time.time() < deadline, shown
+        page.wait_for_timeout(500)
+    return runs / sweep_id
+
+
+@pytest.mark.timeout(1200)
+def test_every_method_trains_on_flux_and_sd3_from_the_browser(app, page, flux, tmp_path):  # noqa: F811
+    """FLUX.1 from the split layout, then SD 3.5 from its diffusers folder: one sweep each over every method offered
+    on them; every trial ends done with finite losses, its file's keys all map to the base's modules with their
+    shapes, in the family's form (kohya FLUX.1, diffusers SD 3.5, LyCORIS keys for LoHa / LoKr / DoRA)."""
+    from safetensors import safe_open
+
+    from trainer import sweep
+    from trainer.events import read_all
+
+    runs = tmp_path / "runs"
+    page.goto(app.url)
+    images = sorted(draw_dataset(tmp_path / "pictures", 4).glob("*.png"))
+    page.locator("#dataset-upload input[type=file]").set_input_files([str(p) for p in images])
+    page.get_by_text("Added 4 picture(s)").wait_for(timeout=30000)
+    folders: dict[str, Path] = {}
+    for arch, option in (("flux", "flux1-dev.safetensors"), ("sd3", "sd3.5-medium")):
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-base input").click()
+        page.get_by_role("option", name=option).click()
+        page.locator("#train-base-info").get_by_text("FLUX.1" if arch == "flux" else "SD 3.5").wait_for(
+            timeout=30000)
+        if arch == "flux":
+            page.locator("#train-parts-info").get_by_text("Found beside it: clip_l, t5xxl, vae.").wait_for(
+                timeout=30000)
+            page.locator("#train-advanced").get_by_text("Advanced").click()
+        # 1 of the 4 pictures held out: the trials are ranked on it
+        wanted = TINY | {"validation-split": "0.25"} | ({"t5-tokenizer": str(flux["tokenizer"])}
+                                                        if arch == "flux" else {})
+        fill_until_still(page, wanted)
+        folders[arch] = sweep_every_method(page, runs)
+        table = page.locator("#sweep-table").inner_text()
+        assert all(m in table for m in FLOW_METHODS), table
+
+    for arch, folder in folders.items():
+        trials = {t["params"]["network_type"]: t for t in sweep.read(folder)["trials"]}
+        assert sorted(trials) == sorted(FLOW_METHODS)
+        for method, trial in trials.items():
+            assert trial["state"] == "done", (arch, method, trial)
+            run = folder / trial["name"]
+            losses = [e["loss"] for e in read_all(run) if e["type"] == "step"]
+            assert len(losses) == 2 and all(math.isfinite(v) for v in losses), (arch, method, losses)
+            path = run / "output" / "lora.safetensors"
+            assert file_problems(arch, flux["folders"][arch], path) == [], (arch, method)
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            lycoris = method in ("loha", "lokr", "dora")
+            assert meta["modelspec.architecture"].endswith("/lycoris" if lycoris else "/lora"), (arch, method, meta)
+            assert meta["ss_base_model_version"] == {"flux": "flux1", "sd3": "5-medium"}[arch]
