@@ -254,3 +254,49 @@ def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path, 
     assert good[n].startswith("Queued **"), good[n]
     m = config.load(jobs.run_dir(good[n + 2]).config).model
     assert (m.clip_l, m.t5xxl, m.vae, m.t5_tokenizer) == tuple(parts.values())
+
+
+def test_the_t5_tokenizer_of_a_comfyui_or_forge_install_is_found(flow, tmp_path, monkeypatch):
+    """ComfyUI ships T5-XXL's tokenizer.json (comfy/text_encoders/t5_tokenizer/), Forge too (backend/huggingface/…):
+    a transformer file kept in such an install loads, and is offered on the Train tab, with no tokenizer given."""
+    import trainer.transformer_files as tf
+    from trainer import flow_parts
+    from trainer.loading import load_base
+    from trainer.single_file import CheckpointError
+    from ui import train_tab
+
+    monkeypatch.setattr(flow_parts, "T5_TOKENIZER_DIR", tmp_path / "no-tokenizer")
+    monkeypatch.setattr(tf, "T5_TOKENIZER_DIR", tmp_path / "no-tokenizer")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # nor one in the Hugging Face cache
+    files = flow["flux"]
+    comfy = tmp_path / "ComfyUI"
+    base = comfy_folder(files, comfy)  # ComfyUI/models/unet/flux1-dev.safetensors, its parts beside it
+    parts = Parts(clip_l=base.parent / "clip_l.safetensors", t5=base.parent / "t5xxl_fp16.safetensors",
+                  vae=base.parent / "ae.safetensors")
+    assert flow_parts.t5_tokenizer_near(base) is None and not flow_parts.t5_tokenizer_found(base)
+    with pytest.raises(CheckpointError, match="ComfyUI's comfy/text_encoders/t5_tokenizer"):
+        load_base(base, parts=parts)
+    assert train_tab.guess_parts(str(base))["t5_tokenizer"] == ""
+
+    shutil.copytree(files["t5_tokenizer"], comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    assert flow_parts.t5_tokenizer_near(base) == comfy / "comfy" / "text_encoders" / "t5_tokenizer"
+    assert flow_parts.t5_tokenizer_found(base) and not flow_parts.t5_tokenizer_found()
+    assert train_tab.guess_parts(str(base))["t5_tokenizer"] == str(comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    assert "The T5-XXL tokenizer: " + str(comfy / "comfy") in train_tab.explain_parts(str(base), "flux")
+    loaded = load_base(base, parts=parts)
+    tiny = tokenizer_of(files["t5_tokenizer"])
+    assert len(loaded.pipeline.tokenizer_2) == len(tiny)  # the tiny vocabulary, not a made-up one
+    assert loaded.pipeline.tokenizer_2("a red ring").input_ids == tiny("a red ring").input_ids
+
+    forge = tmp_path / "webui"  # Forge: models/Stable-diffusion/x.safetensors, its tokenizer under backend/
+    (forge / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(files["transformer"], forge / "models" / "Stable-diffusion" / "flux1-dev.safetensors")
+    tokenizer = forge / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev" / "tokenizer_2"
+    shutil.copytree(files["t5_tokenizer"], tokenizer)
+    assert flow_parts.t5_tokenizer_near(forge / "models" / "Stable-diffusion" / "flux1-dev.safetensors") == tokenizer
+
+
+def tokenizer_of(folder: Path):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(folder))

@@ -81,7 +81,8 @@ class ModelConfig:
                        "the SD 3.5 VAE); empty = inside the base file")
     t5_tokenizer: str = opt("", "SD 3.5 / FLUX.1 single file or split layout: the T5-XXL tokenizer (a folder with "
                                 "tokenizer.json of google/t5-v1_1-xxl, or that file); empty = "
-                                "trainer/model_configs/t5_tokenizer/ or the Hugging Face cache")
+                                "trainer/model_configs/t5_tokenizer/, the ComfyUI / Forge install the base sits in, "
+                                "or the Hugging Face cache")
 
 
 @dataclass(frozen=True)

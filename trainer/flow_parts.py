@@ -43,6 +43,11 @@ USUAL_NAMES = {  # text-encoder part -> the names ComfyUI users give its file, i
 VAE_NAMES = {"flux": ("ae.safetensors",), "sd3": ("sd3_vae.safetensors", "sd3.5_vae.safetensors")}  # both 16-ch
 T5_TOKENIZER_DIR = single_file.MODEL_CONFIGS / "t5_tokenizer"  # not shipped yet: the T5-XXL tokenizer.json goes here
 T5_HUB_ID = "google/t5-v1_1-xxl"
+APP_T5_TOKENIZERS = (  # where the apps people keep these files in ship T5-XXL's tokenizer.json, under their folder
+    "comfy/text_encoders/t5_tokenizer",  # ComfyUI
+    "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2",  # Forge
+    "backend/huggingface/stabilityai/stable-diffusion-3.5-large/tokenizer_3",  # Forge
+)
 COMFY_FOLDERS = ("clip", "text_encoders", "vae")  # models/unet/x.safetensors beside models/clip/, models/vae/
 
 
@@ -206,10 +211,23 @@ def _is_part(part: str, path: Path, arch: str) -> bool:
     return True
 
 
-def t5_tokenizer_found() -> bool:
-    """Whether the loader finds the T5-XXL tokenizer without being given one: in T5_TOKENIZER_DIR, or google/t5-v1_1-xxl
-    in the local Hugging Face cache (its tokenizer.json or spiece.model), read from the folders alone."""
+def t5_tokenizer_near(path: str | Path) -> Path | None:
+    """The T5-XXL tokenizer folder of the ComfyUI or Forge install a model file sits in (ComfyUI/models/unet/x,
+    webui/models/Stable-diffusion/x: up to four folders up), or None."""
+    for root in list(Path(path).expanduser().absolute().parents)[:4]:
+        for place in APP_T5_TOKENIZERS:
+            if (root / place / "tokenizer.json").is_file():
+                return root / place
+    return None
+
+
+def t5_tokenizer_found(near: str | Path | None = None) -> bool:
+    """Whether the loader finds the T5-XXL tokenizer without being given one: in T5_TOKENIZER_DIR, in the ComfyUI /
+    Forge install the base file `near` sits in, or google/t5-v1_1-xxl in the local Hugging Face cache (its
+    tokenizer.json or spiece.model), read from the folders alone."""
     if T5_TOKENIZER_DIR.is_dir() and any(T5_TOKENIZER_DIR.glob("tokenizer*")):
+        return True
+    if near is not None and t5_tokenizer_near(near) is not None:
         return True
     home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                 / "huggingface")

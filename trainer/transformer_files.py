@@ -235,12 +235,14 @@ def clip_tokenizer(pad: str):
     return CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), pad_token=pad, model_max_length=77)
 
 
-def t5_tokenizer(given: str | Path | None):
-    """T5-XXL's tokenizer: the one given, else `model_configs/t5_tokenizer/`, else google/t5-v1_1-xxl from the
-    local Hugging Face cache. It is not shipped yet, so a single file without any of these is refused by name."""
+def t5_tokenizer(given: str | Path | None, near: Path | None = None):
+    """T5-XXL's tokenizer: the one given, else `model_configs/t5_tokenizer/`, else the one of the ComfyUI / Forge
+    install the model file `near` sits in, else google/t5-v1_1-xxl from the local Hugging Face cache. It is not
+    shipped, so a single file without any of these is refused by name."""
     from transformers import T5TokenizerFast
 
-    for place in (Path(given).expanduser() if given else None, T5_TOKENIZER_DIR):
+    app = flow_parts.t5_tokenizer_near(near) if near is not None else None
+    for place in (Path(given).expanduser() if given else None, T5_TOKENIZER_DIR, app):
         if place is not None and place.is_file():
             return T5TokenizerFast(tokenizer_file=str(place), model_max_length=512)
         if place is not None and place.is_dir() and any(place.glob("tokenizer*")):
@@ -254,7 +256,8 @@ def t5_tokenizer(given: str | Path | None):
     if cached is not None and len(cached) >= 32000:
         return cached
     raise CheckpointError("the T5-XXL tokenizer is needed and not found offline: give t5_tokenizer (a folder with "
-                          f"tokenizer.json of google/t5-v1_1-xxl), or put that tokenizer.json in {T5_TOKENIZER_DIR}")
+                          f"tokenizer.json of google/t5-v1_1-xxl, such as ComfyUI's {flow_parts.APP_T5_TOKENIZERS[0]}), "
+                          f"or put that tokenizer.json in {T5_TOKENIZER_DIR}")
 
 
 def load(arch: str, path: Path, shapes: Shapes, parts: Parts, dtype: torch.dtype):
@@ -263,7 +266,7 @@ def load(arch: str, path: Path, shapes: Shapes, parts: Parts, dtype: torch.dtype
 
     found = locate(arch, path, shapes, parts)
     name = variant(arch, found["transformer"].shapes)
-    t5_tok = t5_tokenizer(parts.t5_tokenizer)
+    t5_tok = t5_tokenizer(parts.t5_tokenizer, near=path)
     t5_vocab = t5_config(found["t5"].shapes, arch)["vocab_size"]
     if len(t5_tok) > t5_vocab:
         raise CheckpointError(f"the T5 tokenizer has {len(t5_tok)} tokens, more than the T5 encoder's {t5_vocab}: "

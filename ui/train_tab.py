@@ -9,7 +9,7 @@ import gradio as gr
 
 from trainer import config
 from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
-                                found_beside, missing_parts, t5_tokenizer_found)
+                                found_beside, missing_parts, t5_tokenizer_found, t5_tokenizer_near)
 from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
@@ -177,10 +177,11 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     layer |= {"pretrained_model_name_or_path": base or "demo", "train_data_dir": str(dataset_dir),
               "trigger_word": trigger or ""}
     cfg = config.build(preset, family, layer)
-    if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found():  # the loader would stop there
+    if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found(base):  # the loader would stop
         raise config.ConfigError("model.t5_tokenizer", "model.t5_tokenizer: not set, and the T5-XXL tokenizer is "
-                                                       f"not in {T5_TOKENIZER_DIR} nor the Hugging Face cache: give "
-                                                       "the folder with tokenizer.json of google/t5-v1_1-xxl")
+                                                       f"not in {T5_TOKENIZER_DIR}, a ComfyUI / Forge install around "
+                                                       "the base, nor the Hugging Face cache: give the folder with "
+                                                       "tokenizer.json of google/t5-v1_1-xxl")
     return cfg
 
 
@@ -215,7 +216,8 @@ def flow_file(base: str) -> str:
 
 def guess_parts(base: str) -> dict[str, str]:
     """Each split-layout field: "", or the file found beside an SD 3.5 / FLUX.1 transformer under its usual
-    ComfyUI name (clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors, …) for a part the base lacks."""
+    ComfyUI name (clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors, …) for a part the base lacks, and
+    the T5 tokenizer of the ComfyUI / Forge install it sits in."""
     out = dict.fromkeys(PART_FIELDS, "")
     if arch := flow_file(base):
         try:
@@ -223,6 +225,8 @@ def guess_parts(base: str) -> dict[str, str]:
         except (CheckpointError, OSError):
             found = {}
         out |= {CONFIG_FIELDS[part]: str(path) for part, path in found.items()}
+        if tokenizer := t5_tokenizer_near(base):
+            out["t5_tokenizer"] = str(tokenizer)
     return out
 
 
@@ -249,6 +253,9 @@ def explain_parts(base: str, arch: str) -> str:
         head = (f"**{path.name}** is a {name} transformer without {'; '.join(PART_NAMES[p] for p in lacks)}: give "
                 f"{'it' if len(lacks) == 1 else 'them'} here (ComfyUI's split layout)."
                 + (f" Found beside it: {', '.join(have)}." if have else ""))
+    if found["t5_tokenizer"]:
+        return head + f" The T5-XXL tokenizer: {found['t5_tokenizer']} (of the install the file sits in)."
     return head + (" The T5-XXL tokenizer (google/t5-v1_1-xxl's tokenizer.json) is read from the field, else "
-                   "trainer/model_configs/t5_tokenizer/ or the Hugging Face cache.")
+                   "trainer/model_configs/t5_tokenizer/, ComfyUI's or Forge's own beside the models folder, or the "
+                   "Hugging Face cache.")
 
