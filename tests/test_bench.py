@@ -24,6 +24,8 @@ def test_the_memory_estimate_counts_the_published_models():
         assert r["fp8_gb"] < r["bf16_gb"] and r["peak_fp8_ckpt"] < r["peak_bf16_ckpt"] < r["peak_bf16_ckpt"] + 1
         assert r["act_ckpt_gb"] < r["act_eager_gb"] and r["lora"] > 0
     assert rows["FLUX.1 dev"]["peak_fp8_ckpt"] < 24 < rows["FLUX.1 dev"]["peak_bf16_ckpt"]
+    # the caching phase (T5-XXL 9.5 GB + CLIP, the transformer not yet on the GPU) stays under the training peak
+    assert 9.5 < rows["SD 3.5 Large"]["caching_gb"] < rows["SD 3.5 Large"]["peak_fp8_ckpt"]
 
 
 def test_the_flow_gpu_benchmark_smoke():

@@ -379,22 +379,44 @@ def test_what_is_not_built_is_refused_by_name(flow):
         config.build("character", "sd15", {"pretrained_model_name_or_path": base})
 
 
-def test_a_flux_run_samples_with_its_guidance(flow, tmp_path):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_a_run_samples_from_its_cached_prompt_embeddings(flow, tmp_path, monkeypatch, arch):
+    """Samples (FLUX.1's with its guidance) from the sample prompt's embeddings, cached with the captions: T5-XXL
+    runs before training (then leaves the device) and never while sampling; the step-0 sample (the adapter's update
+    still zero) is the picture the pipeline draws with its own encoders."""
     from PIL import Image
+    from transformers import T5EncoderModel
 
+    from trainer import sampling
     from trainer.events import read_all
 
-    run_dir, _ = make_flow_run(tmp_path, "flux", flow["flux"]["folder"], {
+    calls, forward, generate = [], T5EncoderModel.forward, sampling.generate
+    monkeypatch.setattr(T5EncoderModel, "forward", lambda self, *a, **k: calls.append("t5") or forward(self, *a, **k))
+
+    def sample(*a, **k):
+        calls.append("sample")
+        return generate(*a, **k)
+
+    monkeypatch.setattr(sampling, "generate", sample)
+    run_dir, cfg = make_flow_run(tmp_path, arch, flow[arch]["folder"], {
         "training": {"max_train_epochs": 1}, "sample": {"sample_every_n_epochs": 1, "sample_steps": 2,
                                                         "sample_prompts": ["{trigger}, a red circle"]}})
     assert train(config.load(run_dir / "config.toml"), run_dir).is_file()
     events = read_all(run_dir)
-    assert any("stay on the device to encode the sample prompts" in e.get("message", "") for e in events)
+    assert calls.count("sample") == 2 and "t5" in calls and "t5" not in calls[calls.index("sample"):], calls
+    assert any(e.get("message") == "Captions and sample prompts cached; the text encoders (T5 included) moved off "
+               "the device" for e in events)
     samples = [e for e in events if e["type"] == "sample"]
     assert [e["step"] for e in samples] == [0, 3]
     image = Image.open(run_dir / samples[-1]["path"])
     assert image.size == (64, 64)
-    assert "Steps: 2, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5" in image.text["parameters"]
+    assert ("Steps: 2, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5" if arch == "flux" else
+            "Steps: 2, Sampler: Euler, CFG scale: 4.5") in image.text["parameters"], image.text["parameters"]
+    s, prompt = cfg.sample, cfg.sample.sample_prompts[0].replace("{trigger}", cfg.data.trigger_word)
+    want = generate(load_base(str(flow[arch]["folder"])), prompt, sampler=s.sample_sampler, steps=2,
+                    cfg_scale=s.sample_cfg_scale, seed=s.sample_seed, width=64, height=64)
+    first = Image.open(run_dir / samples[0]["path"]).convert("RGB")
+    assert list(first.getdata()) == list(want.convert("RGB").getdata())
 
 
 def file_delta(params: dict) -> torch.Tensor:

@@ -28,14 +28,16 @@ SAMPLERS = {  # config name -> (WebUI label, scheduler class, extra config)
 
 @torch.no_grad()
 def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int, height: int,
-             clip_skip: int = 1, negative: str = "") -> Image.Image:
+             clip_skip: int = 1, negative: str = "", encode=None) -> Image.Image:
     """One image from the base model as it is now (with whatever adapter is injected into it).
 
     SD 3.5 / FLUX.1 sample with the flow-matching Euler of their own scheduler ('euler'); for FLUX.1 dev
-    `cfg_scale` is the distilled guidance fed to the transformer (no negative pass), schnell has none."""
+    `cfg_scale` is the distilled guidance fed to the transformer (no negative pass), schnell has none. Their
+    prompts go through `encode` (texts -> (embeddings, pooled)) when given: a run's caption encoder, which holds
+    the sample prompts' embeddings, so T5-XXL need not be on the device; else through the pipeline's encoders."""
     if base.arch in FLOW_ARCHES:
         return _generate_flow(base, prompt, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, width=width,
-                              height=height, negative=negative)
+                              height=height, negative=negative, encode=encode)
     pipe = base.pipeline
     _, cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config(pipe.scheduler.config, **extra)
@@ -55,18 +57,19 @@ def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, s
 
 
 def _generate_flow(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int, width: int,
-                   height: int, negative: str) -> Image.Image:
+                   height: int, negative: str, encode=None) -> Image.Image:
     if sampler not in FLOW_SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: SD 3.5 / FLUX.1 sample with flow-matching Euler; use 'euler'")
     pipe, device = base.pipeline, base.denoiser.device
     length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
+    encode = encode or (lambda texts: text.encode_flow(pipe, base.arch, texts, length, device))
     generator = torch.Generator("cpu").manual_seed(seed)  # the same picture on any device
     common = dict(num_inference_steps=steps, width=width, height=height, generator=generator, output_type="pil")
     if base.arch == "flux":  # guidance-distilled: one pass, the guidance goes in as an input
-        embeds, pooled = text.encode_flow(pipe, "flux", [prompt], length, device)
+        embeds, pooled = encode([prompt])
         return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=cfg_scale,
                     max_sequence_length=length, **common).images[0]
-    embeds, pooled = text.encode_flow(pipe, "sd3", [prompt, negative], length, device)
+    embeds, pooled = encode([prompt, negative])
     return pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], pooled_prompt_embeds=pooled[:1],
                 negative_pooled_prompt_embeds=pooled[1:], guidance_scale=cfg_scale, max_sequence_length=length,
                 **common).images[0]

@@ -115,6 +115,9 @@ class Caches:
 
     latents: dict = field(default_factory=dict)
     captions: dict = field(default_factory=dict)
+    # SD 3.5 / FLUX.1: send the text encoders off the device once their outputs are cached (a sweep does not while
+    # one of its trials trains CLIP: that trial's copy of the encoders shares their weights)
+    release_text_encoders: bool = True
 
 
 def setup(cfg: TrainConfig, run_dir: Path) -> Run:
@@ -139,7 +142,8 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     d = cfg.data
     latents_of = cache_latents(items, base.vae, acc, d, run_dir, events, caches.latents) if d.cache_latents \
         else None
-    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches.captions)
+    prompts = [p.replace("{trigger}", d.trigger_word) for p in cfg.sample.sample_prompts]
+    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches, prompts)
     loss_fn = make_loss(cfg, base, acc)
     held_out = prepare_held_out(held_items, base, acc, caches.latents, loss_fn) if held_items else None
     schedule = make_schedule(cfg, items, acc, held_out is not None)
@@ -147,16 +151,16 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
     if cfg.model.unet_quantization == "fp8":
         count = store_fp8(base.denoiser, compute_dtype(acc))
-        base.denoiser.to(acc.device)
         events.status("loading", f"{type(base.denoiser).__name__} held in fp8 ({count} layers, computed in "
                                  f"{str(compute_dtype(acc)).removeprefix('torch.')})")
+    base.denoiser.to(acc.device)
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
     progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
     return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
                latents_of=latents_of, encode=encode, time_ids=sdxl_time_ids(items) if base.arch == "sdxl" else None,
                net=net, params=params, optimizer=optimizer, lr_schedule=lr_schedule,
                clip=gradient_clipping(acc, cfg.optimizer.max_grad_norm), loss_fn=loss_fn, schedule=schedule,
-               progress=progress, prompts=[p.replace("{trigger}", d.trigger_word) for p in cfg.sample.sample_prompts],
+               progress=progress, prompts=prompts,
                samples_per_batch=cfg.training.train_batch_size * acc.num_processes, held_out=held_out)
 
 
@@ -185,8 +189,9 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
         raise ValueError(f"{m.pretrained_model_name_or_path} is {ARCH_NAMES[base.arch]}, but the config's family is "
                          f"{cfg.family!r}: build it with the base's own preset variant")
     weight_dtype = compute_dtype(acc)
-    # an fp8 denoiser goes to the device once it is stored in fp8 (assemble): never whole in weight_dtype there
-    base.denoiser.to(None if m.unet_quantization == "fp8" else acc.device, dtype=weight_dtype)
+    # the denoiser goes to the device once the captions are encoded and its adapter made (assemble): the text
+    # encoders (T5-XXL: 9.5 GB) and it are never on the device together, and an fp8 one is never there whole
+    base.denoiser.to(dtype=weight_dtype)
     base.vae.to(acc.device, dtype=torch.float32)  # the VAE overflows in fp16; it only runs for caching and samples
     for te in base.text_encoders:
         te.to(acc.device, dtype=weight_dtype)
@@ -350,19 +355,23 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
     return latent
 
 
-def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict):
+def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Caches, prompts: list[str] = ()):
     """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once
-    (into `cached`, which runs on the same frozen encoders and clip skip may share). SD 3.5 / FLUX.1: the
-    pipeline's own prompt encoding (CLIP + T5); once cached, the text encoders leave the device unless the run
-    samples (sampling encodes its prompts with them); with CLIP trained, `flow_te_encoder`."""
+    (into `caches.captions`, which runs on the same frozen encoders and clip skip may share). SD 3.5 / FLUX.1: the
+    pipeline's own prompt encoding (CLIP + T5), through which the samples are drawn too: the sample `prompts` (and
+    the empty negative prompt) are cached with the captions, so the text encoders leave the device once they are;
+    with CLIP trained, `flow_te_encoder`."""
     d = cfg.data
     fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
+    texts = {item.caption for item in items}
     if base.arch in FLOW_ARCHES:
         from trainer.transformer_files import MAX_SEQUENCE
 
         length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
+        texts |= {*prompts, ""} if prompts else set()
         if train_te:
-            return flow_te_encoder(base, cfg, items, acc, length, fixed and d.cache_text_encoder_outputs, events)
+            return flow_te_encoder(base, texts, acc, length, fixed and d.cache_text_encoder_outputs, events,
+                                   caches.release_text_encoders)
 
         def run(captions):
             with torch.no_grad():
@@ -375,11 +384,16 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
     if train_te or not d.cache_text_encoder_outputs or not fixed:
         return run
     events.status("caching", "Encoding captions once (the text encoder is frozen)")
-    with torch.no_grad(), acc.autocast():
-        for c in sorted({item.caption for item in items} - set(cached)):
-            cached[c] = run([c])
-    if base.arch in FLOW_ARCHES:
-        release_text_encoders(base, cfg, events)
+    cached = caches.captions
+    if missing := sorted(texts - set(cached)):
+        for te in base.text_encoders:  # (back, when an earlier sweep trial sent them off)
+            te.to(acc.device)
+        with torch.no_grad(), acc.autocast():
+            for c in missing:
+                cached[c] = run([c])
+    if base.arch in FLOW_ARCHES and caches.release_text_encoders:
+        release(base.text_encoders, events, "Captions and sample prompts cached; the text encoders (T5 included) "
+                                            "moved off the device")
 
     def lookup(captions):
         hidden = torch.cat([cached[c][0] for c in captions])
@@ -389,12 +403,13 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, cached: dict)
     return lookup
 
 
-def flow_te_encoder(base, cfg, items, acc, length: int, cache: bool, events):
+def flow_te_encoder(base, texts: set[str], acc, length: int, cache: bool, events, release_t5: bool = True):
     """SD 3.5 / FLUX.1 with CLIP trained: CLIP runs every step through its adapter (gradients reach it), T5 stays
-    frozen: its part is encoded once per caption and T5 leaves the device when the captions are fixed (as
-    sd-scripts' partial text-encoder cache), else encoded every step without gradients."""
+    frozen: its part of every text (captions, sample prompts) is encoded once and T5 leaves the device when the
+    captions are fixed (as sd-scripts' partial text-encoder cache), else encoded every step without gradients."""
     pipe = base.pipeline
-
+    for te in base.text_encoders:  # CLIP trains here (and T5 encodes): on the device, even after an earlier trial
+        te.to(acc.device)
     memo: dict = {}
 
     def t5(captions):
@@ -404,9 +419,12 @@ def flow_te_encoder(base, cfg, items, acc, length: int, cache: bool, events):
             return text.encode_flow_t5(pipe, captions, length, acc.device)
 
     if cache:
-        events.status("caching", "Encoding the captions' T5 part once (CLIP trains, T5 is frozen)")
-        memo |= {c: t5([c]) for c in sorted({item.caption for item in items})}
-        release_t5(base, cfg, events)
+        events.status("caching", "Encoding the T5 part of the captions and sample prompts once (CLIP trains, T5 is "
+                                 "frozen)")
+        memo |= {c: t5([c]) for c in sorted(texts)}
+        if release_t5:
+            release(base.text_encoders[-1:], events, "T5 part cached; T5 moved off the device (CLIP stays: it "
+                                                     "trains)")
 
     def encode(captions):
         return text.encode_flow_clip(pipe, base.arch, captions, t5(captions), acc.device)
@@ -414,30 +432,13 @@ def flow_te_encoder(base, cfg, items, acc, length: int, cache: bool, events):
     return encode
 
 
-def release_text_encoders(base, cfg, events) -> None:
-    """SD 3.5 / FLUX.1 with their captions cached: T5-XXL (~9.5 GB in fp16) and CLIP are not needed to train, so
-    they go back to the CPU, unless samples are drawn during the run."""
-    s = cfg.sample
-    if s.sample_every_n_steps or s.sample_every_n_epochs:
-        events.status("caching", "Captions cached; the text encoders stay on the device to encode the sample prompts")
-        return
-    for te in base.text_encoders:
+def release(encoders, events, message: str) -> None:
+    """SD 3.5 / FLUX.1 text encoders whose outputs are all cached go back to the CPU (T5-XXL: ~9.5 GB in fp16)."""
+    for te in encoders:
         te.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    events.status("caching", "Captions cached; the text encoders (T5 included) moved off the device")
-
-
-def release_t5(base, cfg, events) -> None:
-    """T5-XXL's part cached while CLIP trains: T5 alone goes back to the CPU, unless the run samples."""
-    s = cfg.sample
-    if s.sample_every_n_steps or s.sample_every_n_epochs:
-        events.status("caching", "T5 part cached; T5 stays on the device to encode the sample prompts")
-        return
-    base.text_encoders[-1].to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    events.status("caching", "T5 part cached; T5 moved off the device (CLIP stays: it trains)")
+    events.status("caching", message)
 
 
 def sdxl_time_ids(items) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from trainer import config, rundir, sweep, sweep_space
 from trainer.config import ConfigError
 from trainer.events import EventWriter
+from trainer.setup import choose_components
 from trainer.sweep_fused import Cursor, Group, Loaded, install, solo_reason, train_group, trial_run
 from trainer.train import StopFlag, finish
 
@@ -64,12 +65,14 @@ def train_round(folder: Path, state: dict, study, todo: list[dict], loaded: Load
     """The round's trials: those that can share a forward together, then each of the others alone, on one base."""
     locks = [rundir.RunDir(folder / t["name"]).acquire() for t in todo]
     cursors: list[Cursor] = []
+    configs = [config.load(rundir.RunDir(folder / t["name"]).config) for t in todo]
+    loaded.caches.release_text_encoders = not any(choose_components(c, loaded.base)[1] for c in configs)
     try:
-        for t in todo:
+        for t, cfg in zip(todo, configs):
             run_dir = rundir.RunDir(folder / t["name"])
             run_dir.clean_leftovers()
             run_dir.write_status(state="running", pid=os.getpid(), pgid=os.getpgrp(), message="")
-            cursors.append(Cursor(t["name"], trial_run(config.load(run_dir.config), run_dir.path, loaded)))
+            cursors.append(Cursor(t["name"], trial_run(cfg, run_dir.path, loaded)))
         judge = Judge(state, study)
         for members in groups(cursors, todo, events):
             group = Group(loaded.base.denoiser, loaded.acc, members)

@@ -244,7 +244,7 @@ def sample(run: Run, prompt: str, index: int) -> None:
     options = dict(sampler=s.sample_sampler, steps=s.sample_steps, cfg_scale=s.sample_cfg_scale, seed=s.sample_seed,
                    width=width, height=height)
     with run.acc.autocast():
-        image = sampling.generate(run.base, prompt, clip_skip=cfg.model.clip_skip, **options)
+        image = sampling.generate(run.base, prompt, clip_skip=cfg.model.clip_skip, encode=run.encode, **options)
     path = run.run_dir / "samples" / f"step-{step:06d}-p{index}.png"
     model = Path(cfg.model.pretrained_model_name_or_path).name
     sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, arch=run.base.arch, **options))
