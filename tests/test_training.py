@@ -370,3 +370,18 @@ def test_lora_plus_gives_b_ratio_times_the_learning_rate(tiny_models, tmp_path):
     for a, b in (groups[0:2], groups[2:4]):
         assert b["initial_lr"] == pytest.approx(16 * a["initial_lr"]) and a["initial_lr"] > 0
         assert all(p.shape[-1] == 4 or p.shape[1] == 4 for p in b["params"])  # B: [out, r]
+
+
+def test_lycoris_modules_held_beside_the_model_go_to_the_run_device(tiny_models, tmp_path, monkeypatch):
+    """LyCORIS keeps its modules beside the UNet, not as its children, so they do not move with it: the run sends
+    them to its device itself (else, on a GPU, they would stay on the CPU and the first forward would fail)."""
+    from lycoris.wrapper import LycorisNetwork
+
+    from trainer.setup import setup
+
+    moved, to = [], LycorisNetwork.to
+    monkeypatch.setattr(LycorisNetwork, "to", lambda self, *a, **k: moved.append(a[0] if a else k) or to(self, *a, **k))
+    run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][0], {"network": {"network_type": "loha"}})
+    run = setup(cfg, run_dir)
+    assert run.acc.device in moved, moved
+    assert {p.device for m in run.net.torch_modules() for p in m.parameters()} == {run.acc.device}

@@ -154,6 +154,8 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
         events.status("loading", f"{type(base.denoiser).__name__} held in fp8 ({count} layers, computed in "
                                  f"{str(compute_dtype(acc)).removeprefix('torch.')})")
     base.denoiser.to(acc.device)
+    for module in net.torch_modules():  # LyCORIS holds its modules beside the model: they do not move with it
+        module.to(acc.device)
     params, optimizer, lr_schedule = make_optimization(cfg.optimizer, net, components, acc, schedule.total_steps)
     progress = resume(run_dir, acc, net, optimizer, lr_schedule, events)
     return Run(cfg=cfg, run_dir=run_dir, started=started, acc=acc, events=events, base=base, items=items,
