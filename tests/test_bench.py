@@ -1,5 +1,7 @@
 """The GPU benchmark's code path runs on CPU at a tiny size, so it cannot rot while no GPU is at hand."""
 
+import math
+
 from bench import gpu
 
 
@@ -37,3 +39,15 @@ def test_the_flow_gpu_benchmark_smoke():
                                                           ("SD 3.5 Medium", "bf16"), ("SD 3.5 Medium", "fp8")]
     assert all(r["steps_per_s"] > 0 and r["estimate_gb"] > 0 for r in results)
     assert results[1]["estimate_gb"] < results[0]["estimate_gb"]
+
+
+def test_the_gpu_paths_check_smoke():
+    """bench/gpu_paths.py (every method of every family on the device, fp8, a sweep, a compare) runs its code path
+    on CPU: a few rows, each ok."""
+    from bench import gpu_paths
+
+    rows = gpu_paths.main(["--smoke"])
+    assert [r["row"] for r in rows] == ["sd15 lora", "sd15 loha", "flux lokr", "flux lora fp8",
+                                        "sd15 sweep lora+lokr", "sd15 compare"]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert all(math.isfinite(r["loss"]) for r in rows[:5]) and rows[-1]["file"].startswith("grid.png")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.test_flow_training import FLOW_TINY, flow  # noqa: F401 (flow: the tiny FLUX.1 / SD 3.5 models)
 from tests.test_training import TINY, draw_dataset, losses
-from trainer import config, sweep_space
+from trainer import config, methods, sweep_space
 from trainer.events import read_all
 from trainer.quantize import FP8
 from trainer.setup import setup
@@ -22,12 +22,12 @@ from trainer.train import train
 FEW = {"training": {"max_train_epochs": 0, "max_train_steps": 4, "save_every_n_epochs": 0}}
 
 
-def fp8_config(tmp_path, arch: str, base, quantization: str):
+def fp8_config(tmp_path, arch: str, base, quantization: str, *more: dict):
     dataset = draw_dataset(tmp_path / "pictures")
     family = "sd15" if arch == "sd1" else arch
     layers = [TINY, FLOW_TINY if arch != "sd1" else {}, FEW,
               {"model": {"pretrained_model_name_or_path": str(base), "unet_quantization": quantization},
-               "data": {"train_data_dir": str(dataset)}}]
+               "data": {"train_data_dir": str(dataset)}}, *more]
     return config.build("character", family, *layers)
 
 
@@ -65,6 +65,17 @@ def test_an_fp8_base_trains_a_file_like_the_full_precision_one(flow, tiny_models
     gaps = [abs(fp8[s] - full[s]) / full[s] for s in full]
     print(f"{arch}: fp8 losses {max(gaps):.3%} from full precision at most")
     assert 0 < max(gaps) < 0.1, gaps
+
+
+@pytest.mark.parametrize("method", [m for m in methods.names(trained_through="peft") if m != "locon"])  # no convs
+def test_every_peft_method_trains_on_an_fp8_base(flow, tmp_path, method):  # noqa: F811
+    """fp8 is offered with every peft method: each trains on FLUX.1's fp8 transformer to finite losses and a file
+    (VeRA failed: peft's input-casting switch, which diffusers' layerwise casting flips, assumed a flag it lacks)."""
+    cfg = fp8_config(tmp_path, "flux", flow["flux"]["folder"], "fp8", {"network": {"network_type": method}})
+    final = train(cfg, tmp_path / "run")
+    steps = losses(tmp_path / "run")
+    assert list(steps) == [1, 2, 3, 4] and all(math.isfinite(v) for v in steps.values()), steps
+    assert final is not None and load_file(str(final))
 
 
 def test_a_sweep_refuses_an_fp8_base(tiny_models, tmp_path):

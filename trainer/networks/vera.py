@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from peft import VeraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.tuners.vera import VeraModel
 
 from trainer.networks.base import Network, blend_outputs, register
@@ -35,6 +36,10 @@ class VeRA(Network):
                                 projection_prng_key=self.projection_key(component), bias=BIAS[self.cfg.network_bias])
             self.tuners[component] = VeraModel(model, config, ADAPTER)
             wrapped += sum(hasattr(model.get_submodule(p), "vera_lambda_b") for p in paths)
+            for layer in model.modules():  # peft's disable_input_dtype_casting, which diffusers' layerwise casting
+                # (an fp8 base) runs, reads this flag of every tuner layer; peft's VeRA layer has none
+                if isinstance(layer, BaseTunerLayer) and not hasattr(layer, "cast_input_dtype_enabled"):
+                    layer.cast_input_dtype_enabled = True
         return self._check_count(wrapped)
 
     @staticmethod
