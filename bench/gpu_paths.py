@@ -4,7 +4,8 @@ The test suite runs on CPU, where every tensor is on one device and mixed precis
 module left on the CPU (LyCORIS keeps its modules beside the model), a bf16 / fp8 cast or a text encoder sent off
 the device shows. Here each family (SD 1.x, SDXL, FLUX.1, SD 3.5) trains every method it offers for 2 steps on the
 device with mixed precision (bf16 on CUDA), a held-out picture and a sample at the end; SD 3.5 / FLUX.1 also with
-the transformer in fp8, SD 1.x in NF4 when bitsandbytes is installed; then a sweep (trials sharing one forward)
+the transformer in fp8 and with CLIP trained beside it, SD 1.x in NF4 when bitsandbytes is installed; then a sweep
+(trials sharing one forward)
 and a compare of two of the files, on the same device. Each row says ok, with its last loss, or the error's first
 line; the exit status is the number of failures.
 
@@ -35,18 +36,23 @@ sys.path.insert(0, str(ROOT))
 
 FLOW = ("flux", "sd3")
 SMOKE = [("sd15", "lora", "none"), ("sd15", "loha", "none"), ("flux", "lokr", "none"), ("flux", "lora", "fp8")]
+# (family, network_type, mode): mode "none", "fp8", "nf4" (the denoiser's bits) or "clip" (CLIP trained too)
 
 
-def settings(base: Path, pictures: Path, family: str, method: str, quantization: str) -> dict:
-    """Two steps of batch 2 at 64 px, one picture of six held out, a sample after the last step."""
+def settings(base: Path, pictures: Path, family: str, method: str, mode: str) -> dict:
+    """Two steps of batch 2 at 64 px, one picture of six held out, a sample after the last step; `mode` "fp8" /
+    "nf4" holds the denoiser in those bits, "clip" trains CLIP too (SD 3.5 / FLUX.1)."""
     cuda = torch.cuda.is_available()
+    quantization = mode if mode in ("fp8", "nf4") else "none"
+    clip = {"network_train_unet_only": False} if mode == "clip" else {}
     return {
         "model": {"pretrained_model_name_or_path": str(base), "mixed_precision": "bf16" if cuda else "no",
                   "unet_quantization": quantization, "gradient_checkpointing": quantization == "fp8"},
         "data": {"train_data_dir": str(pictures), "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128,
                  "num_repeats": 1, "bucket_no_upscale": False, "validation_split": 0.17},
         "network": {"network_type": method, "network_dim": 4, "network_alpha": 2.0,
-                    "conv_dim": 4 if method == "locon" else 0, "conv_alpha": 2.0},
+                    "conv_dim": 4 if method == "locon" else 0, "conv_alpha": 2.0, **clip},
+        "optimizer": {"text_encoder_lr": 1e-4} if clip else {},
         "training": {"train_batch_size": 2, "max_train_steps": 2, "max_train_epochs": 0, "save_every_n_epochs": 0},
         "sample": {"sample_every_n_epochs": 1, "sample_steps": 2,
                    "sample_sampler": "euler" if family in FLOW else "euler_a"},
@@ -61,19 +67,20 @@ def rows_to_run(smoke: bool) -> list[tuple[str, str, str]]:
     rows = []
     for family in ("sd15", "sdxl", "flux", "sd3"):
         rows += [(family, m, "none") for m in methods.NAMES if not (family in FLOW and m == "locon")]
-    rows += [("flux", "lora", "fp8"), ("sd3", "lora", "fp8"), ("flux", "vera", "fp8")]
+    rows += [("flux", "lora", "fp8"), ("sd3", "lora", "fp8"), ("flux", "vera", "fp8"), ("flux", "lora", "clip"),
+             ("sd3", "lokr", "clip")]
     if importlib.util.find_spec("bitsandbytes") and torch.cuda.is_available():
         rows += [("sd15", "lora", "nf4")]
     return rows
 
 
-def train_one(root: Path, bases: dict, pictures: Path, family: str, method: str, quantization: str) -> dict:
+def train_one(root: Path, bases: dict, pictures: Path, family: str, method: str, mode: str) -> dict:
     from trainer import config
     from trainer.events import read_all
     from trainer.train import train
 
-    run_dir = root / "runs" / f"{family}-{method}-{quantization}"
-    cfg = config.build("character", family, settings(bases[family], pictures, family, method, quantization))
+    run_dir = root / "runs" / f"{family}-{method}-{mode}"
+    cfg = config.build("character", family, settings(bases[family], pictures, family, method, mode))
     config.save(cfg, run_dir / "config.toml")
     final = train(config.load(run_dir / "config.toml"), run_dir)
     events = read_all(run_dir)
@@ -155,9 +162,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bases = {"sd15": save_both("sd1", root)[0], "sdxl": save_both("sdxl", root)[0],
                  "flux": flow_layouts("flux", root)["folder"], "sd3": flow_layouts("sd3", root)["folder"]}
         pictures = draw_dataset(root / "pictures", 6)
-        for family, method, quantization in rows_to_run(args.smoke):
-            attempt(rows, f"{family} {method}" + (f" {quantization}" if quantization != "none" else ""),
-                    lambda f=family, m=method, q=quantization: train_one(root, bases, pictures, f, m, q))
+        for family, method, mode in rows_to_run(args.smoke):
+            attempt(rows, f"{family} {method}" + (f" {mode}" if mode != "none" else ""),
+                    lambda f=family, m=method, q=mode: train_one(root, bases, pictures, f, m, q))
         for family in ("sd15",) if args.smoke else ("sd15", "flux"):
             attempt(rows, f"{family} sweep lora+lokr", lambda f=family: sweep_one(root, bases, pictures, f))
         for family in ("sd15",) if args.smoke else ("sd15", "sdxl", "flux", "sd3"):
