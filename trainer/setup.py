@@ -181,7 +181,8 @@ def compute_dtype(acc) -> torch.dtype:
 
 
 def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
-    """(the base model on the device, {component name: module} the adapter wraps, whether text encoders train)."""
+    """(the base model, its VAE and text encoders on the device and its denoiser in the compute dtype, {component
+    name: module} the adapter wraps, whether text encoders train)."""
     m = cfg.model
     events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
     base = load_base(m.pretrained_model_name_or_path, m.prediction_type, parts=parts_of(m))

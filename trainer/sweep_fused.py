@@ -81,7 +81,8 @@ def trial_base(base, train_te: bool):
 
 @dataclass
 class Loaded:
-    """What the sweep loads once: the base on its device, the accelerator, the latents and caption caches."""
+    """What the sweep loads once: the base (its denoiser goes to the device with the first trial), the accelerator,
+    the latents and caption caches."""
 
     base: object
     acc: object
