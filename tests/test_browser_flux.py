@@ -179,13 +179,16 @@ def sweep_every_method(page, runs: Path) -> Path:
     values.fill(", ".join(FLOW_METHODS))
     values.press("Tab")
     status = page.locator("#sweep-status")
-    before = status.inner_text()  # the last sweep's line, until this one is made
+    before = {p.parent for p in runs.glob("*/sweep.json")}
     page.locator("#sweep-start").click()
-    deadline = time.time() + 30
-    while (said := status.inner_text()) == before or f"{len(FLOW_METHODS)} trial(s), grid search" not in said:
-        assert time.time() < deadline, f"no sweep; the section says {said!r}"
+    deadline = time.time() + 30  # the page's status line may still show the last sweep: the new folder tells
+    while not (made := {p.parent for p in runs.glob("*/sweep.json")} - before):
+        assert time.time() < deadline, f"no sweep; the section says {status.inner_text()!r}"
         page.wait_for_timeout(300)
-    sweep_id = re.search(r"Sweep (\S+) ", said).group(1)
+    (folder,) = made
+    sweep_id = folder.name
+    status.get_by_text(f"Sweep {sweep_id} ").wait_for(state="attached", timeout=30000)
+    assert f"{len(FLOW_METHODS)} trial(s), grid search" in status.inner_text()
     ended = f"{sweep_id}: done · {len(FLOW_METHODS)} / {len(FLOW_METHODS)} trial(s) ended"
     deadline = time.time() + 400  # a loaded CI machine
     while ended not in (shown := page.locator("#sweep-state").inner_text()):
