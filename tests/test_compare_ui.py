@@ -167,14 +167,14 @@ def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
         ("lora-000001.safetensors", "r / lora-000001 (epoch 1, step 4)", 0.1234),
         ("lora-000002.safetensors", "r / lora-000002 (epoch 2, step 8)", None),
         ("lora.safetensors", "r / lora (epoch 3, step 12)", 0.25)]
-    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height = compare_tab.choose_runs(
-        jobs, ["r"], "")
+    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, listed = (
+        compare_tab.choose_runs(jobs, ["r"], ""))
     assert [text for text, _ in files["choices"]] == [
         "r / lora-000001 (epoch 1, step 4) · held-out 0.1234", "r / lora-000002 (epoch 2, step 8)",
         "r / lora (epoch 3, step 12) · held-out 0.2500"]
     assert files["value"] == [str((run.output / n).resolve()) for n in
                               ("lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors")]
-    assert note == "3 saved file(s), all ticked." and suggested_by == "r"
+    assert note == "3 saved file(s), all ticked." and suggested_by == "r" and listed == files["value"]
     assert compare_tab.run_choices(jobs) == {"__type__": "update", "choices": ["r"]}
     assert compare_tab.run_choices(jobs, "r") == {"__type__": "update", "choices": ["r"], "value": ["r"]}
     assert (base, steps, seeds, width, height) == ("demo", 7, "1234", 64, 64)
@@ -233,9 +233,17 @@ def test_files_of_several_runs_are_listed_by_run_and_drawn_in_one_grid(jobs, com
                     "demo: every file is drawn on the base chosen below")
     assert (suggested_by, base, steps) == ("a", "demo", 7)  # the first run suggests the settings
     # adding or removing a run keeps what the form shows; another first run suggests its own
-    assert compare_tab.choose_runs(jobs, ["a", "b"], "a")[2:] == ["a"] + [UNCHANGED] * len(compare_tab.SUGGESTED)
+    assert compare_tab.choose_runs(jobs, ["a", "b"], "a")[2:-1] == ["a"] + [UNCHANGED] * len(compare_tab.SUGGESTED)
     assert compare_tab.choose_runs(jobs, ["b", "a"], "a")[2:5] == ["b", "/models/other.safetensors", prompts]
     assert compare_tab.choose_runs(jobs, [], "a")[1:3] == ["", ""]
+
+    # adding a run keeps the files unticked in the runs listed before; the new run's files come ticked
+    a_files = compare_tab.choose_runs(jobs, ["a"], "")[0]["value"]
+    files_ab, note_ab, *_, listed = compare_tab.choose_runs(jobs, ["a", "b"], "a", a_files[:1], a_files)
+    assert files_ab["value"] == [a_files[0]] + files["value"][3:] and listed == files["value"]
+    assert note_ab.startswith("6 saved file(s) of 2 runs, 4 ticked.")
+    # removing a run keeps the ticks of the rest
+    assert compare_tab.choose_runs(jobs, ["b"], "a", files_ab["value"], listed)[0]["value"] == files["value"][3:]
 
     chosen = [files["value"][0], files["value"][5]]  # a's first epoch, b's final file
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["a", "b"], chosen, [], *form())
@@ -424,7 +432,7 @@ def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layou
     run = create(jobs.runs_dir, cfg, lambda d: d.mkdir(), state="done", name="f")
     lora(run.output / "flux-000001.safetensors", ss_epoch="1", ss_steps="4", ss_base_model_version="flux1",
          ss_validation_loss="0.5")
-    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg_scale, width, height = \
+    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg_scale, width, height, _ = \
         compare_tab.choose_runs(jobs, ["f"], "")
     assert [text for text, _ in files["choices"]] == ["f / flux-000001 (epoch 1, step 4) · held-out 0.5000"]
     assert (base, sampler, cfg_scale, width, height) == (str(lay["transformer"]), "euler", 3.5, 64, 64)

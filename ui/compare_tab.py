@@ -99,34 +99,39 @@ def run_choices(jobs: JobManager, chosen: str | list[str] = "") -> dict:
     return gr.update(choices=ids, value=chosen if isinstance(chosen, list) else [chosen])
 
 
-def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str) -> list:
-    """[files (all ticked), note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height]: the
-    saved files of every chosen run, each labelled with its run, and the settings the first run suggests.
-    `suggested_by` is the run the form's settings came from: they are filled in again only when the first run is
-    another one (adding a run keeps what was edited), and left as they are when no run is chosen."""
+def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str, ticked_now: list[str] | None = None,
+                listed: list[str] | None = None) -> list:
+    """[files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, listed]: the saved
+    files of every chosen run, each labelled with its run, and the settings the first run suggests.
+    A file newly listed is ticked (a sweep's trial: only its final file, as the trials are compared by what they
+    ended with); one that was `listed` before keeps its tick from `ticked_now`, so adding a run keeps the files
+    unticked in the others. `suggested_by` is the run the form's settings came from: they are filled in again only
+    when the first run is another one (adding a run keeps what was edited), and left as they are when no run is
+    chosen. `listed` comes back as the paths now shown."""
     keep = [gr.update()] * len(SUGGESTED)
     if not run_ids:
-        return [gr.update(choices=[], value=[]), "", "", *keep]
+        return [gr.update(choices=[], value=[]), "", "", *keep, []]
     try:
         runs = [jobs.run_dir(r) for r in run_ids]
         files = {name: run_files(run) for name, run in zip(run_ids, runs)}
         suggested = [compares_settings(run) for run in runs]
     except (ValueError, OSError) as e:
-        return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep]
+        return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep, []]
     choices = [(file_text(f), f["path"]) for found in files.values() for f in found]
-    # a sweep's trial: only its final file is ticked (the trials are compared by what they ended with)
-    ticked = [f["path"] for name, found in files.items() for f in (found[-1:] if "/" in name else found)]
+    fresh = {f["path"] for name, found in files.items() for f in (found[-1:] if "/" in name else found)}
+    seen, was_ticked = set(listed or ()), set(ticked_now or ())
+    ticked = [path for _, path in choices if (path in was_ticked if path in seen else path in fresh)]
     of_runs = f" of {len(runs)} runs" if len(runs) > 1 else ""
     notes = [f"{len(choices)} saved file(s){of_runs}, " + ("all ticked." if len(ticked) == len(choices) else
-                                                          f"{len(ticked)} ticked (each trial's final file).")
-             ] if choices else []
+                                                          f"{len(ticked)} ticked.")] if choices else []
     notes += [f"⚠ {run_id} has no saved files yet: drop files instead, or wait for its first save."
               for run_id, found in files.items() if not found]
     base = suggested[0]["base"]
     notes += [f"⚠ {run.id} was trained on {other['base']}, {runs[0].id} on {base}: every file is drawn on the "
               "base chosen below" for run, other in zip(runs[1:], suggested[1:]) if other["base"] != base]
     settings = keep if run_ids[0] == suggested_by else [suggested[0][n] for n in SUGGESTED]
-    return [gr.update(choices=choices, value=ticked), "\n\n".join(notes), run_ids[0], *settings]
+    return [gr.update(choices=choices, value=ticked), "\n\n".join(notes), run_ids[0], *settings,
+            [path for _, path in choices]]
 
 
 def compares_settings(run) -> dict:
