@@ -129,6 +129,15 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
         page.wait_for_function(f"() => document.querySelectorAll('#compare-grid img').length === {total}",
                                timeout=30000)
         assert labels(page) == drawn and grid.locator("table").inner_text() == text
+        # ...and on the form it was asked with: the run chosen, its files ticked, the settings typed
+        page.wait_for_function("() => document.querySelector('#compare-strengths textarea, #compare-strengths input')"
+                               ".value === '0, 0.5, 1'", timeout=30000)
+        page.locator("#compare-run-info").get_by_text(f"{len(saved)} saved file(s), all ticked.", exact=True).wait_for(
+            timeout=30000)
+        assert page.locator("#compare-seeds textarea, #compare-seeds input").first.input_value() == "1234, 5"
+        assert page.locator("#compare-files input:checked").count() == len(saved)
+        assert page.locator("#compare-status").inner_text().endswith(
+            f": {len(saved) + 1} files × 3 strengths × 2 prompts × 2 seeds.")
         assert progress_line(page) == f"Cell {total} / {total} · done"
         page.locator('#compare-download a[download="grid.png"]').wait_for(timeout=10000)
     finally:

@@ -167,14 +167,14 @@ def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
         ("lora-000001.safetensors", "r / lora-000001 (epoch 1, step 4)", 0.1234),
         ("lora-000002.safetensors", "r / lora-000002 (epoch 2, step 8)", None),
         ("lora.safetensors", "r / lora (epoch 3, step 12)", 0.25)]
-    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, listed = (
+    files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, memory = (
         compare_tab.choose_runs(jobs, ["r"], ""))
     assert [text for text, _ in files["choices"]] == [
         "r / lora-000001 (epoch 1, step 4) · held-out 0.1234", "r / lora-000002 (epoch 2, step 8)",
         "r / lora (epoch 3, step 12) · held-out 0.2500"]
     assert files["value"] == [str((run.output / n).resolve()) for n in
                               ("lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors")]
-    assert note == "3 saved file(s), all ticked." and suggested_by == "r" and listed == files["value"]
+    assert note == "3 saved file(s), all ticked." and suggested_by == "r" and memory["shown"] == files["value"]
     assert compare_tab.run_choices(jobs) == {"__type__": "update", "choices": ["r"]}
     assert compare_tab.run_choices(jobs, "r") == {"__type__": "update", "choices": ["r"], "value": ["r"]}
     assert (base, steps, seeds, width, height) == ("demo", 7, "1234", 64, 64)
@@ -220,6 +220,29 @@ def test_another_page_sees_the_whole_grid(jobs, compares):
     assert second[:4] == list(first[:4])
 
 
+def test_a_reload_shows_the_form_the_compare_was_asked_for(jobs, compares):
+    run = trained_run(jobs)
+    trained_run(jobs, "other")
+    saved = [f["path"] for f in run_files(run)]
+    asked = form(prompts="a red circle\na blue square", strengths="0, 0.5, 1", seeds="7, 8", steps=3)
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, ["r"], saved[1:], [], *asked)
+    runs, files, suggested_by, memory, status, *settings, restored = compare_tab.open_tab(
+        compares, jobs, compare_id, [], False)
+    assert runs["value"] == ["r"] and sorted(files["value"]) == saved[1:] and suggested_by == "r"
+    assert memory == {"shown": saved, "ticks": {saved[0]: False, saved[1]: True, saved[2]: True}}
+    assert status.startswith(f"Compare **{compare_id}** ") and status.endswith(
+        ": 2 files × 3 strengths × 2 prompts × 2 seeds.")
+    assert settings == asked and restored is True
+    # the runs chooser's change then lists the run's files with only the drawn ones ticked, the settings kept
+    again = compare_tab.choose_runs(jobs, runs["value"], suggested_by, memory)
+    assert again[0]["value"] == saved[1:] and again[3:-1] == [UNCHANGED] * len(compare_tab.SUGGESTED)
+    # once only, and never over runs chosen already (the Runs tab's "Compare this run's files"); no compare, no form
+    for args in ((compare_id, [], True), (compare_id, ["other"], False), ("", [], False), ("compare-999", [], False)):
+        runs, *rest, restored = compare_tab.open_tab(compares, jobs, *args)
+        assert runs == {"__type__": "update", "choices": ["other", "r"]} and restored is True
+        assert rest == [UNCHANGED] * (4 + len(compare_tab.SETTINGS))
+
+
 def test_files_of_several_runs_are_listed_by_run_and_drawn_in_one_grid(jobs, compares, tmp_path):
     trained_run(jobs, "a")
     trained_run(jobs, "b", sample_steps=9, pretrained_model_name_or_path="/models/other.safetensors")
@@ -235,15 +258,19 @@ def test_files_of_several_runs_are_listed_by_run_and_drawn_in_one_grid(jobs, com
     # adding or removing a run keeps what the form shows; another first run suggests its own
     assert compare_tab.choose_runs(jobs, ["a", "b"], "a")[2:-1] == ["a"] + [UNCHANGED] * len(compare_tab.SUGGESTED)
     assert compare_tab.choose_runs(jobs, ["b", "a"], "a")[2:5] == ["b", "/models/other.safetensors", prompts]
-    assert compare_tab.choose_runs(jobs, [], "a")[1:3] == ["", ""]
+    assert compare_tab.choose_runs(jobs, [], "a")[1:3] == ["", UNCHANGED]
 
     # adding a run keeps the files unticked in the runs listed before; the new run's files come ticked
-    a_files = compare_tab.choose_runs(jobs, ["a"], "")[0]["value"]
-    files_ab, note_ab, *_, listed = compare_tab.choose_runs(jobs, ["a", "b"], "a", a_files[:1], a_files)
-    assert files_ab["value"] == [a_files[0]] + files["value"][3:] and listed == files["value"]
+    a_files, *_, memory = compare_tab.choose_runs(jobs, ["a"], "")
+    memory = compare_tab.remember_ticks(a_files["value"][:1], memory)  # the user unticks a's last two files
+    files_ab, note_ab, *_, memory = compare_tab.choose_runs(jobs, ["a", "b"], "a", memory)
+    assert files_ab["value"] == files["value"][:1] + files["value"][3:] and memory["shown"] == files["value"]
     assert note_ab.startswith("6 saved file(s) of 2 runs, 4 ticked.")
-    # removing a run keeps the ticks of the rest
-    assert compare_tab.choose_runs(jobs, ["b"], "a", files_ab["value"], listed)[0]["value"] == files["value"][3:]
+    # removing every run (Gradio's dropdown passes through [] when set anew) and choosing again keeps them too
+    cleared = compare_tab.choose_runs(jobs, [], "a", memory)
+    assert cleared[0]["value"] == [] and cleared[2] == UNCHANGED and cleared[-1]["ticks"] == memory["ticks"]
+    again = compare_tab.choose_runs(jobs, ["a", "b"], "a", cleared[-1])
+    assert again[0]["value"] == files_ab["value"] and again[3:-1] == [UNCHANGED] * len(compare_tab.SUGGESTED)
 
     chosen = [files["value"][0], files["value"][5]]  # a's first epoch, b's final file
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["a", "b"], chosen, [], *form())

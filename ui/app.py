@@ -110,13 +110,16 @@ def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secre
     # the page's compare survives a reload like the Monitor's run; each view keeps its own cursor into the events
     compare_id = gr.BrowserState("", storage_key="lora-studio-compare", secret=secret)
     view, suggested_by = gr.State(None), gr.State("")  # suggested_by: the run the form's settings came from
-    listed = gr.State([])  # the saved files the form lists now: a file listed before keeps its tick
-    compare_page.select(partial(compare_tab.run_choices, jobs), None, compare.runs)  # the choice and form stay
+    memory = gr.State(None)  # the files listed and every tick so far (compare_tab.choose_runs)
+    restored = gr.State(False)  # the form is put back once after a reload, when the tab is first opened
+    compare_page.select(partial(compare_tab.open_tab, compares, jobs), [compare_id, compare.runs, restored],
+                        [compare.runs, compare.files, suggested_by, memory, compare.status, *compare.form(), restored])
     runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare")) if r
                        else (gr.update(), gr.update()), runs.chosen, [compare.runs, tabs])
-    compare.runs.change(partial(compare_tab.choose_runs, jobs), [compare.runs, suggested_by, compare.files, listed],
+    compare.runs.change(partial(compare_tab.choose_runs, jobs), [compare.runs, suggested_by, memory],
                         [compare.files, compare.run_info, suggested_by,
-                         *[compare.fields[n] for n in compare_tab.SUGGESTED], listed])
+                         *[compare.fields[n] for n in compare_tab.SUGGESTED], memory])
+    compare.files.input(compare_tab.remember_ticks, [compare.files, memory], memory)
     compare.start.click(partial(compare_tab.on_compare, compares, jobs),
                         [compare.runs, compare.files, compare.upload, *compare.form()],
                         [compare.status, compare_id, view])

@@ -99,28 +99,29 @@ def run_choices(jobs: JobManager, chosen: str | list[str] = "") -> dict:
     return gr.update(choices=ids, value=chosen if isinstance(chosen, list) else [chosen])
 
 
-def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str, ticked_now: list[str] | None = None,
-                listed: list[str] | None = None) -> list:
-    """[files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, listed]: the saved
+def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str, memory: dict | None = None) -> list:
+    """[files, note, suggested_by, base, prompts, seeds, steps, sampler, cfg, width, height, memory]: the saved
     files of every chosen run, each labelled with its run, and the settings the first run suggests.
-    A file newly listed is ticked (a sweep's trial: only its final file, as the trials are compared by what they
-    ended with); one that was `listed` before keeps its tick from `ticked_now`, so adding a run keeps the files
-    unticked in the others. `suggested_by` is the run the form's settings came from: they are filled in again only
-    when the first run is another one (adding a run keeps what was edited), and left as they are when no run is
-    chosen. `listed` comes back as the paths now shown."""
+    `memory` is the page's {"shown": paths listed now, "ticks": path -> ticked, for every file listed so far}
+    (`remember_ticks` keeps it up to date as the user ticks): a file listed before keeps its tick, so adding or
+    removing a run keeps what was unticked in the others; a new one is ticked (a sweep's trial: only its final
+    file, as the trials are compared by what they ended with). `suggested_by` is the run the form's settings came
+    from: they are filled in again only when the first run is another one (adding a run keeps what was edited).
+    No run chosen clears the list and keeps the rest (Gradio's dropdown passes through [] when it is set anew)."""
     keep = [gr.update()] * len(SUGGESTED)
+    ticks = dict((memory or {}).get("ticks", {}))
     if not run_ids:
-        return [gr.update(choices=[], value=[]), "", "", *keep, []]
+        return [gr.update(choices=[], value=[]), "", gr.update(), *keep, {"shown": [], "ticks": ticks}]
     try:
         runs = [jobs.run_dir(r) for r in run_ids]
         files = {name: run_files(run) for name, run in zip(run_ids, runs)}
         suggested = [compares_settings(run) for run in runs]
     except (ValueError, OSError) as e:
-        return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep, []]
+        return [gr.update(choices=[], value=[]), f"⚠ {e}", suggested_by, *keep, {"shown": [], "ticks": ticks}]
     choices = [(file_text(f), f["path"]) for found in files.values() for f in found]
     fresh = {f["path"] for name, found in files.items() for f in (found[-1:] if "/" in name else found)}
-    seen, was_ticked = set(listed or ()), set(ticked_now or ())
-    ticked = [path for _, path in choices if (path in was_ticked if path in seen else path in fresh)]
+    ticks |= {path: path in fresh for _, path in choices if path not in ticks}
+    ticked = [path for _, path in choices if ticks[path]]
     of_runs = f" of {len(runs)} runs" if len(runs) > 1 else ""
     notes = [f"{len(choices)} saved file(s){of_runs}, " + ("all ticked." if len(ticked) == len(choices) else
                                                           f"{len(ticked)} ticked.")] if choices else []
@@ -131,7 +132,51 @@ def choose_runs(jobs: JobManager, run_ids: list[str], suggested_by: str, ticked_
               "base chosen below" for run, other in zip(runs[1:], suggested[1:]) if other["base"] != base]
     settings = keep if run_ids[0] == suggested_by else [suggested[0][n] for n in SUGGESTED]
     return [gr.update(choices=choices, value=ticked), "\n\n".join(notes), run_ids[0], *settings,
-            [path for _, path in choices]]
+            {"shown": [path for _, path in choices], "ticks": ticks}]
+
+
+def remember_ticks(ticked: list[str], memory: dict | None) -> dict:
+    """The page's memory of ticks (see choose_runs) after the user ticked or unticked the files listed."""
+    memory = memory or {"shown": [], "ticks": {}}
+    return {"shown": memory["shown"], "ticks": memory["ticks"] | {p: p in ticked for p in memory["shown"]}}
+
+
+def open_tab(compares: CompareManager, jobs: JobManager, compare_id: str, chosen: list[str], restored: bool) -> list:
+    """The tab is opened: [runs, files, suggested_by, memory, status, *settings, restored]. The runs to choose
+    from are listed again, the choice and the form kept; the first time after a reload, unless runs were chosen already (from
+    the Runs or Sweeps tab), the form is put back as the page's compare (from the browser's storage) was asked for."""
+    same = [gr.update()] * (4 + len(SETTINGS))
+    if restored or chosen or not (form := restore_form(compares, jobs, compare_id)):
+        return [run_choices(jobs), *same, True]
+    return [*form, True]
+
+
+def restore_form(compares: CompareManager, jobs: JobManager, compare_id: str) -> list:
+    """[runs, files, suggested_by, memory, status, *settings] as the compare `compare_id` was asked for: its runs
+    chosen, the files it drew ticked, its settings; [] for no known compare. Dropped files stay in its grid but
+    not in the form (the browser no longer holds them)."""
+    if not compare_id or not known_compare(compares, compare_id):
+        return []
+    try:
+        spec, info = compares.spec(compare_id), compares.info(compare_id)
+    except (ValueError, OSError):
+        return []
+    runs_dir = Path(jobs.runs_dir).resolve()
+    run_ids, drawn = [], set()
+    for path in map(Path, spec["files"]):
+        parts = path.relative_to(runs_dir).parts if path.is_relative_to(runs_dir) else ()
+        if "output" in parts[1:]:
+            run_id = "/".join(parts[:parts.index("output")])
+            run_ids += [] if run_id in run_ids else [run_id]
+            drawn.add(str(path))
+    listed = [f for r in run_ids for f in run_files(jobs.run_dir(r))]
+    files = gr.update(choices=[(file_text(f), f["path"]) for f in listed], value=[p for p in drawn])
+    memory = {"shown": [f["path"] for f in listed], "ticks": {f["path"]: f["path"] in drawn for f in listed}}
+    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
+    shown = spec | {"prompts": "\n".join(spec["prompts"]), "strengths": ", ".join(f"{v:g}" for v in spec["strengths"]),
+                    "seeds": ", ".join(str(v) for v in spec["seeds"])}
+    return [run_choices(jobs, run_ids or ""), files, run_ids[0] if run_ids else "", memory,
+            f"Compare **{compare_id}** {info.state}: {shape}.", *[shown[n] for n in SETTINGS]]
 
 
 def compares_settings(run) -> dict:
