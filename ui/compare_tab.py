@@ -66,9 +66,9 @@ def build(models_dir: Path) -> CompareTab:
         prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="compare-prompts", scale=3)
         negative = gr.Textbox(label="Negative prompt", lines=3, elem_id="compare-negative", scale=2)
     with gr.Row():
-        strengths = gr.Textbox(value=", ".join(f"{s:g}" for s in DEFAULTS["strengths"]), label="Strengths",
+        strengths = gr.Textbox(value=as_text(DEFAULTS)["strengths"], label="Strengths",
                                elem_id="compare-strengths")
-        seeds = gr.Textbox(value=", ".join(str(s) for s in DEFAULTS["seeds"]), label="Seeds", elem_id="compare-seeds")
+        seeds = gr.Textbox(value=as_text(DEFAULTS)["seeds"], label="Seeds", elem_id="compare-seeds")
         steps = gr.Number(value=DEFAULTS["steps"], precision=0, label="Steps", elem_id="compare-steps")
         sampler = gr.Dropdown(choices=list(config.field_help("sample_sampler")["choices"]), value=DEFAULTS["sampler"],
                               label="Sampler", elem_id="compare-sampler")
@@ -143,8 +143,9 @@ def remember_ticks(ticked: list[str], memory: dict | None) -> dict:
 
 def open_tab(compares: CompareManager, jobs: JobManager, compare_id: str, chosen: list[str], restored: bool) -> list:
     """The tab is opened: [runs, files, suggested_by, memory, status, *settings, restored]. The runs to choose
-    from are listed again, the choice and the form kept; the first time after a reload, unless runs were chosen already (from
-    the Runs or Sweeps tab), the form is put back as the page's compare (from the browser's storage) was asked for."""
+    from are listed again, the choice and the form kept; the first time after a reload, unless runs were chosen
+    already (from the Runs or Sweeps tab), the form is put back as the page's compare (from the browser's storage)
+    was asked for."""
     same = [gr.update()] * (4 + len(SETTINGS))
     if restored or chosen or not (form := restore_form(compares, jobs, compare_id)):
         return [run_choices(jobs), *same, True]
@@ -162,7 +163,7 @@ def restore_form(compares: CompareManager, jobs: JobManager, compare_id: str) ->
     except (ValueError, OSError):
         return []
     runs_dir = Path(jobs.runs_dir).resolve()
-    run_ids, drawn = [], set()
+    run_ids, drawn = [], set()  # the runs in the order of their files; the files of runs among the compare's
     for path in map(Path, spec["files"]):
         parts = path.relative_to(runs_dir).parts if path.is_relative_to(runs_dir) else ()
         if "output" in parts[1:]:
@@ -170,19 +171,28 @@ def restore_form(compares: CompareManager, jobs: JobManager, compare_id: str) ->
             run_ids += [] if run_id in run_ids else [run_id]
             drawn.add(str(path))
     listed = [f for r in run_ids for f in run_files(jobs.run_dir(r))]
-    files = gr.update(choices=[(file_text(f), f["path"]) for f in listed], value=[p for p in drawn])
-    memory = {"shown": [f["path"] for f in listed], "ticks": {f["path"]: f["path"] in drawn for f in listed}}
-    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
-    shown = spec | {"prompts": "\n".join(spec["prompts"]), "strengths": ", ".join(f"{v:g}" for v in spec["strengths"]),
-                    "seeds": ", ".join(str(v) for v in spec["seeds"])}
+    ticks = {f["path"]: f["path"] in drawn for f in listed}
+    files = gr.update(choices=[(file_text(f), f["path"]) for f in listed], value=[p for p, on in ticks.items() if on])
+    memory, shown = {"shown": list(ticks), "ticks": ticks}, as_text(spec)
     return [run_choices(jobs, run_ids or ""), files, run_ids[0] if run_ids else "", memory,
-            f"Compare **{compare_id}** {info.state}: {shape}.", *[shown[n] for n in SETTINGS]]
+            summary(compare_id, info.state, spec), *[shown[n] for n in SETTINGS]]
 
 
 def compares_settings(run) -> dict:
     """The run's suggested settings as the form shows them (text for lists)."""
-    s = run_settings(run)
-    return s | {"prompts": "\n".join(s["prompts"]), "seeds": ", ".join(str(k) for k in s["seeds"])}
+    return as_text(run_settings(run))
+
+
+def as_text(settings: dict) -> dict:
+    """Settings with their lists as the form's text boxes hold them (a prompt a line, numbers by commas)."""
+    lists = {"prompts": "\n".join, "strengths": lambda v: ", ".join(f"{s:g}" for s in v),
+             "seeds": lambda v: ", ".join(str(s) for s in v)}
+    return settings | {name: text(settings[name]) for name, text in lists.items() if name in settings}
+
+
+def summary(compare_id: str, state: str, spec: dict) -> str:
+    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
+    return f"Compare **{compare_id}** {state}: {shape}."
 
 
 def file_text(f: dict) -> str:
@@ -203,9 +213,7 @@ def on_compare(compares: CompareManager, jobs: JobManager, run_ids: list[str], c
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows
         return [f"⚠ {e}", gr.update(), gr.update()]
-    spec = compares.spec(info.compare_id)
-    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
-    return [f"Compare **{info.compare_id}** {info.state}: {shape}.", info.compare_id, None]
+    return [summary(info.compare_id, info.state, compares.spec(info.compare_id)), info.compare_id, None]
 
 
 def cancel(compares: CompareManager, compare_id: str) -> str:
