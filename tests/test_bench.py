@@ -51,3 +51,23 @@ def test_the_gpu_paths_check_smoke():
                                         "sd15 sweep lora+lokr", "sd15 compare"]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     assert all(math.isfinite(r["loss"]) for r in rows[:5]) and rows[-1]["file"].startswith("grid.png")
+
+
+def test_the_kohya_loop_benchmark_times_our_side(tmp_path):
+    """bench/kohya_loop.py's own half (sd-scripts is not installed here): our trainer in a child process with the
+    step stamps, torch's default AdamW asked for through optimizer_args (a config that refused `fused=False` would
+    fail the child); the parts of a step add up to the step."""
+    import argparse
+
+    from bench import kohya_loop
+
+    work = tmp_path / "work"
+    for sub in ("runs", "logs"):
+        (work / sub).mkdir(parents=True)
+    args = argparse.Namespace(steps=kohya_loop.SKIP + 3, sd_scripts=tmp_path / "none", kohya_python=None)
+    result = kohya_loop.run_variant("ours-te-loop", kohya_loop.prepare(work), args, work)
+    parts = sum(result[p] for p in ("to_backward", "backward", "to_optimizer", "optimizer"))
+    assert 0 < result["backward"] < result["step"] < result["first_step"] < result["wall"]
+    assert math.isclose(parts, result["step"], rel_tol=1e-6)
+    events = next((work / "runs").glob("ours-*/events.jsonl")).read_text().splitlines()
+    assert sum('"type": "step"' in e for e in events) == args.steps

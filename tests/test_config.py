@@ -195,3 +195,16 @@ def test_text_that_would_break_toml_names_or_png_chunks_is_refused(layer, field)
     with pytest.raises(config.ConfigError) as e:
         config.build("character", "sd15", layer)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("args, fused", [([], True), (["fused=False"], False), (["fused=True"], True)])
+def test_adamw_is_fused_on_cpu_unless_optimizer_args_say_otherwise(args, fused):
+    import torch
+
+    from trainer.optim import make_optimizer
+
+    cfg = config.build("character", "sd15", {"optimizer_args": args, "weight_decay": 0.02})
+    optimizer = make_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-4}],
+                               torch.device("cpu"))
+    assert optimizer.defaults["fused"] is fused
+    assert optimizer.defaults["weight_decay"] == 0.02

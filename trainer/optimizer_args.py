@@ -33,7 +33,7 @@ POSITIVE = Span(0, math.inf, low_open=True, high_open=True)
 # name -> (kind, span); kind: float | int | bool | pair (two floats) | float? (a float or None)
 ADAM = {"betas": ("pair", UNIT), "eps": ("float", EPS), "weight_decay": ("float", FRACTION), "amsgrad": ("bool", None)}
 ALLOWED = {
-    "AdamW": ADAM | {"maximize": ("bool", None)},
+    "AdamW": ADAM | {"maximize": ("bool", None), "fused": ("bool", None)},
     "AdamW8bit": ADAM | {"min_8bit_size": ("int", Span(1, 2 ** 31)), "percentile_clipping": ("int", Span(1, 100)),
                          "block_wise": ("bool", None)},
     "Prodigy": {"betas": ("pair", UNIT), "beta3": ("float?", UNIT), "eps": ("float", EPS),
