@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tests import lora_files
 from tests.test_networks import base_weights as reference_weights
@@ -124,13 +125,39 @@ def test_restore_is_bit_exact_and_strengths_are_taken_from_the_original(sd1, fil
     for kind in METHODS:
         for strength in (1.0, 0.5, -1.0):
             swap.use(files[kind], strength)
-            touched = swap.updates.keys()
+            touched = swap.factors.keys()
             assert touched and any(not torch.equal(weights[n], before[n]) for n in touched), kind
             for name, params in lora_files.modules(files[kind]).items():
                 want = before[name] + strength * lora_files.delta(params, before[name].shape, before[name])
                 assert torch.allclose(weights[name], want, atol=1e-5, rtol=1e-4), (kind, name)
         swap.use(None, 0.0)
         assert all(torch.equal(weights[n], before[n]) for n in weights), f"{kind}: not restored exactly"
+
+
+def test_a_swapped_file_keeps_the_touched_weights_once_beside_the_model(sd1, files):
+    """What HotSwap holds beside the model: a copy of each weight the file touches and the file's factors, no ΔW
+    per module (for FLUX.1 dev that would be another ~24 GB of RAM)."""
+    weights = engine.base_weights(load_base(sd1))
+    swap = engine.HotSwap(weights)
+    for kind in METHODS:
+        for strength in (0.5, 1.0):
+            swap.use(files[kind], strength)
+            held = tensors({k: v for k, v in vars(swap).items() if k != "weights"})
+            assert nbytes(swap.backup.values()) == nbytes(weights[n] for n in swap.backup), kind
+            assert nbytes(held) == nbytes(swap.backup.values()) + nbytes(load_file(str(files[kind])).values()), kind
+    swap.restore()
+
+
+def tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors(v)
+
+
+def nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def test_files_that_do_not_fit_are_named_and_the_others_still_draw(sd1, files, bad_files, tmp_path):
@@ -262,7 +289,7 @@ def test_an_sdxl_file_swaps_into_both_text_encoders_and_the_sgm_named_unet(tiny_
     base = load_base(sdxl)
     swap = engine.HotSwap(engine.base_weights(base))
     swap.use(path, 1.0)
-    assert {n.split("_")[1] for n in swap.updates} == {"unet", "te1", "te2"}
+    assert {n.split("_")[1] for n in swap.factors} == {"unet", "te1", "te2"}
     got = pixels(generate(base, "a red circle", seed=3, **DRAW))
     want = pixels(generate(fresh_merged(sdxl, path, 1.0), "a red circle", seed=3, **DRAW))
     assert np.abs(got - want).max() <= 2

@@ -2,9 +2,9 @@
 
 The base is loaded once. Each file is checked first (readable, made for this base's family, every module matching a
 weight of the right shape); one that is not gets a named problem and is skipped. Then, file by file, its update ΔW
-is computed once per module from its factors (lycoris.functional: LoRA/LoCon, LoHa, LoKr; DoRA as ComfyUI merges
-it, ΔW = W_dora − W0), and each strength s sets W = W0 + s·ΔW in the UNet and the text encoders, in place. The
-touched weights are restored exactly, from a CPU copy, before the next file. Strength 0 is the base, drawn once per
+is built from its factors (lycoris.functional: LoRA/LoCon, LoHa, LoKr; DoRA as ComfyUI merges it, ΔW = W_dora −
+W0) at each strength s, on the weight's device, and W = W0 + s·ΔW set in the UNet and the text encoders, in place.
+The touched weights are restored exactly, from a CPU copy, before the next file. Strength 0 is the base, drawn once per
 prompt × seed.
 SD 3.5 / FLUX.1 bases (issue #17) take the files of their family in the layouts we write (kohya with fused q|k|v,
 diffusers, LyCORIS keys): trainer/compare_flow.py maps each module to the transformer / CLIP weights it patches, a
@@ -236,15 +236,16 @@ def inspect(index: int, label: str, path: Path, base_arch: str, weights: dict[st
 # --- swapping files in and out of the loaded base ---
 
 class HotSwap:
-    """The base's weights with at most one file applied, at one strength. `use` computes a file's ΔW once, when the
-    file changes, and keeps a CPU copy of every weight it touches, which `restore` puts back bit for bit. Both are
-    held in the weights' dtype, in CPU memory: twice the touched weights' size."""
+    """The base's weights with at most one file applied, at one strength. `use` keeps a CPU copy of every weight a
+    file touches, which `restore` puts back bit for bit, and the file's factors; each strength sets W = W0 + s·ΔW,
+    ΔW rebuilt from the factors on the weight's device one module at a time. Held beside the model: the touched
+    weights once, in their dtype, and the factors."""
 
-    def __init__(self, weights: dict[str, nn.Parameter]):
+    def __init__(self, weights: dict[str, nn.Parameter | Fused]):
         self.weights = weights
         self.path: Path | None = None
         self.strength = 0.0
-        self.updates: dict[str, torch.Tensor] = {}
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
         self.backup: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -252,16 +253,12 @@ class HotSwap:
         """The file at `path` (None: the base) at `strength`."""
         if path != self.path:
             self.restore()
-            self.backup = {}
-            self.updates = {}
-            for name, params in adapter_modules(load_file(str(path))).items() if path else ():
-                self.backup[name] = snapshot(self.weights[name])
-                # kept in the weight's dtype: a LoRA on every block of FLUX.1 dev touches ~12 B weights
-                self.updates[name] = update(params, self.backup[name]).to(self.backup[name].dtype)
+            self.factors = adapter_modules(load_file(str(path))) if path else {}
+            self.backup = {name: snapshot(self.weights[name]) for name in self.factors}
             self.path = path
         if strength != self.strength:
-            for name, delta in self.updates.items():
-                put(self.weights[name], self.backup[name], delta, strength)
+            for name, factors in self.factors.items():
+                put(self.weights[name], self.backup[name], factors, strength)
             self.strength = strength
 
     @torch.no_grad()
@@ -276,19 +273,25 @@ def snapshot(target: nn.Parameter | Fused) -> torch.Tensor:
     return target.read() if isinstance(target, Fused) else target.detach().to("cpu", copy=True)
 
 
+def delta(factors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """ΔW at strength 1 for `weight` (the original), computed on its device, in its dtype."""
+    return update({k: v.to(weight.device) for k, v in factors.items()}, weight).to(weight.dtype)
+
+
 @torch.no_grad()
-def put(target: nn.Parameter | Fused, original: torch.Tensor, delta: torch.Tensor | None = None,
+def put(target: nn.Parameter | Fused, original: torch.Tensor, factors: dict | None = None,
         strength: float = 0.0) -> None:
-    """target = original + strength · delta, in the target's dtype on its device; `original` alone at strength 0."""
+    """target = original + strength · ΔW(factors), in the target's dtype on its device; `original` alone at
+    strength 0."""
     if isinstance(target, Fused):
         value = original.to(target.device, target.dtype, copy=True)
         if strength:
-            value.add_(delta.to(target.device), alpha=strength)
+            value.add_(delta(factors, value), alpha=strength)
         target.write(value)
         return
     target.copy_(original)
     if strength:
-        target.add_(delta.to(target.device), alpha=strength)
+        target.add_(delta(factors, target), alpha=strength)
 
 
 # --- the cells ---
