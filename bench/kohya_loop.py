@@ -227,15 +227,15 @@ def phases(stamps: dict) -> dict:
     """Seconds per step over the steady steps (after SKIP): all of it, and its parts; `median` of the intervals."""
     ends = stamps["optimizer_end"]
     k = range(SKIP, len(ends))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "step": (ends[-1] - ends[SKIP - 1]) / len(k),
         "median": statistics.median(ends[i] - ends[i - 1] for i in k),
         # batch, text encoder, forward, loss, logging and all else between two steps
-        "to_backward": mean([stamps["backward"][i] - ends[i - 1] for i in k]),
-        "backward": mean([stamps["backward_end"][i] - stamps["backward"][i] for i in k]),
-        "to_optimizer": mean([stamps["optimizer"][i] - stamps["backward_end"][i] for i in k]),  # clipping etc.
-        "optimizer": mean([ends[i] - stamps["optimizer"][i] for i in k]),
+        "to_backward": statistics.fmean([stamps["backward"][i] - ends[i - 1] for i in k]),
+        "backward": statistics.fmean([stamps["backward_end"][i] - stamps["backward"][i] for i in k]),
+        # gradient sync, clipping
+        "to_optimizer": statistics.fmean([stamps["optimizer"][i] - stamps["backward_end"][i] for i in k]),
+        "optimizer": statistics.fmean([ends[i] - stamps["optimizer"][i] for i in k]),
     }
 
 
@@ -252,7 +252,8 @@ def child_ours(spec: dict) -> None:
         "flip_aug": False, "cache_latents": True, "cache_latents_to_disk": False,
         "cache_text_encoder_outputs": not spec.get("te_every_step"), "shuffle_caption": False,
         "caption_dropout_rate": 0.0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "optimizer_type": "AdamW",
-        "learning_rate": 1e-4, "unet_lr": 0.0, "weight_decay": 0.01, "optimizer_args": ["fused=False"] if spec.get("torch_default_adamw") else [], "max_grad_norm": 1.0,
+        "learning_rate": 1e-4, "unet_lr": 0.0, "weight_decay": 0.01, "max_grad_norm": 1.0,
+        "optimizer_args": ["fused=False"] if spec.get("torch_default_adamw") else [],
         "lr_scheduler": "constant", "lr_warmup_steps": 0, "gradient_accumulation_steps": 1,
         "save_every_n_epochs": 0, "save_every_n_steps": 0, "sample_every_n_epochs": 0, "sample_every_n_steps": 0,
         "validation_split": 0.0, "mixed_precision": "no", "gradient_checkpointing": False, "attention": "sdpa"})

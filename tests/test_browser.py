@@ -133,8 +133,8 @@ def shows_whole_history(page, run_dir: Path, done: bool) -> None:
     assert page.locator("#monitor-samples img").count() == len(samples) > 0 or not done
 
 
-def fill(page, elem: str, value: str) -> None:
-    box = page.locator(f"#train-{elem} input, #train-{elem} textarea").first
+def fill(page, elem: str, value: str, tab: str = "train-") -> None:
+    box = page.locator(f"#{tab}{elem} input, #{tab}{elem} textarea").first
     box.fill(value)
     box.press("Tab")
 
@@ -158,19 +158,20 @@ def set_up_run(page, app: App, images: list[Path], trigger: str = "zxq") -> None
     fill_until_still(page, TINY_FORM | TINY_ADVANCED)
 
 
-def fill_until_still(page, wanted: dict[str, str]) -> None:
-    """Fill the Train tab's fields; a late refill from the preset may overwrite one, so fill until the form holds."""
+def fill_until_still(page, wanted: dict[str, str], tab: str = "train-") -> None:
+    """Fill the Train tab's fields (elem_ids `tab` + name); a late refill from the preset, or a section drawn anew
+    as it opens, may overwrite one, so fill until the form holds."""
     for _ in range(5):
         for elem, value in wanted.items():
-            fill(page, elem, value)
+            fill(page, elem, value, tab)
         page.wait_for_timeout(1500)
-        if all(field_value(page, e) == v for e, v in wanted.items()):
+        if all(field_value(page, e, tab) == v for e, v in wanted.items()):
             return
-    raise AssertionError({e: field_value(page, e) for e in wanted})
+    raise AssertionError({e: field_value(page, e, tab) for e in wanted})
 
 
-def field_value(page, elem: str) -> str:
-    return page.locator(f"#train-{elem} input, #train-{elem} textarea").first.input_value()
+def field_value(page, elem: str, tab: str = "train-") -> str:
+    return page.locator(f"#{tab}{elem} input, #{tab}{elem} textarea").first.input_value()
 
 
 def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):

@@ -43,13 +43,7 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
 
     set_up_demo(page, app)
     page.locator("#sweep-section").get_by_text("Sweep:").click()
-    values = page.locator("#sweep-values-0 input, #sweep-values-0 textarea").first
-    for _ in range(5):  # the section's fields may still be drawn anew as it opens, dropping what was typed
-        values.fill("1e-4, 3e-4, 1e-3, 3e-3")
-        values.press("Tab")
-        page.wait_for_timeout(1500)
-        if values.input_value() == "1e-4, 3e-4, 1e-3, 3e-3":
-            break
+    fill_until_still(page, {"values-0": "1e-4, 3e-4, 1e-3, 3e-3"}, tab="sweep-")
     page.locator("#sweep-prune").get_by_text("halving").click()
     page.locator("#sweep-start").click()
     try:
