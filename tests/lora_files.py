@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file
 
@@ -13,6 +16,13 @@ def modules(path) -> dict[str, dict[str, torch.Tensor]]:
         name, _, param = key.partition(".")
         out.setdefault(name, {})[param] = value.float()
     return out
+
+
+def webui_hash(path) -> str:
+    """The hash WebUI computes for a LoRA file it has no `sshs_model_hash` for (modules/hashes.py,
+    addnet_hash_safetensors): sha256 of everything after the header."""
+    data = Path(path).read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
 
 
 def delta(p: dict[str, torch.Tensor], shape: torch.Size, base: torch.Tensor | None = None) -> torch.Tensor:

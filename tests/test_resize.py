@@ -190,7 +190,7 @@ def test_diffusers_loads_the_pruned_file_and_its_metadata_survives(tiny_models, 
         meta = f.metadata()
     assert meta["ss_output_name"] == "tiny" and meta["ss_base_model_version"] == BASE_VERSION[arch]
     assert json.loads(meta["ss_tag_frequency"]) == {"d": {"zxq": 3}}
-    assert meta["ss_network_module"] == "networks.lora" and "sshs_model_hash" not in meta
+    assert meta["ss_network_module"] == "networks.lora" and meta["sshs_model_hash"] == lora_files.webui_hash(dst)
     conv = {n: p["lora_down.weight"].shape[0] for n, p in lora_files.modules(dst).items()
             if p["lora_down.weight"].dim() == 4 and p["lora_down.weight"].shape[-1] == 3}
     conv_dim = str(min(conv.values())) if len(set(conv.values())) == 1 else "Dynamic"

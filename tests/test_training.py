@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from tests import lora_files
 from tests.test_networks import base_weights
@@ -37,7 +40,11 @@ REQUIRED_METADATA = [
     "ss_mixed_precision", "ss_seed", "ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info",
     "ss_training_started_at", "ss_training_finished_at", "modelspec.sai_model_spec", "modelspec.architecture",
     "modelspec.title", "modelspec.resolution", "modelspec.date", "modelspec.prediction_type",
-    "modelspec.trigger_phrase"]
+    "modelspec.trigger_phrase", "ss_session_id", "ss_num_batches_per_epoch", "ss_max_train_steps",
+    "ss_lr_warmup_steps", "ss_total_batch_size", "ss_max_grad_norm", "ss_shuffle_caption", "ss_keep_tokens",
+    "ss_caption_dropout_rate", "ss_flip_aug", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
+    "ss_max_bucket_reso", "ss_cache_latents", "ss_gradient_checkpointing", "ss_network_dropout", "sshs_model_hash",
+    "sshs_legacy_hash"]
 
 
 def draw_dataset(folder: Path, n: int = 6) -> Path:
@@ -89,6 +96,7 @@ def check_file(path: Path, model, arch: str, prediction: str) -> dict[str, str]:
     assert meta["modelspec.trigger_phrase"] == "zxq"
     assert json.loads(meta["ss_tag_frequency"]) == {"dataset": {"zxq": 6, "red circle": 6, "white background": 6}}
     assert meta["ss_num_train_images"] == "6"
+    assert meta["sshs_model_hash"] == lora_files.webui_hash(path)
     return meta
 
 
@@ -111,6 +119,52 @@ def test_a_run_finishes_and_writes_a_loadable_file(tiny_models, tmp_path, arch, 
     assert image.size == (64, 64)
     assert "Steps: 3, Sampler: Euler a" in image.text["parameters"]
     assert [e["type"] for e in read_all(run_dir)][-1] == "done"
+
+
+def test_the_file_says_of_its_run_what_sd_scripts_would(tiny_models, tmp_path):
+    """kohya's meanings: images × repeats per sub-folder, the planned epochs, the epoch a file holds (a partial one
+    counts), the optimizer with its arguments, the hashes WebUI would compute; readable by other users."""
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {
+        "data": {"num_repeats": 0, "shuffle_caption": True, "keep_tokens": 1}, "model": {"clip_skip": 2},
+        "training": {"max_train_epochs": 3, "max_train_steps": 9, "gradient_accumulation_steps": 1},
+        "optimizer": {"optimizer_args": ["betas=0.9,0.99"], "lr_warmup_steps": 0.25}})
+    dataset = run_dir / "dataset"
+    for i, sub in enumerate(["2_red", "2_red", "2_red", "3_white", "3_white", "3_white"]):
+        (dataset / sub).mkdir(exist_ok=True)
+        for suffix in (".png", ".txt"):
+            (dataset / f"img{i}{suffix}").rename(dataset / sub / f"img{i}{suffix}")
+    (dataset / "3_white" / "img5.txt").write_text("zxq, white background")
+    mask = os.umask(0o022)
+    try:
+        final = train_run(run_dir)
+    finally:
+        os.umask(mask)
+    files = [run_dir / "output" / n for n in ("lora-000001.safetensors", "lora.safetensors")]
+    metas = []
+    for path in files:
+        assert (path.stat().st_mode & 0o777) == 0o644, path  # safetensors' own writer gives 0o600
+        with safe_open(str(path), "pt") as f:
+            metas.append(f.metadata())
+    first, meta = metas[0], metas[-1]
+    # 15 slots an epoch (3 × 2 + 3 × 3), batches of 2 from one bucket at a time: 8 steps an epoch, 9 cut epoch 2
+    assert meta["ss_num_train_images"] == "15" and meta["ss_num_batches_per_epoch"] == "8"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_red": {"n_repeats": 2, "img_count": 3},
+                                                   "3_white": {"n_repeats": 3, "img_count": 3}}
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        "2_red": {"zxq": 3, "red circle": 3, "white background": 3},
+        "3_white": {"zxq": 3, "red circle": 2, "white background": 3}}
+    assert [m["ss_epoch"] for m in metas] == ["1", "2"] and {m["ss_num_epochs"] for m in metas} == {"2"}
+    assert meta["ss_steps"] == "9" and meta["ss_max_train_steps"] == "9" and meta["ss_lr_warmup_steps"] == "2"
+    assert meta["modelspec.title"] == "lora (epoch 2)" and meta["modelspec.encoder_layer"] == "2"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(fused=True,weight_decay=0.01,betas=(0.9, 0.99))"
+    assert meta["ss_total_batch_size"] == "2" and meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+    assert meta["ss_min_bucket_reso"] == "64" and meta["ss_max_bucket_reso"] == "128"
+    assert meta["ss_sd_model_name"] == Path(tiny_models["sd1"][1]).name
+    assert first["ss_session_id"] == meta["ss_session_id"]
+    tensors = load_file(str(final))  # sd-scripts hashes the file as it would be with only its ss_* fields
+    only_ss = safetensors_bytes(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(only_ss[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["sshs_model_hash"] == lora_files.webui_hash(final) != first["sshs_model_hash"]
 
 
 @pytest.mark.parametrize("arch, network", [("sd1", "lora"), ("sd2", "locon"), ("sdxl", "locon")])

@@ -112,5 +112,13 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: floa
     return ", ".join(head + tail)
 
 
+def by_folder(items: list[Item]) -> dict[str, list[Item]]:
+    """The items grouped by the folder their image lies in (kohya's `N_name` sub-folders, or the dataset's own)."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.path.parent.name, []).append(item)
+    return groups
+
+
 def tag_frequency(items: list[Item]) -> dict[str, int]:
     return count_tags(item.caption for item in items)

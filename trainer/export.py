@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -10,12 +11,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from trainer.config import bucket_limits
 from trainer.kohya_names import is_diffusers_form, lora_modules
+from trainer.optim import warmup_steps
 
 BASE_MODEL_VERSION = {("sd1", "epsilon"): "sd_v1", ("sd2", "epsilon"): "sd_v2", ("sd2", "v_prediction"): "sd_v2_v",
-                      ("sd1", "v_prediction"): "sd_v1", ("sdxl", "epsilon"): "sdxl_base_v1-0",
+                      ("sd1", "v_prediction"): "sd_v1_v", ("sdxl", "epsilon"): "sdxl_base_v1-0",
                       ("sdxl", "v_prediction"): "sdxl_base_v1-0"}
 # SD 3.5 / FLUX.1 by variant, as sd-scripts writes them: flux_utils.MODEL_VERSION_FLUX_V1, and for SD3 the MMDiT's
 # model_type (library/sd3_utils.analyze_state_dict_state: "medium", "5-medium", "5-large")
@@ -76,11 +79,15 @@ def to_flow_lycoris(net, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: t.float().contiguous() if k.endswith(".alpha") else t.to(dtype).contiguous() for k, t in sd.items()}
 
 
-def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_images: int, epoch: int, step: int,
-             tag_frequency: dict[str, int], bucket_info: dict, started_at: float, resolution: int,
+def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, dataset_dirs: dict[str, dict],
+             epoch: int, step: int, schedule, processes: int, optimizer: str, session_id: int,
+             tag_frequency: dict[str, dict[str, int]], bucket_info: dict, started_at: float, resolution: int,
              mixed_precision: str, held_out: tuple[float, int, int] | None = None) -> dict[str, str]:
-    """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands; with `held_out`
-    (loss, step, pictures) also `ss_validation_loss`, `ss_validation_step` and `ss_validation_images`."""
+    """The `ss_*` (kohya) and `modelspec.*` fields, all strings as the safetensors header demands, with kohya's
+    meanings: `dataset_dirs` {folder: {"n_repeats", "img_count"}}, `tag_frequency` {folder: {tag: pictures}},
+    `schedule` the run's (trainer.setup.Schedule), `epoch` the epochs trained into this file (a partial one counts),
+    `optimizer` as trainer.optim.description names it. With `held_out` (loss, step, pictures) also
+    `ss_validation_loss`, `ss_validation_step` and `ss_validation_images`."""
     n, o, t = cfg.network, cfg.optimizer, cfg.training
     v2 = arch == "sd2"
     if arch in FLOW_FORMAT:
@@ -92,10 +99,12 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         version = BASE_MODEL_VERSION[(arch, prediction_type)]
     now = datetime.now(timezone.utc)
     fields = {
+        "ss_session_id": str(session_id),  # one per run: the files of its epochs share it
         "ss_network_module": NETWORK_MODULE[net.exports_as],
         "ss_network_dim": str(n.network_dim),  # what was asked; save_atomic writes what the tensors hold
         "ss_network_alpha": str(n.network_alpha),
         "ss_network_args": json.dumps(net.network_args()),
+        "ss_network_dropout": str(n.network_dropout),
         "ss_base_model_version": version,
         "ss_v2": str(v2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
@@ -103,25 +112,26 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         "ss_sd_model_name": base_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_clip_skip": str(cfg.model.clip_skip),
-        "ss_num_train_images": str(num_images),
-        "ss_num_epochs": str(epoch),
+        "ss_num_batches_per_epoch": str(schedule.batches_per_epoch),
+        "ss_num_epochs": str(schedule.epochs),
         "ss_epoch": str(epoch),
         "ss_steps": str(step),
+        "ss_max_train_steps": str(schedule.total_steps),
         "ss_learning_rate": str(o.learning_rate),
         "ss_unet_lr": str(o.unet_lr or o.learning_rate),
         "ss_text_encoder_lr": str(o.text_encoder_lr),
-        "ss_optimizer": o.optimizer_type,
+        "ss_optimizer": optimizer,
         "ss_lr_scheduler": o.lr_scheduler,
+        "ss_lr_warmup_steps": str(warmup_steps(o, schedule.total_steps)),
+        "ss_max_grad_norm": str(o.max_grad_norm),
         "ss_mixed_precision": mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.model.gradient_checkpointing),
         "ss_seed": str(t.seed),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_noise_offset": str(t.noise_offset),
         "ss_batch_size_per_device": str(t.train_batch_size),
+        "ss_total_batch_size": str(t.train_batch_size * processes * t.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
-        "ss_tag_frequency": json.dumps({Path(cfg.data.train_data_dir).name or "dataset": tag_frequency}),
-        "ss_dataset_dirs": json.dumps({Path(cfg.data.train_data_dir).name or "dataset":
-                                       {"n_repeats": bucket_info.get("repeats", 1), "img_count": num_images}}),
-        "ss_bucket_info": json.dumps(bucket_info),
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
@@ -132,7 +142,9 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": cfg.data.trigger_word,
-    }
+    } | data_fields(cfg.data, resolution, dataset_dirs, tag_frequency, bucket_info)
+    if cfg.model.clip_skip > 1:  # as sd-scripts: the text encoder's layer the model reads, when not the last
+        fields["modelspec.encoder_layer"] = str(cfg.model.clip_skip)
     if arch in FLOW_FORMAT:  # as sd-scripts: no epsilon / v for a flow-matching model
         del fields["modelspec.prediction_type"]
     if held_out is not None:
@@ -140,6 +152,32 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, num_i
         fields |= {"ss_validation_loss": repr(loss), "ss_validation_step": str(held_step),
                    "ss_validation_images": str(pictures)}
     return fields
+
+
+def data_fields(d, resolution: int, dataset_dirs: dict[str, dict], tag_frequency: dict[str, dict[str, int]],
+                bucket_info: dict) -> dict[str, str]:
+    """The dataset's `ss_*` fields: what was trained on and how it was read (`d` the config's [data])."""
+    low, high = bucket_limits(resolution, d.min_bucket_reso, d.max_bucket_reso)
+    return {
+        "ss_num_train_images": str(sum(f["n_repeats"] * f["img_count"] for f in dataset_dirs.values())),
+        "ss_cache_latents": str(d.cache_latents),
+        "ss_shuffle_caption": str(d.shuffle_caption),
+        "ss_keep_tokens": str(d.keep_tokens),
+        "ss_caption_dropout_rate": str(d.caption_dropout_rate),
+        "ss_flip_aug": str(d.flip_aug),
+        "ss_enable_bucket": str(d.enable_bucket),
+        "ss_bucket_no_upscale": str(d.bucket_no_upscale),
+        "ss_min_bucket_reso": str(low),
+        "ss_max_bucket_reso": str(high),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_bucket_info": json.dumps(bucket_info),
+    }
+
+
+def model_name(source: str) -> str:
+    """`ss_sd_model_name` as sd-scripts writes it: a local checkpoint's or folder's name, a hub id whole."""
+    return Path(source).name if Path(source).exists() else source
 
 
 def module_rank(params: dict[str, torch.Tensor]) -> tuple[int, float] | None:
@@ -183,11 +221,27 @@ def rank_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dic
     return out
 
 
+def file_hashes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as sd-scripts precomputes them (train_util.precalculate_safetensors_
+    hashes), over the file as it would be with only its `ss_*` fields. WebUI takes sshs_model_hash for the LoRA's
+    hash (the "Lora hashes" of a picture's parameters, which Civitai matches) instead of reading the file again."""
+    data = safetensors_bytes(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file under its name. The
-    header's ranks and alphas are set from the tensors (`rank_metadata`), whoever wrote the rest of it."""
+    header's ranks and alphas are set from the tensors (`rank_metadata`), whoever wrote the rest of it, and its
+    hashes from the tensors and that header. Written through open(), so the file has the umask's permissions
+    (safetensors' own save_file makes it readable by its owner alone: a ComfyUI running as another user could not
+    read it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in rank_metadata(tensors, meta).items() if not k.startswith("sshs_")}
+    meta |= file_hashes(tensors, meta)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=rank_metadata(tensors, meta))
+    with open(tmp, "wb") as f:
+        f.write(safetensors_bytes(tensors, meta))
     os.replace(tmp, path)
     return path

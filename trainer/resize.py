@@ -174,7 +174,7 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
 def updated_metadata(meta: dict[str, str], tensors: dict[str, torch.Tensor], report: Report,
                      args: dict) -> dict[str, str]:
     """The input's metadata with what the resize changed: ranks and alphas (`rank_metadata`), the module type, and a
-    record of the resize. The input's file hashes (sshs_*) no longer match, so they go."""
+    record of the resize. The input's file hashes (sshs_*) no longer match: save_atomic writes the new file's."""
     meta = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
     meta["ss_network_module"] = "networks.lora"
     if meta.get("modelspec.architecture", "").endswith("/lycoris"):

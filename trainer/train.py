@@ -6,6 +6,7 @@ save -> stop. The loop reads no config: everything that depends on an option was
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, data, export, resize, sampling
+from trainer import checkpoint, data, export, optim, resize, sampling
 from trainer.guards import check_finite, writing
 from trainer.setup import Run, encode_image, setup
 
@@ -175,8 +176,8 @@ def finish(run: Run) -> Path:
     run.events.status("saving", "Saving the final LoRA")
     check_replicas(run)
     final = run.run_dir / "output" / f"{run.cfg.training.output_name}.safetensors"  # by the main process alone
-    if acc.is_main_process:
-        save_file(run, final.name, p.epoch)
+    if acc.is_main_process:  # a run cut short by max_train_steps has trained part of its last epoch
+        save_file(run, final.name, p.epoch + (p.batch > 0))
     if (latest := checkpoint.latest(run.run_dir)) is None or latest.name != f"step-{p.step:08d}":
         save_state(run, p.epoch)
     if acc.is_main_process:
@@ -199,9 +200,16 @@ def save_file(run: Run, name: str, epoch: int) -> Path:
     n, t = cfg.network, cfg.training
     check_finite(net, run.progress.step, cfg, run.run_dir)
     held_out = validate(run, epoch)
+    folders = data.by_folder(items)
     meta = export.metadata(cfg, arch=run.base.arch, prediction_type=run.base.prediction_type, net=net,
-                           base_name=Path(cfg.model.pretrained_model_name_or_path).name, num_images=len(items),
-                           epoch=epoch, step=run.progress.step, tag_frequency=data.tag_frequency(items),
+                           base_name=export.model_name(cfg.model.pretrained_model_name_or_path),
+                           dataset_dirs={name: {"n_repeats": group[0].repeats, "img_count": len(group)}
+                                         for name, group in folders.items()},
+                           epoch=epoch, step=run.progress.step, schedule=run.schedule,
+                           processes=run.acc.num_processes, optimizer=optim.description(run.optimizer, cfg.optimizer,
+                                                                                        run.acc.device),
+                           session_id=session_id(run.run_dir),
+                           tag_frequency={name: data.tag_frequency(group) for name, group in folders.items()},
                            bucket_info=bucket_info(items), started_at=run.started, resolution=cfg.data.resolution,
                            mixed_precision=run.acc.mixed_precision,
                            held_out=None if held_out is None else (held_out, run.progress.step, len(run.held_out.paths)))
@@ -277,6 +285,12 @@ def average_gradients(params, acc) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def session_id(run_dir: Path) -> int:
+    """kohya's `ss_session_id`, a number the files of one run share: here from the run's folder, so a resumed run
+    keeps it."""
+    return int(hashlib.sha256(run_dir.resolve().name.encode()).hexdigest()[:8], 16)
 
 
 def bucket_info(items) -> dict:
