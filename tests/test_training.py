@@ -323,6 +323,30 @@ def test_two_processes_train_one_identical_adapter(tiny_models, tmp_path):
     assert sum(e["type"] == "done" for e in read_all(run_dir)) == 1  # one writer of events
 
 
+@pytest.mark.slow
+def test_a_cancel_from_the_app_stops_a_scripts_two_process_run_and_not_the_script(tiny_models, tmp_path):
+    """A script's worker is in the script's process group (torch's launcher gives each process a session of its
+    own): the app never signals that group, only the worker's main process; the other one stops at the same step."""
+    from ui.jobs import JobManager
+
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"training": {"max_train_epochs": 20}})
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    script = (f"'{accelerate}' launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+              f"--dynamo_backend no -m trainer '{run_dir}'; echo \"worker exited $?\" > '{tmp_path}/after'")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # the script leads its group, as a shell job does
+    deadline = time.time() + 240
+    while time.time() < deadline and max(losses(run_dir), default=0) < 2:
+        time.sleep(0.1)
+    assert json.loads((run_dir / "status.json").read_text())["pgid"] != proc.pid  # never the script's group
+    assert JobManager(tmp_path, devices=[]).cancel(run_dir.name).message == "cancelling: saving state"
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0 and (tmp_path / "after").read_text().startswith("worker exited"), out
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    assert [e["type"] for e in read_all(run_dir)][-1] == "cancelled" and checkpoint.latest(run_dir) is not None
+    assert max(losses(run_dir)) < 20 * 3
+
+
 @pytest.mark.parametrize("optimizer", ["Prodigy", "Adafactor"])
 def test_other_optimizers_train(tiny_models, tmp_path, optimizer):
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"optimizer": {"optimizer_type": optimizer},

@@ -236,7 +236,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     from trainer import config
     from trainer.events import EventWriter
     from trainer.guards import DiskFull, disk_full, full_message
-    from trainer.rundir import RunDir, RunLocked
+    from trainer.rundir import RunDir, RunLocked, own_group
     from trainer.train import StopFlag, train
 
     run_dir = RunDir(run_dir)
@@ -254,7 +254,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     install_signals(stop)
     events = EventWriter(run_dir.path, enabled=main_process)
     record = quietly(run_dir.write_status) if main_process else (lambda **fields: None)
-    record(state="running", pid=os.getpid(), pgid=os.getpgrp(), message="", started=time.time())
+    record(state="running", pid=os.getpid(), pgid=own_group(), message="", started=time.time())
     try:
         cfg = config.load(run_dir.config, overrides)
         final = train(cfg, run_dir.path, stop)

@@ -121,7 +121,7 @@ class RunDir:
             os.close(fd)
             raise RunLocked(f"{self.path} is being trained by {describe(self.holder())}; "
                             "cancel that worker first (one worker per run)") from None
-        holder = {"pid": os.getpid(), "pgid": os.getpgrp(), "host": socket.gethostname(), "since": time.time(),
+        holder = {"pid": os.getpid(), "pgid": own_group(), "host": socket.gethostname(), "since": time.time(),
                   "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
@@ -190,6 +190,13 @@ def describe(holder: dict | None) -> str:
 
 
 # --- making runs ---
+
+def own_group() -> int | None:
+    """This worker's process group when it leads one (the app starts each worker in a session of its own; a shell
+    gives each job its own group), else None: a worker a script started shares the script's group, which a cancel
+    must not reach, so it is signalled alone."""
+    return os.getpgrp() if os.getpgrp() == os.getpid() else None
+
 
 def new_id(runs_dir: Path, preset: str) -> str:
     """`<date>-<time>-<preset>`, with a counter when two runs start in the same second."""

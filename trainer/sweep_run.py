@@ -71,7 +71,7 @@ def train_round(folder: Path, state: dict, study, todo: list[dict], loaded: Load
         for t, cfg in zip(todo, configs):
             run_dir = rundir.RunDir(folder / t["name"])
             run_dir.clean_leftovers()
-            run_dir.write_status(state="running", pid=os.getpid(), pgid=os.getpgrp(), message="")
+            run_dir.write_status(state="running", pid=os.getpid(), pgid=rundir.own_group(), message="")
             cursors.append(Cursor(t["name"], trial_run(cfg, run_dir.path, loaded)))
         judge = Judge(state, study)
         for members in groups(cursors, todo, events):

@@ -67,16 +67,26 @@ def loop(run: Run, stop: StopFlag) -> bool:
                 validate(run, epoch + 1)
             if schedule.should_save_state(p.step):
                 save_state(run, epoch)
-            if stop.requested or schedule.finished(p.step):
+            if stopping(run, stop) or schedule.finished(p.step):
                 break
         if p.batch >= len(batches):
             end_epoch(run, epoch)
-        if stop.requested:
+        if stopping(run, stop):
             cancel(run, epoch)
             return False
         if schedule.finished(p.step):
             break
     return True
+
+
+def stopping(run: Run, stop: StopFlag) -> bool:
+    """Whether any process was asked to stop, agreed by all so they stop at the same step: a signal reaches one
+    process first, or it alone (torch's launcher puts each process in a session of its own, and a cancel signals
+    the main process)."""
+    if run.acc.num_processes > 1:
+        asked = torch.tensor([float(stop.requested)], device=run.acc.device)
+        stop.requested = bool(run.acc.reduce(asked, reduction="sum").item())
+    return stop.requested
 
 
 def baseline(run: Run) -> None:

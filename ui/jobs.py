@@ -23,7 +23,7 @@ from trainer import sweep
 from trainer.sweep import SWEEP_FILE
 from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
 from ui.security import inside
-from ui.worker_queue import tick_in_background
+from ui.worker_queue import signal_worker, tick_in_background
 
 EXIT_DISK_FULL = 5  # trainer/__main__.py's exit code for a full disk
 
@@ -251,13 +251,7 @@ class JobManager:
             return self.info(run_id)
 
     def _signal(self, rd: RunDir, run: RunInfo, sig: int) -> None:
-        group = rd.status().get("pgid") or run.pid
-        # a status file is data: never signal our own group (0, 1, the app's) on its word
-        if isinstance(group, int) and group > 1 and group != os.getpgrp():
-            try:
-                os.killpg(group, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signal_worker(sig, self._procs.get(run.run_id), rd.status().get("pgid"), run.pid)
 
     def delete(self, run_id: str) -> None:
         self._not_a_trial(run_id, "delete")

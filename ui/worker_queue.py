@@ -66,6 +66,21 @@ class WorkerQueue:
             self._thread = tick_in_background(self.tick, self.poll_s, f"{self.command}-manager")
 
 
+def signal_worker(sig: int, proc: subprocess.Popen | None, group=None, pid=None) -> None:
+    """Send `sig` to a worker: to the session this app started it in (`proc`: the worker and all it started), else
+    to the group it recorded as its own (trainer.rundir.own_group: only when it leads one), else to its process
+    alone. Those numbers come from a status file, which is data: never our own group or process, nor 0 or 1."""
+    try:
+        if proc is not None:
+            os.killpg(proc.pid, sig)
+        elif isinstance(group, int) and group > 1 and group != os.getpgrp():
+            os.killpg(group, sig)
+        elif isinstance(pid, int) and pid > 1 and pid != os.getpid():
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def tick_in_background(tick: Callable[[], None], poll_s: float, name: str) -> threading.Thread:
     """Call `tick` every `poll_s` seconds on a daemon thread for the app's life; an error in one tick is printed
     and the next tick comes anyway (whatever one folder holds, the queue must keep going)."""
