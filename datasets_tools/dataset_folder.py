@@ -81,10 +81,12 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def with_trigger(caption: str, trigger: str) -> str:
-    """`trigger` first, once."""
-    tags = [t for t in split_tags(caption) if t != trigger.strip()]
-    return ", ".join(([trigger.strip()] if trigger.strip() else []) + tags)
+def with_trigger(caption: str, trigger: str, previous: str = "") -> str:
+    """`trigger` first, once; `previous` (the trigger it replaces) dropped from the front."""
+    tags, trigger = split_tags(caption), trigger.strip()
+    if previous.strip() and tags[:1] == [previous.strip()]:
+        tags = tags[1:]
+    return ", ".join(([trigger] if trigger else []) + [t for t in tags if t != trigger])
 
 
 def renamed(caption: str, old: str, new: str) -> str:
@@ -188,9 +190,9 @@ def first_tag(folder: Path) -> str:
     return max(set(tags), key=tags.count) if tags else ""
 
 
-def apply_trigger(folder: Path, trigger: str) -> int:
+def apply_trigger(folder: Path, trigger: str, previous: str = "") -> int:
     for item in items(folder):
-        set_caption(item.image, with_trigger(item.caption, trigger))
+        set_caption(item.image, with_trigger(item.caption, trigger, previous))
     return len(items(folder))
 
 

@@ -342,6 +342,24 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.get_by_text("Saved the caption of").wait_for(timeout=10000)
 
 
+def drop(page, picture: Path) -> str:
+    """Drop one picture on the Dataset tab; the report once the gallery shows it and the upload box is empty."""
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(picture))
+    page.locator(f'#dataset-gallery img[src*="{picture.stem}"]').first.wait_for(state="attached", timeout=30000)
+    page.locator("#dataset-upload .stem").first.wait_for(state="detached", timeout=10000)  # the box lists no file
+    return page.locator("#dataset-report").inner_text()
+
+
+def test_each_drop_adds_only_its_own_pictures_and_start_over_empties_the_dataset(app, page, tmp_path):
+    good, ring5, ring6 = sorted(draw_dataset(tmp_path / "pictures", 3).glob("*.png"))
+    gallery = page.locator("#dataset-gallery img")
+    page.goto(app.url)
+    assert "Added 1 picture(s)" in drop(page, good) and gallery.count() == 1
+    assert "Added 1 picture(s)" in drop(page, ring5) and gallery.count() == 2
+    page.locator("#dataset-clear").click()
+    gallery.first.wait_for(state="detached", timeout=10000)
+    assert "Added 1 picture(s)" in drop(page, ring6) and gallery.count() == 1
+
 def test_lora_methods_and_the_resize_tool_in_the_browser(app, page, tiny_models, tmp_path):
     from safetensors import safe_open
 

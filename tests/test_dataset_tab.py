@@ -47,7 +47,7 @@ def dataset(tmp_path) -> str:
     """A session's dataset folder of three captioned pictures, added through the upload handler."""
     files = pictures(tmp_path / "src", 3, {0: "a, red", 1: "b, red", 2: "c, blue"})
     files += [f.with_suffix(".txt") for f in files]
-    folder, message, _, _ = tab.on_upload(tmp_path / "drafts", [str(f) for f in files], "")
+    folder, message, *_ = tab.on_upload(tmp_path / "drafts", [str(f) for f in files], "")
     assert "Added **3** picture(s)" in message
     return folder
 
@@ -62,15 +62,36 @@ def test_upload_makes_a_draft_folder_and_shows_pictures_captions_and_tags(tmp_pa
     with zipfile.ZipFile(tmp_path / "more.zip", "w") as z:
         z.write(files[1], "inside.png")
     drafts = tmp_path / "drafts"
-    folder, message, gallery, tags = tab.on_upload(drafts, [str(files[0]), str(files[0].with_suffix(".txt")),
-                                                             str(tmp_path / "more.zip")], "")
-    assert Path(folder).parent == drafts and "Added **2** picture(s)" in message
+    folder, message, gallery, tags, box = tab.on_upload(drafts, [str(files[0]), str(files[0].with_suffix(".txt")),
+                                                                  str(tmp_path / "more.zip")], "")
+    assert Path(folder).parent == drafts and "Added **2** picture(s)" in message and box is None
     assert sorted(caption for _, caption in gallery) == ["(no caption)", "zxq, red circle"]
     assert all(Path(image).parent == Path(folder) for image, _ in gallery)
     assert tags == [["red circle", 1], ["zxq", 1]]
     again = tab.on_upload(drafts, [str(files[1])], folder)  # the same session adds to its folder
     assert again[0] == folder and len(again[2]) == 3
-    assert tab.on_upload(drafts, None, folder) == (folder, "", again[2], tags)  # a cleared upload box
+    assert tab.on_upload(drafts, None, folder) == (folder, "", again[2], tags, None)  # a cleared upload box
+
+
+def test_each_drop_imports_only_its_own_files_and_start_over_empties_the_box(tmp_path):
+    """The upload box adds each drop to the files it holds and hands them all to on_upload, as here."""
+    good, ring5, ring6 = pictures(tmp_path / "src", 3)
+    drafts, folder, box = tmp_path / "drafts", "", None
+    for picture, total in ((good, 1), (ring5, 2)):
+        folder, message, gallery, _, box = tab.on_upload(drafts, [*(box or []), str(picture)], folder)
+        assert "Added **1** picture(s)" in message and len(gallery) == total and box is None
+    assert tab.on_clear() == ("", "", [], [], None, "")  # no dataset, no files in the box, no trigger applied
+    _, message, gallery, _, _ = tab.on_upload(drafts, [str(ring6)], "")
+    assert "Added **1** picture(s)" in message and len(gallery) == 1
+
+
+def test_the_upload_box_is_emptied_by_its_upload_event_and_start_over(tmp_path):
+    with gr.Blocks() as demo:
+        tab.build(tmp_path / "drafts", gr.State(""))
+    events = {(demo.blocks[i].elem_id, event): fn for fn in demo.fns.values() for i, event in fn.targets}
+    box = demo.blocks[next(i for i, b in demo.blocks.items() if b.elem_id == "dataset-upload")]
+    assert box in events["dataset-upload", "upload"].outputs and box in events["dataset-clear", "click"].outputs
+    assert ("dataset-upload", "change") not in events  # emptying the box imports nothing
 
 
 def test_add_folder_refuses_what_is_not_a_folder(tmp_path):
@@ -79,21 +100,23 @@ def test_add_folder_refuses_what_is_not_a_folder(tmp_path):
     assert (folder, gallery) == ("", []) and "is not a folder on this machine" in message
     folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "mine"), "")
     assert "Added **2** picture(s)" in message and len(gallery) == 2
-    assert tab.on_clear() == ("", "", [], [])
+    assert tab.on_clear()[:4] == ("", "", [], [])
 
 
 @pytest.mark.skipif(not tab.DEMO_DATASET.is_dir(), reason="no demo dataset in this checkout")
 def test_the_demo_dataset_comes_with_its_trigger_word(tmp_path):
-    folder, message, gallery, tags, trigger = tab.on_demo(tmp_path / "drafts")
-    assert trigger == "zxc" and len(gallery) == 10 and "Added **10** picture(s)" in message
+    folder, message, gallery, tags, trigger, applied = tab.on_demo(tmp_path / "drafts")
+    assert trigger == applied == "zxc" and len(gallery) == 10 and "Added **10** picture(s)" in message
     assert ["zxc", 10] in tags
+    tab.on_trigger(folder, "zxq", applied)  # the demo's trigger replaced, not kept behind the new one
+    assert all(c.startswith("zxq, a ") and "zxc" not in c for c in captions_of(folder).values())
 
 
 def test_caption_edits_save_trigger_rename_and_bulk(dataset):
     assert tab.on_save(dataset, "", "x")[1] == "Select a picture first."
     _, message, gallery, _ = tab.on_save(dataset, "p1.png", "  b,   green ")
     assert message == "Saved the caption of p1.png." and gallery[1][1] == "b, green"
-    assert tab.on_trigger(dataset, "zxq")[1] == "“zxq” is first in 3 captions."
+    assert tab.on_trigger(dataset, "zxq", "")[1] == "“zxq” is first in 3 captions."
     assert captions_of(dataset) == {"p0.txt": "zxq, a, red", "p1.txt": "zxq, b, green", "p2.txt": "zxq, c, blue"}
     _, message, _, tags = tab.on_tag(dataset, "red", "crimson")
     assert message == "“red” renamed to “crimson” in 1 captions." and ["crimson", 1] in tags
@@ -105,8 +128,24 @@ def test_caption_edits_save_trigger_rename_and_bulk(dataset):
                                     "p2.txt": "solo, zxq, c, photo"}
     tab.on_bulk(dataset, "", "", "", "", 2)
     assert set(captions_of(dataset).values()) == {"solo, zxq"}
-    for handler in (lambda: tab.on_trigger("", "zxq"), lambda: tab.on_bulk("", "a", "", "", "", 0)):
-        assert handler() == ("", tab.NO_PICTURES, [], [])
+    for handler in (lambda: tab.on_trigger("", "zxq", ""), lambda: tab.on_bulk("", "a", "", "", "", 0)):
+        assert handler()[:4] == ("", tab.NO_PICTURES, [], [])
+
+
+def test_a_new_trigger_word_replaces_the_one_applied_before(dataset):
+    _, message, _, _, applied = tab.on_trigger(dataset, "my trigger", "")
+    assert (message, applied) == ("“my trigger” is first in 3 captions.", "my trigger")
+    _, message, _, _, applied = tab.on_trigger(dataset, " zxq ", applied)
+    assert (message, applied) == ("“zxq” is first in 3 captions.", "zxq")
+    assert captions_of(dataset) == {"p0.txt": "zxq, a, red", "p1.txt": "zxq, b, red", "p2.txt": "zxq, c, blue"}
+
+
+def test_an_empty_trigger_or_one_with_a_comma_changes_nothing(dataset):
+    before = captions_of(dataset)
+    assert tab.on_trigger(dataset, "  ", "zxq")[1:] == ("", *tab.refresh(dataset, "")[2:], "zxq")
+    _, message, _, _, applied = tab.on_trigger(dataset, "my, trigger", "zxq")
+    assert message.startswith("⚠ “my, trigger” holds a comma") and applied == "zxq"
+    assert captions_of(dataset) == before
 
 
 def test_the_selected_picture_shows_its_caption_and_crop(dataset):

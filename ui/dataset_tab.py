@@ -3,6 +3,7 @@
 The handlers are module-level functions of plain values: the dataset folder is a path string ("" until the first
 picture arrives) and most of them answer `refresh(folder, message)`: the folder, a message, the gallery and the
 tag table. `build()` lays the components out and binds them. Captioning runs in a child process (ui.captioning).
+The trigger word last applied is kept in a state of its own, so that a new one replaces it in the captions.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def add(drafts: Path, sources: list[Path], folder: str) -> tuple[str, str, list,
 
 
 def on_upload(drafts: Path, files: list[str] | None, folder: str):
-    return add(drafts, [Path(f) for f in files], folder) if files else refresh(folder, "")
+    """Import the dropped files, then empty the upload box (None): the box adds each drop to what it holds, and
+    would hand the files imported already to the next import again."""
+    shown = add(drafts, [Path(f) for f in files], folder) if files else refresh(folder, "")
+    return *shown, None
 
 
 def on_folder(drafts: Path, path: str, folder: str):
@@ -84,13 +88,15 @@ def on_folder(drafts: Path, path: str, folder: str):
 
 
 def on_demo(drafts: Path):
-    """The demo pictures in a fresh folder, and their trigger word for the trigger box."""
+    """The demo pictures in a fresh folder, and their trigger word: for the trigger box, and as the one applied."""
     folder, *shown = add(drafts, [DEMO_DATASET], "")
-    return folder, *shown, folder_ops.first_tag(Path(folder))
+    trigger = folder_ops.first_tag(Path(folder))
+    return folder, *shown, trigger, trigger
 
 
 def on_clear():
-    return refresh("", "")
+    """No dataset, an empty upload box and no trigger applied."""
+    return *refresh("", ""), None, ""
 
 
 # --- caption edits ---
@@ -110,11 +116,18 @@ def on_save(folder: str, name: str, text: str):
     return refresh(folder, f"Saved the caption of {name}.")
 
 
-def on_trigger(folder: str, word: str):
+def on_trigger(folder: str, word: str, applied: str):
+    """`word` first in every caption, in place of the trigger `applied` before; answers the trigger now applied."""
+    word = word.strip()
     if not folder:
-        return refresh(folder, NO_PICTURES)
-    n = folder_ops.apply_trigger(Path(folder), word)
-    return refresh(folder, f"“{word}” is first in {n} captions.")
+        return *refresh(folder, NO_PICTURES), applied
+    if not word:
+        return *refresh(folder, ""), applied
+    if "," in word:
+        return *refresh(folder, f"⚠ “{word}” holds a comma, and captions are tags split at commas: a trigger word "
+                                "is one tag (spaces are fine)."), applied
+    n = folder_ops.apply_trigger(Path(folder), word, applied)
+    return *refresh(folder, f"“{word}” is first in {n} captions."), word
 
 
 def on_tag(folder: str, old: str, new: str):
@@ -256,12 +269,13 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
 
 def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
     shown = [dataset_dir, c.report, c.gallery, c.tags]
-    c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir], shown)
+    applied = gr.State("")  # the trigger word in the captions' front, put there by on_trigger or the demo
+    c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir], shown + [c.upload])
     c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir], shown)
-    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger])
-    c.clear.click(on_clear, None, shown)
+    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied])
+    c.clear.click(on_clear, None, shown + [c.upload, applied])
     c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown)
-    c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger], shown)
+    c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger, applied], shown + [applied])
     c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown)
     c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)
 
