@@ -360,6 +360,29 @@ def test_each_drop_adds_only_its_own_pictures_and_start_over_empties_the_dataset
     gallery.first.wait_for(state="detached", timeout=10000)
     assert "Added 1 picture(s)" in drop(page, ring6) and gallery.count() == 1
 
+def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, page, tmp_path):
+    page.goto(app.url)
+    page.locator("#dataset-demo").click()
+    page.get_by_text("Added 10 picture(s)").wait_for(timeout=30000)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
+    fill(page, "network-dim", "0")
+    page.locator("#train-start").click()
+    page.locator("#train-status").get_by_text("network_dim").wait_for(timeout=30000)
+    page.wait_for_function("() => getComputedStyle(document.querySelector('#train-network-dim input')).borderColor"
+                           " === 'rgb(221, 51, 51)'", timeout=10000)  # the app's CSS reaches the page: #d33
+    fill(page, "network-dim", "4")
+    base = page.locator("#train-base input")
+    base.fill(str(tmp_path / "nowhere.safetensors"))
+    base.press("Enter")
+    page.locator("#train-base-info").get_by_text("no such file or folder").wait_for(timeout=30000)
+    page.locator("#train-start").click()
+    page.locator("#train-status").get_by_text("model.pretrained_model_name_or_path").wait_for(timeout=30000)
+    assert "no such file or folder" in page.locator("#train-status").text_content()
+    runs = Path(app.args[app.args.index("--runs-dir") + 1])
+    assert not [p for p in runs.iterdir() if not p.name.startswith(".")] if runs.is_dir() else True
+
+
 def test_lora_methods_and_the_resize_tool_in_the_browser(app, page, tiny_models, tmp_path):
     from safetensors import safe_open
 

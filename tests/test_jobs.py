@@ -205,8 +205,10 @@ def test_a_run_is_shown_ended_only_once_its_worker_has_exited(tmp_path):
         run.write_status(state="cancelled", message="stopped; resumable", pid=None)
         shown = jobs.info("a")
         assert (shown.state, shown.message) == ("running", "stopping: the worker is exiting")
+        for _ in range(2):  # clicks while it exits leave the worker's word on how the run ended
+            assert jobs.cancel("a").message == "stopping: the worker is exiting"
         finish(jobs, run)
-        assert jobs.info("a").state == "cancelled"
+        assert (jobs.info("a").state, jobs.info("a").message) == ("cancelled", "stopped; resumable")
     finally:
         (run.path / "finish").touch()
 
@@ -245,3 +247,24 @@ def test_a_worker_of_an_earlier_app_that_let_go_of_the_lock_is_shown_stopping_un
         worker.kill()
         worker.wait()
     assert jobs.info("a").state == "cancelled"
+
+
+@pytest.mark.parametrize("base, says", [
+    ("{tmp}/nowhere/model.safetensors", "no such file or folder"),
+    ("{tmp}/notes.txt", "notes.txt: unknown file type"),
+    ("{tmp}", "not a diffusers model folder (it has no model_index.json)"),
+    ("someone/some-model", "the model hub is offline (HF_HUB_OFFLINE)")])
+def test_a_base_that_cannot_load_is_refused_before_a_run_is_made(tmp_path, monkeypatch, base, says):
+    from trainer.config import ConfigError
+    from ui.train_tab import explain_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "pictures").mkdir()
+    base = base.format(tmp=tmp_path)
+    jobs = JobManager(tmp_path / "runs", devices=[])
+    cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": base})
+    with pytest.raises(ConfigError, match="model.pretrained_model_name_or_path") as refused:
+        jobs.create(cfg, tmp_path / "pictures")
+    assert says in str(refused.value) and jobs.runs() == []
+    assert explain_base(base) == f"⚠ {str(refused.value).split(': ', 1)[1]}"

@@ -7,9 +7,7 @@ and the text encoders / VAE as `parts` (trainer/transformer_files.py).
 
 from __future__ import annotations
 
-import os
 import pickle
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +21,10 @@ from trainer.single_file import CheckpointError
 from trainer.transformer_files import Parts
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "base-model"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "FLUX.1"}
 FLOW_ARCHES = ("sd3", "flux")  # flow-matching transformers: no UNet, no epsilon / v choice
 FLOW = "flow_matching"
 PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -83,17 +79,16 @@ def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dt
     if parts.given() and not path.is_file():
         raise CheckpointError(f"{text}: separate text-encoder / VAE files go with a transformer file "
                               "(e.g. flux1-dev.safetensors or sd3.5_large.safetensors), not a folder or hub id")
+    if text == "demo" and not path.is_dir():
+        raise CheckpointError(f"the demo model is missing from {DEMO_MODEL}; run `python demo/build_demo.py` to make it")
+    if problem := single_file.source_problem(path if text == "demo" else text):
+        raise CheckpointError(problem)
     if path.is_dir():
         pipe, arch, pred = _from_folder(path, dtype)
     elif path.is_file():
         pipe, arch, pred = _from_file(path, dtype, parts)
-    elif HUB_ID.match(text) and not path.exists():
-        pipe, arch, pred = _from_hub(text, dtype)
-    elif text == "demo":
-        raise CheckpointError(f"the demo model is missing from {DEMO_MODEL}; run `python demo/build_demo.py` to make it")
     else:
-        raise CheckpointError(f"{text}: no such file or folder (expected a diffusers folder, a "
-                              f"{'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint, or a hub id like org/name)")
+        pipe, arch, pred = _from_hub(text, dtype)
     if arch in FLOW_ARCHES:
         if prediction_type not in ("auto", FLOW):
             raise CheckpointError(f"prediction_type = {prediction_type!r}: {ARCH_NAMES[arch]} is a flow-matching "
@@ -138,16 +133,12 @@ def arch_of_pipeline(pipe) -> str:
 
 
 def _from_folder(path: Path, dtype: torch.dtype):
-    if not (path / "model_index.json").is_file():
-        raise CheckpointError(f"{path}: not a diffusers model folder (it has no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     _check_pipeline(pipe, str(path))
     return pipe, arch_of_pipeline(pipe), pipe.scheduler.config.get("prediction_type", "epsilon")
 
 
 def _from_hub(repo_id: str, dtype: torch.dtype):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise CheckpointError(f"{repo_id}: not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE)")
     pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
     _check_pipeline(pipe, repo_id)
     return pipe, arch_of_pipeline(pipe), pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -160,8 +151,6 @@ def _check_pipeline(pipe, name: str) -> None:
 
 
 def _from_file(path: Path, dtype: torch.dtype, parts: Parts = Parts()):
-    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise CheckpointError(f"{path.name}: unknown file type; expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     if path.suffix.lower() == ".safetensors":
         shapes = single_file.read_safetensors_shapes(path)
         state = None

@@ -11,6 +11,7 @@ the tiny test models all load through the same code.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -33,6 +34,30 @@ SD2_IGNORED_LAYER = 23  # diffusers drops OpenCLIP-H's last layer: SD2 uses the 
 
 class CheckpointError(ValueError):
     """A file that is not a Stable Diffusion checkpoint we can train on; the message says what was expected."""
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def source_problem(source: str | Path) -> str | None:
+    """Why a base model source cannot be loaded, found without loading it (the web page asks before it makes a
+    run; trainer.loading.load_base asks again): None for a diffusers folder, a checkpoint file, or a hub id this
+    machine can reach. What a file holds is read later (family_of, the loader)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return None if (path / "model_index.json").is_file() else \
+            f"{text}: not a diffusers model folder (it has no model_index.json)"
+    if path.is_file():
+        return None if path.suffix.lower() in SINGLE_FILE_SUFFIXES else \
+            f"{path.name}: unknown file type; expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
+    if HUB_ID.match(text):
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+            return None
+        return f"{text}: not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE)"
+    return (f"{text}: no such file or folder (expected a diffusers folder, a {'/'.join(SINGLE_FILE_SUFFIXES)} "
+            "checkpoint, or a hub id like org/name)")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,11 @@ def register(jobs: JobManager, compares: CompareManager, sweeps: SweepManager) -
         pictures were added and which files were skipped (name, reason) or cut (notes)."""
         with tempfile.TemporaryDirectory() as tmp:
             cfg, imported = from_pictures(Path(tmp), images, preset, base, settings, trigger)
-            return status(jobs.create(cfg, Path(tmp)).run_id) | imported
+            try:
+                run = jobs.create(cfg, Path(tmp))
+            except config.ConfigError as e:
+                raise gr.Error(str(e)) from None
+            return status(run.run_id) | imported
 
     def run_of(run_id) -> str:
         """`run_id` if it names a run in the runs folder; else the error a script sees."""

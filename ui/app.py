@@ -17,6 +17,7 @@ from ui.compares import CompareManager, free_gpu
 from ui.jobs import JobManager
 from ui.sweeps import SweepManager
 
+# given to launch(): Gradio 6 takes a page's CSS there (launch resets Blocks.css)
 CSS = """
 .field-error input, .field-error textarea { border-color: #d33 !important; }
 .field-error .info, .field-error span[data-testid="block-info"] + div { color: #d33; }
@@ -59,15 +60,14 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         bind_dataset(ds, train, dataset_dir)
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view)
         timer.tick(partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view])
-        monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, train.status).then(
-            lambda s: s, train.status, monitor.title)
-        monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title)
+        # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click
+        monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, monitor.title, show_progress="hidden")
+        monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title, show_progress="hidden")
         bind_runs(jobs, runs, timer, tabs, current_run, view)
         bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, browser_secret(Path(runs_dir)))
         bind_sweeps(jobs, sweeps, train, sweep_form, sweeps_page, compare, ds, dataset_dir, timer, tabs, current_run,
                     view, demo, browser_secret(Path(runs_dir)))
         api.register(jobs, compares, sweeps)
-    demo.css = CSS
     security.close_api(demo)  # a client reaches the documented routes; the page's own handlers stay private
     return demo
 
@@ -103,7 +103,8 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
     runs.chosen.change(partial(runs_tab.choose, jobs), runs.chosen, [runs.files, runs.best])
     runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
                     runs.chosen, [current_run, view, tabs])
-    runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run], [runs.status, current_run])
+    runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run],
+                      [runs.status, current_run, runs.files, runs.best])
 
 
 def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secret: str) -> None:

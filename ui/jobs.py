@@ -18,9 +18,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config import ConfigError
 from trainer.events import read_all
 from trainer import sweep
 from trainer.sweep import SWEEP_FILE
+from trainer.single_file import source_problem
 from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
 from ui.security import inside
 from ui.worker_queue import signal_worker, tick_in_background
@@ -208,7 +210,11 @@ class JobManager:
 
     # --- changes ---
     def create(self, cfg, dataset: Path) -> RunInfo:
-        """A new queued run from a config and a dataset folder (copied, so later edits do not touch it)."""
+        """A new queued run from a config and a dataset folder (copied, so later edits do not touch it). A base
+        model that cannot be loaded is refused here, not by the worker once the run waits in the queue."""
+        base = cfg.model.pretrained_model_name_or_path
+        if base != "demo" and (problem := source_problem(base)):
+            raise ConfigError("model.pretrained_model_name_or_path", f"model.pretrained_model_name_or_path: {problem}")
         run = create(self.runs_dir, cfg, lambda target: shutil.copytree(dataset, target,
                                                                         ignore=shutil.ignore_patterns(".*")),
                      state="queued")
@@ -239,6 +245,8 @@ class JobManager:
             run, rd = self.info(run_id), self.run_dir(run_id)
             if run.state == "queued":
                 rd.write_status(state="cancelled", message="cancelled before it started")
+            elif run.state == "running" and rd.status().get("state") != "running":
+                pass  # the worker has written how its run ended and is exiting: nothing to add to that
             elif run.state == "running":
                 count = self._cancels.get(run_id, 0) + 1
                 self._cancels[run_id] = count
@@ -363,12 +371,3 @@ class JobManager:
     def files(self, run_id: str) -> list[Path]:
         return self.run_dir(run_id).files()
 
-    def log_tail(self, run_id: str, lines: int = 40) -> str:
-        rd, text = self.run_dir(run_id), ""
-        for f in (rd.log, rd.stdout):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    fh.seek(max(0, f.stat().st_size - 20000))
-                    text = fh.read().decode(errors="replace")
-                break
-        return "\n".join(text.splitlines()[-lines:])

@@ -10,7 +10,7 @@ import gradio as gr
 from trainer import config
 from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
                                 found_beside, missing_parts, t5_tokenizer_found, t5_tokenizer_near)
-from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes
+from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes, source_problem
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
@@ -197,6 +197,8 @@ def field_errors(names: list[str], error: config.ConfigError | None) -> list:
 
 
 def explain_base(base: str) -> str:
+    if base and base != "demo" and (problem := source_problem(base)):
+        return f"⚠ {problem}"
     try:
         family = family_of(base)
     except (CheckpointError, OSError) as e:
