@@ -118,7 +118,8 @@ def test_no_run_or_a_deleted_run(jobs):
     assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN
     for planted in ("/etc", "../runs", ".datasets"):  # the run id comes from the browser's storage
         assert monitor_tab.refresh(jobs, planted, None)[0] == monitor_tab.NO_RUN
-        assert monitor_tab.cancel(jobs, planted).startswith("⚠")
+        with pytest.warns(UserWarning, match="There is no run"):
+            assert monitor_tab.cancel(jobs, planted) == UNCHANGED
 
 
 def test_runs_table_files_and_delete(jobs):
@@ -127,9 +128,87 @@ def test_runs_table_files_and_delete(jobs):
     rows, ids = runs_tab.table(jobs)
     assert ids == ["new", "old"] and rows[0] == ["new", "done", ""]
     assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
-    assert runs_tab.delete(jobs, "old", current="old") == ("Deleted old.", "")
+    assert runs_tab.delete(jobs, "old", current="old") == ("Deleted old.", "", None, "")
     assert runs_tab.delete(jobs, "old", current="new")[0].startswith("⚠")
     assert runs_tab.table(jobs)[1] == ["new"]
+
+
+def failed_run(jobs, name="failed"):
+    """A run that failed while loading its model, before its first step."""
+    run = create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="failed", name=name)
+    events = [{"type": "status", "time": 1, "phase": "loading", "message": "Loading the base model"},
+              {"type": "error", "time": 2, "message": "CheckpointError: no such file"}]
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_a_run_without_steps_shows_an_empty_plot_not_the_run_before(jobs):
+    finished_run(jobs, "finished", steps=800)
+    failed_run(jobs)
+    *_, view = monitor_tab.refresh(jobs, "finished", None)
+    for last in (view, None):  # the same view switched over, or the run opened from Runs (a new one)
+        title, progress, plot, gallery, files, log, best, _ = monitor_tab.refresh(jobs, "failed", last)
+        assert plot is None and "failed" in title and "CheckpointError" in progress
+        assert gallery["value"] == [] and files == [str(jobs.run_dir("failed").config)]
+
+
+def test_the_log_shows_what_the_worker_wrote(jobs):
+    run = finished_run(jobs)
+    run.log.write_text("")  # the logger had nothing to say: the worker's output is in worker.out
+    run.stdout.write_text("".join(f"line {i}\n" for i in range(100)) + "runs/r/output/lora.safetensors\n")
+    log = monitor_tab.refresh(jobs, "r", None)[5]
+    assert log.splitlines()[-1] == "runs/r/output/lora.safetensors" and len(log.splitlines()) == 40
+    run.stdout.unlink()  # trained from the command line: worker.log is all there is
+    run.log.write_text("2024-05-01 12:00:00 INFO trainer: removed state/step-00000004.tmp\n")
+    assert "removed state/step-00000004.tmp" in monitor_tab.refresh(jobs, "r", None)[5]
+
+
+def test_cancel_and_resume_say_so_in_a_toast_and_leave_the_heading(jobs, capsys):
+    finished_run(jobs)
+    title, *_, view = monitor_tab.refresh(jobs, "r", None)
+    with pytest.warns(UserWarning, match="r is done; only a cancelled, interrupted or failed run can resume"):
+        assert monitor_tab.resume(jobs, "r") == UNCHANGED
+    with pytest.warns(UserWarning, match="r is done: there is nothing to cancel"):
+        assert monitor_tab.cancel(jobs, "r") == UNCHANGED
+    assert title == "### r — done" and monitor_tab.refresh(jobs, "r", view)[0] == UNCHANGED
+    create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="queued", name="q")
+    assert monitor_tab.cancel(jobs, "q") == UNCHANGED and jobs.info("q").state == "cancelled"
+    assert "q: cancelled (cancelled before it started)" in capsys.readouterr().out  # gr.Info, outside a page
+
+
+def test_deleting_the_shown_run_empties_the_monitor_and_the_runs_tab(jobs):
+    finished_run(jobs)
+    *_, view = monitor_tab.refresh(jobs, "r", None)
+    assert runs_tab.delete(jobs, "r", current="r") == ("Deleted r.", "", None, "")  # the Runs tab's files, best line
+    empty = [monitor_tab.NO_RUN, "", None, [], None, "", "", None]
+    assert monitor_tab.refresh(jobs, "r", view) == empty  # a tick between the delete and the cleared id
+    assert monitor_tab.refresh(jobs, "", view) == empty
+    assert monitor_tab.refresh(jobs, "", None)[:7] == [UNCHANGED] * 7  # then nothing more is sent
+
+
+def test_cancel_resume_and_delete_write_what_they_change(jobs, tmp_path):
+    from ui.app import build_app
+
+    demo = build_app(tmp_path / "runs", tmp_path / "models", jobs=jobs)
+    by_elem = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    events = {(t[0], t[1]): fn for fn in demo.fns.values() for t in fn.targets}
+    for button in ("monitor-cancel", "monitor-resume"):  # the heading is left alone (gr.update()), the Train tab too
+        assert events[(by_elem[button]._id, "click")].outputs == [by_elem["monitor-title"]]
+    delete = events[(by_elem["runs-delete"]._id, "click")]
+    assert delete.outputs[2:] == [by_elem["runs-files"], by_elem["runs-best"]]
+
+
+def test_without_held_out_losses_the_final_file_comes_first(jobs):
+    run = finished_run(jobs)
+    events = [{"type": "checkpoint", "time": 5, "step": s, "epoch": s // 2, "path": p}
+              for s, p in ((2, "output/lora-000001.safetensors"), (4, "output/lora-000002.safetensors"),
+                           (6, "output/lora.safetensors"))]
+    for e in events:
+        (run.path / e["path"]).write_bytes(b"x")
+    with open(run.events, "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
+    want = [str(run.output / n) for n in ("lora.safetensors", "lora-000002.safetensors", "lora-000001.safetensors")]
+    assert monitor_tab.refresh(jobs, "r", None)[4] == runs_tab.files_of(jobs, "r") == [*want, str(run.config)]
 
 
 def test_train_handlers(tmp_path):

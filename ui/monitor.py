@@ -24,6 +24,22 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def log_tail(run: RunDir, lines: int = 40) -> str:
+    """The end of the worker's output: worker.out when the app started it (the logger writes there as well as to
+    worker.log, and it holds what came outside the log: a crash at import, the final path), else worker.log (a run
+    trained from the command line has only that one)."""
+    for f in (run.stdout, run.log):
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - 20000))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text.strip():
+            return "\n".join(text.splitlines()[-lines:])
+    return ""
+
+
 def eta_text(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -53,6 +69,7 @@ class RunView:
     phase: str = ""
     message: str = ""
     ended: str = ""  # "done" | "cancelled" | "failed" | ""
+    final: str = ""  # the final file's path (the done event's), relative to the run
     shown: dict = field(default_factory=dict)  # what the page shows now, per component: send only changes
     _plotted: set = field(default_factory=set)
 
@@ -95,7 +112,7 @@ class RunView:
                 self.files.append(e["path"])
                 self.file_events[e["path"]] = e
             elif kind == "done":
-                self.ended, self.message = "done", "Finished"
+                self.ended, self.message, self.final = "done", "Finished", e.get("path", "")
             elif kind == "cancelled":
                 self.ended, self.message = "cancelled", f"Cancelled at step {e['step']}: resumable"
             elif kind == "error":
@@ -126,10 +143,18 @@ class RunView:
         return f"_{self.held_out_note}_" if self.held_out_note else ""
 
     def best_first(self, paths: list[Path], run_path: Path) -> list[Path]:
-        """The files to offer, the best one first."""
+        """The files to offer: the one with the lowest held-out loss first; without held-out losses, the final file
+        first, then the epochs' files newest first (anything else, the config, keeps its place at the end)."""
         best = self.best_file()
-        top = [p for p in paths if best and p == run_path / best["path"]]
+        if best is None:
+            return sorted(paths, key=lambda p: self.newest(p.relative_to(run_path).as_posix()), reverse=True)
+        top = [p for p in paths if p == run_path / best["path"]]
         return top + [p for p in paths if p not in top]
+
+    def newest(self, path: str) -> tuple[bool, int]:
+        """Sort key of a run's file (reversed): the final one, then the saved ones by step, then the rest."""
+        saved = self.file_events.get(path)
+        return path == self.final, saved["step"] if saved else -1
 
     def progress_text(self) -> str:
         if self.last_step is None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from ui.jobs import JobManager
-from ui.monitor import RunView
+from ui.jobs import FINAL_STATES, JobManager, RunInfo
+from ui.monitor import RunView, log_tail
 
 NO_RUN = "No run selected: start one on the Train tab or open one under Runs."
 
@@ -52,7 +52,7 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
     """[title, progress, plot, gallery, files, log, best, view]: gr.update() (nothing sent) where nothing changed."""
     same = gr.update()
     if not run_id or not known_run(jobs, run_id):
-        return [NO_RUN if run_id else same, same, same, same, same, same, same, None]
+        return cleared(view, run_id)
     if view is None or view.run_id != run_id:
         view = RunView.of(jobs.run_dir(run_id))  # a new view reads the whole history
     view.read()
@@ -62,15 +62,22 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
         title += f"\n\n⚠ {view.reader.skipped} line(s) of events.jsonl could not be read and were skipped"
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
     files = [str(p) for p in view.best_first(jobs.files(run_id), info.path) if p.is_file()]
-    log = jobs.log_tail(run_id)
+    log = log_tail(jobs.run_dir(run_id))
     return [title if view.changed("title", title) else same,
             progress if view.changed("progress", progress := view.progress_text()) else same,
-            plot_rows(view) if view.steps and view.changed("plot", (len(view.steps), len(view.held_out))) else same,
+            plot_rows(view) if view.changed("plot", (len(view.steps), len(view.held_out))) else same,
             gr.update(value=gallery, columns=view.prompts_per_step()) if view.changed("gallery", gallery) else same,
             files if view.changed("files", files) else same,
             log if view.changed("log", log) else same,
             best if view.changed("best", best := view.best_text()) else same,
             view]
+
+
+def cleared(view: RunView | None, run_id: str) -> list:
+    """No run to show (none chosen, or it was deleted): empty what a run showed before, then send nothing."""
+    if view is None and not run_id:
+        return [gr.update()] * 7 + [None]
+    return [NO_RUN, "", None, [], None, "", "", None]
 
 
 def known_run(jobs: JobManager, run_id: str) -> bool:
@@ -81,20 +88,43 @@ def known_run(jobs: JobManager, run_id: str) -> bool:
         return False
 
 
-def plot_rows(view: RunView) -> pd.DataFrame:
-    # an empty frame would fix the plot's colour scale to the wrong type: the plot starts as None
-    return pd.DataFrame(view.loss_rows(), columns=["step", "loss", "curve"])
+def plot_rows(view: RunView) -> pd.DataFrame | None:
+    """The loss curves, or None (an empty plot) before the first step. An empty frame would fix the plot's colour
+    scale to the wrong type."""
+    return pd.DataFrame(view.loss_rows(), columns=["step", "loss", "curve"]) if view.steps else None
 
 
-def cancel(jobs: JobManager, run_id: str) -> str:
+def cancel(jobs: JobManager, run_id: str) -> dict:
+    return toast(outcome(jobs, cancel_unless_ended, run_id))
+
+
+def resume(jobs: JobManager, run_id: str) -> dict:
+    return toast(outcome(jobs, JobManager.resume, run_id))
+
+
+def cancel_unless_ended(jobs: JobManager, run_id: str) -> RunInfo:
+    ended = jobs.info(run_id).state in FINAL_STATES
+    info = jobs.cancel(run_id)  # a sweep's trial is refused whatever its state
+    if ended:
+        raise ValueError(f"{run_id} is {info.state}: there is nothing to cancel")
+    return info
+
+
+def outcome(jobs: JobManager, act, run_id: str) -> str:
+    """What came of `act(jobs, run_id)`, in words; ⚠ first when it was refused."""
+    if not known_run(jobs, run_id):
+        return f"⚠ There is no run {run_id[:80]!r} (deleted?)" if run_id else "⚠ No run selected."
     try:
-        return jobs.cancel(run_id).summary() if run_id else "No run selected."
+        return act(jobs, run_id).summary()
     except ValueError as e:
         return f"⚠ {e}"
 
 
-def resume(jobs: JobManager, run_id: str) -> str:
-    try:
-        return jobs.resume(run_id).summary() if run_id else "No run selected."
-    except ValueError as e:
-        return f"⚠ {e}"
+def toast(message: str) -> dict:
+    """Say `message` in a toast (a warning when it starts with ⚠) and change nothing: the heading goes on showing the
+    run, and the next refresh shows its new state."""
+    if message.startswith("⚠ "):
+        gr.Warning(message.removeprefix("⚠ "))
+    else:
+        gr.Info(message)
+    return gr.update()

@@ -62,12 +62,14 @@ def choose(jobs: JobManager, run_id: str) -> tuple[list[str] | None, str]:
     return [str(p) for p in view.best_first(jobs.files(run_id), run.path) if p.is_file()], view.best_text()
 
 
-def delete(jobs: JobManager, run_id: str, current: str) -> tuple[str, str]:
-    """(message, the Monitor's run afterwards: cleared if it was the deleted one)."""
+def delete(jobs: JobManager, run_id: str, current: str) -> tuple:
+    """(message, the Monitor's run afterwards: cleared if it was the deleted one, the chosen run's files and best
+    line: emptied once it is deleted)."""
+    kept = gr.update(), gr.update()
     if not run_id:
-        return "Choose a run first.", current
+        return "Choose a run first.", current, *kept
     try:
         jobs.delete(run_id)
     except (ValueError, FileNotFoundError) as e:
-        return f"⚠ {e}", current
-    return f"Deleted {run_id}.", ("" if current == run_id else current)
+        return f"⚠ {e}", current, *kept
+    return f"Deleted {run_id}.", ("" if current == run_id else current), None, ""
