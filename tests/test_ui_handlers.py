@@ -229,5 +229,11 @@ def test_train_handlers(tmp_path):
     run_id = good[n + 2]
     assert good[n] == f"Queued **{run_id}**." and good[n + 1].selected == "monitor"
     wait_for(lambda: launched(jobs.run_dir(run_id)))
-    assert config.load(jobs.run_dir(run_id).config).data.trigger_word == "zxq"
+    cfg = config.load(jobs.run_dir(run_id).config)
+    assert cfg.data.trigger_word == "zxq" and cfg.network.network_train_unet_only  # style: the UNet alone
     (jobs.run_dir(run_id).path / "finish").touch()
+    jobs.tick()
+    typed = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"text_encoder_lr": 5e-5}).values())
+    cfg = config.load(jobs.run_dir(typed[n + 2]).config)  # a rate typed where the form says "0 = frozen" trains it
+    assert cfg.optimizer.text_encoder_lr == 5e-5 and not cfg.network.network_train_unet_only
+    (jobs.run_dir(typed[n + 2]).path / "finish").touch()

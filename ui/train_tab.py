@@ -176,6 +176,8 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     layer = form_layer(names, values)
     layer |= {"pretrained_model_name_or_path": base or "demo", "train_data_dir": str(dataset_dir),
               "trigger_word": trigger or ""}
+    if layer.get("text_encoder_lr"):  # the form says "0 = frozen": a rate typed there trains the text encoder,
+        layer["network_train_unet_only"] = False  # also where the preset leaves it untouched (style, FLUX.1, ...)
     cfg = config.build(preset, family, layer)
     if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found(base):  # the loader would stop
         raise config.ConfigError("model.t5_tokenizer", "model.t5_tokenizer: not set, and the T5-XXL tokenizer is "
