@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from trainer import config
 from trainer.rundir import RunDir, create
 from ui import compare_tab
-from ui.compares import CompareManager, free_gpu, run_files
+from ui.compares import CompareInfo, CompareManager, CompareView, free_gpu, run_files
 from ui.jobs import JobManager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,20 +145,20 @@ def release(compares) -> None:
     (compares.compares_dir / "hold").unlink()
 
 
-def refreshed(compares, compare_id, view, until: str):
-    """refresh() until the progress line matches `until`: (progress, problems, grid, download, view)."""
+def refreshed(compares, compare_id, view, until: str, line: str = "progress"):
+    """refresh() until the progress (or status) line matches `until`: (progress, problems, grid, download, status,
+    view), each as last sent."""
     seen = {}
+    names = ("progress", "problems", "grid", "download", "status")
 
     def check():
-        progress, problems, grid, download, new_view = compare_tab.refresh(compares, compare_id, seen.get("view", view))
+        *sent, new_view = compare_tab.refresh(compares, compare_id, seen.get("view", view))
         seen.update(view=new_view)
-        for name, value in (("progress", progress), ("problems", problems), ("grid", grid), ("download", download)):
-            if value != UNCHANGED:
-                seen[name] = value
-        return re.search(until, seen.get("progress", "")) and seen
+        seen.update({name: value for name, value in zip(names, sent) if value != UNCHANGED})
+        return re.search(until, seen.get(line, "")) and seen
 
     found = wait_for(check)
-    return found["progress"], found.get("problems"), found.get("grid"), found.get("download"), found["view"]
+    return (*(found.get(name) for name in names), found["view"])
 
 
 def test_a_runs_files_are_offered_with_their_held_out_loss_and_settings(jobs):
@@ -194,7 +194,7 @@ def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     hold(compares, 1)
     status, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], chosen, [], *form())
     assert status == f"Compare **{compare_id}** running: 2 files × 2 strengths × 1 prompts × 1 seeds." and view is None
-    progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
+    progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
     assert "file None at 0.0" in progress  # the worker's own status line
     # the base (strength 0) is drawn once and shown in both rows; strength 1 is still to come
     assert grid.count('<img src="data:image/png;base64,') == 2 and grid.count("…</td>") == 2
@@ -202,13 +202,46 @@ def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     assert "prompt 1: a red circle · seed 7" in grid and "strength 0</th><th>strength 1</th>" in grid
     assert problems == "" and download is None
     release(compares)
-    progress, problems, grid, download, view = refreshed(compares, compare_id, view, r"done")
+    progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, r"done")
     assert progress == "Cell 4 / 4 · done" and grid.count("<img") == 4 and "…" not in grid
     assert download == str(compares.folder(compare_id) / "grid.png")
-    assert compare_tab.refresh(compares, compare_id, view)[:4] == [UNCHANGED] * 4  # nothing new: nothing sent
+    assert compare_tab.refresh(compares, compare_id, view)[:5] == [UNCHANGED] * 5  # nothing new: nothing sent
     spec = compares.spec(compare_id)
     assert spec["labels"] == ["r / lora-000001 (epoch 1, step 4)", "r / lora-000002 (epoch 2, step 8)"]
     assert spec["strengths"] == [0.0, 1.0] and spec["seeds"] == [7] and spec["prompts"] == ["a red circle"]
+
+
+def test_the_status_line_follows_the_compare_on_the_timer(jobs, compares):
+    """The line under the buttons says what the compare is now, sent on each tick like the progress line (QA saw
+    "running" beside "Cell 16 / 16 · done" until a reload); the cancelled and failed ends are checked below."""
+    run = trained_run(jobs)
+    hold(compares, 1)
+    said, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], [run_files(run)[0]["path"]], [], *form())
+    shape = "1 files × 2 strengths × 1 prompts × 1 seeds."
+    assert said == f"Compare **{compare_id}** running: {shape}"
+    *_, status, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
+    assert status == said
+    release(compares)
+    progress, *_, status, view = refreshed(compares, compare_id, view, "done")
+    assert progress == "Cell 2 / 2 · done" and status == f"Compare **{compare_id}** done: {shape}"
+    assert compare_tab.refresh(compares, compare_id, view)[4] == UNCHANGED  # sent once
+
+
+def test_the_cell_total_is_an_upper_bound_until_every_file_is_checked(tmp_path):
+    """The worker checks every file against the base before it draws; until it has said of each whether it is
+    skipped, the total is "up to" (QA saw 20 turn into 16). Then the status line counts the skipped files and the
+    problems line says which and why."""
+    spec = {"files": ["a.safetensors", "an-sdxl.safetensors"], "labels": ["a", "an-sdxl"], "strengths": [0.0, 1.0],
+            "prompts": ["p"], "seeds": [7]}
+    view, info = CompareView("c", tmp_path, spec), CompareInfo("c", tmp_path, "running", "", 0.0)
+    view.add({"type": "status", "message": "checking the files"})
+    view.add({"type": "compare_file", "index": 0, "problem": ""})
+    assert compare_tab.progress_line(info, view) == "Cell 0 / up to 4 · checking the files"
+    view.add({"type": "compare_file", "index": 1, "problem": "made for SDXL, the base is SD 1.5"})
+    assert compare_tab.progress_line(info, view) == "Cell 0 / 2 · checking the files"
+    assert compare_tab.status_line(info, view) == ("Compare **c** running (1 skipped, see below): 2 files × "
+                                                   "2 strengths × 1 prompts × 1 seeds.")
+    assert view.problems_text() == "⚠ an-sdxl: made for SDXL, the base is SD 1.5 (skipped)"
 
 
 def test_another_page_sees_the_whole_grid(jobs, compares):
@@ -217,7 +250,7 @@ def test_another_page_sees_the_whole_grid(jobs, compares):
         jobs.runs_dir / "r"))], [], *form())
     first = refreshed(compares, compare_id, None, "done")
     second = compare_tab.refresh(compares, compare_id, None)  # a new view reads the whole history
-    assert second[:4] == list(first[:4])
+    assert second[:5] == list(first[:5])
 
 
 def test_a_reload_shows_the_form_the_compare_was_asked_for(jobs, compares):
@@ -298,15 +331,16 @@ def test_a_reload_shows_the_stored_compare_again(jobs, compares):
     assert reloaded[:3] == list(before[:3]) and reloaded[2].count("<img") == 1
     assert reloaded[3] == UNCHANGED  # no grid.png yet: the fresh page has no download either
     release(compares)
-    done = refreshed(compares, compare_id, before[4], "done")
+    done = refreshed(compares, compare_id, before[5], "done")
     reloaded = compare_tab.refresh(compares, compare_id, None)
-    progress, problems, grid, download, _ = reloaded
-    assert (progress, grid, download) == (done[0], done[2], done[3]) and problems == ""
+    progress, problems, grid, download, status, _ = reloaded
+    assert (progress, grid, download, status) == (done[0], done[2], done[3], done[4]) and problems == ""
+    assert status == f"Compare **{compare_id}** done: 1 files × 2 strengths × 1 prompts × 1 seeds."
     assert grid.count("<img") == 2 and download.endswith("grid.png")
     assert "r / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
     # a stored id that is not a plain name, or names no compare (any more), is no compare: the page is cleared
     for stored in ("../r", "/etc", "compare-gone", 5):
-        assert compare_tab.refresh(compares, stored, done[4]) == [compare_tab.NO_COMPARE, "", "", None, None]
+        assert compare_tab.refresh(compares, stored, done[5]) == [compare_tab.NO_COMPARE, "", "", None, "", None]
 
 
 def test_the_page_stores_its_compare_in_the_browser(jobs, compares, tmp_path):
@@ -324,6 +358,7 @@ def test_the_page_stores_its_compare_in_the_browser(jobs, compares, tmp_path):
     assert stored[0] in start.outputs  # Compare writes the id there ...
     ticks = [fn for fn in demo.fns.values() if by_elem["compare-grid"] in fn.outputs]
     assert len(ticks) == 1 and stored[0] in ticks[0].inputs  # ... and the grid is redrawn from it
+    assert by_elem["compare-status"] in ticks[0].outputs  # with the status line, on the same tick
 
 
 def test_bad_settings_name_the_field_and_start_nothing(jobs, compares, tmp_path):
@@ -351,8 +386,10 @@ def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, comp
     other = lora(tmp_path / "drop" / "an-sdxl-file.safetensors")
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(good), str(other)], *form())
     assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
-    progress, problems, grid, download, _ = refreshed(compares, compare_id, None, "done")
+    progress, problems, grid, download, status, _ = refreshed(compares, compare_id, None, "done")
     assert problems == "⚠ an-sdxl-file: made for SDXL, the base is SD 1.5 (skipped)"
+    assert status == (f"Compare **{compare_id}** done (1 skipped, see below): 2 files × 2 strengths × 1 prompts × "
+                      "1 seeds.")  # the problems line says which file and why
     assert progress == "Cell 2 / 2 · done"  # the skipped file's cells are not waited for
     assert "mine (epoch 5)<br><small>held-out loss 0.5000</small>" in grid
     assert "⚠ skipped: made for SDXL, the base is SD 1.5" in grid
@@ -368,8 +405,9 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
     progress, *_, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     pid = compares.info(compare_id).pid
     assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
-    progress, problems, grid, download, view = refreshed(compares, compare_id, view, "cancelled")
+    progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, "cancelled")
     assert progress == "Cell 1 / 2 · cancelled" and grid.count("<img") == 1 and download is None
+    assert status == f"Compare **{compare_id}** cancelled: 1 files × 2 strengths × 1 prompts × 1 seeds."
     wait_for(lambda: compares.info(compare_id).state == "cancelled")  # the events say so before the worker exits
     assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped after 1 cell(s))"
     assert not Path(f"/proc/{pid}").exists()
@@ -379,8 +417,10 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
 def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_path):
     crash = lora(tmp_path / "crash.safetensors")
     _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(crash)], *form())
-    progress, *_ = refreshed(compares, compare_id, None, "failed")
-    assert progress.startswith("Cell 0 / 2 · failed: the compare worker stopped without finishing (exit status 1)")
+    progress, *_, status, _ = refreshed(compares, compare_id, None, "failed")
+    assert progress.startswith("Cell 0 / up to 2 · failed: the compare worker stopped without finishing (exit "
+                               "status 1)")  # it died before it checked the file: 2 cells, or none
+    assert status == f"Compare **{compare_id}** failed: 1 files × 2 strengths × 1 prompts × 1 seeds."
     assert "worker.out" in progress
 
 

@@ -4,16 +4,20 @@ worker that waits for its SIGTERM."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.test_compare_ui import fake_python
+from tests.test_browser import CHROMIUM, browser, free_port  # noqa: F401
+from tests.test_compare_ui import UNCHANGED, fake_python, lora
 from tests.test_training import draw_dataset
 from trainer import config, sweep
 from trainer.config import ConfigError
+from trainer.events import EventWriter
 from trainer.rundir import RunDir
 from ui import compare_tab, monitor_tab, runs_tab, sweep_tab, train_tab
 from ui.compares import CompareManager, trial_names
@@ -83,6 +87,25 @@ def fake(tmp_path: Path) -> str:
     return str(script)
 
 
+def hand_made_sweep(runs: Path, trials: list[str], name: str = "sweep-1") -> Path:
+    """A sweep folder as the engine leaves it (sweep.json, a run directory a trial), no worker needed."""
+    folder = runs / name
+    folder.mkdir(parents=True)
+    entries = [{"name": t, "round": 0, "params": {"unet_lr": 1e-4 * (i + 1)}, "state": "created", "value": None,
+                "step": None, "group": "shared", "why_alone": "", "message": ""} for i, t in enumerate(trials)]
+    sweep.write(folder, {"version": 1, "id": name, "search": "grid", "trials_wanted": len(trials),
+                         "parallel": len(trials), "prune": "none", "trials": entries})
+    for t in trials:
+        (folder / t).mkdir()
+        config.save(config.build("character", "sd15"), folder / t / "config.toml")
+    return folder
+
+
+def held_out(folder: Path, trial: str, steps) -> None:
+    for step in steps:
+        EventWriter(folder / trial).emit("validation", step=step, epoch=0, loss=1.0 / (step + 1))
+
+
 def test_the_form_rows_become_the_engines_space():
     assert space_of([("unet_lr", "1e-4, 5e-4, 1e-3"), ("network_type", "lora, lokr"), ("", ""),
                      ("network_dim", "2:16:log")]) == {
@@ -145,9 +168,11 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     title, *_ = monitor_tab.refresh(jobs, trials[1], None)
     assert title == f"### {trials[1]} — done"
     for act, doing in ((monitor_tab.cancel, "cancel"), (monitor_tab.resume, "resume")):
-        assert act(jobs, trials[0]) == (f"⚠ {trials[0]} is a trial of sweep {sweep_id}, trained by the sweep's "
-                                        f"worker: {doing} the sweep in the Sweeps tab")
-    said, _ = runs_tab.delete(jobs, trials[0], "")
+        refused = (f"{trials[0]} is a trial of sweep {sweep_id}, trained by the sweep's worker: {doing} the sweep "
+                   "in the Sweeps tab")
+        with pytest.warns(UserWarning, match=re.escape(refused)):  # a toast: the heading stays the run's
+            assert act(jobs, trials[0]) == {"__type__": "update"}
+    said, *_ = runs_tab.delete(jobs, trials[0], "")
     assert said.startswith("⚠") and "delete the sweep" in said and (folder / "trial-000" / "output").is_dir()
 
     state_line, table, plot, best, best_config, view = sweep_tab.refresh(sweeps, sweep_id, None)
@@ -158,10 +183,12 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     assert sorted(row[2] for row in table) == ["unet_lr=0.0001", "unet_lr=0.001"] and [r[0] for r in table] == [1, 2]
     assert [float(row[6]) for row in table] == [pytest.approx(r["value"], abs=1e-6) for r in state["ranking"]]
     assert all(row[4] == "shared forward" and row[5] == 2 for row in table)
-    assert sorted(plot["trial"].unique()) == ["trial-000", "trial-001"] and sorted(set(plot["step"])) == [0, 1, 2]
+    curves = plot["value"]
+    assert sorted(curves["trial"].unique()) == ["trial-000", "trial-001"] and sorted(set(curves["step"])) == [0, 1, 2]
     best_name = state["ranking"][0]["name"]
     assert f"Best: **{best_name}**" in best and best_config == (folder / best_name / "config.toml").read_text()
-    assert sweep_tab.refresh(sweeps, sweep_id, view)[:5] == [{"__type__": "update"}] * 5  # nothing new: nothing sent
+    assert sweep_tab.refresh(sweeps, sweep_id, view)[2]["colors_in_legend"] == ["trial-000", "trial-001"]
+    assert sweep_tab.refresh(sweeps, sweep_id, view)[:5] == [UNCHANGED] * 5  # nothing new: nothing sent
 
     message, current_run, _ = sweep_tab.full_run(sweeps, jobs, sweep_id)
     assert message.startswith("Queued **") and best_name in message
@@ -238,3 +265,104 @@ def test_a_sweep_waits_for_a_gpu_no_training_run_uses(tiny_models, tmp_path):
     info = sweeps.info(sweep_id)
     assert info.state == "queued" and info.message == "waiting for a GPU that no training run is using"
     assert RunDir(info.path).status()["pid"] is None
+
+
+def test_every_trials_curve_comes_into_the_plot_live(tmp_path):
+    """The page's plot keeps the trials it had when it was last drawn whole and draws no curve for a new one (QA saw
+    only trial-000 until a reload): the tick after a trial's first held-out loss names every trial in the legend,
+    which has the plot drawn whole again; once, not on every tick."""
+    folder = hand_made_sweep(tmp_path / "runs", ["trial-000", "trial-001"])
+    sweeps = SweepManager(tmp_path / "runs")
+    held_out(folder, "trial-000", [0, 1])
+    view = None
+
+    def tick():
+        nonlocal view
+        *shown, view = sweep_tab.refresh(sweeps, "sweep-1", view)
+        return shown[2]
+
+    first, second = tick(), tick()
+    assert list(first["value"]["trial"].unique()) == ["trial-000"] and "colors_in_legend" not in first
+    assert second == {"__type__": "update", "colors_in_legend": ["trial-000"]}
+    held_out(folder, "trial-001", [0])  # trial-001's first rows come after the plot was drawn
+    new_data, redrawn, then = tick(), tick(), tick()
+    assert sorted(new_data["value"]["trial"].unique()) == ["trial-000", "trial-001"]
+    assert redrawn == {"__type__": "update", "colors_in_legend": ["trial-000", "trial-001"]}
+    assert then == UNCHANGED
+    held_out(folder, "trial-001", [1])  # more rows of known trials: new data, no redraw
+    assert "colors_in_legend" not in tick() and tick() == UNCHANGED
+
+
+STROKED_CURVES = """() => [...document.querySelectorAll('#sweep-plot svg path[aria-roledescription="line mark"]')]
+    .filter(p => p.getAttribute('stroke')).length"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_every_trials_curve_is_drawn_live_in_the_browser(browser, tmp_path):  # noqa: F811
+    """The Sweeps tab's plot and timer in chromium: a trial whose first held-out loss comes after the plot was
+    drawn gets its own coloured curve and legend entry without a reload."""
+    import gradio as gr
+
+    folder = hand_made_sweep(tmp_path / "runs", ["trial-000", "trial-001"])
+    sweeps = SweepManager(tmp_path / "runs")
+    held_out(folder, "trial-000", [0, 1, 2])
+    with gr.Blocks() as demo:
+        page_parts = sweep_tab.build()
+        sweep_id, view = gr.State("sweep-1"), gr.State(None)
+        gr.Timer(0.5).tick(partial(sweep_tab.refresh, sweeps), [sweep_id, view], [*page_parts.outputs(), view])
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}")
+        page.wait_for_function(f"() => ({STROKED_CURVES})() === 1", timeout=30000)
+        page.wait_for_timeout(1500)  # drawn whole and ticking, as when QA watched it
+        held_out(folder, "trial-001", [0, 1, 2])
+        try:
+            page.wait_for_function(f"() => ({STROKED_CURVES})() === 2", timeout=10000)
+        except Exception:
+            raise AssertionError("trial-001's curve is not drawn: " + page.eval_on_selector(
+                "#sweep-plot svg", "svg => svg.textContent")) from None
+        legend = page.eval_on_selector("#sweep-plot svg", "svg => svg.textContent")
+        assert "trial-000" in legend and "trial-001" in legend
+    finally:
+        demo.close()
+
+
+def test_a_sweep_that_has_ended_is_deleted_with_its_trials_and_a_running_one_is_not(tmp_path):
+    """The Runs tab sends a trial's Delete here: the Sweeps tab's Delete removes the sweep's folder and with it
+    its trials' run directories; a queued or running sweep, or a trial a worker trains alone, is refused."""
+    runs = tmp_path / "runs"
+    folder, other = hand_made_sweep(runs, ["trial-000", "trial-001"]), hand_made_sweep(runs, ["trial-000"], "sweep-2")
+    (runs / "hold").write_text("")
+    sweeps, jobs = SweepManager(runs, python=fake(tmp_path)), JobManager(runs, devices=[])
+    RunDir(folder).write_status(state="queued", message="waiting for its turn")
+    assert sweep_tab.delete(sweeps, "sweep-1") == ["⚠ sweep-1 is queued: cancel it first"] + [UNCHANGED] * 6
+    sweeps.tick()
+    launched(runs, ["sweep-1"])
+    assert sweep_tab.delete(sweeps, "sweep-1")[0] == "⚠ sweep-1 is running: cancel it first"
+    sweep_tab.cancel(sweeps, "sweep-1")
+    assert wait(sweeps, "sweep-1", 10) == "cancelled" and (folder / "trial-000").is_dir()
+    with RunDir(folder / "trial-001").acquire():  # `python -m trainer sweep-1/trial-001` trains it alone
+        said = sweep_tab.delete(sweeps, "sweep-1")[0]
+    assert said == "⚠ sweep-1/trial-001 is being trained: cancel that worker first" and folder.is_dir()
+    assert runs_tab.delete(jobs, "sweep-1/trial-000", "")[0].endswith("delete the sweep in the Sweeps tab")
+    compares = CompareManager(runs / ".compares", python=fake_python(tmp_path))
+    drawn = str(lora(folder / "trial-000" / "output" / "lora.safetensors").resolve())
+    form = [compare_tab.compares_settings(trial_run(runs, "sweep-1/trial-000")).get(n, v) for n, v in
+            zip(compare_tab.SETTINGS, [None, None, "", "0, 1", None, None, None, None, None, None])]
+    compare_id = compare_tab.on_compare(compares, jobs, ["sweep-1/trial-000"], [drawn], [], *form)[1]
+
+    said, chooser, *page = sweep_tab.delete(sweeps, "sweep-1")
+    assert said == "Deleted sweep-1 and its trials." and chooser == {"__type__": "update", "choices": ["sweep-2"],
+                                                                       "value": None}
+    assert page == [sweep_tab.NO_SWEEP, [], None, "", ""]  # the page no longer shows it
+    assert not folder.exists() and (other / "trial-000" / "config.toml").is_file()
+    assert runs_tab.table(jobs)[1] == ["sweep-2/trial-000"]  # the Runs tab lists only the other sweep's trial
+    chooser, files, *_ = compare_tab.open_tab(compares, jobs, compare_id, [], False)  # a reload of a compare of it
+    assert chooser == {"__type__": "update", "choices": []} and files["choices"] == []  # it drew none left
+    for sweep_id, message in (("sweep-1", "⚠ no sweep 'sweep-1'"), ("", "Choose a sweep first."),
+                              ("../runs", "⚠ sweep id")):
+        assert sweep_tab.delete(sweeps, sweep_id)[0].startswith(message)
+    assert other.is_dir()

@@ -196,6 +196,7 @@ def test_cancel_resume_and_delete_write_what_they_change(jobs, tmp_path):
         assert events[(by_elem[button]._id, "click")].outputs == [by_elem["monitor-title"]]
     delete = events[(by_elem["runs-delete"]._id, "click")]
     assert delete.outputs[2:] == [by_elem["runs-files"], by_elem["runs-best"]]
+    assert by_elem["sweep-action"] in events[(by_elem["sweep-delete"]._id, "click")].outputs
 
 
 def test_without_held_out_losses_the_final_file_comes_first(jobs):

@@ -145,6 +145,7 @@ def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer
                show_progress="hidden")
     page.cancel.click(partial(sweep_tab.cancel, sweeps), sweep_id, page.action)
     page.resume.click(partial(sweep_tab.resume, sweeps), sweep_id, page.action)
+    page.delete.click(partial(sweep_tab.delete, sweeps), sweep_id, [page.action, page.chosen, *page.outputs()])
     page.full_run.click(partial(sweep_tab.full_run, sweeps, jobs), sweep_id, [page.action, current_run, view])
     page.compare.click(partial(sweep_tab.compare_best, sweeps, jobs), sweep_id, [compare.runs, tabs, page.action])
 

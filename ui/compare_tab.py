@@ -47,7 +47,7 @@ class CompareTab:
         return [self.fields[n] for n in SETTINGS]
 
     def outputs(self) -> list:
-        return [self.progress, self.problems, self.grid, self.download]
+        return [self.progress, self.problems, self.grid, self.download, self.status]
 
 
 def build(models_dir: Path) -> CompareTab:
@@ -159,14 +159,16 @@ def restore_form(compares: CompareManager, jobs: JobManager, compare_id: str) ->
     if not compare_id or not known_compare(compares, compare_id):
         return []
     try:
-        spec, info = compares.spec(compare_id), compares.info(compare_id)
+        info, view = compares.info(compare_id), compares.view(compare_id)
     except (ValueError, OSError):
         return []
+    view.read()  # for the status line: the files the worker skipped
+    spec = view.spec
     runs_dir = Path(jobs.runs_dir).resolve()
     run_ids, drawn = [], set()  # the runs in the order of their files; the files of runs among the compare's
     for path in map(Path, spec["files"]):
         parts = path.relative_to(runs_dir).parts if path.is_relative_to(runs_dir) else ()
-        if "output" in parts[1:]:
+        if "output" in parts[1:] and path.is_file():  # not a run or a sweep deleted since
             run_id = "/".join(parts[:parts.index("output")])
             run_ids += [] if run_id in run_ids else [run_id]
             drawn.add(str(path))
@@ -175,7 +177,7 @@ def restore_form(compares: CompareManager, jobs: JobManager, compare_id: str) ->
     files = gr.update(choices=[(file_text(f), f["path"]) for f in listed], value=[p for p, on in ticks.items() if on])
     memory, shown = {"shown": list(ticks), "ticks": ticks}, as_text(spec)
     return [run_choices(jobs, run_ids or ""), files, run_ids[0] if run_ids else "", memory,
-            summary(compare_id, info.state, spec), *[shown[n] for n in SETTINGS]]
+            status_line(info, view), *[shown[n] for n in SETTINGS]]
 
 
 def compares_settings(run) -> dict:
@@ -190,9 +192,17 @@ def as_text(settings: dict) -> dict:
     return settings | {name: text(settings[name]) for name, text in lists.items() if name in settings}
 
 
-def summary(compare_id: str, state: str, spec: dict) -> str:
+def summary(compare_id: str, state: str, spec: dict, skipped: int = 0) -> str:
     shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
-    return f"Compare **{compare_id}** {state}: {shape}."
+    note = f" ({skipped} skipped, see below)" if skipped else ""
+    return f"Compare **{compare_id}** {state}{note}: {shape}."
+
+
+def status_line(info, view: CompareView) -> str:
+    """The summary as the compare stands: ended by its events (the worker may not have exited yet), else by the
+    manager; how many files the worker skipped (the problems line says which and why)."""
+    skipped = len(view.spec["files"]) - len(view.usable())
+    return summary(info.compare_id, view.ended or info.state, view.spec, skipped)
 
 
 def file_text(f: dict) -> str:
@@ -226,19 +236,20 @@ def cancel(compares: CompareManager, compare_id: str) -> str:
 # --- what the page shows ---
 
 def refresh(compares: CompareManager, compare_id: str, view: CompareView | None) -> list:
-    """[progress, problems, grid, download, view]: gr.update() (nothing sent) where nothing changed. An id that
-    names no compare here (it comes from the browser's storage: another runs folder, or tampered with) shows none."""
+    """[progress, problems, grid, download, status, view]: gr.update() (nothing sent) where nothing changed. An id
+    that names no compare here (it comes from the browser's storage: another runs folder, or tampered with) shows
+    none."""
     same = gr.update()
     if not compare_id:
-        return [same, same, same, same, None]
+        return [same, same, same, same, same, None]
     if not known_compare(compares, compare_id):
-        return [NO_COMPARE, "", "", None, None]
+        return [NO_COMPARE, "", "", None, "", None]
     try:
         if view is None or view.compare_id != compare_id:
             view = compares.view(compare_id)  # a new view reads the whole history
         info = compares.info(compare_id)
     except ValueError as e:
-        return [f"⚠ {e}", same, same, same, None]
+        return [f"⚠ {e}", same, same, same, same, None]
     view.read()
     grid_file = view.folder / view.grid if view.grid else None
     download = str(grid_file) if grid_file and grid_file.is_file() else None
@@ -247,6 +258,7 @@ def refresh(compares: CompareManager, compare_id: str, view: CompareView | None)
             problems if view.changed("problems", problems := view.problems_text()) else same,
             grid_html(view) if view.changed("grid", drawn) else same,
             download if view.changed("download", download) else same,
+            status if view.changed("status", status := status_line(info, view)) else same,
             view]
 
 

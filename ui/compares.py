@@ -343,9 +343,13 @@ class CompareView:
         positions = self.positions(self.usable())
         return sum(self.cell(*pos) is not None for pos in positions), len(positions)
 
+    def checked(self) -> bool:
+        """Has the worker said of every file whether it is drawn or skipped (so the cells to draw are known)?"""
+        return len(self.files) >= len(self.spec["files"])
+
     def progress_text(self) -> str:
         done, total = self.counts()
-        head = f"Cell {done} / {total}"
+        head = f"Cell {done} / {total}" if self.checked() else f"Cell {done} / up to {total}"
         if self.ended == "done":
             return f"{head} · done"
         if self.ended == "cancelled":

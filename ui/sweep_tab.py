@@ -1,6 +1,6 @@
 """Sweeps (issue #16) in the page: the Train tab's "Sweep" section (which fields, which values, how to search) and
 the Sweeps tab (a sweep's trials ranked, their held-out loss over steps, the best trial's config to start as a full
-run, a Compare of the best 3, Cancel and Resume).
+run, a Compare of the best 3, Cancel, Resume and Delete).
 
 The handlers are plain functions (values in, values out) over a SweepManager (ui/sweeps.py) and the JobManager;
 the sweep is made by the engine (trainer/sweep.py), whose ConfigError names the field. The page's sweep id is kept
@@ -106,6 +106,7 @@ class SweepTab:
     state: gr.Markdown
     cancel: gr.Button
     resume: gr.Button
+    delete: gr.Button
     table: gr.Dataframe
     plot: gr.LinePlot
     best: gr.Markdown
@@ -123,6 +124,7 @@ def build() -> SweepTab:
         chosen = gr.Dropdown(label="Sweep", choices=[], elem_id="sweep-choose", scale=3)
         cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
         resume = gr.Button("Resume", elem_id="sweep-resume")
+        delete = gr.Button("Delete", variant="stop", elem_id="sweep-delete")
     state = gr.Markdown(NO_SWEEP, elem_id="sweep-state")
     table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="sweep-table")
     plot = gr.LinePlot(x="step", y="loss", color="trial", title="Held-out loss of each trial", x_title="step",
@@ -133,7 +135,7 @@ def build() -> SweepTab:
         full_run = gr.Button("Start as a full run", variant="primary", elem_id="sweep-full-run")
         compare = gr.Button("Compare the best 3", elem_id="sweep-compare-best")
     action = gr.Markdown(elem_id="sweep-action")
-    return SweepTab(chosen, state, cancel, resume, table, plot, best, best_config, full_run, compare, action)
+    return SweepTab(chosen, state, cancel, resume, delete, table, plot, best, best_config, full_run, compare, action)
 
 
 def sweep_choices(sweeps: SweepManager) -> dict:
@@ -166,16 +168,28 @@ def refresh(sweeps: SweepManager, sweep_id: str, view: SweepView | None) -> list
     line = (f"**{info.sweep_id}**: {info.state}" + (f" ({info.message})" if info.message else "")
             + f" · {done} / {state['trials_wanted']} trial(s) ended · {state['search']} search, "
             f"{state['parallel']} trained together, prune {state['prune']}")
-    curves = view.curves()
     best = (state.get("best") or "").split("/")[0]
     params = next((r["params"] for r in rows if r["name"] == best), {})
     best_line = f"Best: **{best}** ({params_text(params)})" if best else "No trial has finished yet."
     return [line if view.changed("state", line) else same,
             table_rows(rows) if view.changed("table", table_rows(rows)) else same,
-            pd.DataFrame(curves, columns=["trial", "step", "loss"]) if view.changed("plot", curves) else same,
+            plot_update(view),
             best_line if view.changed("best", best_line) else same,
             text if view.changed("config", text := view.best_config(state)) else same,
             view]
+
+
+def plot_update(view: SweepView) -> dict:
+    """The curves when they changed; the trials in the legend one tick after they first come in the data. The
+    page's plot only swaps in new data, keeping the trials (colours) it had when it was last drawn whole, so it
+    draws no curve for a new trial; a new legend has it drawn whole again, with the data it holds by then."""
+    curves = view.curves()
+    update = {"value": pd.DataFrame(curves, columns=["trial", "step", "loss"])} if view.changed("plot", curves) else {}
+    legend = view.shown.get("trials")  # the trials in the data the page held before this tick
+    view.shown["trials"] = sorted({c["trial"] for c in curves})
+    if legend is not None and view.changed("legend", legend):
+        update["colors_in_legend"] = legend
+    return gr.update(**update)
 
 
 def cancel(sweeps: SweepManager, sweep_id: str) -> str:
@@ -183,6 +197,20 @@ def cancel(sweeps: SweepManager, sweep_id: str) -> str:
         return sweeps.cancel(sweep_id).summary() if sweep_id else "Choose a sweep first."
     except ValueError as e:
         return f"⚠ {e}"
+
+
+def delete(sweeps: SweepManager, sweep_id: str) -> list:
+    """Delete the chosen sweep and its trials (not a queued or running one): [message, the sweeps' chooser, the
+    page's state line, table, plot, best line, best config]."""
+    kept = [gr.update()] * 6
+    if not sweep_id:
+        return ["Choose a sweep first.", *kept]
+    try:
+        sweeps.delete(sweep_id)
+    except (ValueError, OSError) as e:
+        return [f"⚠ {e}", *kept]
+    return [f"Deleted {sweep_id} and its trials.", gr.update(choices=[s.sweep_id for s in sweeps.sweeps()],
+                                                              value=None), NO_SWEEP, [], None, "", ""]
 
 
 def resume(sweeps: SweepManager, sweep_id: str) -> str:

@@ -15,7 +15,6 @@ sweeps). On a CPU-only machine it runs beside a training run.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import tempfile
@@ -29,7 +28,7 @@ from trainer.config import ConfigError
 from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
 from ui.security import inside
-from ui.worker_queue import WorkerQueue
+from ui.worker_queue import WorkerQueue, signal_worker
 
 EXIT_CANCELLED, EXIT_LOCKED = 3, 4  # trainer/sweep_run.py's exit codes
 RESUMABLE = ("cancelled", "interrupted", "failed", "created")
@@ -204,14 +203,8 @@ class SweepManager(WorkerQueue):
             elif info.state == "running":
                 count = self._cancels[sweep_id] = self._cancels.get(sweep_id, 0) + 1
                 sig = signal.SIGTERM if count == 1 else signal.SIGKILL
-                proc = self._procs.get(sweep_id)
                 holder = RunDir(info.path).holder() or {}
-                group = proc.pid if proc is not None else holder.get("pgid")
-                if isinstance(group, int) and group > 1 and group != os.getpgrp():
-                    try:
-                        os.killpg(group, sig)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                signal_worker(sig, self._procs.get(sweep_id), holder.get("pgid"), holder.get("pid"))
                 RunDir(info.path).write_status(message="cancelling: the trials save their state" if count == 1
                                                else "killed")
             return self.info(sweep_id)
@@ -227,6 +220,21 @@ class SweepManager(WorkerQueue):
             RunDir(info.path).write_status(state="queued", message="resuming")
         self.tick()
         return self.info(sweep_id)
+
+    def delete(self, sweep_id: str) -> None:
+        """Delete a sweep no worker trains, with its trials: they are run directories inside its folder (and
+        trials only: a full run started from one is a run of its own). ValueError for a queued or running sweep,
+        or while a worker trains one of its trials alone."""
+        with self._lock:  # so the queue does not start it meanwhile
+            info = self.info(sweep_id)
+            if info.state in ("queued", "running"):
+                raise ValueError(f"{sweep_id} is {info.state}: cancel it first")
+            for trial in (p for p in info.path.iterdir() if p.is_dir()):
+                if RunDir(trial).holder() is not None:
+                    raise ValueError(f"{sweep_id}/{trial.name} is being trained: cancel that worker first")
+            shutil.rmtree(info.path)
+            self._procs.pop(sweep_id, None)
+            self._cancels.pop(sweep_id, None)
 
     def view(self, sweep_id: str) -> "SweepView":
         return SweepView(sweep_id, self.folder(sweep_id))
