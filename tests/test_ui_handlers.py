@@ -238,3 +238,10 @@ def test_train_handlers(tmp_path):
     cfg = config.load(jobs.run_dir(typed[n + 2]).config)  # a rate typed where the form says "0 = frozen" trains it
     assert cfg.optimizer.text_encoder_lr == 5e-5 and not cfg.network.network_train_unet_only
     (jobs.run_dir(typed[n + 2]).path / "finish").touch()
+
+
+def test_a_fields_hint_gives_the_range_it_accepts():
+    assert train_tab.hint_of("network_alpha") == "scale = alpha / dim (above 0, up to 1024)"  # 0 is refused
+    assert train_tab.hint_of("lokr_factor").endswith("; -1 = automatic (-1 to 64)")
+    with pytest.raises(config.ConfigError, match="network_alpha = 0"):  # as the hint says
+        config.build("character", "sd15", {"network_alpha": 0})

@@ -540,7 +540,7 @@ def field_help(name: str) -> dict:
     default = f.default if f.default is not MISSING else f.default_factory()
     info = {"help": f.metadata.get("help", ""), "default": default, "section": SECTION_OF[f.name],
             "type": f.type if isinstance(f.type, str) else f.type.__name__}
-    for key in ("range", "choices"):
+    for key in ("range", "choices", "exclusive_low"):
         if key in f.metadata:
             info[key] = f.metadata[key]
     return info

@@ -23,9 +23,10 @@ CSS = """
 .field-error .info, .field-error span[data-testid="block-info"] + div { color: #d33; }
 """
 INTRO = """# LoRA Studio
-Train a Stable Diffusion LoRA (SD 1.x, SD 2.x, SDXL) from a handful of pictures: **Dataset** → **Train** →
-**Monitor** → **Runs**, then **Compare** the files; a **Sweep** (Train tab) trains variations together and ranks them. The built-in *demo* model trains in a minute on any CPU so you can see every part work;
-for real LoRAs put a checkpoint in the models folder."""
+Train a LoRA (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1) from a handful of pictures: **Dataset** → **Train** →
+**Monitor** → **Runs**, then **Compare** the files; a **Sweep** (Train tab) trains variations together and ranks
+them. The built-in *demo* model trains in a minute or two on any CPU so you can see every part work; for real LoRAs
+put a checkpoint in the models folder."""
 
 
 def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,

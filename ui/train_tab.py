@@ -116,7 +116,9 @@ def hint_of(name: str) -> str:
     info = config.field_help(name)
     hint = info.get("help", "")
     if "range" in info:
-        hint = f"{hint} ({info['range'][0]}–{info['range'][1]})".strip()
+        low, high = info["range"]
+        span = f"above {low}, up to {high}" if info.get("exclusive_low") else f"{low} to {high}"
+        hint = f"{hint} ({span})".strip()
     return hint
 
 
