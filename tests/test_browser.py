@@ -366,12 +366,12 @@ def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, 
     page.get_by_text("Added 10 picture(s)").wait_for(timeout=30000)
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
-    fill(page, "network-dim", "0")
+    fill_until_still(page, {"network-dim": "0"})  # a late refill from the preset would put the preset's back
     page.locator("#train-start").click()
     page.locator("#train-status").get_by_text("network_dim").wait_for(timeout=30000)
     page.wait_for_function("() => getComputedStyle(document.querySelector('#train-network-dim input')).borderColor"
-                           " === 'rgb(221, 51, 51)'", timeout=10000)  # the app's CSS reaches the page: #d33
-    fill(page, "network-dim", "4")
+                           " === 'rgb(221, 51, 51)'", timeout=30000)  # the app's CSS reaches the page: #d33
+    fill_until_still(page, {"network-dim": "4"})
     base = page.locator("#train-base input")
     base.fill(str(tmp_path / "nowhere.safetensors"))
     base.press("Enter")
