@@ -272,7 +272,8 @@ def make_schedule(cfg, items, acc, held_out: bool = False) -> Schedule:
     if t.max_train_steps:
         total_steps = min(total_steps, t.max_train_steps)
     return Schedule(total_steps=total_steps, epochs=math.ceil(total_steps / steps_per_epoch),
-                    steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, accumulation=t.gradient_accumulation_steps,
+                    steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch,
+                    accumulation=t.gradient_accumulation_steps,
                     sample_steps=s.sample_every_n_steps, sample_epochs=s.sample_every_n_epochs,
                     state_steps=t.save_every_n_steps, file_epochs=t.save_every_n_epochs,
                     validate_steps=t.validation_every_n_steps if held_out else 0)

@@ -43,9 +43,11 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def source_problem(source: str | Path) -> str | None:
     """Why a base model source cannot be loaded, found without loading it (the web page asks before it makes a
     run; trainer.loading.load_base asks again): None for a diffusers folder, a checkpoint file, or a hub id this
-    machine can reach. What a file holds is read later (family_of, the loader)."""
+    machine can reach, or "demo". What a file holds is read later (family_of, the loader)."""
     text = str(source)
     path = Path(text).expanduser()
+    if text == "demo":
+        return None  # the built-in demo (trainer.loading.DEMO_MODEL), as family_of reads it
     if path.is_dir():
         return None if (path / "model_index.json").is_file() else \
             f"{text}: not a diffusers model folder (it has no model_index.json)"

@@ -15,7 +15,6 @@ manager does not know about compares). On a CPU-only machine it runs beside a tr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
 from ui.jobs import trial_ids
 from ui.security import inside
-from ui.worker_queue import WorkerQueue
+from ui.worker_queue import WorkerQueue, signal_worker
 
 FINAL = ("done", "failed", "cancelled")
 EXIT_CANCELLED = 3
@@ -225,15 +224,10 @@ class CompareManager(WorkerQueue):
                 RunDir(info.path).write_status(state="cancelled", message="cancelled before it started")
             elif info.state == "running":
                 count = self._cancels[compare_id] = self._cancels.get(compare_id, 0) + 1
-                proc = self._procs.get(compare_id)
                 sig = signal.SIGTERM if count == 1 else signal.SIGKILL
-                try:
-                    if proc is not None:
-                        os.killpg(proc.pid, sig)  # its own session: the worker and anything it started
-                    elif worker_alive(info.pid, info.path):  # started before this app: maybe not a group leader
-                        os.kill(info.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                # one started before this app may not lead a group of its own: its process alone, if alive
+                signal_worker(sig, self._procs.get(compare_id), None,
+                              info.pid if worker_alive(info.pid, info.path) else None)
             return self.info(compare_id)
 
     def view(self, compare_id: str) -> "CompareView":

@@ -213,7 +213,7 @@ class JobManager:
         """A new queued run from a config and a dataset folder (copied, so later edits do not touch it). A base
         model that cannot be loaded is refused here, not by the worker once the run waits in the queue."""
         base = cfg.model.pretrained_model_name_or_path
-        if base != "demo" and (problem := source_problem(base)):
+        if problem := source_problem(base):
             raise ConfigError("model.pretrained_model_name_or_path", f"model.pretrained_model_name_or_path: {problem}")
         run = create(self.runs_dir, cfg, lambda target: shutil.copytree(dataset, target,
                                                                         ignore=shutil.ignore_patterns(".*")),

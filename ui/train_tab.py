@@ -201,7 +201,7 @@ def field_errors(names: list[str], error: config.ConfigError | None) -> list:
 
 
 def explain_base(base: str) -> str:
-    if base and base != "demo" and (problem := source_problem(base)):
+    if base and (problem := source_problem(base)):
         return f"⚠ {problem}"
     try:
         family = family_of(base)
