@@ -61,7 +61,8 @@ def test_space_refuses_what_trials_cannot_share(tiny_models, tmp_path):
     base = sweep.base_config(toml, [])
     for item, field in [("resolution=64,128", "data.resolution"), ("pretrained_model_name_or_path=a,b",
                                                                    "model.pretrained_model_name_or_path"),
-                        ("validation_split=0.2,0.3", "data.validation_split"), ("clip_skip=1,2", "model.clip_skip")]:
+                        ("validation_split=0.2,0.3", "data.validation_split"), ("clip_skip=1,2", "model.clip_skip"),
+                        ("max_token_length=75,225", "data.max_token_length")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             sweep_space.parse_grid(item)
     with pytest.raises(ConfigError, match="unknown setting 'network_dimm'; did you mean 'network_dim'"):

@@ -128,6 +128,9 @@ class DataConfig:
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags each step")
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", (0, 75))
     caption_dropout_rate: float = opt(0.0, "chance a caption is dropped (trains unconditional)", (0.0, 1.0))
+    max_token_length: int = opt(75, "caption tokens the text encoder reads (sd-scripts' max_token_length): 150 or 225 "
+                                "read a longer caption in windows of 75, the rest is cut (SD 1.x/2.x/SDXL; SD 3.5 "
+                                "and FLUX.1 read theirs with T5)", choices=(75, 150, 225))
     flip_aug: bool = opt(False, "random horizontal flips (not for asymmetric subjects)")
     cache_latents: bool = opt(True, "encode images once instead of every step")
     cache_latents_to_disk: bool = opt(False, "keep the cached latents on disk for the next run")
@@ -344,7 +347,7 @@ def _check_text(cfg: TrainConfig) -> None:
 
 def _check_field(where: str, value, meta) -> None:
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(where, f"{where} = {value!r}: choose one of {', '.join(meta['choices'])}")
+        raise ConfigError(where, f"{where} = {value!r}: choose one of {', '.join(map(str, meta['choices']))}")
     if "range" in meta:
         lo, hi = meta["range"]
         low_ok = value > lo if meta.get("exclusive_low") else value >= lo

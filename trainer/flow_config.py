@@ -53,6 +53,9 @@ def check_flow(cfg: TrainConfig) -> None:
          f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
         ("model.prediction_type", cfg.model.prediction_type != "auto",
          f"model.prediction_type = {cfg.model.prediction_type!r}: {name} is a flow-matching model; leave it auto"),
+        ("data.max_token_length", cfg.data.max_token_length != 75,
+         f"data.max_token_length = {cfg.data.max_token_length}: {name} reads captions with T5 (CLIP-L its first 75 "
+         "tokens): set max_token_length = 75"),
         ("model.clip_skip", cfg.model.clip_skip != 1,
          f"model.clip_skip = {cfg.model.clip_skip}: {name} uses its encoders' fixed layers; set clip_skip = 1"),
         ("sample.sample_sampler", cfg.sample.sample_sampler != "euler",

@@ -42,7 +42,9 @@ def generate(base, prompt: str, *, sampler: str, steps: int, cfg_scale: float, s
     _, cls, extra = SAMPLERS[sampler]
     scheduler = cls.from_config(pipe.scheduler.config, **extra)
     device = base.denoiser.device
-    embeds, pooled = text.encode(base.arch, base.tokenizers, base.text_encoders, [prompt, negative], clip_skip, device)
+    length = max(text.tokens_needed(t, [prompt, negative]) for t in base.tokenizers)  # the whole prompt, as WebUI
+    embeds, pooled = text.encode(base.arch, base.tokenizers, base.text_encoders, [prompt, negative], clip_skip, device,
+                                 length)
     kwargs = dict(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:])
     if base.arch == "sdxl":
         kwargs |= dict(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])

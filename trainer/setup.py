@@ -382,9 +382,11 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Cache
             with torch.no_grad():
                 return text.encode_flow(base.pipeline, base.arch, captions, length, acc.device)
     else:
+        warn_cut_captions(base, items, d.max_token_length, events)
+
         def run(captions):
             return text.encode(base.arch, base.tokenizers, base.text_encoders, captions, cfg.model.clip_skip,
-                               acc.device)
+                               acc.device, d.max_token_length)
 
     if train_te or not d.cache_text_encoder_outputs or not fixed:
         return run
@@ -406,6 +408,20 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Cache
         return hidden, pooled
 
     return lookup
+
+
+def warn_cut_captions(base, items, max_tokens: int, events) -> None:
+    by_caption = {}
+    for item in items:
+        by_caption.setdefault(item.caption, []).append(item.path.name)
+    cut = text.cut_captions(base.tokenizers[0], sorted(by_caption), max_tokens)
+    if cut:
+        names = [name for c in cut for name in by_caption[c]]
+        needed = text.tokens_needed(base.tokenizers[0], cut)
+        more = ("" if max_tokens == 225 else f"; max_token_length = {min(needed, 225)} reads "
+                + ("them whole" if needed <= 225 else "225 of them"))
+        events.status("loading", f"{len(names)} caption(s) longer than {max_tokens} tokens: the text encoder never "
+                                 f"reads their end ({', '.join(names[:5])}{', …' if len(names) > 5 else ''}){more}")
 
 
 def flow_te_encoder(base, texts: set[str], acc, length: int, cache: bool, events, release_t5: bool = True):

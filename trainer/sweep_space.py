@@ -28,7 +28,8 @@ REFUSED = {  # field -> why it cannot vary inside one sweep
     **{f: f"{SHARED}: make one sweep per base model setting" for f in (
         "pretrained_model_name_or_path", "prediction_type", "mixed_precision", "unet_quantization", "attention",
         "gradient_checkpointing")},
-    "clip_skip": "the trials share the cached caption embeddings, which clip_skip changes: one sweep per clip_skip",
+    **{f: f"the trials share the cached caption embeddings, which {f} changes: one sweep per {f}" for f in (
+        "clip_skip", "max_token_length")},
     **{f: "the trials share one set of cached latents of one shape: one sweep per data setting" for f in (
         "train_data_dir", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale",
         "caption_extension", "cache_latents", "cache_latents_to_disk", "cache_text_encoder_outputs")},

@@ -2,34 +2,71 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+WINDOW = 75  # caption tokens CLIP reads at once (77 with its start and end tokens)
+
+
+def tokenize(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
+    """Token ids [B, windows, 77]: the first `max_tokens` tokens of each caption in windows of 75, each framed by
+    its own start and end tokens, as sd-scripts' `max_token_length` (a window cut mid-caption ends with the end
+    token; an empty one reads start, end, padding)."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_tokens + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    bos, body, last = ids[:, :1], ids[:, 1:-1], ids[:, -1:]
+    windows = body.reshape(len(captions), -1, WINDOW)
+    n = windows.shape[1]
+    chunks = torch.cat([bos[:, None].expand(-1, n, 1), windows, last[:, None].expand(-1, n, 1)], dim=-1)
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text_at_end = (chunks[..., -2] != end) & (chunks[..., -2] != pad)
+    chunks[..., -1][text_at_end] = end
+    chunks[..., 1][chunks[..., 1] == pad] = end
+    return chunks
+
+
+def tokens_needed(tokenizer, texts: list[str]) -> int:
+    """The shortest `max_tokens` (a multiple of 75) that holds every text whole: what a prompt is sampled with, so a
+    long prompt is drawn whole as WebUI and ComfyUI draw it."""
+    longest = max((len(tokenizer(t, truncation=False).input_ids) - 2 for t in texts), default=0)
+    return WINDOW * max(1, math.ceil(longest / WINDOW))
+
+
+def cut_captions(tokenizer, captions: list[str], max_tokens: int) -> list[str]:
+    """The captions longer than `max_tokens` tokens: the text encoder never reads their end."""
+    return [c for c in captions if len(tokenizer(c, truncation=False).input_ids) - 2 > max_tokens]
+
+
+def join_windows(hidden: torch.Tensor) -> torch.Tensor:
+    """[B, windows, 77, C] -> [B, 2 + 75 * windows, C]: the first start token, the text tokens of every window, the
+    last window's end token (sd-scripts' order; one window is the 77 tokens unchanged)."""
+    return torch.cat([hidden[:, 0, :1], hidden[:, :, 1:-1].flatten(1, 2), hidden[:, -1, -1:]], dim=1)
 
 
 def encode(arch: str, tokenizers, text_encoders, captions: list[str], clip_skip: int = 1,
-           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states [B, 77, C], pooled [B, P] for SDXL else None).
+           device: torch.device | str = "cpu", max_tokens: int = WINDOW) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [B, 2 + max_tokens, C]: 77 for one window, pooled [B, P] for SDXL else None).
 
     SD 1/2: the last layer, or with clip_skip=k the k-th from last passed through the final layer norm (kohya's
     meaning: 1 = last). SDXL: the penultimate layer of both encoders side by side, and CLIP-G's projected pooled
-    output, as SDXL was trained; clip_skip does not apply.
+    output of the first window, as SDXL was trained and sd-scripts reads long captions; clip_skip does not apply.
     """
-    if arch != "sdxl":
-        (tokenizer,), (encoder,) = tokenizers, text_encoders
-        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
-        if clip_skip <= 1:
-            return out.last_hidden_state, None
-        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
-        return final_norm(out.hidden_states[-clip_skip]), None
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = getattr(out, "text_embeds", None)
+        ids = tokenize(tokenizer, captions, max_tokens)
+        batch, windows = ids.shape[:2]
+        out = encoder(ids.flatten(0, 1).to(device), output_hidden_states=True)
+        if arch == "sdxl":
+            states = out.hidden_states[-2]
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds.unflatten(0, (batch, windows))[:, 0]
+        elif clip_skip <= 1:
+            states = out.last_hidden_state
+        else:
+            states = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
+        hidden.append(join_windows(states.unflatten(0, (batch, windows))))
     return torch.cat(hidden, dim=-1), pooled
 
 
