@@ -314,7 +314,7 @@ class _Import:
 def _kind(path: Path) -> str:
     if path.is_dir():
         return "folder"
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":  # a damaged .zip is named as a zip, not a picture
         return "zip"
     return "caption" if path.suffix.lower() in CAPTION_SUFFIXES else "picture"
 
@@ -381,8 +381,11 @@ def _add_zip(path: Path, job: _Import) -> None:
     try:
         _check_zip_directory(path, job.limits)
         z = zipfile.ZipFile(path)
+    except Refused as e:
+        job.result.skipped.append((path.name, str(e)))
+        return
     except Exception as e:  # noqa: BLE001 - a damaged zip is named, the rest of the import goes on
-        job.result.skipped.append((path.name, _reason(e)))
+        job.result.skipped.append((path.name, f"a damaged zip: not a readable zip archive ({_reason(e)})"))
         return
     with z:
         infos = [i for i in z.infolist() if not i.is_dir()]
@@ -408,7 +411,8 @@ def _check_zip_directory(path: Path, limits: Limits) -> None:
     with path.open("rb") as f:
         end = zipfile._EndRecData(f)  # noqa: SLF001 - the stdlib's own reader of the end record
     if end is None:
-        raise Refused("not a zip file, or its end is missing (truncated?)")
+        raise Refused("a damaged zip: not a readable zip archive (its end record is missing: cut short, or not a "
+                      "zip at all)")
     entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # noqa: SLF001
     if entries > limits.entries or size > limits.zip_directory_bytes:
         raise Refused(f"{entries} entries ({_size(size)} of directory): more than the {limits.entries} an import "

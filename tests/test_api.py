@@ -220,7 +220,7 @@ def test_a_script_sweeps_a_runs_settings(served, tiny_models, tmp_path):
     for kwargs, message in (({"space": {"unet_lr": [1e-4, 1e-3]}, "settings": None}, "data.validation_split"),
                             ({"space": {"network_dimm": [4, 8]}}, "did you mean 'network_dim'"),
                             ({"space": {"resolution": [64, 128]}}, "data.resolution cannot vary"),
-                            ({"space": {"unet_lr": "1e-4:1e-3"}, "search": "tpe"}, "needs --trials N"),
+                            ({"space": {"unet_lr": "1e-4:1e-3"}, "search": "tpe"}, "needs a number of trials"),
                             ({"space": {"unet_lr": [1e-4]}, "run_id": "../base"}, "must be a plain name"),
                             ({"space": {"unet_lr": [1e-4]}, "run_id": None}, "run_id / images: give the run")):
         with pytest.raises(Exception, match=message):

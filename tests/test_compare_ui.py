@@ -193,7 +193,7 @@ def test_the_grid_grows_cell_by_cell_and_ends_with_grid_png(jobs, compares):
     chosen = [f["path"] for f in run_files(run)][:2]
     hold(compares, 1)
     status, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], chosen, [], *form())
-    assert status == f"Compare **{compare_id}** running: 2 files × 2 strengths × 1 prompts × 1 seeds." and view is None
+    assert status == f"Compare **{compare_id}** running: 2 files × 2 strengths × 1 prompt × 1 seed." and view is None
     progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, r"Cell 2 / 4")
     assert "file None at 0.0" in progress  # the worker's own status line
     # the base (strength 0) is drawn once and shown in both rows; strength 1 is still to come
@@ -217,7 +217,7 @@ def test_the_status_line_follows_the_compare_on_the_timer(jobs, compares):
     run = trained_run(jobs)
     hold(compares, 1)
     said, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], [run_files(run)[0]["path"]], [], *form())
-    shape = "1 files × 2 strengths × 1 prompts × 1 seeds."
+    shape = "1 file × 2 strengths × 1 prompt × 1 seed."
     assert said == f"Compare **{compare_id}** running: {shape}"
     *_, status, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     assert status == said
@@ -240,7 +240,7 @@ def test_the_cell_total_is_an_upper_bound_until_every_file_is_checked(tmp_path):
     view.add({"type": "compare_file", "index": 1, "problem": "made for SDXL, the base is SD 1.5"})
     assert compare_tab.progress_line(info, view) == "Cell 0 / 2 · checking the files"
     assert compare_tab.status_line(info, view) == ("Compare **c** running (1 skipped, see below): 2 files × "
-                                                   "2 strengths × 1 prompts × 1 seeds.")
+                                                   "2 strengths × 1 prompt × 1 seed.")
     assert view.problems_text() == "⚠ an-sdxl: made for SDXL, the base is SD 1.5 (skipped)"
 
 
@@ -307,7 +307,7 @@ def test_files_of_several_runs_are_listed_by_run_and_drawn_in_one_grid(jobs, com
 
     chosen = [files["value"][0], files["value"][5]]  # a's first epoch, b's final file
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["a", "b"], chosen, [], *form())
-    assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
+    assert status.endswith(": 2 files × 2 strengths × 1 prompt × 1 seed.")
     assert compares.spec(compare_id)["labels"] == ["a / lora-000001 (epoch 1, step 4)", "b / lora (epoch 3, step 12)"]
     progress, problems, grid, *_ = refreshed(compares, compare_id, None, "done")
     assert progress == "Cell 4 / 4 · done" and grid.count("<img") == 4
@@ -335,7 +335,7 @@ def test_a_reload_shows_the_stored_compare_again(jobs, compares):
     reloaded = compare_tab.refresh(compares, compare_id, None)
     progress, problems, grid, download, status, _ = reloaded
     assert (progress, grid, download, status) == (done[0], done[2], done[3], done[4]) and problems == ""
-    assert status == f"Compare **{compare_id}** done: 1 files × 2 strengths × 1 prompts × 1 seeds."
+    assert status == f"Compare **{compare_id}** done: 1 file × 2 strengths × 1 prompt × 1 seed."
     assert grid.count("<img") == 2 and download.endswith("grid.png")
     assert "r / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
     # a stored id that is not a plain name, or names no compare (any more), is no compare: the page is cleared
@@ -385,11 +385,11 @@ def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, comp
     good = lora(tmp_path / "drop" / "mine.safetensors", ss_epoch="5", ss_validation_loss="0.5")
     other = lora(tmp_path / "drop" / "an-sdxl-file.safetensors")
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(good), str(other)], *form())
-    assert status.endswith(": 2 files × 2 strengths × 1 prompts × 1 seeds.")
+    assert status.endswith(": 2 files × 2 strengths × 1 prompt × 1 seed.")
     progress, problems, grid, download, status, _ = refreshed(compares, compare_id, None, "done")
     assert problems == "⚠ an-sdxl-file: made for SDXL, the base is SD 1.5 (skipped)"
-    assert status == (f"Compare **{compare_id}** done (1 skipped, see below): 2 files × 2 strengths × 1 prompts × "
-                      "1 seeds.")  # the problems line says which file and why
+    assert status == (f"Compare **{compare_id}** done (1 skipped, see below): 2 files × 2 strengths × 1 prompt × "
+                      "1 seed.")  # the problems line says which file and why
     assert progress == "Cell 2 / 2 · done"  # the skipped file's cells are not waited for
     assert "mine (epoch 5)<br><small>held-out loss 0.5000</small>" in grid
     assert "⚠ skipped: made for SDXL, the base is SD 1.5" in grid
@@ -407,7 +407,7 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
     assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
     progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, "cancelled")
     assert progress == "Cell 1 / 2 · cancelled" and grid.count("<img") == 1 and download is None
-    assert status == f"Compare **{compare_id}** cancelled: 1 files × 2 strengths × 1 prompts × 1 seeds."
+    assert status == f"Compare **{compare_id}** cancelled: 1 file × 2 strengths × 1 prompt × 1 seed."
     wait_for(lambda: compares.info(compare_id).state == "cancelled")  # the events say so before the worker exits
     assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped after 1 cell(s))"
     assert not Path(f"/proc/{pid}").exists()
@@ -420,7 +420,7 @@ def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_pat
     progress, *_, status, _ = refreshed(compares, compare_id, None, "failed")
     assert progress.startswith("Cell 0 / up to 2 · failed: the compare worker stopped without finishing (exit "
                                "status 1)")  # it died before it checked the file: 2 cells, or none
-    assert status == f"Compare **{compare_id}** failed: 1 files × 2 strengths × 1 prompts × 1 seeds."
+    assert status == f"Compare **{compare_id}** failed: 1 file × 2 strengths × 1 prompt × 1 seed."
     assert "worker.out" in progress
 
 
@@ -508,7 +508,7 @@ def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layou
                   sampler=sampler, cfg_scale=cfg_scale, width=width, height=height)
     status, compare_id, _ = compare_tab.on_compare(compares, jobs, ["f"], files["value"], [],
                                                    *[values[n] for n in compare_tab.SETTINGS])
-    assert status.endswith(": 1 files × 2 strengths × 2 prompts × 1 seeds."), status
+    assert status.endswith(": 1 file × 2 strengths × 2 prompts × 1 seed."), status
     spec = compares.spec(compare_id)
     assert (spec["sampler"], spec["cfg_scale"], spec["parts"], spec["precision"]) == ("euler", 3.5, parts, "bf16")
     refreshed(compares, compare_id, None, "done")

@@ -73,6 +73,23 @@ def test_upload_makes_a_draft_folder_and_shows_pictures_captions_and_tags(tmp_pa
     assert tab.on_upload(drafts, None, folder) == (folder, "", again[2], tags, None)  # a cleared upload box
 
 
+def test_a_damaged_zip_is_named_as_a_zip_not_as_a_picture(tmp_path):
+    good, inside = pictures(tmp_path / "src", 2)
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as z:
+        z.write(inside, "inside.png")
+    whole = (tmp_path / "whole.zip").read_bytes()
+    directory = int.from_bytes(whole[-10:-6], "little")  # the central directory's size, from the end record
+    scrambled = whole[:-directory - 22] + b"x" * directory + whole[-22:]  # its end record whole, its directory not
+    cut, garbled = tmp_path / "upload-1" / "holiday.zip", tmp_path / "upload-2" / "scrambled.ZIP"
+    for path, data in ((cut, whole[:len(whole) // 2]), (garbled, scrambled)):
+        path.parent.mkdir()  # Gradio keeps each upload in a folder of its own
+        path.write_bytes(data)
+    _, message, *_ = tab.on_upload(tmp_path / "drafts", [str(good), str(cut), str(garbled)], "")
+    assert "Added **1** picture(s)" in message and "Pillow" not in message and str(tmp_path) not in message
+    for name in ("holiday.zip", "scrambled.ZIP"):
+        assert f"- `{name}`: a damaged zip: not a readable zip archive (" in message, message
+
+
 def test_each_drop_imports_only_its_own_files_and_start_over_empties_the_box(tmp_path):
     """The upload box adds each drop to the files it holds and hands them all to on_upload, as here."""
     good, ring5, ring6 = pictures(tmp_path / "src", 3)

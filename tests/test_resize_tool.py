@@ -28,3 +28,17 @@ def test_a_refused_resize_says_why_and_gives_no_file(tiny_models, tmp_path):
     message, path = resize(str(source), 0, 1.5, 0, tmp_path / "out")
     assert path is None and message.startswith("⚠ ") and "energy" in message and "(0, 1]" in message
     assert not (tmp_path / "out" / "mine-resized.safetensors").exists()
+
+
+def test_the_page_names_its_fields_and_the_files_own_names(tiny_models, tmp_path):
+    """Not the command line's name, flags and paths: an upload's path is a temporary folder of Gradio's."""
+    upload, out = tmp_path / "gradio" / "3f9a0c" / "mine.safetensors", tmp_path / "out"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"not a safetensors file")
+    message, path = resize(str(upload), 2, 0, 0, out)
+    assert path is None and message.startswith("⚠ mine.safetensors: not a readable .safetensors file ("), message
+    assert resize(str(upload), 0, 0, 0, out)[0] == ("⚠ nothing to do: set Rank cap, Energy to keep and/or Drop this "
+                                                    "fraction of modules above 0")
+    assert resize(str(upload), 0, 2.0, 0, out)[0].startswith("⚠ energy is the fraction of each module's")
+    message, path = resize(str(lora_file(tiny_models, "sd1", upload)), 2, 0, 0, out)
+    assert message.startswith("```\nmine.safetensors -> mine-resized.safetensors\n") and path

@@ -73,7 +73,7 @@ def test_space_refuses_what_trials_cannot_share(tiny_models, tmp_path):
         sweep_space.check(base, dict([sweep_space.parse_grid("seed=1,2")]), "grid", 0)
     with pytest.raises(ConfigError, match="network.network_alpha = -1.0"):
         sweep_space.check(base, {"network_alpha": {"values": [1.0, -1.0]}}, "grid", 0)
-    with pytest.raises(ConfigError, match="a grid takes lists"):
+    with pytest.raises(ConfigError, match="a grid search takes lists"):
         sweep_space.check(base, dict([sweep_space.parse_range("unet_lr=1e-4:1e-2:log")]), "grid", 0)
     no_held_out = sweep.base_config(toml, ["validation_split=0"])
     with pytest.raises(ConfigError, match="held-out loss"):

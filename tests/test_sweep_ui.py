@@ -115,7 +115,7 @@ def test_the_form_rows_become_the_engines_space():
                           ([("resolution", "64, 128")], "data.resolution cannot vary in a sweep"),
                           ([("", "4, 8")], "choose the field"), ([("network_dim", "")], "network_dim: give its"),
                           ([("network_dim", "4"), ("network_dim", "8")], "given twice"),
-                          ([("network_type", "lora:lokr")], "network_type is not a number")):
+                          ([("network_type", "lora:lokr")], "network_type is not a number: give it a list of values")):
         with pytest.raises(ConfigError, match=message):
             space_of(rows)
     assert api_space({"unet_lr": [1e-4, 1e-3], "network_dim": {"low": 2, "high": 8}, "network_alpha": "1, 2"}) == {
@@ -134,13 +134,18 @@ def test_bad_input_gets_the_engines_message_naming_the_field(tiny_models, tmp_pa
     assert out[N].startswith("⚠ data.validation_split:") and "held-out loss" in out[N]
     marked = out[train_tab.FIELDS.index("validation_split")]
     assert marked["elem_classes"] == ["field-error"] and "validation_split" in marked["info"]
-    for rows, how, message in ((["unet_lr", "1e-5:1e-3:log"], {}, "a grid takes lists"),
-                               (["unet_lr", "1e-5:1e-3:log"], {"search": "tpe"}, "needs --trials N"),
+    for rows, how, message in ((["unet_lr", "1e-5:1e-3:log"], {}, "for a range, choose the random or tpe search"),
+                               (["unet_lr", "1e-5:1e-3:log"], {"search": "tpe"},
+                                "a tpe search needs a number of trials, 1 or more"),
+                               (["unet_lr", "1e-3:1e-5"], {"search": "random", "trials": 2},
+                                "unet_lr=1e-3:1e-5: a range needs low < high"),
+                               (["unet_lr", "1:2:3"], {}, "'unet_lr=1:2:3': a range is key=low:high or key=low:high:log"),
+                               (["", ""], {}, "the search space is empty: give a field its values"),
                                (["network_alpha", "1, -1"], {}, "network.network_alpha = -1"),
                                (["clip_skip", "1, 2"], {}, "model.clip_skip cannot vary"),
                                (["unet_lr", "1e-4"], {"prune": "sometimes"}, "prune = 'sometimes'")):
         out = start(sweeps, base, pictures, rows, **how)
-        assert message in out[N], out[N]
+        assert message in out[N] and "--" not in out[N], out[N]  # the form's controls, not the command line's flags
     out = start(sweeps, base, "", ("unet_lr", "1e-4, 1e-3"))
     assert "Add pictures on the Dataset tab first" in out[N]
     assert sweeps.sweeps() == [] and not any((tmp_path / "runs").glob("*/sweep.json"))  # nothing half-made

@@ -235,6 +235,24 @@ def test_loss_falls_on_a_fixed_batch(tiny_models, tmp_path):
     assert fixed_loss() < 0.7 * before
 
 
+def test_the_eta_leaves_out_what_runs_between_steps():
+    from trainer.train import Meter
+
+    now = [0.0]
+    meter = Meter(clock=lambda: now[0], window=3)
+    for seconds, pause in [(1, 0), (1, 30), (2, 0), (1, 0)]:  # 30 s of sampling after the second step
+        meter.start()
+        now[0] += seconds / 2
+        meter.add(0.1)
+        meter.start()  # the step's second batch (gradient accumulation) keeps its clock
+        now[0] += seconds / 2
+        meter.add(0.3)
+        loss, batches, elapsed = meter.take()
+        assert (loss, batches, elapsed) == (pytest.approx(0.2), 2, seconds)
+        now[0] += pause
+    assert meter.eta_s(10) == pytest.approx(10 * (1 + 2 + 1) / 3)  # the mean of the last 3 steps, no pause in it
+
+
 def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):
     import trainer.setup
     from trainer.loss import TrainingError

@@ -113,6 +113,27 @@ def test_a_long_run_is_downsampled_for_the_plot():
     assert downsample(10) == list(range(10)) and len(downsample(10_000, 100)) == 100
 
 
+def sampled_at_10(total=100):
+    """Steps of 1 s each, then 30 s of sampling after step 10, then step 11."""
+    events = [step(n, total) | {"eta_s": 1.0 * (total - n)} for n in range(1, 11)]
+    events += [{"type": "status", "time": 10.1, "phase": "sampling", "message": "Sampling 2 prompt(s) at step 10"},
+               {"type": "sample", "time": 25, "step": 10, "prompt": "a", "seed": 1, "path": "samples/a.png"},
+               {"type": "sample", "time": 40, "step": 10, "prompt": "b", "seed": 1, "path": "samples/b.png"}]
+    return events, step(11, total) | {"time": 41, "eta_s": 1.0 * (total - 11)}
+
+
+def test_the_sampling_line_goes_when_training_goes_on_or_the_run_ends(jobs):
+    events, after = sampled_at_10()
+    view = RunView().add(events)
+    assert view.progress_text().endswith("Sampling 2 prompt(s) at step 10")
+    view.add([after])
+    assert "Sampling" not in view.progress_text() and "Step 11 / 100" in view.progress_text()
+    run = create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="failed", name="died")
+    run.events.write_text("".join(json.dumps(e) + "\n" for e in events))  # killed while sampling: no last event
+    progress = monitor_tab.refresh(jobs, "died", None)[1]
+    assert "Step 10 / 100" in progress and "Sampling" not in progress and "ETA" not in progress
+
+
 def test_no_run_or_a_deleted_run(jobs):
     assert monitor_tab.refresh(jobs, "", None)[:7] == [UNCHANGED] * 7
     assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN

@@ -366,6 +366,7 @@ def start(c: Cursor) -> None:
 def draw(c: Cursor) -> Work:
     """The trial's next batch, augmented and noised from its own position's random stream, as alone."""
     run, i = c.run, c.run.progress.batch
+    c.meter.start()
     batch = make_batch(run, c.batches[i], position_rng(run, c.epoch, i))
     return Work(c, batch, *run.loss_fn.draw(batch.latents))  # the noise and points the single loop's loss draws
 

@@ -43,7 +43,7 @@ def parse_grid(item: str) -> tuple[str, dict]:
     """"network_dim=4,8,16" -> ("network_dim", {"values": [4, 8, 16]})."""
     key, sep, raw = item.partition("=")
     if not sep or not raw.strip():
-        raise ConfigError(item, f"--grid {item!r}: expected key=v1,v2,...")
+        raise ConfigError(item, f"{item!r}: expected a field and its values, key=v1,v2,...")
     key = field_name(key)
     values = [config._coerce(key, v.strip()) for v in raw.split(",") if v.strip()]
     return key, {"values": values}
@@ -54,13 +54,13 @@ def parse_range(item: str) -> tuple[str, dict]:
     key, sep, raw = item.partition("=")
     parts = raw.split(":")
     if not sep or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
-        raise ConfigError(item, f"--range {item!r}: expected key=low:high or key=low:high:log")
+        raise ConfigError(item, f"{item!r}: a range is key=low:high or key=low:high:log")
     key = field_name(key)
     low, high = (config._coerce(key, p.strip()) for p in parts[:2])
     if not isinstance(low, (int, float)) or isinstance(low, bool):
-        raise ConfigError(key, f"--range {key}: {key} is not a number; use --grid {key}=a,b")
+        raise ConfigError(key, f"{key} is not a number: give it a list of values (a, b), not a range")
     if not low < high or (len(parts) == 3 and low <= 0):
-        raise ConfigError(key, f"--range {key}={raw}: needs low < high (and low > 0 on a log scale)")
+        raise ConfigError(key, f"{key}={raw}: a range needs low < high (and low > 0 on a log scale)")
     return key, {"low": low, "high": high, "log": len(parts) == 3}
 
 
@@ -79,7 +79,7 @@ def check(base: dict, space: dict, search: str, trials: int) -> int:
     if search not in SEARCHES:
         raise ConfigError("search", f"search = {search!r}: choose one of {', '.join(SEARCHES)}")
     if not space:
-        raise ConfigError("space", "the search space is empty: give --grid key=v1,v2 or --range key=lo:hi")
+        raise ConfigError("space", "the search space is empty: give a field its values (key=v1,v2) or a range (key=low:high)")
     cfg = config.from_dict(base)
     if not (cfg.data.validation_split or cfg.data.validation_dir):
         raise ConfigError("data.validation_split", "a sweep ranks its trials by the held-out loss: set "
@@ -104,11 +104,11 @@ def check(base: dict, space: dict, search: str, trials: int) -> int:
     if search == "grid":
         ranged = [k for k, s in space.items() if "values" not in s]
         if ranged:
-            raise ConfigError(ranged[0], f"{ranged[0]}: a grid takes lists (--grid); use --search random or tpe "
-                                         "for ranges")
+            raise ConfigError(ranged[0], f"{ranged[0]}: a grid search takes lists of values; for a range, "
+                                         "choose the random or tpe search")
         return math.prod(len(s["values"]) for s in space.values())
     if trials < 1:
-        raise ConfigError("trials", f"--search {search} needs --trials N (N >= 1)")
+        raise ConfigError("trials", f"a {search} search needs a number of trials, 1 or more")
     return trials
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,6 +53,7 @@ def loop(run: Run, stop: StopFlag) -> bool:
     for epoch in range(p.epoch, schedule.epochs):
         batches = epoch_batches(run, epoch)
         for i in range(p.batch, len(batches)):
+            meter.start()
             batch = make_batch(run, batches[i], position_rng(run, epoch, i))
             with acc.autocast():
                 loss = run.loss_fn(run.base.denoiser, batch.latents, batch.hidden, batch.added_cond)
@@ -140,21 +143,32 @@ def optimizer_step(run: Run) -> None:
 
 
 class Meter:
-    """The losses of the batches since the last step, and the time since then."""
+    """The losses of one optimizer step's batches and the step's time, from its first batch to its end: what runs
+    between steps (sampling, saving, the held-out loss) is no training time, so the ETA leaves it out."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, window: int = 20) -> None:
         self.losses: list[float] = []
-        self.tick = time.time()
+        self.clock, self.started = clock, None
+        self.recent: deque[float] = deque(maxlen=window)  # seconds of the last steps
+
+    def start(self) -> None:
+        """Called before every batch: the first batch of a step starts its clock."""
+        if self.started is None:
+            self.started = self.clock()
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
 
     def take(self) -> tuple[float, int, float]:
-        """(mean loss, batches, seconds) since the last call; starts counting again."""
+        """(mean loss, batches, seconds) of the step that just ended."""
         loss, batches = sum(self.losses) / len(self.losses), len(self.losses)
-        elapsed, self.tick = time.time() - self.tick, time.time()
-        self.losses = []
+        elapsed = self.clock() - self.started
+        self.losses, self.started = [], None
+        self.recent.append(elapsed)
         return loss, batches, elapsed
+
+    def eta_s(self, steps_left: int) -> float:
+        return sum(self.recent) / len(self.recent) * steps_left
 
 
 def log_step(run: Run, epoch: int, meter: Meter) -> None:
@@ -162,7 +176,7 @@ def log_step(run: Run, epoch: int, meter: Meter) -> None:
     step, total = run.progress.step, run.schedule.total_steps
     run.events.emit("step", step=step, total_steps=total, epoch=epoch + 1, loss=loss,
                     lr=run.lr_schedule.get_last_lr()[0],
-                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=elapsed * (total - step))
+                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=meter.eta_s(total - step))
 
 
 def end_epoch(run: Run, epoch: int) -> None:

@@ -193,9 +193,14 @@ def as_text(settings: dict) -> dict:
 
 
 def summary(compare_id: str, state: str, spec: dict, skipped: int = 0) -> str:
-    shape = " × ".join(f"{len(spec[n])} {n}" for n in ("files", "strengths", "prompts", "seeds"))
+    shape = " × ".join(counted(len(spec[f"{noun}s"]), noun) for noun in ("file", "strength", "prompt", "seed"))
     note = f" ({skipped} skipped, see below)" if skipped else ""
     return f"Compare **{compare_id}** {state}{note}: {shape}."
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 seed", "2 seeds"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def status_line(info, view: CompareView) -> str:

@@ -13,6 +13,7 @@ from trainer.events import EventReader
 from trainer.rundir import RunDir
 
 MAX_PLOT_POINTS = 600  # per curve: a long run is downsampled before it is sent to the browser
+PAUSES = ("sampling", "saving")  # a status of these phases ends at the next step
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -101,6 +102,8 @@ class RunView:
                 self.losses.append(e["loss"])
                 self.last_step = e
                 self.ended = ""
+                if self.phase in PAUSES:  # the sampling (or saving) is over: training goes on
+                    self.phase, self.message = "training", ""
             elif kind == "status":
                 self.phase, self.message = e["phase"], e["message"]
                 self.held_out_note = e["message"] if e["phase"] == "held-out" else self.held_out_note
@@ -156,17 +159,20 @@ class RunView:
         saved = self.file_events.get(path)
         return path == self.final, saved["step"] if saved else -1
 
-    def progress_text(self) -> str:
+    def progress_text(self, ended: bool = False) -> str:
+        """The progress bar and line; `ended`: the run has ended by the manager's account (a worker that died
+        writes no event), so no ETA and no sampling or saving under way."""
+        message = "" if ended and not self.ended and self.phase in PAUSES else self.message
         if self.last_step is None:
-            return f"**{self.phase or 'waiting'}** — {self.message}" if self.message else "Waiting for the worker…"
+            return f"**{self.phase or 'waiting'}** — {message}" if message else "Waiting for the worker…"
         e = self.last_step
         total = max(e["total_steps"], 1)
         pct = 100 * e["step"] / total
         head = f"Step {e['step']} / {e['total_steps']} · epoch {e['epoch']} · loss {e['loss']:.4f}"
-        if not self.ended:
+        if not (self.ended or ended):
             head += f" · {e.get('samples_per_s', 0):.2f} img/s · ETA {eta_text(e.get('eta_s', 0))}"
         bar = f'<progress value="{pct:.1f}" max="100" style="width:100%"></progress>'
-        tail = f"\n\n{self.message}" if self.message else ""
+        tail = f"\n\n{message}" if message else ""
         return f"{bar}\n\n{head}{tail}"
 
     def sample_grid(self) -> list[tuple[str, str]]:

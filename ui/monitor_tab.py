@@ -64,7 +64,7 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
     files = [str(p) for p in view.best_first(jobs.files(run_id), info.path) if p.is_file()]
     log = log_tail(jobs.run_dir(run_id))
     return [title if view.changed("title", title) else same,
-            progress if view.changed("progress", progress := view.progress_text()) else same,
+            progress if view.changed("progress", progress := view.progress_text(info.state in FINAL_STATES)) else same,
             plot_rows(view) if view.changed("plot", (len(view.steps), len(view.held_out))) else same,
             gr.update(value=gallery, columns=view.prompts_per_step()) if view.changed("gallery", gallery) else same,
             files if view.changed("files", files) else same,

@@ -10,6 +10,9 @@ from pathlib import Path
 import gradio as gr
 
 ROOT = Path(__file__).resolve().parent.parent
+CLI_PREFIX = "python -m trainer resize: "  # and argparse's "…: error: "
+FORM_WORDS = {"give --rank N, --energy F and/or --drop F": "set Rank cap, Energy to keep and/or Drop this fraction of "
+                                                          "modules above 0"}
 
 
 def resize(source: str | None, rank: float, energy: float, drop: float, out_dir: Path) -> tuple[str, str | None]:
@@ -29,8 +32,17 @@ def resize(source: str | None, rank: float, energy: float, drop: float, out_dir:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         message = (done.stderr.strip().splitlines() or ["the resize failed"])[-1]
-        return f"⚠ {message}", None
-    return "```\n" + done.stdout.strip() + "\n```", str(dst)
+        return f"⚠ {for_the_page(message, src, dst)}", None
+    return "```\n" + for_the_page(done.stdout.strip(), src, dst) + "\n```", str(dst)
+
+
+def for_the_page(text: str, src: Path, dst: Path) -> str:
+    """The command's words as the page says them: without the command's name, its flags named as the form's
+    fields, and the files by their own names (an upload's path is a temporary folder of Gradio's)."""
+    text = text.removeprefix(CLI_PREFIX).removeprefix("error: ")
+    for cli, form in FORM_WORDS.items():
+        text = text.replace(cli, form)
+    return text.replace(str(src), src.name).replace(str(dst), dst.name)
 
 
 def build(out_dir: Path) -> None:

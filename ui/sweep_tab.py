@@ -24,8 +24,6 @@ ROWS = 3  # "field | values" rows of the form
 HEADERS = ["rank", "trial", "params", "state", "group", "step", "held-out loss"]
 NO_SWEEP = "Choose a sweep, or start one from the Train tab's Sweep section."
 EXAMPLE = [("unet_lr", "1e-4, 5e-4, 1e-3"), ("", ""), ("", "")]  # e.g. network_type "lora, lokr", network_dim "4, 8"
-
-
 def sweepable_fields() -> list[str]:
     """The config fields a sweep may vary: every field but those the trials must share (sweep_space.REFUSED)."""
     return sorted(f for f in config.SECTION_OF if f not in sweep_space.REFUSED)
