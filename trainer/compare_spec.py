@@ -57,6 +57,9 @@ def checked(spec: dict) -> dict:
     spec["seeds"] = parse_list(spec["seeds"], int, "seeds")
     spec["prompts"] = [str(p).strip() for p in spec.get("prompts") or [] if str(p).strip()]
     spec["labels"] = list(spec.get("labels") or [Path(f).stem for f in spec.get("files", [])])
+    if options := [p for p in spec["prompts"] if " --" in p]:
+        raise CompareError(f"prompts: {options[0][:40]!r} holds sample-prompt options (--n, --w, …); a compare "
+                           "draws every prompt with its own negative prompt, size, seeds, sampler and steps")
     for name, (low, high) in LIMITS.items():
         if not low <= len(spec.get(name, [])) <= high:
             raise CompareError(f"{name}: give {low} to {high} (got {len(spec.get(name, []))})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from trainer import methods, optimizer_args
+from trainer import methods, optimizer_args, prompts
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEMO_SETTINGS = Path(__file__).resolve().parent.parent / "demo" / "settings.toml"
@@ -181,8 +181,10 @@ class TrainingConfig:
 class SampleConfig:
     sample_every_n_steps: int = opt(0, "sample every N steps; 0 = off", (0, 1_000_000))
     sample_every_n_epochs: int = opt(1, "sample every N epochs; 0 = off", (0, 10000))
-    sample_prompts: list = opt(["{trigger}"], "prompts; {trigger} becomes the trigger word")
-    sample_sampler: str = opt("euler_a", "sampler", choices=("euler_a", "euler", "dpm++_2m_karras", "ddim"))
+    sample_prompts: list = opt(["{trigger}"], "prompts; {trigger} becomes the trigger word; sd-scripts' "
+                                "options after one set its picture apart: --n negative prompt, --w, --h, --d seed, "
+                                "--s steps, --l CFG scale (FLUX.1: --g guidance), --ss sampler")
+    sample_sampler: str = opt("euler_a", "sampler", choices=prompts.SAMPLERS)
     sample_steps: int = opt(20, "sampling steps", (1, 150))
     sample_cfg_scale: float = opt(7.0, "classifier-free guidance scale", (1.0, 30.0))
     sample_seed: int = opt(1234, "seed of every sample", (0, 2**32 - 1))
@@ -308,6 +310,7 @@ def validate(cfg: TrainConfig) -> None:
                                                   f"{MAX_NAME} letters, digits, - _ . and spaces")
     if bad := optimizer_args.problems(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args):
         raise ConfigError("optimizer.optimizer_args", f"optimizer.optimizer_args: {'; '.join(bad)}")
+    _check_prompts(cfg)
     for name in ("sample_width", "sample_height"):
         if getattr(cfg.sample, name) % 64:
             raise ConfigError(f"sample.{name}", f"sample.{name} = {getattr(cfg.sample, name)}: must be a "
@@ -319,6 +322,15 @@ def validate(cfg: TrainConfig) -> None:
 
 
 PART_FIELDS = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer")  # [model] fields of the split layout
+
+
+def _check_prompts(cfg: TrainConfig) -> None:
+    for i, line in enumerate(cfg.sample.sample_prompts):
+        try:
+            prompts.parse(line, cfg.family)
+        except ValueError as e:
+            raise ConfigError("sample.sample_prompts", f"sample.sample_prompts, prompt {i + 1} ({line[:40]!r}): "
+                                                       f"{e}") from None
 
 
 def _check_validation(cfg: TrainConfig) -> None:

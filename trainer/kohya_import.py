@@ -7,7 +7,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from trainer import single_file
+from trainer import prompts, single_file
 from trainer.config import FLOW_FAMILIES, PART_FIELDS, SECTION_OF, ConfigError
 
 KOHYA_ONLY = {"output_dir", "logging_dir", "save_model_as", "log_with", "log_prefix", "sample_prompts_file",
@@ -53,6 +53,10 @@ def import_kohya(source) -> tuple[dict, list[str]]:
     if "pretrained_model_name_or_path" in flat:
         out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
     warnings += _kohya_parts(flat, out.get("pretrained_model_name_or_path", ""))
+    if isinstance(flat.get("sample_prompts"), str):  # kohya's is a file of prompts, one a line
+        prompts, warning = _prompt_file(flat.pop("sample_prompts"), source)
+        out |= {"sample_prompts": prompts} if prompts else {}
+        warnings += [warning] if warning else []
     for key, value in flat.items():
         if key in SECTION_OF:
             out[key] = value
@@ -63,6 +67,19 @@ def import_kohya(source) -> tuple[dict, list[str]]:
     if isinstance(out.get("resolution"), str):  # kohya writes "512" or "512,768"
         out["resolution"] = max(int(v) for v in out["resolution"].split(","))
     return out, warnings
+
+
+def _prompt_file(name: str, source) -> tuple[list[str], str]:
+    """(the prompts of kohya's sample_prompts file, a warning): a relative name is looked for beside the TOML too."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists() and not isinstance(source, dict):
+        path = Path(source).parent / path
+    if path.suffix.lower() != ".txt":
+        return [], f"sample_prompts: {name} is not a .txt prompt file (one prompt a line); ignored"
+    try:
+        return prompts.read_file(path.read_text(encoding="utf-8")), ""
+    except (OSError, UnicodeDecodeError) as e:
+        return [], f"sample_prompts: cannot read {name} ({e}); ignored"
 
 
 def _kohya_parts(flat: dict, base: str) -> list[str]:

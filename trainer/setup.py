@@ -24,6 +24,8 @@ from trainer.loading import FLOW_ARCHES, BaseModel, load_base
 from trainer.loss import DenoisingLoss, FlowMatchingLoss
 from trainer.networks import create as create_network
 from trainer.optim import make_optimizer, make_scheduler
+from trainer.prompts import SamplePrompt
+from trainer.prompts import parse as parse_prompt
 from trainer.quantize import quantize_unet_nf4, store_fp8
 
 FLOW_CLIPS = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}  # the CLIPs; T5 comes after
@@ -96,7 +98,7 @@ class Run:
     loss_fn: DenoisingLoss | FlowMatchingLoss
     schedule: Schedule
     progress: Progress
-    prompts: list[str]  # sample prompts, trigger word filled in
+    prompts: list[SamplePrompt]  # the trigger word filled in
     samples_per_batch: int  # over all processes
     held_out: validation.HeldOut | None = None  # None: no held-out loss
 
@@ -143,8 +145,9 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     d = cfg.data
     latents_of = cache_latents(items, base.vae, acc, d, run_dir, events, caches.latents) if d.cache_latents \
         else None
-    prompts = [p.replace("{trigger}", d.trigger_word) for p in cfg.sample.sample_prompts]
-    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches, prompts)
+    prompts = sample_prompts(cfg)
+    texts = [t for p in prompts for t in (p.text, p.negative)]
+    encode = caption_encoder(base, cfg, items + held_items, acc, train_te, events, caches, texts)
     loss_fn = make_loss(cfg, base, acc)
     held_out = prepare_held_out(held_items, base, acc, caches.latents, loss_fn) if held_items else None
     schedule = make_schedule(cfg, items, acc, held_out is not None)
@@ -360,11 +363,17 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
     return latent
 
 
+def sample_prompts(cfg) -> list[SamplePrompt]:
+    """The sample prompts with the trigger word in them (and in their negative prompts), options parsed."""
+    trigger = cfg.data.trigger_word
+    return [parse_prompt(line.replace("{trigger}", trigger), cfg.family) for line in cfg.sample.sample_prompts]
+
+
 def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Caches, prompts: list[str] = ()):
     """captions -> (hidden, pooled). With a frozen text encoder and fixed captions, every caption is encoded once
     (into `caches.captions`, which runs on the same frozen encoders and clip skip may share). SD 3.5 / FLUX.1: the
     pipeline's own prompt encoding (CLIP + T5), through which the samples are drawn too: the sample `prompts` (and
-    the empty negative prompt) are cached with the captions, so the text encoders leave the device once they are;
+    their negative prompts) are cached with the captions, so the text encoders leave the device once they are;
     with CLIP trained, `flow_te_encoder`."""
     d = cfg.data
     fixed = not d.shuffle_caption and d.caption_dropout_rate == 0

@@ -79,7 +79,8 @@ def check(base: dict, space: dict, search: str, trials: int) -> int:
     if search not in SEARCHES:
         raise ConfigError("search", f"search = {search!r}: choose one of {', '.join(SEARCHES)}")
     if not space:
-        raise ConfigError("space", "the search space is empty: give a field its values (key=v1,v2) or a range (key=low:high)")
+        raise ConfigError("space", "the search space is empty: give a field its values (key=v1,v2) or a range "
+                                   "(key=low:high)")
     cfg = config.from_dict(base)
     if not (cfg.data.validation_split or cfg.data.validation_dir):
         raise ConfigError("data.validation_split", "a sweep ranks its trials by the held-out loss: set "

@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
-from trainer import checkpoint, data, export, optim, resize, sampling
+from trainer import checkpoint, data, export, optim, prompts, resize, sampling
 from trainer.guards import check_finite, writing
+from trainer.prompts import SamplePrompt
 from trainer.setup import Run, encode_image, setup
 
 
@@ -269,19 +270,18 @@ def sample_all(run: Run) -> None:
     run.acc.wait_for_everyone()
 
 
-def sample(run: Run, prompt: str, index: int) -> None:
+def sample(run: Run, prompt: SamplePrompt, index: int) -> None:
     cfg, step = run.cfg, run.progress.step
-    s = cfg.sample
-    width, height = s.sample_width or cfg.data.resolution, s.sample_height or cfg.data.resolution
-    options = dict(sampler=s.sample_sampler, steps=s.sample_steps, cfg_scale=s.sample_cfg_scale, seed=s.sample_seed,
-                   width=width, height=height)
+    options = prompts.settings(prompt, cfg.sample, cfg.data.resolution)
     with run.acc.autocast():
-        image = sampling.generate(run.base, prompt, clip_skip=cfg.model.clip_skip, encode=run.encode, **options)
+        image = sampling.generate(run.base, prompt.text, negative=prompt.negative, clip_skip=cfg.model.clip_skip,
+                                  encode=run.encode, **options)
     path = run.run_dir / "samples" / f"step-{step:06d}-p{index}.png"
     model = Path(cfg.model.pretrained_model_name_or_path).name
-    sampling.save_png(image, path, sampling.parameters_text(prompt, model=model, arch=run.base.arch, **options))
-    run.events.emit("sample", step=step, prompt=prompt, seed=s.sample_seed, path=str(path.relative_to(run.run_dir)),
-                    index=index)
+    sampling.save_png(image, path, sampling.parameters_text(prompt.text, model=model, arch=run.base.arch,
+                                                            negative=prompt.negative, **options))
+    run.events.emit("sample", step=step, prompt=prompt.text, seed=options["seed"],
+                    path=str(path.relative_to(run.run_dir)), index=index)
 
 
 def check_replicas(run: Run) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from trainer import config
+from trainer import config, prompts
 from trainer.compare_spec import SPEC_FILE, CompareError, checked, metadata, number  # noqa: F401
 from trainer.events import EventReader, read_all
 from trainer.rundir import RunDir, new_id
@@ -65,15 +65,19 @@ def upload_label(path: Path) -> str:
 
 def run_settings(run: RunDir) -> dict:
     """The compare settings a run suggests: its base (with the separate files of an SD 3.5 / FLUX.1 split layout,
-    and bf16 for those), sample prompts (trigger filled in), sampler, steps, seed, guidance, size and clip skip."""
+    and bf16 for those), sample prompts (trigger filled in, their shared negative prompt), sampler, steps, seed,
+    guidance, size and clip skip."""
     cfg = config.load(run.config)
     s, size = cfg.sample, cfg.data.resolution
     trigger = cfg.data.trigger_word
+    asked = [prompts.parse(p.replace("{trigger}", trigger), cfg.family) for p in s.sample_prompts]
+    negatives = {p.negative for p in asked}  # a compare has one negative prompt: theirs when they share one
     parts = {f: getattr(cfg.model, f) for f in config.PART_FIELDS if getattr(cfg.model, f)}
     # SD 3.5 / FLUX.1 in bf16, as they train: in fp32 FLUX.1 dev's transformer alone takes 48 GB
     flow = {"precision": "bf16"} if cfg.family in config.FLOW_FAMILIES else {}
     return flow | {"base": cfg.model.pretrained_model_name_or_path, "parts": parts,
-            "prompts": [p.replace("{trigger}", trigger) for p in s.sample_prompts] or [trigger or "a picture"],
+            "prompts": [p.text for p in asked] or [trigger or "a picture"],
+            "negative": negatives.pop() if len(negatives) == 1 else "",
             "seeds": [s.sample_seed], "sampler": s.sample_sampler, "steps": s.sample_steps,
             "cfg_scale": s.sample_cfg_scale, "width": s.sample_width or size, "height": s.sample_height or size,
             "clip_skip": cfg.model.clip_skip}
