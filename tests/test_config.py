@@ -152,6 +152,37 @@ mystery_knob = 3
         kohya_import.import_kohya({"network_module": "networks.dylora"})
 
 
+def test_cli_new_takes_a_kohya_toml_under_its_own_base_pictures_and_overrides(tmp_path):
+    import io
+
+    from tests.test_training import draw_dataset
+    from trainer import __main__ as cli
+
+    (tmp_path / "prompts.txt").write_text("# one\nzxq --n lowres\n")
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text('pretrained_model_name_or_path = "/models/other.safetensors"\ntrain_data_dir = "/data"\n'
+                     'network_module = "networks.lora"\nnetwork_dim = 8\nnetwork_alpha = 4\nmax_token_length = 150\n'
+                     'multires_noise_iterations = 6\nlearning_rate = 3e-4\nsample_prompts = "prompts.txt"\n'
+                     'output_dir = "/out"\n')
+    out = io.StringIO()
+    from trainer.new_run import create_run
+
+    run = create_run(tmp_path / "runs", "demo", draw_dataset(tmp_path / "pictures"), "style", ["network_alpha=2"],
+                     out=out, kohya=kohya)
+    cfg = config.load(run.config)
+    assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.data.max_token_length) == (8, 2.0, 150)
+    assert (cfg.training.multires_noise_iterations, cfg.optimizer.learning_rate) == (6, 3e-4)
+    assert cfg.sample.sample_prompts == ["zxq --n lowres"] and cfg.model.pretrained_model_name_or_path == "demo"
+    assert cfg.data.train_data_dir == str(run.dataset)
+    said = out.getvalue()
+    assert "--kohya kohya.toml: output_dir: a kohya option with no effect here; ignored" in said
+    assert "--kohya kohya.toml: pretrained_model_name_or_path: this run's own (--base, --images) is used" in said
+    kohya.write_text('network_module = "networks.dylora"\n')
+    code = cli.main(["new", "--base", "demo", "--images", str(tmp_path / "pictures"), "--preset", "style",
+                     "--runs-dir", str(tmp_path / "runs"), "--kohya", str(kohya), "--no-train"])
+    assert code == 2 and len(list((tmp_path / "runs").iterdir())) == 1  # refused before a run was made
+
+
 def test_config_module_stays_light():
     code = "import sys, trainer.config; assert 'torch' not in sys.modules and 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=config.PRESETS_DIR.parent)

@@ -3,10 +3,12 @@
     python -m trainer RUN_DIR [--set key=value ...]
         Train the run whose config.toml is in RUN_DIR, resuming from its newest state if it has one.
     python -m trainer new --base MODEL --images DIR --preset NAME --runs-dir DIR [--set key=value ...] [--no-train]
-                          [--clip-l FILE] [--clip-g FILE] [--t5xxl FILE] [--vae/--ae FILE] [--t5-tokenizer DIR]
+                          [--kohya TOML] [--clip-l FILE] [--clip-g FILE] [--t5xxl FILE] [--vae/--ae FILE]
+                          [--t5-tokenizer DIR]
         Make a run directory from a base model, a folder of images (with optional .txt/.caption captions), a
         preset and overrides; the pictures are imported as the Dataset tab imports them (skipped files and health
-        warnings printed); print its path; then train it. An SD 3.5 / FLUX.1 transformer file as --base takes its
+        warnings printed); print its path; then train it. --kohya takes a kohya sd-scripts training TOML's settings
+        over the preset's. An SD 3.5 / FLUX.1 transformer file as --base takes its
         other parts (ComfyUI's split layout) as --clip-l, --clip-g (SD 3.5), --t5xxl and --vae (or --ae).
     python -m trainer resize SRC DST [--rank N] [--energy F] [--drop F] [--precision fp16|bf16|float]
         Shrink a kohya LoRA/LoCon file: cut each module to rank N and/or to the smallest rank keeping a fraction F
@@ -60,6 +62,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--name", help="run folder name (default: date-time and preset)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--no-train", action="store_true", help="only make the run directory")
+        p.add_argument("--kohya", type=Path, metavar="TOML", help="a kohya sd-scripts training TOML: its settings "
+                       "over the preset's (--set wins); what has no effect here is printed")
         add_part_arguments(p)
         args = p.parse_args(argv[1:])
         args.command = "new"
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_dir = create_run(args.runs_dir, args.base, args.images, args.preset,
-                                 part_overrides(args) + args.overrides, args.name).path
+                                 part_overrides(args) + args.overrides, args.name, kohya=args.kohya).path
         except ConfigError as e:  # a bad setting, named by field: no run is made
             print(f"python -m trainer new: {e}", file=sys.stderr)
             return 2

@@ -168,6 +168,12 @@ class TrainingConfig:
     seed: int = opt(42, "random seed", (0, 2**32 - 1))
     min_snr_gamma: float = opt(5.0, "min-SNR loss weighting γ; 0 = off", (0.0, 20.0))
     noise_offset: float = opt(0.0, "noise offset (darker darks, brighter brights); 0 = off", (0.0, 1.0))
+    multires_noise_iterations: int = opt(0, "multires (pyramid) noise: noise at this many coarser scales added in, "
+                                         "for broad tones and composition (6-10 suggested); 0 = off", (0, 20))
+    multires_noise_discount: float = opt(0.3, "weight of each coarser scale of multires noise (kohya's 0.3)",
+                                         (0.0, 1.0), exclusive_low=True)
+    debiased_estimation_loss: bool = opt(False, "weigh each timestep's loss by 1/√SNR (debiased estimation, "
+                                                "arXiv 2310.08442): less weight on the nearly clean timesteps")
     save_every_n_epochs: int = opt(1, "write a .safetensors every N epochs; 0 = only the final", (0, 10000))
     save_every_n_steps: int = opt(0, "write a resumable state every N steps; 0 = at the end and on cancel",
                                   (0, 1_000_000))

@@ -49,6 +49,12 @@ def check_flow(cfg: TrainConfig) -> None:
         ("training.noise_offset", t.noise_offset > 0,
          f"training.noise_offset = {t.noise_offset}: noise offset works around the DDPM schedule's never quite "
          f"pure noise; {name}'s rectified flow reaches pure noise at σ = 1: set noise_offset = 0"),
+        ("training.multires_noise_iterations", t.multires_noise_iterations > 0,
+         f"training.multires_noise_iterations = {t.multires_noise_iterations}: multires noise reshapes the DDPM "
+         f"schedule's noise; {name} trains by flow matching: set multires_noise_iterations = 0"),
+        ("training.debiased_estimation_loss", t.debiased_estimation_loss,
+         f"training.debiased_estimation_loss = true: it weighs the DDPM schedule's SNR; {name} trains by flow "
+         "matching at logit-normal timesteps: set it false"),
         ("model.unet_quantization", cfg.model.unet_quantization == "nf4",
          f"model.unet_quantization = 'nf4': a 4-bit transformer {missing}; \"fp8\" holds it in 8 bits"),
         ("model.prediction_type", cfg.model.prediction_type != "auto",

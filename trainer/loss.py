@@ -23,6 +23,9 @@ class DenoisingLoss:
     min_snr_gamma: float = 0.0  # https://arxiv.org/abs/2303.09556 ; 0 = off
     noise_offset: float = 0.0  # https://www.crosslabs.org/blog/diffusion-with-offset-noise ; 0 = off
     mixed_precision: str = "no"
+    multires_iterations: int = 0  # pyramid noise, as kohya's multires_noise_iterations; 0 = off
+    multires_discount: float = 0.3
+    debiased: bool = False  # weight 1/√SNR, https://arxiv.org/abs/2310.08442
 
     def __call__(self, unet, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
         """Mean loss of one batch: noise the latents at random timesteps and score the UNet's prediction."""
@@ -36,15 +39,21 @@ class DenoisingLoss:
         if self.noise_offset:
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
             noise = noise + self.noise_offset * offset.to(latents.device)
+        if self.multires_iterations:
+            noise = pyramid_noise(noise, self.multires_iterations, self.multires_discount, generator)
         steps = self.scheduler.config.num_train_timesteps
         return noise, torch.randint(0, steps, (b,), generator=generator).to(latents.device)
 
     def reduce(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The batch's loss from its samples' MSE (min-SNR weighted when asked); checked to be finite."""
+        """The batch's loss from its samples' MSE (min-SNR and / or debiased weighted when asked, in kohya's
+        order); checked to be finite."""
+        v = self.prediction_type == "v_prediction"
         if self.min_snr_gamma:
             snr = compute_snr(self.scheduler, timesteps)
-            weight = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
-            per_sample = per_sample * weight
+            per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if v else snr)
+        if self.debiased:
+            snr = compute_snr(self.scheduler, timesteps).clamp(max=1000)  # t = 0: very large
+            per_sample = per_sample * (1 / (snr + 1) if v else snr.rsqrt())
         loss = per_sample.mean()
         self.check(loss)
         return loss
@@ -58,6 +67,20 @@ class DenoisingLoss:
 
     def check(self, loss: torch.Tensor) -> None:
         check_finite_loss(loss, self.mixed_precision)
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator=None) -> torch.Tensor:
+    """Multires noise (kohya's pyramid_noise_like): noise drawn at ever coarser scales (each 2-4x smaller, at random)
+    upsampled and added with weight discount^i, then scaled back to unit variance."""
+    b, c, h, w = noise.shape
+    for i in range(iterations):  # i = 0 adds fresh noise of the full size at weight 1, as kohya's loop does
+        r = 2 + 2 * torch.rand(1, generator=generator).item()
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        coarse = torch.randn((b, c, hn, wn), generator=generator, dtype=noise.dtype).to(noise.device)
+        noise = noise + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()
 
 
 def check_finite_loss(loss: torch.Tensor, mixed_precision: str) -> None:

@@ -5,24 +5,28 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from datasets_tools import dataset_folder
 from datasets_tools.health import report
 from trainer import config, rundir
+from trainer.kohya_import import import_kohya
 from trainer.single_file import family_of
 
 
 def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: list[str],
-               name: str | None = None, out=sys.stderr) -> rundir.RunDir:
-    """Validate the config, import the pictures, write the run ("created": its own worker trains it)."""
+               name: str | None = None, out=sys.stderr, kohya: Path | None = None) -> rundir.RunDir:
+    """Validate the config, import the pictures, write the run ("created": its own worker trains it). `kohya`: a
+    kohya sd-scripts training TOML whose settings go over the preset's (the base, pictures and overrides win)."""
     images = Path(images)
     if not images.is_dir():
         raise SystemExit(f"--images {images}: not a folder")
     local = str(base) != "demo" and Path(base).expanduser().exists()  # absolute: the run may resume from elsewhere
     base = os.path.abspath(Path(base).expanduser()) if local else str(base)
     layer = {"model": {"pretrained_model_name_or_path": base}}
-    cfg = config.build(preset, family_of(base), layer, config.parse_overrides(overrides))  # before writing anything
+    imported = kohya_settings(kohya, out) if kohya else {}
+    cfg = config.build(preset, family_of(base), imported, layer, config.parse_overrides(overrides))  # before writing
     results: list[dataset_folder.AddResult] = []
 
     def fill(dataset: Path) -> None:
@@ -42,6 +46,23 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
     for warning in health.warnings:
         print(f"warning: {warning}", file=out)
     return run
+
+
+def kohya_settings(path: Path, out) -> dict:
+    """A kohya TOML's settings, its warnings printed; its base model and folders are this run's own (--base,
+    --images), so they are left out."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--kohya {path}: no such file")
+    try:
+        flat, warnings = import_kohya(Path(path))
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"--kohya {path}: not a TOML file ({e})") from None
+    for key in ("pretrained_model_name_or_path", "train_data_dir", "validation_dir"):
+        if flat.pop(key, None) is not None:
+            warnings.append(f"{key}: this run's own (--base, --images) is used instead")
+    for warning in warnings:
+        print(f"--kohya {Path(path).name}: {warning}", file=out)
+    return flat
 
 
 def skipped_text(result: dataset_folder.AddResult) -> str:

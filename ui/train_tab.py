@@ -18,10 +18,11 @@ ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "lor
                    "network_bias", "network_dropout", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
                    "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "lr_scheduler",
                    "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "num_gpus", "mixed_precision",
-                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "shuffle_caption",
-                   "keep_tokens", "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents",
-                   "save_every_n_epochs", "validation_split", "validation_every_n_steps", "sample_every_n_epochs",
-                   "sample_every_n_steps", "sample_sampler", "sample_prompts", "seed", "output_name"]
+                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "multires_noise_iterations",
+                   "multires_noise_discount", "debiased_estimation_loss", "shuffle_caption", "keep_tokens",
+                   "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents", "save_every_n_epochs",
+                   "validation_split", "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
+                   "sample_sampler", "sample_prompts", "seed", "output_name"]
 LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
           "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
           "text_encoder_lr": "Text encoder learning rate (0 = frozen)", "train_batch_size": "Batch size",
