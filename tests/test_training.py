@@ -235,11 +235,12 @@ def test_loss_falls_on_a_fixed_batch(tiny_models, tmp_path):
     assert fixed_loss() < 0.7 * before
 
 
-def test_the_eta_leaves_out_what_runs_between_steps():
+def test_the_eta_times_steps_apart_from_what_runs_between_them():
     from trainer.train import Meter
 
     now = [0.0]
     meter = Meter(clock=lambda: now[0], window=3)
+    now[0] = 100.0  # made long before its first batch (a sweep's later trials wait their turn): no pause yet
     for seconds, pause in [(1, 0), (1, 30), (2, 0), (1, 0)]:  # 30 s of sampling after the second step
         meter.start()
         now[0] += seconds / 2
@@ -250,7 +251,8 @@ def test_the_eta_leaves_out_what_runs_between_steps():
         loss, batches, elapsed = meter.take()
         assert (loss, batches, elapsed) == (pytest.approx(0.2), 2, seconds)
         now[0] += pause
-    assert meter.eta_s(10) == pytest.approx(10 * (1 + 2 + 1) / 3)  # the mean of the last 3 steps, no pause in it
+    # the median of the last 3 steps (1, 2, 1) and the 30 s pause spread over the 4 steps so far
+    assert meter.eta_s(10) == pytest.approx(10 * (1 + 30 / 4))
 
 
 def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -144,18 +145,21 @@ def optimizer_step(run: Run) -> None:
 
 
 class Meter:
-    """The losses of one optimizer step's batches and the step's time, from its first batch to its end: what runs
-    between steps (sampling, saving, the held-out loss) is no training time, so the ETA leaves it out."""
+    """The losses of one optimizer step's batches and the step's time, from its first batch to its end; the ETA is
+    the median of the last steps plus, spread over the steps, what ran between them so far (sampling, saving, the
+    held-out loss): the step right after a pause is timed without it."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, window: int = 20) -> None:
         self.losses: list[float] = []
         self.clock, self.started = clock, None
         self.recent: deque[float] = deque(maxlen=window)  # seconds of the last steps
+        self.began, self.trained, self.steps = None, 0.0, 0  # from the first batch on
 
     def start(self) -> None:
         """Called before every batch: the first batch of a step starts its clock."""
         if self.started is None:
             self.started = self.clock()
+            self.began = self.started if self.began is None else self.began
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
@@ -166,10 +170,14 @@ class Meter:
         elapsed = self.clock() - self.started
         self.losses, self.started = [], None
         self.recent.append(elapsed)
+        self.trained, self.steps = self.trained + elapsed, self.steps + 1
         return loss, batches, elapsed
 
     def eta_s(self, steps_left: int) -> float:
-        return sum(self.recent) / len(self.recent) * steps_left
+        """The median step (the first step's warm-up or a slow one now and then does not move it) and the pauses so
+        far per step, times the steps left."""
+        paused = (self.clock() - self.began - self.trained) / self.steps
+        return (statistics.median(self.recent) + paused) * steps_left
 
 
 def log_step(run: Run, epoch: int, meter: Meter) -> None:
