@@ -109,6 +109,9 @@ class NetworkConfig:
                                    "update energy (Σσ²); 0 = off", (0.0, 1.0))
     prune_drop: float = opt(0.0, "LoRA-drop when saving: remove this fraction of the modules whose update is "
                                  "smallest", (0.0, 0.99))
+    network_weights: str = opt("", "a LoRA file (.safetensors, kohya format) to start from, to train it further: "
+                                   "its modules' weights at this run's dim (its update kept whole at this run's "
+                                   "alpha); empty = a new LoRA")
     network_train_unet_only: bool = opt(False, "leave the text encoder untouched")
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder")
 
@@ -424,11 +427,25 @@ def _check_network(cfg: TrainConfig) -> None:
             raise ConfigError(f"network.{name}", f"network.{name} = {getattr(n, name)}: pruning reduces LoRA-form "
                                                  f"files; it works with {', '.join(lora_form)}, not with network_type "
                                                  f"{n.network_type!r}")
+    if n.network_weights:
+        _check_start_file(n, method)
     if n.loraplus_lr_ratio and not method.loraplus:
         raise ConfigError("network.loraplus_lr_ratio", f"network.loraplus_lr_ratio = {n.loraplus_lr_ratio}: LoRA+ "
                                                        f"speeds up LoRA's B matrix; it works with "
                                                        f"{', '.join(methods.names(loraplus=True))}, not with "
                                                        f"{n.network_type!r}")
+
+
+def _check_start_file(n: NetworkConfig, method: methods.Method) -> None:
+    path = Path(n.network_weights).expanduser()
+    if not method.starts_from_file:
+        raise ConfigError("network.network_weights", f"network.network_weights: starting from a file works with "
+                                                     f"{', '.join(methods.names(starts_from_file=True))}, not with "
+                                                     f"network_type {n.network_type!r}")
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        raise ConfigError("network.network_weights", f"network.network_weights = {n.network_weights!r}: "
+                                                     + ("no such file" if not path.is_file() else
+                                                        "not a .safetensors file"))
 
 
 def _check_convs(n: NetworkConfig, method: methods.Method) -> None:

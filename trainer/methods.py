@@ -20,6 +20,7 @@ class Method:
     dynamic_rank: bool = False  # ranks differ per module in the file
     native: bool = False  # kohya sd-scripts or LyCORIS trains it itself, so the file needs no `trained_as`
     with_convs: str = ""  # the method that adds 3x3 convs to this one
+    starts_from_file: bool = False  # network_weights: a run can start from a kohya LoRA file's weights
 
     def __post_init__(self):
         if self.trained_through not in ("peft", "lycoris") or self.exports_as not in ("lora", "lycoris") or \
@@ -29,15 +30,15 @@ class Method:
 
 CATALOG: dict[str, Method] = {m.name: m for m in (
     Method("lora", "low-rank update of attention and MLP projections", "peft", "lora", loraplus=True, native=True,
-           with_convs="locon"),
+           with_convs="locon", starts_from_file=True),
     Method("locon", "LoRA + 3x3 convs (conv_dim / conv_alpha)", "peft", "lora", convs="required", loraplus=True,
-           native=True),
+           native=True, starts_from_file=True),
     Method("loha", "Hadamard product of two low-rank pairs", "lycoris", "lycoris", convs="optional", native=True),
     Method("lokr", "Kronecker product, lokr_factor sets the split", "lycoris", "lycoris", convs="optional",
            native=True),
     Method("dora", "direction + magnitude", "lycoris", "lycoris", convs="optional", native=True),
-    Method("rslora", "scale alpha/√dim", "peft", "lora", loraplus=True),
-    Method("lora_fa", "A frozen", "peft", "lora", loraplus=True),
+    Method("rslora", "scale alpha/√dim", "peft", "lora", loraplus=True, starts_from_file=True),
+    Method("lora_fa", "A frozen", "peft", "lora", loraplus=True, starts_from_file=True),
     Method("vera", "shared random A, B; trained scales", "peft", "lora", linear_only=True),
     Method("adalora", "rank moves to where it helps", "peft", "lora", convs="optional", dynamic_rank=True),
 )}

@@ -153,6 +153,8 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
     schedule = make_schedule(cfg, items, acc, held_out is not None)
     torch.manual_seed(cfg.training.seed)  # the same initial adapter on every process, and in every rerun
     net = make_network(cfg.network, base, components, schedule.total_steps, events)
+    if cfg.network.network_weights:
+        start_from_file(net, Path(cfg.network.network_weights).expanduser(), events)
     if cfg.model.unet_quantization == "fp8":
         count = store_fp8(base.denoiser, compute_dtype(acc))
         events.status("loading", f"{type(base.denoiser).__name__} held in fp8 ({count} layers, computed in "
@@ -293,6 +295,28 @@ def make_network(n, base, components: dict, total_steps: int, events):
             if net.left_out else "")
     events.status("loading", f"{base.describe()}; {net.kind} on {net.counts()} modules{left}")
     return net
+
+
+def start_from_file(net, path: Path, events) -> None:
+    """network_weights: the adapter starts as the file's (a resumed run then loads its own state over it)."""
+    from safetensors.torch import load_file
+
+    from trainer.config import ConfigError
+
+    tensors = load_file(str(path))
+    try:
+        found = net.start_from(tensors)
+    except ValueError as e:
+        raise ConfigError("network.network_weights", f"network.network_weights: {path.name}: {e}") from None
+    in_file = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
+    if not found:
+        raise ConfigError("network.network_weights", f"network.network_weights: {path.name} holds none of this "
+                                                     f"network's {len(net.names())} modules (a file for another "
+                                                     "base model family, or not a LoRA?)")
+    left = in_file - set(found)
+    events.status("loading", f"Started from {path.name}: {len(found)} of this network's {len(net.names())} modules"
+                             + (f"; {len(left)} of the file's are not in this network and are left out ("
+                                f"{sorted(left)[0]}, …)" if left else ""))
 
 
 def make_optimization(o, net, components: dict, acc, total_steps: int) -> tuple[list, object, object]:

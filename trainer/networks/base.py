@@ -169,6 +169,11 @@ class Network:
     def set_multiplier(self, value: float) -> None:
         raise NotImplementedError
 
+    def start_from(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Set the modules a file holds to its weights (network_weights); the names set. trainer/methods.py says
+        which methods can (`starts_from_file`)."""
+        raise NotImplementedError(f"{self.kind}: starting from a file")
+
     def regularization(self) -> torch.Tensor | float:
         """A term the method adds to the loss (AdaLoRA's orthogonality); 0 for most."""
         return 0.0

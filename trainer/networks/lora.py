@@ -58,6 +58,29 @@ class LoRA(Network):
         """The update's scale at multiplier 1: alpha / r."""
         return layer.lora_alpha[ADAPTER] / layer.r[ADAPTER]
 
+    def start_from(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Set the modules a kohya LoRA file holds: A = lora_down, B = lora_up rescaled from the file's alpha / rank
+        to this module's scale, so the update B·A·scale is the file's. Returns the names set; ValueError for a rank
+        that differs."""
+        found = []
+        with torch.no_grad():
+            for name in self.names():
+                down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
+                if down is None or up is None:
+                    continue
+                layer = self.layer(name)
+                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                if down.shape != a.shape or up.shape != b.shape:
+                    what = "conv_dim" if self.targets[name].conv3x3 else "network_dim"
+                    raise ValueError(f"{name} is of rank {down.shape[0]} in the file, {a.shape[0]} here: set {what} "
+                                     f"= {down.shape[0]} to start from it")
+                rank = down.shape[0]
+                alpha = float(tensors.get(f"{name}.alpha", torch.tensor(float(rank))))  # kohya: no alpha = the rank
+                a.copy_(down)
+                b.copy_(up.float() * (alpha / rank) / self.base_scale(layer))
+                found.append(name)
+        return found
+
     def delta(self, name: str) -> torch.Tensor:
         layer = self.layer(name)
         scaling = layer.scaling[ADAPTER]
