@@ -54,8 +54,8 @@ def import_kohya(source) -> tuple[dict, list[str]]:
         out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
     warnings += _kohya_parts(flat, out.get("pretrained_model_name_or_path", ""))
     if isinstance(flat.get("sample_prompts"), str):  # kohya's is a file of prompts, one a line
-        prompts, warning = _prompt_file(flat.pop("sample_prompts"), source)
-        out |= {"sample_prompts": prompts} if prompts else {}
+        lines, warning = _prompt_file(flat.pop("sample_prompts"), source)
+        out |= {"sample_prompts": lines} if lines else {}
         warnings += [warning] if warning else []
     for key, value in flat.items():
         if key in SECTION_OF:

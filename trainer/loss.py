@@ -48,11 +48,11 @@ class DenoisingLoss:
         """The batch's loss from its samples' MSE (min-SNR and / or debiased weighted when asked, in kohya's
         order); checked to be finite."""
         v = self.prediction_type == "v_prediction"
+        snr = compute_snr(self.scheduler, timesteps) if self.min_snr_gamma or self.debiased else None
         if self.min_snr_gamma:
-            snr = compute_snr(self.scheduler, timesteps)
             per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / (snr + 1 if v else snr)
         if self.debiased:
-            snr = compute_snr(self.scheduler, timesteps).clamp(max=1000)  # t = 0: very large
+            snr = snr.clamp(max=1000)  # t = 0: very large
             per_sample = per_sample * (1 / (snr + 1) if v else snr.rsqrt())
         loss = per_sample.mean()
         self.check(loss)

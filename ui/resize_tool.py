@@ -11,14 +11,14 @@ import gradio as gr
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_PREFIX = "python -m trainer resize: "  # and argparse's "…: error: "
-FORM_WORDS = {"give --rank N, --energy F and/or --drop F": "set Rank cap, Energy to keep and/or Drop this fraction of "
-                                                          "modules above 0"}
 
 
 def resize(source: str | None, rank: float, energy: float, drop: float, out_dir: Path) -> tuple[str, str | None]:
     """(summary or error message, path of the new file or None)."""
     if not source:
         return "⚠ Choose a .safetensors LoRA file first.", None
+    if not (rank or energy or drop):
+        return "⚠ nothing to do: set Rank cap, Energy to keep and/or Drop this fraction of modules above 0", None
     src = Path(source)
     dst = Path(out_dir) / f"{src.stem}-resized.safetensors"
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +37,9 @@ def resize(source: str | None, rank: float, energy: float, drop: float, out_dir:
 
 
 def for_the_page(text: str, src: Path, dst: Path) -> str:
-    """The command's words as the page says them: without the command's name, its flags named as the form's
-    fields, and the files by their own names (an upload's path is a temporary folder of Gradio's)."""
+    """The command's words as the page says them: without the command's name, and the files by their own names
+    (an upload's path is a temporary folder of Gradio's)."""
     text = text.removeprefix(CLI_PREFIX).removeprefix("error: ")
-    for cli, form in FORM_WORDS.items():
-        text = text.replace(cli, form)
     return text.replace(str(src), src.name).replace(str(dst), dst.name)
 
 
