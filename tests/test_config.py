@@ -162,7 +162,8 @@ def test_cli_new_takes_a_kohya_toml_under_its_own_base_pictures_and_overrides(tm
     kohya = tmp_path / "kohya.toml"
     kohya.write_text('pretrained_model_name_or_path = "/models/other.safetensors"\ntrain_data_dir = "/data"\n'
                      'network_module = "networks.lora"\nnetwork_dim = 8\nnetwork_alpha = 4\nmax_token_length = 150\n'
-                     'multires_noise_iterations = 6\nlearning_rate = 3e-4\nsample_prompts = "prompts.txt"\n'
+                     'multires_noise_iterations = 6\nip_noise_gamma = 0.1\nmax_timestep = 800\nlearning_rate = 3e-4\n'
+                     'sample_prompts = "prompts.txt"\n'
                      'output_dir = "/out"\n')
     out = io.StringIO()
     from trainer.new_run import create_run
@@ -172,6 +173,8 @@ def test_cli_new_takes_a_kohya_toml_under_its_own_base_pictures_and_overrides(tm
     cfg = config.load(run.config)
     assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.data.max_token_length) == (8, 2.0, 150)
     assert (cfg.training.multires_noise_iterations, cfg.optimizer.learning_rate) == (6, 3e-4)
+    assert (cfg.training.ip_noise_gamma, cfg.training.max_timestep) == (0.1, 800)
+    assert (cfg.optimizer.unet_lr, cfg.optimizer.text_encoder_lr) == (3e-4, 3e-4)  # kohya's rate, not the preset's
     assert cfg.sample.sample_prompts == ["zxq --n lowres"] and cfg.model.pretrained_model_name_or_path == "demo"
     assert cfg.data.train_data_dir == str(run.dataset)
     said = out.getvalue()

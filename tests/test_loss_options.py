@@ -1,4 +1,5 @@
-"""kohya's multires noise and debiased estimation: the same noise and weights as sd-scripts computes them."""
+"""kohya's noise options (multires noise, noise offset and input perturbation at random strength, a timestep range)
+and debiased estimation: the same noise, model inputs and weights as sd-scripts computes them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from tests.test_training import losses, make_run, train_run
 from tests.tiny_models import BETAS
 from trainer import config
-from trainer.loss import DenoisingLoss, pyramid_noise
+from trainer.loss import DenoisingLoss, FlowMatchingLoss, pyramid_noise
 
 
 def kohya_pyramid_noise_like(noise, iterations=6, discount=0.4):
@@ -49,6 +50,67 @@ def test_draw_with_multires_noise_repeats_under_the_same_seed():
     assert not torch.allclose(first[0], plain[0])
 
 
+def kohya_noisy_latents(latents, scheduler, noise_offset, ip_noise_gamma, min_timestep, max_timestep):
+    """sd-scripts' get_noise_noisy_latents_and_timesteps with both random strengths on (no adaptive noise scale)."""
+    noise = torch.randn_like(latents, device=latents.device)
+    offset = torch.rand(1, device=latents.device) * noise_offset
+    noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+    timesteps = torch.randint(min_timestep, max_timestep, (latents.shape[0],), device="cpu")
+    strength = torch.rand(1, device=latents.device) * ip_noise_gamma
+    return noise, timesteps, scheduler.add_noise(latents, noise + strength * torch.randn_like(latents), timesteps)
+
+
+class Recorder(torch.nn.Module):
+    """A UNet that predicts zeros and keeps what it was given."""
+
+    def forward(self, noisy, timesteps, hidden, added_cond_kwargs=None):
+        self.seen = (noisy, timesteps)
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_input_perturbation_and_a_timestep_range_make_kohyas_input_and_leave_the_target(prediction):
+    scheduler, latents = DDPMScheduler(**BETAS), torch.randn(3, 4, 8, 8)
+    torch.manual_seed(11)
+    noise, timesteps, noisy = kohya_noisy_latents(latents, scheduler, 0.1, 0.2, 500, 900)
+    loss = DenoisingLoss(scheduler, prediction, min_snr_gamma=0, noise_offset=0.1, noise_offset_random=True,
+                         ip_noise_gamma=0.2, ip_noise_random=True, min_timestep=500, max_timestep=900)
+    unet = Recorder()
+    torch.manual_seed(11)
+    value = loss(unet, latents, torch.zeros(3, 77, 32))
+    assert torch.equal(unet.seen[1], timesteps) and torch.allclose(unet.seen[0], noisy, atol=1e-6)
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    assert value.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-6)  # the target holds no perturbation
+    assert not torch.allclose(noisy, scheduler.add_noise(latents, noise, timesteps), atol=1e-3)
+
+
+def test_timesteps_stay_in_their_range():
+    loss = DenoisingLoss(DDPMScheduler(**BETAS), "epsilon", min_timestep=200, max_timestep=300)
+    _, timesteps, input_noise = loss.draw(torch.zeros(4000, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert (timesteps.min().item(), timesteps.max().item()) == (200, 299)
+    plain_noise, _, same = DenoisingLoss(DDPMScheduler(**BETAS), "epsilon").draw(torch.zeros(2, 4, 8, 8))
+    assert same is plain_noise  # no perturbation: the input is made with the noise itself
+
+
+def test_flow_matching_perturbs_the_input_as_kohyas_flux_train_utils():
+    loss = FlowMatchingLoss("sd3", shift=3.0, ip_noise_gamma=0.5)
+    latents = torch.randn(2, 4, 8, 8)
+    noise, sigmas, input_noise = loss.draw(latents, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    torch.randn(latents.shape, generator=g), torch.randn(2, generator=g)  # the noise and σ's draws
+    assert torch.allclose(input_noise, noise + 0.5 * torch.randn(latents.shape, generator=g))
+    seen = []
+
+    def model(hidden_states, **kw):
+        seen.append(hidden_states)
+        return (torch.zeros_like(hidden_states),)
+
+    per = loss.per_sample(model, latents, noise, sigmas, None, {"pooled": None}, input_noise)
+    s = sigmas.view(-1, 1, 1, 1)
+    assert torch.allclose(seen[0], (1 - s) * latents + s * input_noise)
+    assert torch.allclose(per, (noise - latents).pow(2).mean(dim=(1, 2, 3)))
+
+
 def kohya_debiased(loss, timesteps, scheduler, v_prediction=False):
     """sd-scripts' apply_debiased_estimation, with all_snr as prepare_scheduler_for_custom_training makes it."""
     alphas = scheduler.alphas_cumprod
@@ -75,16 +137,28 @@ def test_debiased_estimation_weighs_as_kohya(prediction, gamma):
 def test_a_run_with_both_trains_and_says_so_in_its_file(tiny_models, tmp_path):
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"training": {
         "max_train_epochs": 1, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
-        "debiased_estimation_loss": True}})
+        "debiased_estimation_loss": True, "noise_offset": 0.05, "noise_offset_random_strength": True,
+        "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True, "min_timestep": 100, "max_timestep": 900}})
     final = train_run(run_dir)
     assert len(losses(run_dir)) == 3 and all(torch.isfinite(torch.tensor(list(losses(run_dir).values()))))
     with safe_open(str(final), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"],
             meta["ss_debiased_estimation"]) == ("6", "0.3", "True")
+    assert (meta["ss_ip_noise_gamma"], meta["ss_ip_noise_gamma_random_strength"],
+            meta["ss_noise_offset_random_strength"], meta["ss_min_timestep"], meta["ss_max_timestep"]) == (
+        "0.1", "True", "True", "100", "900")
 
 
-@pytest.mark.parametrize("field, value", [("multires_noise_iterations", 6), ("debiased_estimation_loss", True)])
+def test_a_timestep_range_must_be_a_range():
+    with pytest.raises(config.ConfigError, match="training.min_timestep = 600: must be below max_timestep .500."):
+        config.build("character", "sd15", {"training": {"min_timestep": 600, "max_timestep": 500}})
+    with pytest.raises(config.ConfigError, match="training.max_timestep = 0: must be >= 1"):
+        config.build("character", "sd15", {"training": {"max_timestep": 0}})
+
+
+@pytest.mark.parametrize("field, value", [("multires_noise_iterations", 6), ("debiased_estimation_loss", True),
+                                          ("min_timestep", 200)])
 def test_flow_models_refuse_them(field, value):
     with pytest.raises(config.ConfigError, match=f"training.{field} = .*flow matching"):
         config.build("character", "flux", {"training": {field: value}})

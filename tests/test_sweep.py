@@ -86,7 +86,8 @@ def test_space_refuses_what_trials_cannot_share(tiny_models, tmp_path):
 def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_path, monkeypatch):
     """The issue's key check, for LoRA and LyCORIS LoKr: four trials share every forward, each its own seed, and
     their held-out losses come from shared forwards too."""
-    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {  # each trial's own input noise reaches the forward
+        "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}})
     folder = sweep.create(tmp_path / "runs", toml, {"network_type": {"values": ["lora", "lokr"]},
                                                     "unet_lr": {"values": [5e-4, 2e-3]}}, "grid", name="eq")
     measured_alone, measure = [], validation.HeldOut.measure
@@ -112,7 +113,8 @@ def test_flux_trials_share_the_transformer_forward_and_equal_their_runs_alone(fl
     """The same engine on FLUX.1's transformer: routed Linears, the flow-matching loss drawn as alone, held-out σ."""
     data = draw_dataset(tmp_path / "pictures")
     cfg = config.build("character", "flux", TINY, FLOW_TINY, BASE, {
-        "pretrained_model_name_or_path": str(flow["flux"]["folder"]), "train_data_dir": str(data)})
+        "pretrained_model_name_or_path": str(flow["flux"]["folder"]), "train_data_dir": str(data),
+        "ip_noise_gamma": 0.1})
     config.save(cfg, tmp_path / "base.toml")
     folder = sweep.create(tmp_path / "runs", tmp_path / "base.toml", {"network_type": {"values": ["lora", "lokr"]}},
                           "grid", name="flux")

@@ -177,6 +177,14 @@ class TrainingConfig:
                                          (0.0, 1.0), exclusive_low=True)
     debiased_estimation_loss: bool = opt(False, "weigh each timestep's loss by 1/√SNR (debiased estimation, "
                                                 "arXiv 2310.08442): less weight on the nearly clean timesteps")
+    noise_offset_random_strength: bool = opt(False, "each batch's noise offset drawn between 0 and noise_offset")
+    ip_noise_gamma: float = opt(0.0, "input perturbation: extra noise γ in the model's input, not in its target "
+                                     "(arXiv 2301.11706; 0.1 suggested); 0 = off", (0.0, 1.0))
+    ip_noise_gamma_random_strength: bool = opt(False, "each batch's input perturbation drawn between 0 and "
+                                                      "ip_noise_gamma")
+    min_timestep: int = opt(0, "lowest timestep trained (0 = clean end)", (0, 999))
+    max_timestep: int = opt(1000, "timesteps trained are below this (1000 = pure-noise end); a range such as "
+                                  "500-1000 trains composition more than detail", (1, 1000))
     save_every_n_epochs: int = opt(1, "write a .safetensors every N epochs; 0 = only the final", (0, 10000))
     save_every_n_steps: int = opt(0, "write a resumable state every N steps; 0 = at the end and on cancel",
                                   (0, 1_000_000))
@@ -312,6 +320,9 @@ def validate(cfg: TrainConfig) -> None:
     t = cfg.training
     if not t.max_train_epochs and not t.max_train_steps:
         raise ConfigError("training.max_train_epochs", "set max_train_epochs or max_train_steps (both are 0)")
+    if t.min_timestep >= t.max_timestep:
+        raise ConfigError("training.min_timestep", f"training.min_timestep = {t.min_timestep}: must be below "
+                                                   f"max_timestep ({t.max_timestep})")
     _check_text(cfg)
     _check_validation(cfg)
     if not re.fullmatch(r"[\w\-. ]+", t.output_name) or len(t.output_name) > MAX_NAME:

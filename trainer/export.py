@@ -127,11 +127,6 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, datas
         "ss_mixed_precision": mixed_precision,
         "ss_gradient_checkpointing": str(cfg.model.gradient_checkpointing),
         "ss_seed": str(t.seed),
-        "ss_min_snr_gamma": str(t.min_snr_gamma),
-        "ss_noise_offset": str(t.noise_offset),
-        "ss_multires_noise_iterations": str(t.multires_noise_iterations),
-        "ss_multires_noise_discount": str(t.multires_noise_discount),
-        "ss_debiased_estimation": str(t.debiased_estimation_loss),
         "ss_batch_size_per_device": str(t.train_batch_size),
         "ss_total_batch_size": str(t.train_batch_size * processes * t.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
@@ -145,7 +140,7 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, datas
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": cfg.data.trigger_word,
-    } | data_fields(cfg.data, resolution, dataset_dirs, tag_frequency, bucket_info)
+    } | loss_fields(t) | data_fields(cfg.data, resolution, dataset_dirs, tag_frequency, bucket_info)
     if cfg.model.clip_skip > 1:  # as sd-scripts: the text encoder's layer the model reads, when not the last
         fields["modelspec.encoder_layer"] = str(cfg.model.clip_skip)
     if arch in FLOW_FORMAT:  # as sd-scripts: no epsilon / v for a flow-matching model
@@ -155,6 +150,22 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, datas
         fields |= {"ss_validation_loss": repr(loss), "ss_validation_step": str(held_step),
                    "ss_validation_images": str(pictures)}
     return fields
+
+
+def loss_fields(t) -> dict[str, str]:
+    """The `ss_*` fields of how the loss was drawn and weighed (`t` the config's [training])."""
+    return {
+        "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_noise_offset": str(t.noise_offset),
+        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
+        "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_min_timestep": str(t.min_timestep),
+        "ss_max_timestep": str(t.max_timestep),
+    }
 
 
 def data_fields(d, resolution: int, dataset_dirs: dict[str, dict], tag_frequency: dict[str, dict[str, int]],

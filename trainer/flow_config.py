@@ -52,6 +52,10 @@ def check_flow(cfg: TrainConfig) -> None:
         ("training.multires_noise_iterations", t.multires_noise_iterations > 0,
          f"training.multires_noise_iterations = {t.multires_noise_iterations}: multires noise reshapes the DDPM "
          f"schedule's noise; {name} trains by flow matching: set multires_noise_iterations = 0"),
+        ("training.min_timestep", (t.min_timestep, t.max_timestep) != (0, 1000),
+         f"training.min_timestep = {t.min_timestep}, max_timestep = {t.max_timestep}: they bound the DDPM "
+         f"schedule's timesteps; {name} trains by flow matching, σ from its own shifted distribution: set them to 0 "
+         f"and 1000"),
         ("training.debiased_estimation_loss", t.debiased_estimation_loss,
          f"training.debiased_estimation_loss = true: it weighs the DDPM schedule's SNR; {name} trains by flow "
          "matching at logit-normal timesteps: set it false"),

@@ -13,7 +13,7 @@ from trainer.config import FLOW_FAMILIES, PART_FIELDS, SECTION_OF, ConfigError
 KOHYA_ONLY = {"output_dir", "logging_dir", "save_model_as", "log_with", "log_prefix", "sample_prompts_file",
               "persistent_data_loader_workers", "max_data_loader_n_workers", "save_state", "dataset_config",
               "huggingface_repo_id", "wandb_api_key", "sdpa", "mem_eff_attn", "lowram", "highvram", "v2",
-              "v_parameterization", "sdxl", "network_weights", "in_json", "reg_data_dir", "full_fp16", "full_bf16"}
+              "v_parameterization", "sdxl", "in_json", "reg_data_dir", "full_fp16", "full_bf16"}
 KOHYA_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
 
 
@@ -53,6 +53,9 @@ def import_kohya(source) -> tuple[dict, list[str]]:
     if "pretrained_model_name_or_path" in flat:
         out["pretrained_model_name_or_path"] = flat.pop("pretrained_model_name_or_path")
     warnings += _kohya_parts(flat, out.get("pretrained_model_name_or_path", ""))
+    if "learning_rate" in flat:  # kohya's default for both rates; ours would take the preset's own
+        out["unet_lr"] = flat.pop("unet_lr", None) or flat["learning_rate"]
+        out["text_encoder_lr"] = flat.pop("text_encoder_lr", flat["learning_rate"])
     if isinstance(flat.get("sample_prompts"), str):  # kohya's is a file of prompts, one a line
         lines, warning = _prompt_file(flat.pop("sample_prompts"), source)
         out |= {"sample_prompts": lines} if lines else {}

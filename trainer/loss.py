@@ -26,23 +26,34 @@ class DenoisingLoss:
     multires_iterations: int = 0  # pyramid noise, as kohya's multires_noise_iterations; 0 = off
     multires_discount: float = 0.3
     debiased: bool = False  # weight 1/√SNR, https://arxiv.org/abs/2310.08442
+    noise_offset_random: bool = False  # each batch's offset drawn from [0, noise_offset), as kohya's
+    ip_noise_gamma: float = 0.0  # input perturbation, https://arxiv.org/abs/2301.11706 ; 0 = off
+    ip_noise_random: bool = False  # each batch's γ drawn from [0, ip_noise_gamma)
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int | None = None  # None: the schedule's end
 
     def __call__(self, unet, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
         """Mean loss of one batch: noise the latents at random timesteps and score the UNet's prediction."""
-        noise, timesteps = self.draw(latents, generator)
-        return self.reduce(self.per_sample(unet, latents, noise, timesteps, hidden, added_cond), timesteps)
+        noise, timesteps, input_noise = self.draw(latents, generator)
+        per_sample = self.per_sample(unet, latents, noise, timesteps, hidden, added_cond, input_noise)
+        return self.reduce(per_sample, timesteps)
 
-    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's noise (with the offset) and timesteps, in the order every caller draws them."""
+    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's noise (with the offset), timesteps and the noise its input is made with (the noise itself
+        without input perturbation), in kohya's order, which every caller keeps."""
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         if self.noise_offset:
+            strength = self.noise_offset
+            if self.noise_offset_random:
+                strength *= torch.rand(1, generator=generator).item()
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
-            noise = noise + self.noise_offset * offset.to(latents.device)
+            noise = noise + strength * offset.to(latents.device)
         if self.multires_iterations:
             noise = pyramid_noise(noise, self.multires_iterations, self.multires_discount, generator)
-        steps = self.scheduler.config.num_train_timesteps
-        return noise, torch.randint(0, steps, (b,), generator=generator).to(latents.device)
+        end = self.max_timestep or self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(self.min_timestep, end, (b,), generator=generator).to(latents.device)
+        return noise, timesteps, perturbed(noise, self.ip_noise_gamma, self.ip_noise_random, generator)
 
     def reduce(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The batch's loss from its samples' MSE (min-SNR and / or debiased weighted when asked, in kohya's
@@ -58,15 +69,26 @@ class DenoisingLoss:
         self.check(loss)
         return loss
 
-    def per_sample(self, unet, latents, noise, timesteps, hidden, added_cond=None) -> torch.Tensor:
-        """The unweighted MSE of each sample's prediction at the given noise and timesteps."""
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+    def per_sample(self, unet, latents, noise, timesteps, hidden, added_cond=None, input_noise=None) -> torch.Tensor:
+        """The unweighted MSE of each sample's prediction at the given noise and timesteps; the input is made with
+        `input_noise` when given (input perturbation), the target always with `noise`."""
+        noisy = self.scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def check(self, loss: torch.Tensor) -> None:
         check_finite_loss(loss, self.mixed_precision)
+
+
+def perturbed(noise: torch.Tensor, gamma: float, random_strength: bool, generator=None) -> torch.Tensor:
+    """The noise a model input is made with under input perturbation: noise + γ·ξ (kohya's ip_noise_gamma), γ drawn
+    from [0, gamma) per batch with `random_strength`; `noise` itself when gamma is 0."""
+    if not gamma:
+        return noise
+    strength = gamma * (torch.rand(1, generator=generator).item() if random_strength else 1)
+    xi = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+    return noise + strength * xi
 
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator=None) -> torch.Tensor:
@@ -118,27 +140,32 @@ class FlowMatchingLoss:
     logit_std: float = 1.0
     num_train_timesteps: int = 1000  # SD3's transformer takes σ·1000; FLUX's takes σ and scales it itself
     mixed_precision: str = "no"
+    ip_noise_gamma: float = 0.0  # input perturbation, as DenoisingLoss's
+    ip_noise_random: bool = False
 
     @classmethod
-    def for_model(cls, base, mixed_precision: str = "no") -> FlowMatchingLoss:
+    def for_model(cls, base, mixed_precision: str = "no", ip_noise_gamma: float = 0.0,
+                  ip_noise_random: bool = False) -> FlowMatchingLoss:
         """From the base's own scheduler config and transformer (guidance embedder or not)."""
         sc = base.pipeline.scheduler.config
         dynamic = ((sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
                    if sc.get("use_dynamic_shifting") else None)
         guided = base.arch == "flux" and base.denoiser.config.get("guidance_embeds")
         return cls(base.arch, float(sc.shift), dynamic, TRAIN_GUIDANCE if guided else None,
-                   num_train_timesteps=sc.num_train_timesteps, mixed_precision=mixed_precision)
+                   num_train_timesteps=sc.num_train_timesteps, mixed_precision=mixed_precision,
+                   ip_noise_gamma=ip_noise_gamma, ip_noise_random=ip_noise_random)
 
     def __call__(self, model, latents, hidden, added_cond=None, generator=None) -> torch.Tensor:
         """Mean loss of one batch: latents moved along the straight path to noise at logit-normal σ."""
-        noise, sigmas = self.draw(latents, generator)
-        return self.reduce(self.per_sample(model, latents, noise, sigmas, hidden, added_cond), sigmas)
+        noise, sigmas, input_noise = self.draw(latents, generator)
+        return self.reduce(self.per_sample(model, latents, noise, sigmas, hidden, added_cond, input_noise), sigmas)
 
-    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch's noise and shifted σ, in the order every caller draws them."""
+    def draw(self, latents: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's noise, shifted σ and the noise its input is made with, in the order every caller draws them."""
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         u = torch.sigmoid(torch.randn(latents.shape[0], generator=generator) * self.logit_std + self.logit_mean)
-        return noise, self.shifted(u, latents.shape[-2] * latents.shape[-1] // 4).to(latents.device)
+        sigmas = self.shifted(u, latents.shape[-2] * latents.shape[-1] // 4).to(latents.device)
+        return noise, sigmas, perturbed(noise, self.ip_noise_gamma, self.ip_noise_random, generator)
 
     def shifted(self, u: torch.Tensor, image_tokens: int) -> torch.Tensor:
         """σ from u in (0, 1): the family's shift; `image_tokens` = (h/2)·(w/2) latent patches."""
@@ -153,10 +180,11 @@ class FlowMatchingLoss:
         self.check(loss)
         return loss
 
-    def per_sample(self, model, latents, noise, sigmas, hidden, added_cond=None) -> torch.Tensor:
-        """The unweighted MSE of each sample's velocity prediction at the given noise and σ."""
+    def per_sample(self, model, latents, noise, sigmas, hidden, added_cond=None, input_noise=None) -> torch.Tensor:
+        """The unweighted MSE of each sample's velocity prediction at the given noise and σ (the input made with
+        `input_noise` when given, as kohya's flux_train_utils perturbs it)."""
         s = sigmas.view(-1, 1, 1, 1).to(latents.dtype)
-        noisy = (1 - s) * latents + s * noise
+        noisy = (1 - s) * latents + s * (noise if input_noise is None else input_noise)
         target = noise - latents
         pooled = added_cond["pooled"]
         if self.arch == "flux":

@@ -175,12 +175,13 @@ def assemble(cfg: TrainConfig, run_dir: Path, started: float, acc, events, base,
 def make_loss(cfg, base, acc) -> DenoisingLoss | FlowMatchingLoss:
     """SD 1/2/XL: the DDPM denoising loss (epsilon / v and its options); SD 3.5 / FLUX.1: rectified flow
     with the family's timestep shift (and FLUX.1 dev's guidance input), from the base's own scheduler config."""
-    if base.arch in FLOW_ARCHES:
-        return FlowMatchingLoss.for_model(base, acc.mixed_precision)
     t = cfg.training
+    if base.arch in FLOW_ARCHES:
+        return FlowMatchingLoss.for_model(base, acc.mixed_precision, t.ip_noise_gamma, t.ip_noise_gamma_random_strength)
     return DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
                          t.min_snr_gamma, t.noise_offset, acc.mixed_precision, t.multires_noise_iterations,
-                         t.multires_noise_discount, t.debiased_estimation_loss)
+                         t.multires_noise_discount, t.debiased_estimation_loss, t.noise_offset_random_strength,
+                         t.ip_noise_gamma, t.ip_noise_gamma_random_strength, t.min_timestep, t.max_timestep)
 
 
 def compute_dtype(acc) -> torch.dtype:

@@ -229,6 +229,7 @@ class Work:
     batch: Batch
     noise: torch.Tensor
     timesteps: torch.Tensor
+    input_noise: torch.Tensor  # the noise the input is made with: `noise` itself without input perturbation
 
 
 @dataclass
@@ -289,19 +290,22 @@ class Group:
 def by_shape(items: list[tuple[Cursor, tuple]]) -> list[list[int]]:
     """The items' indices grouped by latent and text shape: inputs of different buckets cannot stack."""
     shapes: dict = {}
-    for j, (_, (latents, _, _, hidden, _)) in enumerate(items):
+    for j, (_, (latents, _, _, hidden, *_)) in enumerate(items):
         shapes.setdefault((tuple(latents.shape[1:]), tuple(hidden.shape[1:])), []).append(j)
     return list(shapes.values())
 
 
 def stacked(parts: list[tuple]) -> tuple:
-    """(latents, noise, timesteps, hidden, added_cond) of several trials' inputs, one after another."""
-    latents, noise, timesteps, hidden, added = zip(*parts)
-    if added[0] is not None:
-        added = {k: torch.cat([a[k] for a in added]) for k in added[0]}
-    else:
-        added = None
-    return torch.cat(latents), torch.cat(noise), torch.cat(timesteps), torch.cat(hidden), added
+    """Several trials' inputs (latents, noise, timesteps, hidden, added_cond[, input_noise]), one after another."""
+    return tuple(_cat(column) for column in zip(*parts))
+
+
+def _cat(column: tuple):
+    if column[0] is None:
+        return None
+    if isinstance(column[0], dict):
+        return {k: torch.cat([a[k] for a in column]) for k in column[0]}
+    return torch.cat(column)
 
 
 def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> None:
@@ -326,7 +330,8 @@ def train_group(group: Group, stop, judge: Callable[[list[Cursor]], None]) -> No
 def fused_step(group: Group, works: list[Work]) -> None:
     """Forward and backward of the trials' batches, one stacked forward per shape; a trial whose loss breaks
     fails, the others go on."""
-    items = [(w.cursor, (w.batch.latents, w.noise, w.timesteps, w.batch.hidden, w.batch.added_cond)) for w in works]
+    items = [(w.cursor, (w.batch.latents, w.noise, w.timesteps, w.batch.hidden, w.batch.added_cond, w.input_noise))
+             for w in works]
     for members in by_shape(items):
         part = [items[j] for j in members]
         with group.routing(part):

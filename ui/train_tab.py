@@ -18,8 +18,10 @@ ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "lor
                    "network_bias", "network_dropout", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
                    "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "lr_scheduler",
                    "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "num_gpus", "mixed_precision",
-                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "multires_noise_iterations",
-                   "multires_noise_discount", "debiased_estimation_loss", "shuffle_caption", "keep_tokens",
+                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset",
+                   "noise_offset_random_strength", "multires_noise_iterations", "multires_noise_discount",
+                   "debiased_estimation_loss", "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep",
+                   "max_timestep", "shuffle_caption", "keep_tokens",
                    "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents", "save_every_n_epochs",
                    "validation_split", "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
                    "sample_sampler", "sample_prompts", "seed", "output_name"]
