@@ -372,6 +372,18 @@ def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, 
     page.wait_for_function("() => getComputedStyle(document.querySelector('#train-network-dim input')).borderColor"
                            " === 'rgb(221, 51, 51)'", timeout=30000)  # the app's CSS reaches the page: #d33
     fill_until_still(page, {"network-dim": "4"})
+    kohya = tmp_path / "kohya.toml"  # a kohya_ss user's settings, read into the form
+    kohya.write_text('network_dim = 12\nnetwork_alpha = 6\noutput_dir = "/out"\nmax_timestep = 0\n')
+    with page.expect_file_chooser() as chooser:
+        page.locator("#train-import").click()
+    chooser.value.set_files(str(kohya))
+    page.wait_for_function("() => document.querySelector('#train-import-info').textContent.includes('Imported')",
+                           timeout=30000)
+    note = page.locator("#train-import-info").text_content()
+    assert "Imported kohya.toml: 3 setting(s) into the form (network_type = 'lora', network_dim = 12, " in note
+    assert "training.max_timestep = 0: must be >= 1 and <= 1000; left as it was" in note
+    assert "output_dir: a kohya option with no effect here; ignored" in note
+    assert (field_value(page, "network-dim"), field_value(page, "network-alpha")) == ("12", "6")
     base = page.locator("#train-base input")
     base.fill(str(tmp_path / "nowhere.safetensors"))
     base.press("Enter")

@@ -266,3 +266,32 @@ def test_a_fields_hint_gives_the_range_it_accepts():
     assert train_tab.hint_of("lokr_factor").endswith("; -1 = automatic (-1 to 64)")
     with pytest.raises(config.ConfigError, match="network_alpha = 0"):  # as the hint says
         config.build("character", "sd15", {"network_alpha": 0})
+
+
+def test_a_kohya_toml_fills_the_form_and_says_what_it_left(tmp_path):
+    form = {n: v["value"] for n, v in zip(train_tab.FIELDS, train_tab.on_preset("character", "demo"))}
+    kohya = tmp_path / "my_lora.toml"
+    kohya.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\nnetwork_module = "lycoris.kohya"\n'
+                     'network_args = ["algo=lokr", "factor=8"]\nnetwork_dim = 16\nlearning_rate = 3e-4\n'
+                     'network_train_unet_only = true\noptimizer_type = "DAdaptation"\n'
+                     'optimizer_args = ["betas=0.9,0.99"]\nmax_timestep = 800\noutput_dir = "/out"\n'
+                     'sample_prompts = "prompts.txt"\n')
+    (tmp_path / "prompts.txt").write_text("# mine\nzxq --n lowres\nzxq, smiling\n")
+    out = train_tab.on_import(str(kohya), "demo", "character", *form.values())
+    now = {n: u.get("value", form[n]) for n, u in zip(train_tab.FIELDS, out)}
+    assert (now["network_type"], now["lokr_factor"], now["network_dim"], now["unet_lr"]) == ("lokr", 8, 16, 3e-4)
+    assert now["text_encoder_lr"] == 0.0 and now["max_timestep"] == 800  # network_train_unet_only: frozen
+    assert now["optimizer_args"] == "betas=0.9,0.99" and now["sample_prompts"] == "zxq --n lowres\nzxq, smiling"
+    assert now["optimizer_type"] == form["optimizer_type"] == "AdamW"  # refused by the config: left as it was
+    note = out[-1]
+    assert note.startswith("Imported **my_lora.toml**: ")
+    assert "optimizer.optimizer_type = 'DAdaptation': choose one of AdamW, " in note and "; left as it was" in note
+    assert "output_dir: a kohya option with no effect here" in note
+    assert "pretrained_model_name_or_path: the base above and the Dataset tab's pictures are used instead" in note
+    cfg = config.build("character", "sd15", train_tab.form_layer(train_tab.FIELDS, list(now.values())))
+    assert cfg.optimizer.optimizer_args == ["betas=0.9,0.99"] and cfg.network.lokr_factor == 8
+    kohya.write_text("network_dim = [")
+    assert train_tab.on_import(str(kohya), "demo", "character", *form.values())[-1].startswith(
+        "⚠ my_lora.toml: not a TOML file")
+    kohya.write_text('network_module = "networks.dylora"\n')
+    assert "networks.dylora" in train_tab.on_import(str(kohya), "demo", "character", *form.values())[-1]

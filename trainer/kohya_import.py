@@ -15,6 +15,20 @@ KOHYA_ONLY = {"output_dir", "logging_dir", "save_model_as", "log_with", "log_pre
               "huggingface_repo_id", "wandb_api_key", "sdpa", "mem_eff_attn", "lowram", "highvram", "v2",
               "v_parameterization", "sdxl", "in_json", "reg_data_dir", "full_fp16", "full_bf16"}
 KOHYA_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+RUN_OWN = ("pretrained_model_name_or_path", "train_data_dir", "validation_dir")  # chosen where the run is made
+
+
+def read_settings(path: Path, own: str) -> tuple[dict, list[str]]:
+    """A kohya TOML file's settings for a new run whose base model and folders are chosen elsewhere (`own` says
+    where), and the warnings. A file that is not TOML raises ValueError; an unsupported network, ConfigError."""
+    try:
+        flat, warnings = import_kohya(Path(path))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not a TOML file ({e})") from None
+    for key in RUN_OWN:
+        if flat.pop(key, None) is not None:
+            warnings.append(f"{key}: {own} instead")
+    return flat, warnings
 
 
 def import_kohya(source) -> tuple[dict, list[str]]:

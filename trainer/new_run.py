@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from pathlib import Path
 
 from datasets_tools import dataset_folder
 from datasets_tools.health import report
 from trainer import config, rundir
-from trainer.kohya_import import import_kohya
+from trainer.kohya_import import read_settings
 from trainer.single_file import family_of
 
 
@@ -54,12 +53,11 @@ def kohya_settings(path: Path, out) -> dict:
     if not Path(path).is_file():
         raise SystemExit(f"--kohya {path}: no such file")
     try:
-        flat, warnings = import_kohya(Path(path))
-    except tomllib.TOMLDecodeError as e:
-        raise SystemExit(f"--kohya {path}: not a TOML file ({e})") from None
-    for key in ("pretrained_model_name_or_path", "train_data_dir", "validation_dir"):
-        if flat.pop(key, None) is not None:
-            warnings.append(f"{key}: this run's own (--base, --images) is used instead")
+        flat, warnings = read_settings(Path(path), "this run's own (--base, --images) is used")
+    except config.ConfigError:
+        raise  # the field named, as every config error
+    except ValueError as e:
+        raise SystemExit(f"--kohya {path}: {e}") from None
     for warning in warnings:
         print(f"--kohya {Path(path).name}: {warning}", file=out)
     return flat

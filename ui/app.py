@@ -90,6 +90,9 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> N
         event(train_tab.on_preset, [train.preset, train.base], refill)
         event(train_tab.on_base_parts, train.base, [train.parts, train.parts_info, train.fields["clip_g"]])
     train.base.change(train_tab.explain_base, train.base, train.base_info)
+    train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],
+                       [*train.form(), train.kohya_info])
+    train.preset.change(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],
                       [*train.form(), train.status, tabs, current_run, view])

@@ -7,28 +7,32 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer import config
+from trainer import config, kohya_import
 from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
                                 found_beside, missing_parts, t5_tokenizer_found, t5_tokenizer_near)
 from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes, source_problem
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
-ADVANCED_FIELDS = ["network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "adalora_init_r",
-                   "network_bias", "network_dropout", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
-                   "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "lr_scheduler",
-                   "lr_warmup_steps", "max_train_steps", "gradient_accumulation_steps", "num_gpus", "mixed_precision",
-                   "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset",
-                   "noise_offset_random_strength", "multires_noise_iterations", "multires_noise_discount",
-                   "debiased_estimation_loss", "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep",
-                   "max_timestep", "shuffle_caption", "keep_tokens",
-                   "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents", "save_every_n_epochs",
-                   "validation_split", "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps",
-                   "sample_sampler", "sample_prompts", "seed", "output_name"]
+ADVANCED_FIELDS = [  # every setting a kohya TOML commonly holds, so an imported one is all in view
+    "network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "adalora_init_r", "network_bias",
+    "network_dropout", "network_weights", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
+    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "optimizer_args",
+    "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_grad_norm", "weight_decay", "max_train_steps",
+    "gradient_accumulation_steps", "num_gpus", "mixed_precision", "attention", "prediction_type",
+    "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "noise_offset_random_strength",
+    "multires_noise_iterations", "multires_noise_discount", "debiased_estimation_loss", "ip_noise_gamma",
+    "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "shuffle_caption", "keep_tokens",
+    "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents", "cache_latents_to_disk",
+    "save_every_n_epochs", "save_every_n_steps", "save_precision", "validation_split", "validation_every_n_steps",
+    "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_steps", "sample_cfg_scale",
+    "sample_seed", "sample_prompts", "seed", "output_name"]
+LIST_FIELDS = ("sample_prompts", "optimizer_args")  # one item a line in the form
 LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
           "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
           "text_encoder_lr": "Text encoder learning rate (0 = frozen)", "train_batch_size": "Batch size",
           "sample_prompts": "Sample prompts (one per line; {trigger} = the trigger word)",
+          "optimizer_args": "Optimizer arguments (one per line, e.g. betas=0.9,0.99)",
           "clip_l": "CLIP-L text encoder file (clip_l.safetensors)", "clip_g": "CLIP-G text encoder file "
           "(clip_g.safetensors)", "t5xxl": "T5-XXL text encoder file (t5xxl_fp16.safetensors)",
           "vae": "VAE file (ae.safetensors for FLUX.1)", "t5_tokenizer": "T5-XXL tokenizer (folder or tokenizer.json)"}
@@ -49,6 +53,8 @@ class TrainTab:
     fields: dict  # config field name -> its component
     start: gr.Button
     status: gr.Markdown
+    kohya: gr.UploadButton  # a kohya sd-scripts training TOML, read into the form
+    kohya_info: gr.Markdown
 
     def form(self) -> list:
         return [self.fields[n] for n in FIELDS]
@@ -69,6 +75,8 @@ def build(models_dir: Path) -> TrainTab:
             with gr.Row():
                 fields |= {name: component_for(name, "") for name in row}
     preset_info = gr.Markdown(elem_id="train-preset-info")
+    kohya = gr.UploadButton("Import kohya settings (.toml)", file_types=[".toml"], size="sm", elem_id="train-import")
+    kohya_info = gr.Markdown(elem_id="train-import-info")
     for row in (MAIN_FIELDS[:4], MAIN_FIELDS[4:]):
         with gr.Row():
             fields |= {name: component_for(name, defaults[name]) for name in row}
@@ -78,7 +86,7 @@ def build(models_dir: Path) -> TrainTab:
                 fields |= {name: component_for(name, defaults[name]) for name in ADVANCED_FIELDS[start:start + 4]}
     start = gr.Button("Train", variant="primary", elem_id="train-start")
     status = gr.Markdown(elem_id="train-status")
-    return TrainTab(base, preset, base_info, preset_info, parts, parts_info, fields, start, status)
+    return TrainTab(base, preset, base_info, preset_info, parts, parts_info, fields, start, status, kohya, kohya_info)
 
 
 def on_preset(preset_name: str, base: str, *parts: str) -> list:
@@ -102,6 +110,55 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
+
+
+def on_import(file, base: str, preset_name: str, *values) -> list:
+    """A kohya sd-scripts training TOML over the form: [field updates…, what was taken and what was not]. A value
+    the config refuses is left as the form had it and named, with the reason."""
+    keep = [gr.update() for _ in FIELDS]
+    if not file:
+        return [*keep, ""]
+    path = Path(file)
+    try:
+        flat, notes = kohya_import.read_settings(path, "the base above and the Dataset tab's pictures are used")
+    except (config.ConfigError, ValueError, OSError) as e:
+        return [*keep, f"⚠ {path.name}: {e}"]
+    if flat.pop("network_train_unet_only", False):
+        flat["text_encoder_lr"] = 0.0  # the form's way to say it
+    flat.pop("learning_rate", None)  # already both rates' default (import_kohya)
+    form = dict(zip(FIELDS, values))
+    notes += [f"{key}: not in the form; ignored" for key in flat if key not in form]
+    taken = {key: display_value(key, value) for key, value in flat.items() if key in form}
+    while taken and (problem := config_problem(preset_name, base, form | taken)):
+        name = problem.field.split(".")[-1]
+        if name not in taken:
+            notes.append(f"the form with these settings: {problem}")
+            break
+        notes.append(f"{problem}; left as it was")
+        del taken[name]
+    form |= taken
+    return [gr.update(value=form[n]) for n in FIELDS] + [import_note(path.name, taken, notes)]
+
+
+def config_problem(preset_name: str, base: str, form: dict) -> config.ConfigError | None:
+    """What the config would refuse in these form values (the base's family, the preset under them), or None."""
+    layer = form_layer(list(form), list(form.values()))
+    if base and family_or_default(base) not in config.FLOW_FAMILIES:
+        layer["pretrained_model_name_or_path"] = base
+    try:
+        config.build(preset_name, family_or_default(base), layer)
+    except config.ConfigError as e:
+        return e
+    return None
+
+
+def import_note(name: str, taken: dict, notes: list[str]) -> str:
+    """The import's account under the Train button's row: the settings now in the form, then what was not taken."""
+    shown = ", ".join(f"{k} = {v!r}" for k, v in taken.items()) or "none"
+    text = f"Imported **{name}**: {len(taken)} setting(s) into the form ({shown}). Check them, then Train."
+    if notes:
+        text += "\n\nNot taken:\n" + "\n".join(f"- {note}" for note in notes)
+    return text + "\n\nPicking a preset again refills the form from the preset."
 
 
 def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
@@ -131,7 +188,7 @@ def component_for(name: str, value):
     label = LABELS.get(name, name.replace("_", " ").capitalize())
     hint = hint_of(name)
     elem = f"train-{name.replace('_', '-')}"
-    if name == "sample_prompts":
+    if name in LIST_FIELDS:
         return gr.Textbox(value="\n".join(value or []), label=label, lines=3, elem_id=elem, info=hint)
     if "choices" in info:
         return gr.Dropdown(choices=list(info["choices"]), value=value, label=label, elem_id=elem, info=hint)
@@ -154,7 +211,7 @@ def form_layer(names: list[str], values: list) -> dict:
     """Form values -> a flat config layer (lists from text lines, whole numbers back to ints)."""
     layer = {}
     for name, value in zip(names, values):
-        if name == "sample_prompts":
+        if name in LIST_FIELDS:
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
         elif isinstance(value, float) and value.is_integer() and config.field_help(name).get("type") == "int":
             value = int(value)
@@ -170,7 +227,7 @@ def family_or_default(base: str) -> str:
 
 
 def display_value(name: str, value):
-    return "\n".join(value) if name == "sample_prompts" else value
+    return "\n".join(value) if name in LIST_FIELDS else value
 
 
 def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str, names: list[str], values: list):
