@@ -3,6 +3,7 @@ by held-out loss, pruned, cancelled and resumed; the search space refuses what t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -200,6 +201,20 @@ def test_random_and_tpe_searches_ask_in_rounds(tiny_models, tmp_path):
         assert [t["round"] for t in state["trials"]] == [0, 0, 1]
         assert all(1e-4 <= t["params"]["unet_lr"] <= 1e-2 for t in state["trials"])
         assert len(state["ranking"]) == 3 and all(t["state"] == "done" for t in state["trials"])
+
+
+def test_a_grid_sweep_asked_in_rounds_asks_every_point_once(tiny_models, tmp_path):
+    """A grid of 6 trained 2 at a time: each round reads the next points of one shuffled grid (a seed per round
+    shuffled it anew, so rounds repeated points and left others out)."""
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    grid = {"unet_lr": {"values": [1e-4, 1e-3, 3e-3]}, "network_dim": {"values": [4, 8]}}
+    folder = sweep.create(tmp_path / "runs", toml, grid, "grid", parallel=2, name="grid")
+    state = sweep.read(folder)
+    study = sweep_space.study(folder, "grid", state["space"], state["seed"], state["prune"])
+    for _ in range(3):
+        sweep.new_round(folder, state, study)
+    points = [(t["params"]["unet_lr"], t["params"]["network_dim"]) for t in state["trials"]]
+    assert sorted(points) == sorted(itertools.product([1e-4, 1e-3, 3e-3], [4, 8]))
 
 
 def sweep_cli(*args: str) -> subprocess.Popen:

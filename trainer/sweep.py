@@ -91,7 +91,8 @@ def new_round(folder: Path, sweep: dict, study) -> list[dict]:
     rnd = max((t["round"] for t in sweep["trials"]), default=-1) + 1
     base = config.to_dict(config.load(folder / sweep["base"]))
     made = []
-    for trial in sweep_space.ask(study, sweep["space"], sweep["search"], sweep["seed"] + rnd, count):
+    seed = sweep["seed"] + (0 if sweep["search"] == "grid" else rnd)  # a grid is shuffled by it: one order for all
+    for trial in sweep_space.ask(study, sweep["space"], sweep["search"], seed, count):
         name = f"trial-{len(sweep['trials']):03d}"
         cfg = config.from_dict(config.deep_merge(base, trial.params))
         run = rundir.RunDir(folder / name)

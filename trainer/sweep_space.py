@@ -140,8 +140,8 @@ def sampler(search: str, space: dict, seed: int):
 
 
 def ask(study, space: dict, search: str, seed: int, count: int) -> list:
-    """`count` new Optuna trials with their parameters suggested; the sampler is seeded by `seed` (the round), so a
-    resumed sweep asks what the uninterrupted one would have."""
+    """`count` new Optuna trials with their parameters suggested; the sampler is seeded by `seed` (the round's; the
+    sweep's own for a grid, whose order it shuffles), so a resumed sweep asks what the uninterrupted one would have."""
     import optuna
 
     study.sampler = sampler(search, space, seed)
