@@ -249,7 +249,18 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     page.locator('#runs-files a[download="lora-000001.safetensors"]').wait_for(timeout=10000)  # an epoch file
     page.locator("#runs-best").get_by_text(f"Best: {files[best]}").wait_for(timeout=15000)
     assert page.locator("#runs-files a[download]").first.get_attribute("download") == files[best]
+    assert not page.locator("#runs-files button[aria-label='Remove this file']").first.is_visible()  # downloads only
     page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
+    page.locator("#runs-resume").click()
+    page.locator("#runs-status").get_by_text("only a cancelled, interrupted or failed run can resume").wait_for(
+        timeout=10000)
+    page.locator("#runs-delete").click()  # asked first: the run is still there
+    page.locator("#runs-delete").get_by_text(f"Click again to delete {run_dir.name} for good").wait_for(timeout=10000)
+    said = page.locator("#runs-status").text_content()
+    assert f"its {len(set(files.values()))} saved LoRA file(s)" in said and run_dir.is_dir(), said
+    page.locator("#runs-delete").click()
+    page.locator("#runs-status").get_by_text(f"Deleted {run_dir.name}.").wait_for(timeout=10000)
+    assert not run_dir.exists()
 
 
 def start_training(page, app: App, tmp_path: Path, epochs: int) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -192,6 +193,37 @@ def test_a_second_cancel_waits_for_the_save_and_a_third_kills(tmp_path):
     assert proc.wait(timeout=10) == -9
     jobs.tick()
     assert jobs.info("r").state == "interrupted"
+
+
+def test_a_cancel_never_writes_over_how_the_worker_ended_the_run(tmp_path, monkeypatch):
+    """The worker may record its end just after the app has seen the run running: that end is what stays."""
+    from tests.test_rundir import hold_lock
+    from trainer.rundir import RunDir
+
+    run = fake_run(tmp_path, "r", "running")
+    holder = hold_lock(run)  # a live worker holds it, so the run counts as running
+    jobs = JobManager(tmp_path, devices=[])
+    status, looks = RunDir.status, []
+
+    def seen_running_then_ended(rd):  # cancel()'s own look says running; right after it, the worker records its end
+        now = status(rd)
+        if sys._getframe(1).f_code.co_name == "cancel" and not looks:
+            looks.append(now)
+            rd.status_file.write_text(json.dumps(now | {"state": "cancelled", "message": "stopped; resumable"}))
+        return now
+
+    try:
+        for count in range(3):  # the first cancel (SIGTERM), the second (wait for the save), the third (SIGKILL)
+            jobs.run_dir("r").write_status(state="running", message="", pid=None, pgid=None)
+            jobs._cancels, looks[:] = {"r": count}, []
+            monkeypatch.setattr(RunDir, "status", seen_running_then_ended)
+            jobs.cancel("r")
+            monkeypatch.setattr(RunDir, "status", status)
+            now = jobs.run_dir("r").status()
+            assert (now["state"], now["message"]) == ("cancelled", "stopped; resumable"), count
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_run_is_shown_ended_only_once_its_worker_has_exited(tmp_path):

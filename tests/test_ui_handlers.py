@@ -47,7 +47,7 @@ def test_every_view_sees_the_whole_history(jobs):
     run = finished_run(jobs)
     first = monitor_tab.refresh(jobs, "r", None)
     second = monitor_tab.refresh(jobs, "r", None)  # another tab, a reload, or the run reopened from Runs
-    for title, progress, plot, gallery, files, log, best, view in (first, second):
+    for title, progress, plot, gallery, files, log, best, _, _, view in (first, second):
         assert "done" in title and "Step 3 / 6" in progress
         assert isinstance(plot, pd.DataFrame) and sorted(plot[plot.curve == "raw"].step) == [1, 2, 3]
         assert [c for _, c in gallery["value"]] == ["step 3 · a", "step 3 · b"] and gallery["columns"] == 2
@@ -59,13 +59,13 @@ def test_only_what_changed_is_sent_again(jobs):
     run = finished_run(jobs, steps=2)
     *_, view = monitor_tab.refresh(jobs, "r", None)
     again = monitor_tab.refresh(jobs, "r", view)
-    assert again[:7] == [UNCHANGED] * 7  # nothing new: nothing sent
+    assert again[:9] == [UNCHANGED] * 9  # nothing new: nothing sent
     with open(run.events, "a") as f:
         f.write(json.dumps(step(3)) + "\n")
-    title, progress, plot, gallery, files, log, best, view = monitor_tab.refresh(jobs, "r", view)
+    title, progress, plot, gallery, files, log, best, _, _, view = monitor_tab.refresh(jobs, "r", view)
     assert list(plot[plot.curve == "raw"].step) == [1, 2, 3] and "Step 3 / 6" in progress
     assert gallery == files == title == UNCHANGED
-    assert monitor_tab.refresh(jobs, "r", view)[:7] == [UNCHANGED] * 7
+    assert monitor_tab.refresh(jobs, "r", view)[:9] == [UNCHANGED] * 9
 
 
 def scored_run(jobs, name="scored"):
@@ -86,7 +86,7 @@ def scored_run(jobs, name="scored"):
 
 def test_the_held_out_curve_and_the_best_file_show(jobs):
     run = scored_run(jobs)
-    title, progress, plot, gallery, files, log, best, view = monitor_tab.refresh(jobs, "scored", None)
+    title, progress, plot, gallery, files, log, best, _, _, view = monitor_tab.refresh(jobs, "scored", None)
     held = plot[plot.curve == "held-out"]
     assert list(held.step) == [0, 2, 4, 6] and list(held.loss) == [0.5, 0.3, 0.0812, 0.2]
     line = "**Best:** lora-000002.safetensors — held-out loss 0.0812 at step 4, epoch 2"
@@ -135,7 +135,7 @@ def test_the_sampling_line_goes_when_training_goes_on_or_the_run_ends(jobs):
 
 
 def test_no_run_or_a_deleted_run(jobs):
-    assert monitor_tab.refresh(jobs, "", None)[:7] == [UNCHANGED] * 7
+    assert monitor_tab.refresh(jobs, "", None)[:9] == [UNCHANGED] * 9
     assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN
     for planted in ("/etc", "../runs", ".datasets"):  # the run id comes from the browser's storage
         assert monitor_tab.refresh(jobs, planted, None)[0] == monitor_tab.NO_RUN
@@ -149,7 +149,16 @@ def test_runs_table_files_and_delete(jobs):
     rows, ids = runs_tab.table(jobs)
     assert ids == ["new", "old"] and rows[0] == ["new", "done", ""]
     assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
-    assert runs_tab.delete(jobs, "old", current="old") == ("Deleted old.", "", None, "")
+    said, current, files, best, armed, button = runs_tab.delete(jobs, "old", current="old")  # asked first
+    assert said.startswith("Deleting **old** removes its folder (") and "its 1 saved LoRA file(s)" in said
+    assert (current, files, best, armed) == ("old", UNCHANGED, UNCHANGED, "old")
+    assert button["value"] == "Click again to delete old for good"
+    assert (jobs.runs_dir / "old").is_dir()  # nothing gone yet
+    *_, armed, _ = runs_tab.on_choose(jobs, "new")  # choosing another run puts the button back
+    assert armed == "" and runs_tab.delete(jobs, "old", "old", armed)[4] == "old"  # so this asks again
+    assert runs_tab.delete(jobs, "old", "old", "old") == ("Deleted old.", "", None, "", "", {
+        "__type__": "update", "value": "Delete"})
+    assert not (jobs.runs_dir / "old").exists()
     assert runs_tab.delete(jobs, "old", current="new")[0].startswith("⚠")
     assert runs_tab.table(jobs)[1] == ["new"]
 
@@ -168,7 +177,7 @@ def test_a_run_without_steps_shows_an_empty_plot_not_the_run_before(jobs):
     failed_run(jobs)
     *_, view = monitor_tab.refresh(jobs, "finished", None)
     for last in (view, None):  # the same view switched over, or the run opened from Runs (a new one)
-        title, progress, plot, gallery, files, log, best, _ = monitor_tab.refresh(jobs, "failed", last)
+        title, progress, plot, gallery, files, log, best, *_ = monitor_tab.refresh(jobs, "failed", last)
         assert plot is None and "failed" in title and "CheckpointError" in progress
         assert gallery["value"] == [] and files == [str(jobs.run_dir("failed").config)]
 
@@ -200,11 +209,13 @@ def test_cancel_and_resume_say_so_in_a_toast_and_leave_the_heading(jobs, capsys)
 def test_deleting_the_shown_run_empties_the_monitor_and_the_runs_tab(jobs):
     finished_run(jobs)
     *_, view = monitor_tab.refresh(jobs, "r", None)
-    assert runs_tab.delete(jobs, "r", current="r") == ("Deleted r.", "", None, "")  # the Runs tab's files, best line
-    empty = [monitor_tab.NO_RUN, "", None, [], None, "", "", None]
+    runs_tab.delete(jobs, "r", current="r")
+    assert runs_tab.delete(jobs, "r", "r", "r")[:4] == ("Deleted r.", "", None, "")  # the Runs tab's files, best line
+    off = {"__type__": "update", "interactive": False}
+    empty = [monitor_tab.NO_RUN, "", None, [], None, "", "", off, off, None]
     assert monitor_tab.refresh(jobs, "r", view) == empty  # a tick between the delete and the cleared id
     assert monitor_tab.refresh(jobs, "", view) == empty
-    assert monitor_tab.refresh(jobs, "", None)[:7] == [UNCHANGED] * 7  # then nothing more is sent
+    assert monitor_tab.refresh(jobs, "", None)[:9] == [UNCHANGED] * 9  # then nothing more is sent
 
 
 def test_cancel_resume_and_delete_write_what_they_change(jobs, tmp_path):
@@ -216,8 +227,21 @@ def test_cancel_resume_and_delete_write_what_they_change(jobs, tmp_path):
     for button in ("monitor-cancel", "monitor-resume"):  # the heading is left alone (gr.update()), the Train tab too
         assert events[(by_elem[button]._id, "click")].outputs == [by_elem["monitor-title"]]
     delete = events[(by_elem["runs-delete"]._id, "click")]
-    assert delete.outputs[2:] == [by_elem["runs-files"], by_elem["runs-best"]]
+    assert delete.outputs[2:4] == [by_elem["runs-files"], by_elem["runs-best"]] and delete.outputs[5] == by_elem[
+        "runs-delete"]
     assert by_elem["sweep-action"] in events[(by_elem["sweep-delete"]._id, "click")].outputs
+
+
+def test_cancel_and_resume_can_be_clicked_only_when_they_would_act(jobs):
+    finished_run(jobs)
+    *_, cancel, resume, view = monitor_tab.refresh(jobs, "r", None)
+    assert (cancel["interactive"], resume["interactive"]) == (False, False)  # done: nothing to cancel or resume
+    jobs.run_dir("r").write_status(state="cancelled", message="stopped; resumable")
+    *_, cancel, resume, view = monitor_tab.refresh(jobs, "r", view)
+    assert (cancel["interactive"], resume["interactive"]) == (False, True)
+    assert monitor_tab.refresh(jobs, "r", view)[7:9] == [UNCHANGED] * 2  # sent again only when the state changes
+    assert runs_tab.cancel(jobs, "r") == "⚠ r is cancelled: there is nothing to cancel"
+    assert runs_tab.resume(jobs, "r").startswith("r: queued") and runs_tab.resume(jobs, "") == runs_tab.CHOOSE_FIRST
 
 
 def test_without_held_out_losses_the_final_file_comes_first(jobs):

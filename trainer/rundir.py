@@ -89,14 +89,23 @@ class RunDir:
             return "status.json does not hold an object"
         return "" if status.get("state") in STATES else f"status.json names no known state ({status.get('state')!r})"
 
-    def write_status(self, **fields) -> dict:
-        """Merge `fields` into status.json, written whole (a reader never sees half of it)."""
-        status = self.status()
-        status = {"created": time.time()} | status | fields | {"updated": time.time()}
-        tmp = self.path / f".{self.status_file.name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(status), encoding="utf-8")
-        os.replace(tmp, self.status_file)
-        return status
+    def write_status(self, only_if_state: str | None = None, **fields) -> dict:
+        """Merge `fields` into status.json, written whole (a reader never sees half of it). The read and the write
+        hold a lock the app and the worker share, so neither loses the other's fields; with `only_if_state`, the
+        fields are written only while the state is still that one (the worker may have just ended the run)."""
+        fd = os.open(self.path / ".status.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            status = self.status()
+            if only_if_state is not None and status.get("state") != only_if_state:
+                return status
+            status = {"created": time.time()} | status | fields | {"updated": time.time()}
+            tmp = self.path / f".{self.status_file.name}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(status), encoding="utf-8")
+            os.replace(tmp, self.status_file)
+            return status
+        finally:
+            os.close(fd)
 
     def clean_leftovers(self) -> list[Path]:
         """Remove what a worker killed mid-save left: half-written files and state folders never completed.

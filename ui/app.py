@@ -21,6 +21,7 @@ from ui.sweeps import SweepManager
 CSS = """
 .field-error input, .field-error textarea { border-color: #d33 !important; }
 .field-error .info, .field-error span[data-testid="block-info"] + div { color: #d33; }
+.downloads .label-clear-button { display: none; }  /* a list of files to download: nothing to remove */
 """
 INTRO = """# LoRA Studio
 Train a LoRA (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1) from a handful of pictures: **Dataset** → **Train** →
@@ -104,11 +105,15 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
         return rows, gr.update(choices=ids)
 
     timer.tick(refresh_table, None, [runs.table, runs.chosen])
-    runs.chosen.change(partial(runs_tab.choose, jobs), runs.chosen, [runs.files, runs.best])
-    runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor")) if r else ("", None, gr.update()),
-                    runs.chosen, [current_run, view, tabs])
-    runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run],
-                      [runs.status, current_run, runs.files, runs.best])
+    runs.chosen.change(partial(runs_tab.on_choose, jobs), runs.chosen,
+                       [runs.files, runs.best, runs.status, runs.armed, runs.delete])
+    runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor"), "") if r
+                    else (gr.update(), gr.update(), gr.update(), runs_tab.CHOOSE_FIRST),
+                    runs.chosen, [current_run, view, tabs, runs.status])
+    runs.cancel.click(partial(runs_tab.cancel, jobs), runs.chosen, runs.status)
+    runs.resume.click(partial(runs_tab.resume, jobs), runs.chosen, runs.status)
+    runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run, runs.armed],
+                      [runs.status, current_run, runs.files, runs.best, runs.armed, runs.delete])
 
 
 def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secret: str) -> None:
@@ -119,8 +124,9 @@ def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secre
     restored = gr.State(False)  # the form is put back once after a reload, when the tab is first opened
     compare_page.select(partial(compare_tab.open_tab, compares, jobs), [compare_id, compare.runs, restored],
                         [compare.runs, compare.files, suggested_by, memory, compare.status, *compare.form(), restored])
-    runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare")) if r
-                       else (gr.update(), gr.update()), runs.chosen, [compare.runs, tabs])
+    runs.compare.click(lambda r: (compare_tab.run_choices(jobs, r), gr.Tabs(selected="compare"), "") if r
+                       else (gr.update(), gr.update(), runs_tab.CHOOSE_FIRST), runs.chosen,
+                       [compare.runs, tabs, runs.status])
     compare.runs.change(partial(compare_tab.choose_runs, jobs), [compare.runs, suggested_by, memory],
                         [compare.files, compare.run_info, suggested_by,
                          *[compare.fields[n] for n in compare_tab.SUGGESTED], memory])

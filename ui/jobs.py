@@ -251,22 +251,26 @@ class JobManager:
                 count = self._cancels.get(run_id, 0) + 1
                 self._cancels[run_id] = count
                 if count == 2:
-                    rd.write_status(message="cancelling: still saving its state (cancel once more to kill it and "
-                                            "lose that save)")
+                    rd.write_status(only_if_state="running", message="cancelling: still saving its state (cancel "
+                                                                      "once more to kill it and lose that save)")
                     return self.info(run_id)
                 self._signal(rd, run, signal.SIGTERM if count == 1 else signal.SIGKILL)
-                rd.write_status(message="cancelling: saving state" if count == 1 else "killed")
+                rd.write_status(only_if_state="running", message="cancelling: saving state" if count == 1 else "killed")
             return self.info(run_id)
 
     def _signal(self, rd: RunDir, run: RunInfo, sig: int) -> None:
         signal_worker(sig, self._procs.get(run.run_id), rd.status().get("pgid"), run.pid)
 
-    def delete(self, run_id: str) -> None:
+    def check_deletable(self, run_id: str) -> RunInfo:
+        """The run, or ValueError saying why it cannot be deleted now (a sweep's trial, a running run)."""
         self._not_a_trial(run_id, "delete")
         run = self.info(run_id)
         if run.state == "running" or self.run_dir(run_id).holder() is not None:
             raise ValueError(f"{run_id} is running: cancel it first")
-        shutil.rmtree(run.path)
+        return run
+
+    def delete(self, run_id: str) -> None:
+        shutil.rmtree(self.check_deletable(run_id).path)
 
     # --- the queue ---
     def tick(self) -> None:

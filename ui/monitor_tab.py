@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from ui.jobs import FINAL_STATES, JobManager, RunInfo
+from ui.jobs import FINAL_STATES, RESUMABLE_STATES, JobManager, RunInfo
 from ui.monitor import RunView, log_tail
 
 NO_RUN = "No run selected: start one on the Train tab or open one under Runs."
@@ -30,7 +30,8 @@ class MonitorTab:
     best: gr.Markdown
 
     def outputs(self) -> list:
-        return [self.title, self.progress, self.loss_plot, self.samples, self.files, self.log, self.best]
+        return [self.title, self.progress, self.loss_plot, self.samples, self.files, self.log, self.best, self.cancel,
+                self.resume]
 
 
 def build() -> MonitorTab:
@@ -43,13 +44,15 @@ def build() -> MonitorTab:
         cancel = gr.Button("Cancel", variant="stop", elem_id="monitor-cancel")
         resume = gr.Button("Resume", elem_id="monitor-resume")
     best = gr.Markdown(elem_id="monitor-best")
-    files = gr.File(label="Files (the best first)", file_count="multiple", interactive=False, elem_id="monitor-files")
+    files = gr.File(label="Files (the best first)", file_count="multiple", interactive=False, elem_id="monitor-files",
+                    elem_classes=["downloads"])
     log = gr.Textbox(label="Worker log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="monitor-log")
     return MonitorTab(title, progress, loss_plot, samples, cancel, resume, files, log, best)
 
 
 def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
-    """[title, progress, plot, gallery, files, log, best, view]: gr.update() (nothing sent) where nothing changed."""
+    """[title, progress, plot, gallery, files, log, best, cancel, resume, view]: gr.update() (nothing sent) where
+    nothing changed. Cancel and Resume can be clicked only when the run's state allows them."""
     same = gr.update()
     if not run_id or not known_run(jobs, run_id):
         return cleared(view, run_id)
@@ -70,14 +73,20 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
             files if view.changed("files", files) else same,
             log if view.changed("log", log) else same,
             best if view.changed("best", best := view.best_text()) else same,
+            *(buttons(info.state) if view.changed("buttons", info.state) else [same, same]),
             view]
+
+
+def buttons(state: str) -> list:
+    """[Cancel, Resume] for a run in `state`: each clickable only when it would do something."""
+    return [gr.update(interactive=state in ("queued", "running")), gr.update(interactive=state in RESUMABLE_STATES)]
 
 
 def cleared(view: RunView | None, run_id: str) -> list:
     """No run to show (none chosen, or it was deleted): empty what a run showed before, then send nothing."""
     if view is None and not run_id:
-        return [gr.update()] * 7 + [None]
-    return [NO_RUN, "", None, [], None, "", "", None]
+        return [gr.update()] * 9 + [None]
+    return [NO_RUN, "", None, [], None, "", "", *buttons(""), None]
 
 
 def known_run(jobs: JobManager, run_id: str) -> bool:

@@ -9,11 +9,14 @@ from pathlib import Path
 import gradio as gr
 
 from trainer.events import read_all
-from ui import resize_tool
+from ui import confirm, resize_tool
 from ui.jobs import JobManager
 from ui.monitor import RunView
+from ui.monitor_tab import cancel_unless_ended, outcome
 
 HEADERS = ["run", "state", "message"]
+DELETE = "Delete"
+CHOOSE_FIRST = "Choose a run first."
 
 
 @dataclass
@@ -26,6 +29,9 @@ class RunsTab:
     status: gr.Markdown
     best: gr.Markdown
     files: gr.File
+    cancel: gr.Button
+    resume: gr.Button
+    armed: gr.State  # the run a first click on Delete asked about
 
 
 def build(resized_dir: Path) -> RunsTab:
@@ -34,13 +40,17 @@ def build(resized_dir: Path) -> RunsTab:
         chosen = gr.Dropdown(label="Run", choices=[], elem_id="runs-choose", scale=3)
         open_btn = gr.Button("Open in Monitor", elem_id="runs-open")
         compare_btn = gr.Button("Compare this run's files", elem_id="runs-compare")
-        delete_btn = gr.Button("Delete", variant="stop", elem_id="runs-delete")
+    with gr.Row():
+        cancel_btn = gr.Button("Cancel", elem_id="runs-cancel")
+        resume_btn = gr.Button("Resume", elem_id="runs-resume")
+        delete_btn = gr.Button(DELETE, variant="stop", elem_id="runs-delete")
     status = gr.Markdown(elem_id="runs-status")
     best = gr.Markdown(elem_id="runs-best")
     files = gr.File(label="Files of the chosen run (the best first)", file_count="multiple", interactive=False,
-                    elem_id="runs-files")
+                    elem_id="runs-files", elem_classes=["downloads"])
     resize_tool.build(resized_dir)
-    return RunsTab(table, chosen, open_btn, delete_btn, compare_btn, status, best, files)
+    return RunsTab(table, chosen, open_btn, delete_btn, compare_btn, status, best, files, cancel_btn, resume_btn,
+                   gr.State(""))
 
 
 def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
@@ -62,14 +72,40 @@ def choose(jobs: JobManager, run_id: str) -> tuple[list[str] | None, str]:
     return [str(p) for p in view.best_first(jobs.files(run_id), run.path) if p.is_file()], view.best_text()
 
 
-def delete(jobs: JobManager, run_id: str, current: str) -> tuple:
+def on_choose(jobs: JobManager, run_id: str) -> list:
+    """[files, best line, status line, armed run, Delete button] for a newly chosen run: the last action's line goes,
+    and a Delete asked about another run is put back."""
+    return [*choose(jobs, run_id), "", *confirm.disarmed(DELETE)]
+
+
+def cancel(jobs: JobManager, run_id: str) -> str:
+    return outcome(jobs, cancel_unless_ended, run_id) if run_id else CHOOSE_FIRST
+
+
+def resume(jobs: JobManager, run_id: str) -> str:
+    return outcome(jobs, JobManager.resume, run_id) if run_id else CHOOSE_FIRST
+
+
+def delete(jobs: JobManager, run_id: str, current: str, armed: str = "") -> tuple:
     """(message, the Monitor's run afterwards: cleared if it was the deleted one, the chosen run's files and best
-    line: emptied once it is deleted)."""
+    line: emptied once it is deleted, the armed run, the Delete button). The first click says what would go and
+    arms the button; a second click on the same run deletes it."""
     kept = gr.update(), gr.update()
     if not run_id:
-        return "Choose a run first.", current, *kept
+        return CHOOSE_FIRST, current, *kept, *confirm.disarmed(DELETE)
     try:
+        run = jobs.check_deletable(run_id)
+        go, armed, button = confirm.ask_twice(DELETE, armed, run_id)
+        if not go:
+            return what_goes(jobs, run_id, run.path), current, *kept, armed, button
         jobs.delete(run_id)
     except (ValueError, FileNotFoundError) as e:
-        return f"⚠ {e}", current, *kept
-    return f"Deleted {run_id}.", ("" if current == run_id else current), None, ""
+        return f"⚠ {e}", current, *kept, *confirm.disarmed(DELETE)
+    return f"Deleted {run_id}.", ("" if current == run_id else current), None, "", armed, button
+
+
+def what_goes(jobs: JobManager, run_id: str, path: Path) -> str:
+    saved = [p for p in jobs.files(run_id) if p.suffix == ".safetensors"]
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+    return (f"Deleting **{run_id}** removes its folder ({size:.1f} MB): its {len(saved)} saved LoRA file(s), "
+            "samples, pictures, config and resumable state. Click the button again to delete it for good.")
