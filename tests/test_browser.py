@@ -432,8 +432,8 @@ def test_lora_methods_and_the_resize_tool_in_the_browser(app, page, tiny_models,
     report = page.locator("#resize-report").text_content()
     assert "129 in, 129 kept, 0 dropped" in report and "of Σσ² kept overall" in report, report
     result = app.args[app.args.index("--runs-dir") + 1]
-    resized = Path(result) / ".resized" / "mine-resized.safetensors"
-    page.locator("#resize-result").get_by_text("mine-resized").first.wait_for(timeout=10000)  # the download link
+    page.locator("#resize-result").get_by_text("mine-e0.5").first.wait_for(timeout=10000)  # the download link
+    resized, = (Path(result) / ".resized").glob("*/mine-e0.5.safetensors")
     assert resized.stat().st_size < source.stat().st_size
     with safe_open(str(resized), "pt") as f:
         assert json.loads(f.metadata()["ss_resize"])["energy"] == 0.5

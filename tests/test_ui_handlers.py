@@ -149,7 +149,7 @@ def test_runs_table_files_and_delete(jobs):
     rows, ids = runs_tab.table(jobs)
     assert ids == ["new", "old"] and rows[0] == ["new", "done", ""]
     assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
-    said, current, files, best, armed, button = runs_tab.delete(jobs, "old", current="old")  # asked first
+    said, current, files, best, armed, button, chooser = runs_tab.delete(jobs, "old", current="old")  # asked first
     assert said.startswith("Deleting **old** removes its folder (") and "its 1 saved LoRA file(s)" in said
     assert (current, files, best, armed) == ("old", UNCHANGED, UNCHANGED, "old")
     assert button["value"] == "Click again to delete old for good"
@@ -157,7 +157,7 @@ def test_runs_table_files_and_delete(jobs):
     *_, armed, _ = runs_tab.on_choose(jobs, "new")  # choosing another run puts the button back
     assert armed == "" and runs_tab.delete(jobs, "old", "old", armed)[4] == "old"  # so this asks again
     assert runs_tab.delete(jobs, "old", "old", "old") == ("Deleted old.", "", None, "", "", {
-        "__type__": "update", "value": "Delete"})
+        "__type__": "update", "value": "Delete"}, {"__type__": "update", "value": None})  # the chooser cleared too
     assert not (jobs.runs_dir / "old").exists()
     assert runs_tab.delete(jobs, "old", current="new")[0].startswith("⚠")
     assert runs_tab.table(jobs)[1] == ["new"]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from trainer.export import DTYPES, rank_metadata, save_atomic
 from trainer.kohya_names import is_diffusers_form, lora_modules
+from trainer.single_file import CheckpointError, read_safetensors_header
 
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "alpha"}
 # WebUI applies a text-encoder attention LoRA (SD2's OpenCLIP-H, SDXL's CLIP-G: one fused in_proj) only when q, k,
@@ -73,6 +74,9 @@ def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     """Module name -> {param: tensor} (kohya's params, for a diffusers-form file too); refuses anything but
     LoRA/LoCon params."""
     modules = lora_modules(tensors)
+    if not any(p.startswith(("lora_", "hada_", "lokr_")) for params in modules.values() for p in params):
+        raise ResizeError(f"not a LoRA file: it holds no kohya LoRA/LyCORIS weights (first key: "
+                          f"{next(iter(tensors), 'none')})")
     for name, params in modules.items():
         if any(p.startswith("hada_") for p in params):
             raise ResizeError(f"{name} is LoHa (hada_* keys): this tool reduces LoRA/LoCon files only")
@@ -196,17 +200,32 @@ def resize_file(src: Path, dst: Path, rank: int | None = None, energy: float | N
     if not src.is_file():
         raise ResizeError(f"{src}: no such file")
     try:
+        read_safetensors_header(src)  # says what is wrong with a renamed, truncated or other file
         with safe_open(str(src), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = {k: v.float() for k, v in load_file(str(src)).items()}
-    except Exception as e:  # a .ckpt, a truncated download, ...
+    except CheckpointError as e:
+        raise ResizeError(str(e)) from None
+    except Exception as e:  # anything the header check lets through
         raise ResizeError(f"{src}: not a readable .safetensors file ({e})") from e
     try:
         out, meta, report = prune(tensors, meta, rank, energy, drop, precision)
+        if all(m.new_rank == m.old_rank for m in report.modules):
+            ranks = sorted({m.old_rank for m in report.modules})
+            raise ResizeError(f"nothing to do: at these settings every module keeps its rank ({ranks[0]}..{ranks[-1]})"
+                              " and none is dropped")
     except ResizeError as e:
         raise ResizeError(f"{src}: {e}") from None
-    save_atomic(out, meta, dst)
+    save_atomic(out, without_held_out(meta), dst)
     return report
+
+
+def without_held_out(meta: dict[str, str]) -> dict[str, str]:
+    """The held-out loss was measured on the file before the resize: kept under another name, so that nothing
+    (Compare, a ranking) takes it for this file's."""
+    if "ss_validation_loss" in meta:
+        meta["ss_validation_loss_before_resize"] = meta.pop("ss_validation_loss")
+    return {k: v for k, v in meta.items() if k not in ("ss_validation_step", "ss_validation_images")}
 
 
 def prune(tensors: dict[str, torch.Tensor], meta: dict[str, str], rank: int | None = None,

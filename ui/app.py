@@ -113,7 +113,7 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
     runs.cancel.click(partial(runs_tab.cancel, jobs), runs.chosen, runs.status)
     runs.resume.click(partial(runs_tab.resume, jobs), runs.chosen, runs.status)
     runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run, runs.armed],
-                      [runs.status, current_run, runs.files, runs.best, runs.armed, runs.delete])
+                      [runs.status, current_run, runs.files, runs.best, runs.armed, runs.delete, runs.chosen])
 
 
 def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secret: str) -> None:

@@ -3,8 +3,11 @@ energy, LoRA-drop). The work runs in a child process, so the UI process never lo
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -20,8 +23,7 @@ def resize(source: str | None, rank: float, energy: float, drop: float, out_dir:
     if not (rank or energy or drop):
         return "⚠ nothing to do: set Rank cap, Energy to keep and/or Drop this fraction of modules above 0", None
     src = Path(source)
-    dst = Path(out_dir) / f"{src.stem}-resized.safetensors"
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = request_folder(Path(out_dir)) / resized_name(src, rank, energy, drop)
     command = [sys.executable, "-m", "trainer", "resize", str(src), str(dst)]
     if rank:
         command += ["--rank", str(int(rank))]
@@ -34,6 +36,22 @@ def resize(source: str | None, rank: float, energy: float, drop: float, out_dir:
         message = (done.stderr.strip().splitlines() or ["the resize failed"])[-1]
         return f"⚠ {for_the_page(message, src, dst)}", None
     return "```\n" + for_the_page(done.stdout.strip(), src, dst) + "\n```", str(dst)
+
+
+def resized_name(src: Path, rank: float, energy: float, drop: float) -> str:
+    """The new file's name says how it was made: lora-r8.safetensors, lora-e0.9-d0.25.safetensors, ..."""
+    parts = [f"r{int(rank)}"] * bool(rank) + [f"e{energy:g}"] * bool(energy) + [f"d{drop:g}"] * bool(drop)
+    return f"{src.stem}-{'-'.join(parts)}.safetensors"
+
+
+def request_folder(out_dir: Path, keep_s: float = 86400) -> Path:
+    """A folder of its own for one resize (two at once never write over each other's file); those older than
+    `keep_s` are removed, their downloads long served."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():
+        if old.is_dir() and time.time() - old.stat().st_mtime > keep_s:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=out_dir))
 
 
 def for_the_page(text: str, src: Path, dst: Path) -> str:

@@ -88,20 +88,20 @@ def resume(jobs: JobManager, run_id: str) -> str:
 
 def delete(jobs: JobManager, run_id: str, current: str, armed: str = "") -> tuple:
     """(message, the Monitor's run afterwards: cleared if it was the deleted one, the chosen run's files and best
-    line: emptied once it is deleted, the armed run, the Delete button). The first click says what would go and
-    arms the button; a second click on the same run deletes it."""
+    line: emptied once it is deleted, the armed run, the Delete button, the chooser: cleared once it is deleted).
+    The first click says what would go and arms the button; a second click on the same run deletes it."""
     kept = gr.update(), gr.update()
     if not run_id:
-        return CHOOSE_FIRST, current, *kept, *confirm.disarmed(DELETE)
+        return CHOOSE_FIRST, current, *kept, *confirm.disarmed(DELETE), gr.update()
     try:
         run = jobs.check_deletable(run_id)
         go, armed, button = confirm.ask_twice(DELETE, armed, run_id)
         if not go:
-            return what_goes(jobs, run_id, run.path), current, *kept, armed, button
+            return what_goes(jobs, run_id, run.path), current, *kept, armed, button, gr.update()
         jobs.delete(run_id)
     except (ValueError, FileNotFoundError) as e:
-        return f"⚠ {e}", current, *kept, *confirm.disarmed(DELETE)
-    return f"Deleted {run_id}.", ("" if current == run_id else current), None, "", armed, button
+        return f"⚠ {e}", current, *kept, *confirm.disarmed(DELETE), gr.update()
+    return f"Deleted {run_id}.", ("" if current == run_id else current), None, "", armed, button, gr.update(value=None)
 
 
 def what_goes(jobs: JobManager, run_id: str, path: Path) -> str:
