@@ -115,6 +115,10 @@ def test_compare_a_runs_epochs_in_the_browser(tiny_models, page, tmp_path):  # n
             assert len(sources) == 1
             assert np.array_equal(pixels(sources.pop()), np.asarray(Image.open(base_samples[prompt]).convert("RGB")))
         assert "strength 0.5" in text and "strength 1" in text
+        # QA C7: the grid scrolls sideways in a box of its own (Gradio keeps its style), the file column held in view
+        assert page.evaluate("""() => [getComputedStyle(document.querySelector('#compare-grid .compare-scroll'))
+            .overflowX, getComputedStyle(document.querySelector('#compare-grid th.compare-label')).position]""") == [
+            "auto", "sticky"]
         with page.expect_download() as download:
             page.locator('#compare-download a[download="grid.png"]').click()
         got = tmp_path / "grid.png"

@@ -70,7 +70,9 @@ def bad_files(tiny_models, tmp_path_factory) -> dict[str, Path]:
     adapter_file(tiny_models["sd1"][1], "sd1", "lora", whole)
     data = whole.read_bytes()
     (root / "truncated.safetensors").write_bytes(data[: len(data) * 3 // 4])
-    return {"sdxl": sdxl, "checkpoint": tiny_models["sd1"][1], "truncated": root / "truncated.safetensors"}
+    (root / "notalora.safetensors").write_text("<!doctype html><html>a web page saved as a LoRA</html>\n" * 50)
+    return {"sdxl": sdxl, "checkpoint": tiny_models["sd1"][1], "truncated": root / "truncated.safetensors",
+            "notalora": root / "notalora.safetensors"}
 
 
 def write_spec(folder: Path, **settings) -> Path:
@@ -161,19 +163,24 @@ def nbytes(ts) -> int:
 
 
 def test_files_that_do_not_fit_are_named_and_the_others_still_draw(sd1, files, bad_files, tmp_path):
-    paths = [files["lora"], bad_files["sdxl"], bad_files["checkpoint"], bad_files["truncated"]]
+    paths = [files["lora"], bad_files["sdxl"], bad_files["checkpoint"], bad_files["truncated"], bad_files["notalora"]]
     folder = write_spec(tmp_path / "c", base=str(sd1), files=[str(p) for p in paths],
-                        labels=["good", "sdxl", "checkpoint", "truncated"], strengths=[0, 1], prompts=["x"],
-                        seeds=[1], **DRAW)
+                        labels=["good", "sdxl", "checkpoint", "truncated", "notalora"], strengths=[0, 1],
+                        prompts=["x"], seeds=[1], **DRAW)
     assert engine.compare(folder, SimpleNamespace(requested=False)) == "done"
     events = read_all(folder)
     problems = {e["label"]: e["problem"] for e in events if e["type"] == "compare_file"}
     assert problems["good"] == ""
     assert problems["sdxl"] == "made for SDXL, the base is SD 1.x"
     assert problems["checkpoint"].startswith("not a LoRA file")
-    assert "truncated" in problems["truncated"]
+    assert problems["truncated"].startswith("truncated.safetensors: the file is truncated (")
+    # QA C2: no "not a readable .safetensors file: …", no 19-digit "header length"
+    assert problems["notalora"] == ("notalora.safetensors: not a safetensors file (it may be a web page or a renamed "
+                                    "file)")
     assert sorted(k[0] for k in cells_by_key(folder) if k[0] is not None) == [0]
-    assert Image.open(folder / "grid.png").height == engine.HEADER_HEIGHT + 64  # one usable row
+    sheet = Image.open(folder / "grid.png")
+    legend = engine.legend_lines(engine.read_spec(folder), sheet.width)
+    assert sheet.height == engine.HEADER_HEIGHT + 64 + engine.LINE * len(legend) + 2 * engine.PAD  # one usable row
 
 
 def test_a_module_the_base_lacks_or_of_another_shape_is_named(sd1, files, tmp_path):
@@ -246,10 +253,17 @@ def test_the_command_draws_the_grid_with_webui_parameters(sd1, files, tmp_path):
     assert Image.open(cells[(None, 0.0, 0, 1)]).info["parameters"].endswith("Lora: none, Strength: 0")
     assert "Seed: 2, Size: 64x64" in Image.open(cells[(1, 1.0, 0, 2)]).info["parameters"]
     grid = Image.open(out / "grid.png")
-    assert grid.size == (engine.LABEL_WIDTH + 4 * 64, engine.HEADER_HEIGHT + 2 * 64)  # 1 prompt × 2 seeds × 2
-    view = CompareView("out", out, json.loads((out / SPEC_FILE).read_text()))
+    spec = json.loads((out / SPEC_FILE).read_text())
+    legend = engine.legend_lines(spec, grid.width)
+    assert grid.size == (engine.LABEL_WIDTH + 4 * 64, engine.HEADER_HEIGHT + 2 * 64 + engine.LINE * len(legend)
+                         + 2 * engine.PAD)  # 1 prompt × 2 seeds × 2 strengths, 2 rows, the legend below
+    assert grid.info["Description"] == ("prompt 1: a red circle\nbase " + Path(sd1).name + " · sampler euler · 2 "
+                                        "steps · guidance (CFG) 7 · 64x64")
+    view = CompareView("out", out, spec)
     view.read()
     assert view.counts() == (8, 8) and view.ended == "done" and view.problems_text() == ""
+    # QA C4: the worker counts the grid's cells as the page does (the base's 2 pictures fill a cell in each row)
+    assert view.progress_text() == "Cell 8 / 8 · done" and RunDir(out).status()["message"] == "8 cells"
 
 
 def test_no_usable_file_exits_2_saying_why(sd1, bad_files, tmp_path):
@@ -257,7 +271,8 @@ def test_no_usable_file_exits_2_saying_why(sd1, bad_files, tmp_path):
     r = cli("--base", sd1, "--files", bad_files["sdxl"], bad_files["truncated"], "--prompts", "x", *draw_args(),
             "--out", out)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "no usable file: sdxl: made for SDXL, the base is SD 1.x; truncated: not a readable" in r.stderr
+    assert ("no usable file: sdxl: made for SDXL, the base is SD 1.x; truncated: truncated.safetensors: the file is "
+            "truncated (") in r.stderr
     assert read_all(out)[-1]["type"] == "error" and RunDir(out).status()["state"] == "failed"
     assert not (out / "grid.png").exists()
     bad = cli("--base", sd1, "--files", bad_files["sdxl"], "--prompts", "x", "--steps", "0", "--out", tmp_path / "b")
@@ -277,10 +292,17 @@ def test_sigterm_stops_after_the_current_cell_and_keeps_the_cells(sd1, files, tm
     assert proc.wait(timeout=60) == 3, proc.stderr.read()[-2000:]
     events = read_all(folder)
     drawn = [e for e in events if e["type"] == "compare_cell"]
-    assert events[-1]["type"] == "cancelled" and events[-1]["step"] == len(drawn) < 8 + 2 * 4 * 8
+    # the grid's cells filled: the base's pictures fill one in each of the 2 rows (QA C4 saw "Cell 12 / 96 ·
+    # cancelled" on the page beside "stopped after 6 of 88 cells" in status.json)
+    filled = sum(2 if e["file"] is None else 1 for e in drawn)
+    assert events[-1]["type"] == "cancelled" and events[-1]["step"] == filled < 2 * 5 * 2 * 4
     assert all((folder / e["path"]).is_file() for e in drawn) and not (folder / "grid.png").exists()
     status = RunDir(folder).status()
     assert status["state"] == "cancelled" and status["pid"] is None
+    assert status["message"] == f"stopped after {filled} of 80 cells"
+    view = CompareView("c", folder, engine.read_spec(folder))
+    view.read()
+    assert view.progress_text() == f"Cell {filled} / 80 · cancelled"
 
 
 def test_an_sdxl_file_swaps_into_both_text_encoders_and_the_sgm_named_unet(tiny_models, tmp_path):
@@ -302,3 +324,34 @@ def test_the_benchmark_runs_its_quick_mode():
     results = bench.main(["--quick"])
     assert [r["files"] for r in results] == [2]
     assert all(r["hot"]["cells"] == r["naive"]["cells"] and r["speedup"] > 0 for r in results)
+
+
+def test_the_grid_png_says_what_each_column_was_drawn_with(tmp_path):
+    """QA C1: grid.png's headers said "prompt 1", never the prompt, and row labels wrapped inside "(epoch 1, step\n4)".
+    Now each prompt × seed is headed by its prompt's text (cut to fit), and a legend below has every prompt in full
+    and the settings. Drawn from cells written here: no model."""
+    spec = {"prompts": ["zxc, a yellow ring on a black background", "a red circle on a white background"],
+            "seeds": [7], "strengths": [0.0, 0.5, 1.0], "width": 64, "height": 64, "negative": "blurry",
+            "base": "/models/sd15.safetensors", "sampler": "euler_a", "steps": 20, "cfg_scale": 5.0, "clip_skip": 1}
+    label = "20261207-070731-character / lora-000001 (epoch 1, step 4)"
+    files = [engine.LoraFile(0, label, tmp_path / "a.safetensors", "sd1", "lora", 0.1568)]
+    (tmp_path / "cells").mkdir()
+    for cell in engine.plan(spec, files):
+        Image.new("RGB", (64, 64), (0, 90, 200)).save(tmp_path / cell.name)
+    heads = [engine.group_head(p, text, 7, 3 * 64) for p, text in enumerate(spec["prompts"])]
+    assert heads[0][0].startswith("prompt 1: zxc, a yellow ring") and heads[0][0].endswith("… · seed 7")
+    assert heads[1][0].startswith("prompt 2: a red circle") and len(heads[0]) == len(heads[1]) == 1
+    assert all(engine.text_width(h[0]) <= 3 * 64 - 2 * engine.PAD for h in heads)
+    assert engine.row_lines(files[0], 64) == ["20261207-070731-character /", "lora-000001 (epoch 1, step 4)",
+                                              "held-out 0.1568"]
+    assert engine.save_grid(tmp_path, spec, files) == tmp_path / "grid.png"
+    sheet = Image.open(tmp_path / "grid.png")
+    assert sheet.info["Description"].splitlines() == [
+        "prompt 1: zxc, a yellow ring on a black background", "prompt 2: a red circle on a white background",
+        "negative prompt: blurry", "base sd15.safetensors · sampler euler_a · 20 steps · guidance (CFG) 5 · 64x64"]
+    ink = pixels(sheet).sum(axis=2) < 200  # black text on white; the cells are blue
+    rows_end = engine.HEADER_HEIGHT + 64
+    assert sheet.size == (engine.LABEL_WIDTH + 6 * 64, rows_end + engine.LINE * 4 + 2 * engine.PAD)
+    # the first prompt's head runs on over its three strength columns (a column's own head is "strength 0.5")
+    assert ink[:engine.GROUP_HEIGHT, engine.LABEL_WIDTH + 2 * 64:engine.LABEL_WIDTH + 3 * 64].any()
+    assert ink[rows_end:, :].any(axis=1).sum() >= 4 * 8  # four lines of legend under the grid

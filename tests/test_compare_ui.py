@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 UNCHANGED = {"__type__": "update"}
 FAKE_WORKER = f"""#!{sys.executable}
 # Stands in for `python -m trainer compare FOLDER`. A file with "sdxl" in its name does not fit the base; "crash"
-# makes it die without a word. While the compares folder holds a file "hold" with a number N, it draws N cells
-# and waits. SIGTERM: stop after the current cell.
+# makes it die without a word; "slow-start" sets up its SIGTERM handler only after 30 s (a SIGTERM before kills it).
+# While the compares folder holds a file "hold" with a number N, it draws N cells and waits. SIGTERM: stop after the
+# current cell.
 import json, os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
@@ -32,6 +33,8 @@ from trainer.rundir import RunDir
 folder = Path(sys.argv[-1])
 spec = json.loads((folder / "compare.json").read_text())
 hold, stop = folder.parent / "hold", []
+if any("slow-start" in f for f in spec["files"]):  # as the real one, importing torch: SIGTERM kills it
+    time.sleep(30)
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 RunDir(folder).write_status(state="running", message="drawing", pid=os.getpid())
 
@@ -329,7 +332,7 @@ def test_a_reload_shows_the_stored_compare_again(jobs, compares):
     before = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     reloaded = compare_tab.refresh(compares, compare_id, None)
     assert reloaded[:3] == list(before[:3]) and reloaded[2].count("<img") == 1
-    assert reloaded[3] == UNCHANGED  # no grid.png yet: the fresh page has no download either
+    assert reloaded[3] is None  # no grid.png yet: a fresh view empties the download (see the test below)
     release(compares)
     done = refreshed(compares, compare_id, before[5], "done")
     reloaded = compare_tab.refresh(compares, compare_id, None)
@@ -394,8 +397,10 @@ def test_dropped_files_are_copied_and_one_for_another_base_is_skipped(jobs, comp
     assert "mine (epoch 5)<br><small>held-out loss 0.5000</small>" in grid
     assert "⚠ skipped: made for SDXL, the base is SD 1.5" in grid
     copies = sorted(p.name for p in (compares.folder(compare_id) / "files").iterdir())
-    assert copies == ["00-mine.safetensors", "01-an-sdxl-file.safetensors"]
-    assert compares.spec(compare_id)["files"][0] == str((compares.folder(compare_id) / "files" / copies[0]))
+    assert copies == ["00", "01"]  # a folder each: the copies keep the names they were dropped with, which the
+    files = compares.spec(compare_id)["files"]  # worker's messages name (QA saw "02-notalora.safetensors")
+    assert files == [str(compares.folder(compare_id) / "files" / "00" / "mine.safetensors"),
+                     str(compares.folder(compare_id) / "files" / "01" / "an-sdxl-file.safetensors")]
 
 
 def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares):
@@ -404,14 +409,14 @@ def test_cancel_stops_after_the_current_cell_and_keeps_the_cells(jobs, compares)
     _, compare_id, view = compare_tab.on_compare(compares, jobs, ["r"], [run_files(run)[0]["path"]], [], *form())
     progress, *_, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     pid = compares.info(compare_id).pid
-    assert compare_tab.cancel(compares, compare_id).startswith(f"{compare_id}: ")
+    assert compare_tab.cancel_message(compares, compare_id).startswith(f"Cancelling compare {compare_id}: ")
     progress, problems, grid, download, status, view = refreshed(compares, compare_id, view, "cancelled")
     assert progress == "Cell 1 / 2 · cancelled" and grid.count("<img") == 1 and download is None
     assert status == f"Compare **{compare_id}** cancelled: 1 file × 2 strengths × 1 prompt × 1 seed."
     wait_for(lambda: compares.info(compare_id).state == "cancelled")  # the events say so before the worker exits
     assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped after 1 cell(s))"
     assert not Path(f"/proc/{pid}").exists()
-    assert compare_tab.cancel(compares, "") == "No compare to cancel."
+    assert compare_tab.cancel_message(compares, "") == "⚠ No compare to cancel."
 
 
 def test_a_worker_that_dies_is_shown_failed_with_its_log(jobs, compares, tmp_path):
@@ -474,7 +479,7 @@ def test_a_compare_waits_for_a_gpu_no_training_uses(jobs):
 
 
 def test_compare_ids_are_plain_names_and_cells_stay_in_their_folder(jobs, compares, tmp_path):
-    assert compare_tab.cancel(compares, "/etc").startswith("⚠ compare id")
+    assert compare_tab.cancel_message(compares, "/etc").startswith("⚠ compare id")
     with pytest.raises(ValueError, match="no compare 'nothing'"):
         compares.info("nothing")
     good = lora(tmp_path / "a.safetensors")
@@ -517,3 +522,71 @@ def test_a_flux_runs_files_are_offered_with_its_sampler_guidance_and_split_layou
                                               *[(values | {"base": str(lay["folder"])})[n]
                                                 for n in compare_tab.SETTINGS])
     assert compares.spec(other)["parts"] == {}
+
+
+def test_cancelling_a_compare_that_loads_the_base_is_cancelled_not_failed(jobs, compares, tmp_path):
+    """QA C5: Cancel 1.5 s after Compare, while the worker still imports torch and loads the base, before it has set
+    up its SIGTERM handler: the signal kills it. The app sent that signal, so the compare was cancelled: no exit
+    status, no server path."""
+    slow = lora(tmp_path / "slow-start.safetensors")
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(slow)], *form())
+    wait_for(lambda: compares.info(compare_id).state == "running")
+    compares.cancel(compare_id)
+    progress, problems, grid, download, status, _ = refreshed(compares, compare_id, None, "cancelled")
+    assert progress == "Cell 0 / up to 2 · cancelled: stopped before its first cell"
+    assert status == f"Compare **{compare_id}** cancelled: 1 file × 2 strengths × 1 prompt × 1 seed."
+    assert compares.info(compare_id).summary() == f"{compare_id}: cancelled (stopped before its first cell)"
+    assert "exit status" not in progress and "worker.out" not in progress and problems == ""
+
+
+def test_cancel_on_an_ended_compare_says_so_and_leaves_the_status_line(jobs, compares, tmp_path, capsys):
+    """QA C3: Cancel on a finished compare replaced its status line with "…: done (10 cells)"."""
+    _, compare_id, _ = compare_tab.on_compare(compares, jobs, [], [], [str(lora(tmp_path / "a.safetensors"))],
+                                              *form())
+    refreshed(compares, compare_id, None, "done")
+    assert compare_tab.cancel_message(compares, compare_id) == "Nothing to cancel: the compare is done."
+    assert compare_tab.cancel(compares, compare_id) == UNCHANGED  # the status line stays; the toast says why
+    assert "Nothing to cancel: the compare is done." in capsys.readouterr().out  # gr.Info, outside a page
+    assert compares.info(compare_id).state == "done"
+    with pytest.warns(UserWarning, match="No compare to cancel"):
+        assert compare_tab.cancel(compares, "") == UNCHANGED
+
+
+def test_a_new_compare_empties_the_previous_ones_download(jobs, compares, tmp_path):
+    """QA C6: after a done compare, a new one (cancelled, so with no grid.png) still offered the first one's grid.png
+    under "The whole grid": a new view sends every output once, None too."""
+    _, first, view = compare_tab.on_compare(compares, jobs, [], [], [str(lora(tmp_path / "a.safetensors"))], *form())
+    *_, download, _, view = refreshed(compares, first, view, "done")
+    assert download == str(compares.folder(first) / "grid.png")
+    hold(compares, 0)
+    _, second, view = compare_tab.on_compare(compares, jobs, [], [], [str(lora(tmp_path / "b.safetensors"))],
+                                             *form(strengths="1, 2"))
+    assert view is None  # the page's next tick makes a new view of the new compare
+    progress, problems, grid, download, status, view = compare_tab.refresh(compares, second, view)
+    assert download is None and problems == "" and grid.count("<img") == 0
+    assert UNCHANGED not in (progress, problems, grid, download, status)  # each sent once: none keeps the old one
+
+
+def test_the_setting_is_named_as_the_form_labels_it(jobs, compares, tmp_path):
+    """QA C8: the field is labelled "Guidance (CFG)", the message said "cfg_scale"."""
+    status, *_ = compare_tab.on_compare(compares, jobs, [], [], [str(lora(tmp_path / "a.safetensors"))],
+                                        *form(cfg_scale=-5))
+    assert status == "⚠ Guidance (CFG): must be in [1.0, 30.0] (got -5)"
+    assert compares.compares() == []
+
+
+def test_a_wide_grid_scrolls_in_its_own_box_and_a_cancelled_compares_cells_say_not_drawn(tmp_path):
+    """QA C7: the table ran off the page and the file column wrapped word by word; cells a cancelled compare never
+    drew kept showing "…" as if still coming."""
+    spec = {"files": ["a.safetensors"], "labels": ["20261207-070731-character / lora-000001 (epoch 1, step 4)"],
+            "strengths": [0.0, 1.0], "prompts": ["p"], "seeds": [7], "width": 64}
+    view = CompareView("c", tmp_path, spec)
+    view.add({"type": "compare_file", "index": 0, "problem": ""})
+    html = compare_tab.grid_html(view)
+    assert html.startswith('<div class="compare-scroll" style="overflow-x: auto; max-width: 100%"><table')
+    assert html.endswith("</table></div>")
+    assert html.count("position: sticky; left: 0") == 2  # the file column's head and each row's label
+    assert "min-width: 14em" in html and html.count("…</td>") == 2 and "not drawn" not in html
+    view.add({"type": "cancelled", "step": 0})
+    html = compare_tab.grid_html(view)
+    assert html.count(">not drawn</td>") == 2 and "…</td>" not in html

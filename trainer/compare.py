@@ -14,7 +14,9 @@ fused one's ΔW split back into its diffusers weights by rows.
            events.jsonl   status, compare_file, compare_cell, done, cancelled (trainer.events)
            status.json    running -> done / cancelled (failed: trainer/__main__.py records it)
            cells/*.png    one per cell, with WebUI `parameters` naming the file and strength
-           grid.png       rows = usable files, columns = prompt × seed × strength, with labels; written when done
+           grid.png       rows = usable files, columns = prompt × seed × strength, with labels (each prompt × seed
+                          headed by the prompt's text), a legend of the prompts and settings; written when done
+Counts are of the grid's cells, as the page shows them: the base's picture fills the strength-0 cell of every row.
 """
 
 from __future__ import annotations
@@ -22,18 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import textwrap
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from lycoris.functional import locon, loha, lokr, weight_decompose
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from safetensors.torch import load_file
 from torch import nn
 
 from trainer.compare_flow import Fused, family_of_names, file_modules, flow_weights, names_a_transformer
-from trainer.compare_spec import SPEC_FILE, CompareError, checked, number
+from trainer.compare_spec import SPEC_FILE, CompareError, cell_count, checked, number
 from trainer.events import EventWriter
 from trainer.export import SD3_MODEL_TYPES
 from trainer.flow_parts import CONFIG_FIELDS, Parts
@@ -53,7 +56,8 @@ PARAMS = {  # what a module of each form stores (kohya / LyCORIS names); alpha a
 SHARED = {"alpha", "dora_scale"}
 FACTORS = set().union(*PARAMS.values())
 SGM_UNET = ("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")
-LABEL_WIDTH, HEADER_HEIGHT, LINE = 200, 48, 14  # the grid's label column and header row, in pixels
+# the grid, in pixels: the label column, the header (a band of prompt × seed heads over one of strengths), a line
+LABEL_WIDTH, HEADER_HEIGHT, GROUP_HEIGHT, LINE, PAD = 200, 48, 32, 14, 4
 
 
 class Cancelled(Exception):
@@ -215,10 +219,12 @@ def fit_problem(modules: dict[str, dict], weights: dict[str, nn.Parameter]) -> s
 def inspect(index: int, label: str, path: Path, base_arch: str, weights: dict[str, nn.Parameter]) -> LoraFile:
     """The file as the grid will use it, or with the problem that keeps it out. Reads only its header: the checks
     run on the meta device, where tensors have shapes and no data."""
-    try:
+    try:  # the message names the file as the user gave it (a dropped file's copy keeps its name)
         header = read_safetensors_header(path)
-    except (CheckpointError, OSError) as e:
-        return LoraFile(index, label, path, None, "unknown", None, f"not a readable .safetensors file: {e}")
+    except CheckpointError as e:
+        return LoraFile(index, label, path, None, "unknown", None, str(e))
+    except OSError as e:
+        return LoraFile(index, label, path, None, "unknown", None, f"{path.name}: cannot be read ({e.strerror})")
     meta = header.pop("__metadata__", None) or {}
     held_out = number(meta.get("ss_validation_loss"))
     tensors = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
@@ -343,34 +349,140 @@ def draw(base, spec: dict, cell: Cell) -> Image.Image:
 
 # --- the grid ---
 
+@lru_cache(maxsize=1)
+def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def text_width(text: str) -> float:
+    return font().getlength(text)
+
+
 def label_tile(lines: list[str], size: tuple[int, int]) -> Image.Image:
     """White tile with black text, clipped to the tile."""
     tile = Image.new("RGB", size, "white")
-    ImageDraw.Draw(tile).multiline_text((4, 4), "\n".join(lines), fill="black", font=ImageFont.load_default(),
-                                        spacing=2)
+    ImageDraw.Draw(tile).multiline_text((PAD, 2), "\n".join(lines), fill="black", font=font(), spacing=2)
     return tile
 
 
-def row_lines(f: LoraFile) -> list[str]:
-    lines = textwrap.wrap(f.label, LABEL_WIDTH // 7) or [""]
-    return lines + ([f"held-out {f.held_out:.4f}"] if f.held_out is not None else [])
+def fit(text: str, width: float) -> str:
+    """`text` on one line of at most `width` pixels: cut with "…", at a word's end when one is near."""
+    if text_width(text) <= width:
+        return text
+    cut = len(text)
+    while cut and text_width(text[:cut].rstrip() + "…") > width:
+        cut -= 1
+    kept = text[:cut]
+    if " " in kept[len(kept) // 2:]:
+        kept = kept[:kept.rindex(" ")]
+    return kept.rstrip(" ,;:·") + "…"
+
+
+def wrap(text: str, width: float) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken between words. A part in parentheses ("(epoch 1, step 4)")
+    stays on one line when it fits on one; a word longer than a line is cut."""
+    lines, line = [], ""
+    words = re.findall(r"\S*\([^()]*\)\S*|\S+", text)[::-1]
+    while words:
+        word = words.pop()
+        joined = f"{line} {word}" if line else word
+        if text_width(joined) <= width:
+            line = joined
+            continue
+        if " " in word and text_width(word) > width:  # a part in parentheses wider than a line: word by word
+            words += word.split()[::-1]
+            continue
+        lines += [line] if line else []
+        while len(word) > 1 and text_width(word) > width:  # a word wider than a line: cut it
+            cut = 1
+            while text_width(word[:cut + 1]) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    return lines + [line] if line or not lines else lines
+
+
+def group_head(prompt: int, text: str, seed: int, width: int) -> list[str]:
+    """The head over a prompt × seed's strengths, as the page's table has it ("prompt 1: a red circle · seed 7"),
+    the prompt cut to fit; on two lines, the prompt's text under its number and seed, when one leaves it no room
+    (the legend below the grid has every prompt in full)."""
+    inner = width - 2 * PAD
+    head, tail = f"prompt {prompt + 1}: ", f" · seed {seed}"
+    room = inner - text_width(head + tail)
+    if room >= text_width("a yellow…"):
+        return [head + fit(text, room) + tail]
+    if text_width(said := f"prompt {prompt + 1} · seed {seed}") <= inner:
+        return [said, fit(text, inner)]
+    return [fit(f"prompt {prompt + 1}", inner), fit(f"seed {seed}", inner)]
+
+
+def strength_heads(strengths: list[float], width: int) -> list[str]:
+    """"strength 0.5" over each column, or the number alone when that does not fit a column (the label column then
+    says "strength" on the same line)."""
+    said = [f"strength {s:g}" for s in strengths]
+    return said if max(map(text_width, said)) <= width - 2 * PAD else [f"{s:g}" for s in strengths]
+
+
+def row_lines(f: LoraFile, height: int) -> list[str]:
+    """The file's label, wrapped between words (never inside its "(epoch …, step …)"), and its held-out loss, in as
+    many lines as the row has room for."""
+    held = [f"held-out {f.held_out:.4f}"] if f.held_out is not None else []
+    room = max(1, (height - 2) // LINE - len(held))
+    lines = wrap(f.label, LABEL_WIDTH - 2 * PAD)
+    if len(lines) > room:
+        lines = lines[:room - 1] + [fit(" ".join(lines[room - 1:]), LABEL_WIDTH - 2 * PAD)]
+    return lines + held
+
+
+def legend(spec: dict) -> list[str]:
+    """What every cell was drawn with, in full: the prompts, the negative prompt, the base and the settings."""
+    lines = [f"prompt {p + 1}: {text}" for p, text in enumerate(spec["prompts"])]
+    lines += [f"negative prompt: {spec['negative']}"] if spec["negative"] else []
+    clip = f" · clip skip {spec['clip_skip']}" if spec["clip_skip"] > 1 else ""
+    return lines + [f"base {Path(str(spec['base'])).name} · sampler {spec['sampler']} · {spec['steps']} steps · "
+                    f"guidance (CFG) {spec['cfg_scale']:g} · {spec['width']}x{spec['height']}{clip}"]
+
+
+def legend_lines(spec: dict, width: int) -> list[str]:
+    """The legend, wrapped to a sheet `width` pixels wide."""
+    return [line for said in legend(spec) for line in wrap(said, width - 2 * PAD)]
 
 
 def grid(folder: Path, spec: dict, files: list[LoraFile]) -> Image.Image:
-    """Rows = files, columns = prompt × seed × strength (strength fastest), a header row and a label column."""
-    columns = [(p, seed, s) for p in range(len(spec["prompts"])) for seed in spec["seeds"] for s in spec["strengths"]]
-    w, h = spec["width"], spec["height"]
-    sheet = Image.new("RGB", (LABEL_WIDTH + w * len(columns), HEADER_HEIGHT + h * len(files)), "white")
-    for c, (p, seed, s) in enumerate(columns):
-        sheet.paste(label_tile([f"strength {s:g}", f"prompt {p + 1}", f"seed {seed}"], (w, HEADER_HEIGHT)),
-                    (LABEL_WIDTH + c * w, 0))
+    """Rows = files, columns = prompt × seed × strength (strength fastest). Above, a head per prompt × seed (its
+    prompt's text, cut to fit, and the seed) over the strengths; a label column; below, the legend, wrapped."""
+    strengths, w, h = spec["strengths"], spec["width"], spec["height"]
+    groups = [(p, seed) for p in range(len(spec["prompts"])) for seed in spec["seeds"]]
+    span = w * len(strengths)
+    width = LABEL_WIDTH + span * len(groups)
+    notes = legend_lines(spec, width)
+    body = HEADER_HEIGHT + h * len(files)
+    sheet = Image.new("RGB", (width, body + LINE * len(notes) + 2 * PAD), "white")
+    heads = strength_heads(strengths, w)
+    if not heads[0].startswith("strength"):
+        sheet.paste(label_tile(["strength"], (LABEL_WIDTH, HEADER_HEIGHT - GROUP_HEIGHT)), (0, GROUP_HEIGHT))
+    for g, (p, seed) in enumerate(groups):
+        x = LABEL_WIDTH + g * span
+        sheet.paste(label_tile(group_head(p, spec["prompts"][p], seed, span), (span - 1, GROUP_HEIGHT)), (x, 0))
+        for i, head in enumerate(heads):
+            sheet.paste(label_tile([head], (w, HEADER_HEIGHT - GROUP_HEIGHT)), (x + i * w, GROUP_HEIGHT))
     for r, f in enumerate(files):
-        sheet.paste(label_tile(row_lines(f), (LABEL_WIDTH, h)), (0, HEADER_HEIGHT + r * h))
-        for c, (p, seed, s) in enumerate(columns):
+        sheet.paste(label_tile(row_lines(f, h), (LABEL_WIDTH, h)), (0, HEADER_HEIGHT + r * h))
+        for c, (p, seed, s) in enumerate((p, seed, s) for p, seed in groups for s in strengths):
             cell = Cell(None if s == 0 else f, s, p, seed)
             with Image.open(folder / cell.name) as picture:
                 sheet.paste(picture.convert("RGB"), (LABEL_WIDTH + c * w, HEADER_HEIGHT + r * h))
+    sheet.paste(label_tile(notes, (width, LINE * len(notes) + 2 * PAD)), (0, body + PAD))
     return sheet
+
+
+def save_grid(folder: Path, spec: dict, files: list[LoraFile]) -> Path:
+    """grid.png, its legend also as the PNG's Description text (what a viewer's file info shows)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("Description", "\n".join(legend(spec)))
+    grid(folder, spec, files).save(folder / "grid.png", pnginfo=info)
+    return folder / "grid.png"
 
 
 # --- the whole compare ---
@@ -439,7 +551,8 @@ def compare(folder: Path, stop) -> str:
     weights = base_weights(base)
     say("checking the files")
     files = check_files(spec, base, weights, events)
-    cells, swap, drawn, row = plan(spec, files), HotSwap(weights), 0, ()
+    cells, swap, filled, row = plan(spec, files), HotSwap(weights), 0, ()
+    total = cell_count(spec, len(files))  # the grid's cells, as the page counts them
     try:
         for cell in cells:
             if stop.requested:
@@ -450,15 +563,16 @@ def compare(folder: Path, stop) -> str:
             swap.use(None if cell.file is None else cell.file.path, cell.strength)
             save_png(draw(base, spec, cell), folder / cell.name, cell_parameters(spec, cell, base.arch))
             events.emit("compare_cell", **cell.event())
-            drawn += 1
+            filled += len(files) if cell.file is None else 1  # the base's picture: a cell in every row
     except Cancelled:
-        events.emit("cancelled", step=drawn)
-        run_dir.write_status(state="cancelled", message=f"stopped after {drawn} of {len(cells)} cells", pid=None)
+        events.emit("cancelled", step=filled, total=total)
+        said = f"stopped after {filled} of {total} cells" if filled else "stopped before its first cell"
+        run_dir.write_status(state="cancelled", message=said, pid=None)
         return "cancelled"
     finally:
         swap.restore()
     say("writing the grid")
-    grid(folder, spec, files).save(folder / "grid.png")
+    save_grid(folder, spec, files)
     events.emit("done", path="grid.png")
-    run_dir.write_status(state="done", message=f"{drawn} cells", pid=None)
+    run_dir.write_status(state="done", message=f"{filled} cells", pid=None)
     return "done"

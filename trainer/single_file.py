@@ -38,6 +38,7 @@ class CheckpointError(ValueError):
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+NOT_SAFETENSORS = "not a safetensors file (it may be a web page or a renamed file)"
 
 
 def source_problem(source: str | Path) -> str | None:
@@ -81,10 +82,10 @@ def read_safetensors_header(path: Path) -> dict:
                 raise CheckpointError(f"{path.name}: the file is empty or truncated ({path.stat().st_size} bytes)")
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000 or n > path.stat().st_size - 8:
-                raise CheckpointError(f"{path.name}: not a safetensors file (its header length is {n} bytes)")
+                raise CheckpointError(f"{path.name}: {NOT_SAFETENSORS}")  # its 8-byte "header length" is text
             header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name}: not a safetensors file (unreadable header: {e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name}: {NOT_SAFETENSORS}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: not a safetensors file (its header is not an object)")
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)

@@ -18,14 +18,19 @@ import gradio as gr
 from trainer import config
 from trainer.compare_spec import DEFAULTS, CompareError
 from ui import train_tab
-from ui.compares import (CompareManager, CompareView, run_files, run_settings, spec_of, trial_names,
+from ui.compares import (FINAL, CompareManager, CompareView, run_files, run_settings, spec_of, trial_names,
                          upload_label)
 from ui.jobs import JobManager
 
 SETTINGS = ["base", "prompts", "negative", "strengths", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]
 SUGGESTED = ["base", "prompts", "seeds", "steps", "sampler", "cfg_scale", "width", "height"]  # a run fills these in
 NO_COMPARE = "Choose files and click Compare."
+LABELS = {"cfg_scale": "Guidance (CFG)"}  # a setting whose form label is not its name
+ENDED = {"done": "is done", "failed": "failed", "cancelled": "was cancelled already"}
 CELL_PX = 192  # the largest a cell is shown in the page; grid.png has them at full size
+# the file column stays in view as the grid scrolls sideways, wide enough not to wrap a label word by word
+STICKY = ("position: sticky; left: 0; z-index: 1; min-width: 14em; background: var(--table-odd-background-fill, "
+          "var(--background-fill-primary, white))")
 
 
 @dataclass
@@ -227,15 +232,44 @@ def on_compare(compares: CompareManager, jobs: JobManager, run_ids: list[str], c
         spec = spec_of(runs, list(chosen or []), settings)
         info = compares.start(spec, [(Path(u), upload_label(Path(u))) for u in uploads or []])
     except (CompareError, ValueError, OSError) as e:  # CompareError names the field and what it allows
-        return [f"⚠ {e}", gr.update(), gr.update()]
+        return [f"⚠ {as_labelled(str(e))}", gr.update(), gr.update()]
     return [summary(info.compare_id, info.state, compares.spec(info.compare_id)), info.compare_id, None]
 
 
-def cancel(compares: CompareManager, compare_id: str) -> str:
+def as_labelled(message: str) -> str:
+    """A CompareError's message with the field named as the form labels it ("cfg_scale: …" -> "Guidance (CFG): …");
+    the spec's own names stay for scripts and the command line."""
+    name, sep, rest = message.partition(": ")
+    return f"{LABELS[name]}{sep}{rest}" if sep and name in LABELS else message
+
+
+def cancel(compares: CompareManager, compare_id: str) -> dict:
+    """Cancel the page's compare and say what came of it in a toast; the status line is left as it is (the next
+    tick shows the compare's new state)."""
+    message = cancel_message(compares, compare_id)
+    if message.startswith("⚠ "):
+        gr.Warning(message.removeprefix("⚠ "))
+    else:
+        gr.Info(message)
+    return gr.update()
+
+
+def cancel_message(compares: CompareManager, compare_id: str) -> str:
+    """What a click on Cancel did, in words; ⚠ first when there was nothing it could do."""
+    if not compare_id:
+        return "⚠ No compare to cancel."
     try:
-        return compares.cancel(compare_id).summary() if compare_id else "No compare to cancel."
+        info, view = compares.info(compare_id), compares.view(compare_id)
+        view.read()  # its events may say it ended before its worker has exited
+        if (ended := view.ended or (info.state if info.state in FINAL else "")):
+            return f"Nothing to cancel: the compare {ENDED[ended]}."
+        info = compares.cancel(compare_id)
     except ValueError as e:
         return f"⚠ {e}"
+    if info.state == "cancelled":
+        return f"Compare {compare_id} cancelled before it started."
+    return (f"Cancelling compare {compare_id}: it stops after the cell it is drawing (click Cancel again to stop it "
+            "at once).")
 
 
 # --- what the page shows ---
@@ -285,8 +319,9 @@ def progress_line(info, view: CompareView) -> str:
 
 
 def grid_html(view: CompareView) -> str:
-    """The table: a header row per prompt × seed and one of strengths; a row per file (its label and held-out
-    loss), each cell the picture as a data URI, or "…" until it is drawn."""
+    """The table, in a box of its own that scrolls sideways (the file column stays in view): a header row per
+    prompt × seed and one of strengths; a row per file (its label and held-out loss), each cell the picture as a
+    data URI, "…" until it is drawn, "not drawn" once the compare has ended without it."""
     spec = view.spec
     strengths, per_prompt = len(spec["strengths"]), len(spec["seeds"]) * len(spec["strengths"])
     width = min(int(spec["width"]), CELL_PX)
@@ -297,7 +332,7 @@ def grid_html(view: CompareView) -> str:
     rows = []
     for row, label in enumerate(spec["labels"]):
         loss = view.held_out(row)
-        head = f'<th class="compare-label">{esc(label)}' + (
+        head = f'<th class="compare-label" style="{STICKY}">{esc(label)}' + (
             f"<br><small>held-out loss {loss:.4f}</small>" if loss is not None else "") + "</th>"
         if problem := view.problem(row):
             rows.append(f'<tr>{head}<td colspan="{len(spec["prompts"]) * per_prompt}">⚠ skipped: {esc(problem)}'
@@ -305,12 +340,15 @@ def grid_html(view: CompareView) -> str:
             continue
         cells = "".join(cell_html(view, (row, s, p, k), width) for _, s, p, k in view.positions([row]))
         rows.append(f"<tr>{head}{cells}</tr>")
-    return (f'<table class="compare-table"><thead><tr><th rowspan="2">file</th>{heads}</tr>'
-            f"<tr>{strength_heads}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (f'<div class="compare-scroll" style="overflow-x: auto; max-width: 100%">'
+            f'<table class="compare-table"><thead><tr><th rowspan="2" style="{STICKY}">file</th>{heads}</tr>'
+            f"<tr>{strength_heads}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def cell_html(view: CompareView, position: tuple, width: int) -> str:
     path = view.cell(*position)
+    if path is None and view.ended:
+        return f'<td class="compare-not-drawn" style="width:{width}px">not drawn</td>'
     if path is None:
         return f'<td class="compare-pending" style="width:{width}px">…</td>'
     row, s, p, k = position

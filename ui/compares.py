@@ -4,7 +4,8 @@ folders say. Standard library only, like ui/jobs.py; the grid's HTML is ui/compa
     <compares_dir>/<id>/compare.json   the spec (written here, read by the worker)
                         events.jsonl   status, compare_file, compare_cell, done, error, cancelled (trainer.events)
                         status.json    {state, message, pid}: written here before the worker starts, then by it
-                        cells/*.png    one per cell; grid.png the whole grid; files/ the dropped-in files
+                        cells/*.png    one per cell; grid.png the whole grid
+                        files/NN/<name>  the dropped-in files, under the names they were dropped with
                         worker.out     the worker's stdout and stderr
 
 One compare runs at a time; later ones wait, queued. A compare needs the GPU a training may be using: on a machine
@@ -124,19 +125,29 @@ class CompareInfo:
         return f"{self.compare_id}: {self.state}" + (f" ({self.message})" if self.message else "")
 
 
-def ended_by_events(folder: Path, exit_code: int | None) -> tuple[str, str]:
-    """How a worker that is gone ended, by its own events: (state, message)."""
+def ended_by_events(folder: Path, exit_code: int | None, cancel_sent: bool = False) -> tuple[str, str]:
+    """How a worker that is gone ended, by its own events: (state, message). Without a word from it, a worker this
+    app sent a cancel to (`cancel_sent`) and that then died of a signal, or exited as cancelled, was cancelled: the
+    signal can come before the worker has set up its handler (while it imports torch or loads the base)."""
     for event in reversed(read_all(folder)):
         if event["type"] == "done":
             return "done", ""
         if event["type"] == "cancelled":
-            return "cancelled", f"stopped after {event['step']} cell(s)"
+            return "cancelled", stopped_after(event.get("step"), event.get("total"))
         if event["type"] == "error":
             return "failed", str(event["message"])
-    if exit_code == EXIT_CANCELLED:
+    by_signal = exit_code is None or exit_code < 0 or exit_code > 128  # -N: killed by signal N; 128+N: its own exit
+    if exit_code == EXIT_CANCELLED or (cancel_sent and by_signal):
         return "cancelled", "stopped before its first cell"
     code = "" if exit_code is None else f" (exit status {exit_code})"
     return "failed", f"the compare worker stopped without finishing{code}; see {folder / 'worker.out'}"
+
+
+def stopped_after(cells, total=None) -> str:
+    """How far a cancelled compare got, in cells of its grid (as the page counts them)."""
+    if not cells:
+        return "stopped before its first cell"
+    return f"stopped after {cells} of {total} cells" if total else f"stopped after {cells} cell(s)"
 
 
 def worker_alive(pid, folder: Path) -> bool:
@@ -186,7 +197,8 @@ class CompareManager(WorkerQueue):
         if proc is not None and proc.poll() is None:
             state, pid = "running", proc.pid
         elif state == "running" and not worker_alive(pid, path):
-            state, message = ended_by_events(path, proc.returncode if proc is not None else None)
+            state, message = ended_by_events(path, proc.returncode if proc is not None else None,
+                                             self._cancels.get(compare_id, 0) > 0)
             RunDir(path).write_status(state=state, message=message, pid=None)
             self._procs.pop(compare_id, None)
         elif state not in ("queued", "running", *FINAL):
@@ -205,8 +217,9 @@ class CompareManager(WorkerQueue):
         self.compares_dir.mkdir(parents=True, exist_ok=True)
         folder = self.compares_dir / new_id(self.compares_dir, "compare")
         (folder / "files").mkdir(parents=True)
-        for path, label in uploads:
-            copy = folder / "files" / f"{len(spec['files']):02d}-{Path(path).name}"
+        for path, label in uploads:  # each in a folder of its own: the copy keeps the name the user gave it
+            copy = folder / "files" / f"{len(spec['files']):02d}" / Path(path).name
+            copy.parent.mkdir()
             shutil.copyfile(path, copy)
             spec["files"].append(str(copy.resolve()))
             spec["labels"].append(label)
@@ -277,8 +290,9 @@ class CompareView:
         self.reader = self.reader or EventReader(self.folder / "events.jsonl")
 
     def changed(self, name: str, value) -> bool:
-        """Is `value` new for page component `name` (and remember it)? Unchanged components are not sent again."""
-        if self.shown.get(name) == value:
+        """Is `value` new for page component `name` (and remember it)? Unchanged components are not sent again; a
+        new view sends each once, None too (the page may still show another compare's grid.png)."""
+        if name in self.shown and self.shown[name] == value:
             return False
         self.shown[name] = value
         return True
