@@ -239,7 +239,7 @@ def test_cli_sweep_prunes_ranks_and_resumes_after_sigterm_with_the_same_table(tm
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "trial"])
     assert lines[header + 1].split()[:3] == ["1", reference["ranking"][0]["name"], "done"]  # printed, best first
-    assert "pruned at rung" in out
+    assert "pruned at step 2: held-out " in out
 
     cut = sweep_cli("--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--name", "cut", *space)
     folder = tmp_path / "runs" / "cut"

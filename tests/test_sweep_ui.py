@@ -143,7 +143,13 @@ def test_bad_input_gets_the_engines_message_naming_the_field(tiny_models, tmp_pa
                                (["", ""], {}, "the search space is empty: give a field its values"),
                                (["network_alpha", "1, -1"], {}, "network.network_alpha = -1"),
                                (["clip_skip", "1, 2"], {}, "model.clip_skip cannot vary"),
-                               (["unet_lr", "1e-4"], {"prune": "sometimes"}, "prune = 'sometimes'")):
+                               (["unet_lr", "1e-4, 1e-3"], {"prune": "sometimes"}, "prune = 'sometimes'"),
+                               # one trial ranks nothing: what Train does, said beside the button (QA S7)
+                               (["unet_lr", "1e-4"], {}, "one trial: use Train for a single run; a sweep ranks "
+                                "several, so give a field two or more values (a, b)"),
+                               (["unet_lr", "1e-5:1e-3:log"], {"search": "random", "trials": 1},
+                                "one trial: use Train for a single run; a sweep ranks several, so set Trials"),
+                               (["network_alpha", "-1"], {}, "network.network_alpha = -1")):  # the value first
         out = start(sweeps, base, pictures, rows, **how)
         assert message in out[N] and "--" not in out[N], out[N]  # the form's controls, not the command line's flags
     out = start(sweeps, base, "", ("unet_lr", "1e-4, 1e-3"))
@@ -180,20 +186,22 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     said, *_ = runs_tab.delete(jobs, trials[0], "")
     assert said.startswith("⚠") and "delete the sweep" in said and (folder / "trial-000" / "output").is_dir()
 
-    state_line, table, plot, best, best_config, view = sweep_tab.refresh(sweeps, sweep_id, None)
+    state_line, table, plot, best, best_config, action, view = sweep_tab.refresh(sweeps, sweep_id, None)
     assert f"**{sweep_id}**: done" in state_line and "2 / 2 trial(s) ended" in state_line
     state = sweep.read(folder)
     assert [row[:4] for row in table] == [[r["rank"], r["name"], f"unet_lr={r['params']['unet_lr']:.4g}", "done"]
                                           for r in state["ranking"]]
     assert sorted(row[2] for row in table) == ["unet_lr=0.0001", "unet_lr=0.001"] and [r[0] for r in table] == [1, 2]
-    assert [float(row[6]) for row in table] == [pytest.approx(r["value"], abs=1e-6) for r in state["ranking"]]
+    # the held-out loss names the step it was measured at (QA S4): here the last step, 2
+    assert [row[6] for row in table] == [f"{r['value']:.4g} @ {r['step']}" for r in state["ranking"]]
+    assert all(r["step"] == 2 for r in state["ranking"])
     assert all(row[4] == "shared forward" and row[5] == 2 for row in table)
     curves = plot["value"]
     assert sorted(curves["trial"].unique()) == ["trial-000", "trial-001"] and sorted(set(curves["step"])) == [0, 1, 2]
     best_name = state["ranking"][0]["name"]
     assert f"Best: **{best_name}**" in best and best_config == (folder / best_name / "config.toml").read_text()
     assert sweep_tab.refresh(sweeps, sweep_id, view)[2]["colors_in_legend"] == ["trial-000", "trial-001"]
-    assert sweep_tab.refresh(sweeps, sweep_id, view)[:5] == [UNCHANGED] * 5  # nothing new: nothing sent
+    assert sweep_tab.refresh(sweeps, sweep_id, view)[:6] == [UNCHANGED] * 6  # nothing new: nothing sent
 
     message, current_run, _ = sweep_tab.full_run(sweeps, jobs, sweep_id)
     assert message.startswith("Queued **") and best_name in message
@@ -202,6 +210,8 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     assert config.to_dict(run_cfg)["optimizer"] == config.to_dict(trial_cfg)["optimizer"]
     assert run_cfg.data.train_data_dir == str(run.dataset.resolve()) and any(run.dataset.glob("*.png"))
 
+    assert sweep_tab.stored_choice(sweeps, sweep_id)["value"] == sweep_id  # a page load finds its sweep again,
+    assert sweep_tab.stored_choice(sweeps, "gone-sweep")["value"] is None  # or none once it is gone (no error)
     chooser, tab, note = sweep_tab.compare_best(sweeps, jobs, sweep_id)
     names = [f"{sweep_id}/{r['name']}" for r in state["ranking"]]
     assert chooser["value"] == names and set(names) <= set(chooser["choices"]) and tab.selected == "compare"
@@ -209,6 +219,8 @@ def test_a_sweep_from_the_train_tab_is_ranked_offered_and_compared(tiny_models, 
     files, note, suggested_by, *_ = compare_tab.choose_runs(jobs, names, "")
     finals = [str((folder / r["name"] / "output" / "lora.safetensors").resolve()) for r in state["ranking"]]
     assert files["value"] == finals and suggested_by == names[0]
+    labels = [label for label, _ in files["choices"]]
+    assert all(label.startswith(f"{sweep_id}/trial-") for label in labels), labels  # two sweeps' trial-000 differ
     compares = CompareManager(runs / ".compares", python=fake_python(tmp_path))
     form = [compare_tab.compares_settings(trial_run(runs, names[0]))[n] if n in compare_tab.SUGGESTED else v
             for n, v in zip(compare_tab.SETTINGS, [None, None, "", "0, 1", None, None, None, None, None, None])]
@@ -253,13 +265,16 @@ def test_cancel_signals_the_worker_and_resume_starts_it_again(tiny_models, tmp_p
     assert wait(sweeps, first, 10) == "done"
     assert (runs / "launches").read_text().split() == [first, second, first]
     assert "only a cancelled, interrupted or failed sweep resumes" in sweep_tab.resume(sweeps, first)
+    assert sweep_tab.cancel(sweeps, first) == "Nothing to cancel: the sweep is done."  # QA S3: not "…: done"
     (runs / "crash").write_text("")
     sweep_tab.resume(sweeps, second)
     assert wait(sweeps, second, 10) == "failed"
     assert "the base model could not be read (exit status 1" in sweeps.info(second).message
+    assert sweep_tab.cancel(sweeps, second) == "Nothing to cancel: the sweep has failed."
     for bad in ("../runs", "nothing"):
         assert sweep_tab.cancel(sweeps, bad).startswith("⚠")
-        assert sweep_tab.refresh(sweeps, bad, None)[0].startswith("⚠")
+    assert sweep_tab.refresh(sweeps, "../runs", None)[0].startswith("⚠ sweep id")
+    assert sweep_tab.refresh(sweeps, "nothing", None)[0] == sweep_tab.NOT_CHOSEN  # a stored id of a sweep now gone
     assert sweep_tab.full_run(sweeps, None, second)[0] == f"⚠ {second} has no finished trial yet"
 
 
@@ -315,7 +330,8 @@ def test_every_trials_curve_is_drawn_live_in_the_browser(browser, tmp_path):  # 
     with gr.Blocks() as demo:
         page_parts = sweep_tab.build()
         sweep_id, view = gr.State("sweep-1"), gr.State(None)
-        gr.Timer(0.5).tick(partial(sweep_tab.refresh, sweeps), [sweep_id, view], [*page_parts.outputs(), view])
+        gr.Timer(0.5).tick(partial(sweep_tab.refresh, sweeps), [sweep_id, view, page_parts.action],
+                           [*page_parts.outputs(), page_parts.action, view])
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -335,15 +351,20 @@ def test_every_trials_curve_is_drawn_live_in_the_browser(browser, tmp_path):  # 
         demo.close()
 
 
+DISARMED = ["", {"__type__": "update", "value": sweep_tab.DELETE}]
+
+
 def test_a_sweep_that_has_ended_is_deleted_with_its_trials_and_a_running_one_is_not(tmp_path):
     """The Runs tab sends a trial's Delete here: the Sweeps tab's Delete removes the sweep's folder and with it
-    its trials' run directories; a queued or running sweep, or a trial a worker trains alone, is refused."""
+    its trials' run directories, asked twice; a queued or running sweep, or a trial a worker trains alone, is
+    refused."""
     runs = tmp_path / "runs"
     folder, other = hand_made_sweep(runs, ["trial-000", "trial-001"]), hand_made_sweep(runs, ["trial-000"], "sweep-2")
     (runs / "hold").write_text("")
     sweeps, jobs = SweepManager(runs, python=fake(tmp_path)), JobManager(runs, devices=[])
     RunDir(folder).write_status(state="queued", message="waiting for its turn")
-    assert sweep_tab.delete(sweeps, "sweep-1") == ["⚠ sweep-1 is queued: cancel it first"] + [UNCHANGED] * 6
+    refused = sweep_tab.delete(sweeps, "sweep-1")
+    assert refused == ["⚠ sweep-1 is queued: cancel it first"] + [UNCHANGED] * 8 + DISARMED
     sweeps.tick()
     launched(runs, ["sweep-1"])
     assert sweep_tab.delete(sweeps, "sweep-1")[0] == "⚠ sweep-1 is running: cancel it first"
@@ -359,11 +380,24 @@ def test_a_sweep_that_has_ended_is_deleted_with_its_trials_and_a_running_one_is_
             zip(compare_tab.SETTINGS, [None, None, "", "0, 1", None, None, None, None, None, None])]
     compare_id = compare_tab.on_compare(compares, jobs, ["sweep-1/trial-000"], [drawn], [], *form)[1]
 
-    said, chooser, *page = sweep_tab.delete(sweeps, "sweep-1")
+    # asked twice (QA S6): the first click says what goes and arms the button; choosing another sweep disarms it
+    said, *kept, armed, button = sweep_tab.delete(sweeps, "sweep-1")
+    assert said.startswith("Deleting **sweep-1** removes its folder (") and "the sweep and its 2 trial(s)" in said
+    assert kept == [UNCHANGED] * 8 and armed == "sweep-1" and folder.is_dir()
+    assert button == {"__type__": "update", "value": "Click again to delete sweep-1 for good"}
+    assert sweep_tab.on_choose("sweep-2") == ["sweep-2", None, *DISARMED]
+    said, *_, armed, button = sweep_tab.delete(sweeps, "sweep-2", "sweep-1")  # armed for sweep-1: asks about sweep-2
+    assert "the sweep and its 1 trial(s)" in said and armed == "sweep-2" and other.is_dir() and folder.is_dir()
+    said, chooser, *page = sweep_tab.delete(sweeps, "sweep-1", "sweep-1")
     assert said == "Deleted sweep-1 and its trials." and chooser == {"__type__": "update", "choices": ["sweep-2"],
                                                                        "value": None}
-    assert page == [sweep_tab.NO_SWEEP, [], None, "", ""]  # the page no longer shows it
+    plot = page.pop(2)
+    assert list(plot.columns) == ["trial", "step", "loss"] and plot.empty  # not None: the page's plot fails on it
+    assert page == [sweep_tab.NOT_CHOSEN, [], "", "", "", None, *DISARMED]  # the page's sweep id cleared, no view
     assert not folder.exists() and (other / "trial-000" / "config.toml").is_file()
+    # a tick that still holds the deleted id (it was on its way) shows no sweep chosen, not "⚠ no sweep 'sweep-1'"
+    state_line, table, plot, *_, view = sweep_tab.refresh(sweeps, "sweep-1", None)
+    assert state_line == sweep_tab.NOT_CHOSEN and table == [] and plot.empty and view is None
     assert runs_tab.table(jobs)[1] == ["sweep-2/trial-000"]  # the Runs tab lists only the other sweep's trial
     chooser, files, *_ = compare_tab.open_tab(compares, jobs, compare_id, [], False)  # a reload of a compare of it
     assert chooser == {"__type__": "update", "choices": []} and files["choices"] == []  # it drew none left
@@ -371,3 +405,53 @@ def test_a_sweep_that_has_ended_is_deleted_with_its_trials_and_a_running_one_is_
                               ("../runs", "⚠ sweep id")):
         assert sweep_tab.delete(sweeps, sweep_id)[0].startswith(message)
     assert other.is_dir()
+
+
+def test_the_action_line_goes_once_the_state_it_spoke_of_has_changed(tmp_path):
+    """QA S3: "…: running (cancelling…)" stayed under the buttons after the sweep was cancelled, and "…: running"
+    after it had finished. The line says the sweep's state after Cancel / Resume; the tick clears it when that state
+    has changed, or when another sweep is shown; any other line (Queued …, Comparing …) stays."""
+    folder = hand_made_sweep(tmp_path / "runs", ["trial-000", "trial-001"])
+    sweeps = SweepManager(tmp_path / "runs")
+    RunDir(folder).write_status(state="queued", message="waiting for its turn")
+    *_, action, view = sweep_tab.refresh(sweeps, "sweep-1", None, "sweep-2: cancelled")
+    assert action == ""  # another sweep's line goes with the sweep
+    said = sweeps.info("sweep-1").summary()
+    assert said == "sweep-1: queued (waiting for its turn)"
+    assert sweep_tab.refresh(sweeps, "sweep-1", view, said)[5] == UNCHANGED  # still so
+    queued_run = "Queued **20261207-072152-character**: trial-000's config as a full run (open it in the Monitor)."
+    RunDir(folder).write_status(state="cancelled", message="stopped; Resume continues every unfinished trial")
+    assert sweep_tab.refresh(sweeps, "sweep-1", view, said)[5] == ""  # stale: it was queued
+    assert sweep_tab.refresh(sweeps, "sweep-1", view, queued_run)[5] == UNCHANGED
+    assert sweep_tab.refresh(sweeps, "sweep-1", view, "")[5] == UNCHANGED  # an empty line is not sent again
+    assert sweep_tab.refresh(sweeps, "sweep-1", view, None)[5] == UNCHANGED  # (the page's empty Markdown)
+    assert sweep_tab.cancel(sweeps, "sweep-1") == "Nothing to cancel: the sweep is cancelled."
+    RunDir(folder).write_status(state="done", message="")
+    assert sweep_tab.cancel(sweeps, "sweep-1") == "Nothing to cancel: the sweep is done."
+
+
+def test_a_pruned_trial_says_at_which_step_and_the_loss_its_step(tmp_path):
+    """QA S5: "pruned: pruned at rung 0: held-out 0.158806, …" reads "pruned at step 2: held-out 0.1588, not in
+    the best 1 of 2"; QA S4: the held-out loss of a trial still training names the step it was measured at (the
+    last validation, not the last step)."""
+    halving = sweep.Halving({"min_step": None, "rungs": {}, "steps": {}, "judged": []})
+    for step, losses in ((2, (0.1404, 0.158806)), (4, (0.12, 0.13))):
+        for name, loss in zip(("trial-000", "trial-001"), losses):
+            halving.report(name, step, loss)
+    assert halving.losers(["trial-000", "trial-001"]) == [
+        ("trial-001", "pruned at step 2: held-out 0.1588, not in the best 1 of 2")]
+    old = sweep.Halving({"min_step": 4, "rungs": {"0": {"a": 0.1, "b": 0.2}}, "judged": []})  # made before "steps"
+    assert old.losers(["a", "b"]) == [("b", "pruned at step 4: held-out 0.2, not in the best 1 of 2")]
+
+    folder = hand_made_sweep(tmp_path / "runs", ["trial-000", "trial-001"])
+    state = sweep.read(folder)
+    state["trials"][1].update(state="pruned", value=0.158806, step=2,
+                              message="pruned at step 2: held-out 0.1588, not in the best 1 of 2")
+    sweep.write(folder, state)
+    RunDir(folder / "trial-000").write_status(state="running", message="")
+    held_out(folder, "trial-000", [0, 12])
+    EventWriter(folder / "trial-000").emit("step", step=15, total_steps=16, epoch=0, loss=0.2, lr=1e-4)
+    _, table, *_ = sweep_tab.refresh(SweepManager(tmp_path / "runs"), "sweep-1", None)
+    assert table[0][3:] == ["pruned at step 2: held-out 0.1588, not in the best 1 of 2", "shared forward", 2,
+                            "0.1588 @ 2"]
+    assert table[1][3:] == ["training", "shared forward", 15, f"{1 / 13:.4g} @ 12"]  # at step 15, measured at 12

@@ -80,7 +80,7 @@ def create(runs_dir: Path, source: Path, space: dict, search: str, trials: int =
     config.save(config.from_dict(base), folder / "base.toml")
     sweep = {"version": 1, "id": folder.name, "base": "base.toml", "space": space, "search": search,
              "trials_wanted": wanted, "parallel": max(1, min(parallel or wanted, wanted)), "prune": prune,
-             "seed": seed, "trials": [], "halving": {"min_step": None, "rungs": {}, "judged": []}}
+             "seed": seed, "trials": [], "halving": {"min_step": None, "rungs": {}, "steps": {}, "judged": []}}
     write(folder, sweep)
     return folder
 
@@ -144,7 +144,8 @@ class Halving:
     implements) at the held-out checkpoints. Rung r is a trial's first held-out loss at or after min_step·ETA^r
     steps (min_step: the sweep's first checkpoint after step 0). A trial is judged at a rung once every trial
     training beside it has reached the rung: it stops unless its loss is among the best ⌈n/ETA⌉ of the n trials
-    (of every round) that reached it. Its state lives in sweep.json, so a resumed sweep judges the same way."""
+    (of every round) that reached it. Its state lives in sweep.json, so a resumed sweep judges the same way; `steps`
+    keeps the step each rung's loss was measured at, for the message (a sweep made before it says the rung's step)."""
 
     def __init__(self, state: dict):
         self.state = state
@@ -157,6 +158,7 @@ class Halving:
         r = 0
         while st["min_step"] * ETA ** r <= step:
             st["rungs"].setdefault(str(r), {}).setdefault(name, value)
+            st.setdefault("steps", {}).setdefault(f"{name}@{r}", step)
             r += 1
 
     def losers(self, training: list[str]) -> list[tuple[str, str]]:
@@ -170,6 +172,7 @@ class Halving:
                 if f"{n}@{r}" not in self.state["judged"]:
                     self.state["judged"].append(f"{n}@{r}")
                     if n not in keep and n not in (x for x, _ in out):
-                        out.append((n, f"pruned at rung {r}: held-out {values[n]:.6f}, not in the best "
+                        step = self.state.get("steps", {}).get(f"{n}@{r}", self.state["min_step"] * ETA ** int(r))
+                        out.append((n, f"pruned at step {step}: held-out {values[n]:.4g}, not in the best "
                                        f"{len(keep)} of {len(values)}"))
         return out

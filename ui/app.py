@@ -147,15 +147,15 @@ def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer
     form.start.click(partial(sweep_tab.on_start_sweep, sweeps),
                      [train.base, train.preset, dataset_dir, ds.trigger, *train.form(), *form.form()],
                      [*train.form(), form.status, tabs, sweep_id, page.chosen])
-    demo.load(lambda s: gr.update(choices=[x.sweep_id for x in sweeps.sweeps()], value=s or None), sweep_id,
-              page.chosen)
-    page.chosen.change(lambda s: (s or "", None), page.chosen, [sweep_id, sweep_view])
+    demo.load(partial(sweep_tab.stored_choice, sweeps), sweep_id, page.chosen)
+    page.chosen.change(sweep_tab.on_choose, page.chosen, [sweep_id, sweep_view, page.armed, page.delete])
     timer.tick(partial(sweep_tab.sweep_choices, sweeps), None, page.chosen, show_progress="hidden")
-    timer.tick(partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view], [*page.outputs(), sweep_view],
-               show_progress="hidden")
+    timer.tick(partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view, page.action],
+               [*page.outputs(), page.action, sweep_view], show_progress="hidden")
     page.cancel.click(partial(sweep_tab.cancel, sweeps), sweep_id, page.action)
     page.resume.click(partial(sweep_tab.resume, sweeps), sweep_id, page.action)
-    page.delete.click(partial(sweep_tab.delete, sweeps), sweep_id, [page.action, page.chosen, *page.outputs()])
+    page.delete.click(partial(sweep_tab.delete, sweeps), [sweep_id, page.armed],
+                      [page.action, page.chosen, *page.outputs(), sweep_id, sweep_view, page.armed, page.delete])
     page.full_run.click(partial(sweep_tab.full_run, sweeps, jobs), sweep_id, [page.action, current_run, view])
     page.compare.click(partial(sweep_tab.compare_best, sweeps, jobs), sweep_id, [compare.runs, tabs, page.action])
 

@@ -38,9 +38,11 @@ EXIT_CANCELLED = 3
 
 def run_files(run: RunDir) -> list[dict]:
     """The run's saved files, oldest first: {path, name, epoch, step, held_out, label}; the label names the run
-    ("r / lora-000002 (epoch 2, step 8)"), so files of several runs stay apart. Epoch, step and held-out loss from
-    the run's checkpoint and validation events, else from the file's metadata."""
+    ("r / lora-000002 (epoch 2, step 8)"; a sweep's trial as "<sweep>/trial-000"), so files of several runs stay
+    apart. Epoch, step and held-out loss from the run's checkpoint and validation events, else from the file's
+    metadata."""
     events = read_all(run.path)
+    name = f"{run.path.parent.name}/{run.id}" if (run.path.parent / "sweep.json").is_file() else run.id  # a trial
     saved = {e["path"]: e for e in events if e["type"] == "checkpoint"}
     held = {e["step"]: e["loss"] for e in events if e["type"] == "validation"}
     found = []
@@ -50,7 +52,7 @@ def run_files(run: RunDir) -> list[dict]:
         epoch = event.get("epoch", number(meta.get("ss_epoch"), int))
         loss = held.get(step, number(meta.get("ss_validation_loss")))
         found.append({"path": str(path.resolve()), "name": path.name, "epoch": epoch, "step": step,
-                      "held_out": loss, "label": f"{run.id} / {file_label(path.stem, epoch, step)}"})
+                      "held_out": loss, "label": f"{name} / {file_label(path.stem, epoch, step)}"})
     return sorted(found, key=lambda f: (f["step"] is None, f["step"] or 0, f["name"]))
 
 

@@ -4,7 +4,7 @@ run, a Compare of the best 3, Cancel, Resume and Delete).
 
 The handlers are plain functions (values in, values out) over a SweepManager (ui/sweeps.py) and the JobManager;
 the sweep is made by the engine (trainer/sweep.py), whose ConfigError names the field. The page's sweep id is kept
-in the browser's storage, so a reload shows the same sweep.
+in the browser's storage, so a reload shows the same sweep. Delete is asked twice (ui/confirm.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,22 @@ import gradio as gr
 import pandas as pd
 
 from trainer import config, sweep, sweep_space
-from ui import train_tab
+from ui import confirm, train_tab
 from ui.jobs import JobManager
-from ui.sweeps import SweepManager, SweepView, final_file, params_text, space_of
+from ui.sweeps import NoSweep, SweepInfo, SweepManager, SweepView, final_file, params_text, space_of
 
 ROWS = 3  # "field | values" rows of the form
-HEADERS = ["rank", "trial", "params", "state", "group", "step", "held-out loss"]
+HEADERS = ["rank", "trial", "params", "state", "group", "step", "held-out loss @ step"]
+WIDTHS = ["60px", "100px", "22%", "28%", "20%", "60px", "130px"]  # so "rank" and "step" do not wrap inside the word
 NO_SWEEP = "Choose a sweep, or start one from the Train tab's Sweep section."
+NOT_CHOSEN = "No sweep chosen."
+CHOOSE_FIRST = "Choose a sweep first."
+DELETE = "Delete"
+WHOLE_SWEEP = ("Cancel, Resume and Delete act on the whole sweep: a single trial is stopped only by the pruner "
+               "(*Stop trials clearly behind*, in the Train tab's Sweep section).")
+NOTHING_TO_CANCEL = {"done": "the sweep is done", "cancelled": "the sweep is cancelled",
+                     "failed": "the sweep has failed", "interrupted": "the sweep was interrupted",
+                     "created": "the sweep has not started"}
 EXAMPLE = [("unet_lr", "1e-4, 5e-4, 1e-3"), ("", ""), ("", "")]  # e.g. network_type "lora, lokr", network_dim "4, 8"
 def sweepable_fields() -> list[str]:
     """The config fields a sweep may vary: every field but those the trials must share (sweep_space.REFUSED)."""
@@ -84,6 +93,7 @@ def on_start_sweep(sweeps: SweepManager, base: str, preset: str, folder: str, tr
         cfg = train_tab.build_config(base, preset, Path(folder) if folder else None, trigger, train_tab.FIELDS,
                                      form)
         space = space_of(zip(rows[0::2], rows[1::2]))
+        one_trial(cfg, space, search, int(trials or 0))
         info = sweeps.create(cfg, Path(folder), space, search, int(trials or 0), int(parallel or 0), prune)
     except config.ConfigError as e:  # the engine's message, naming the field
         return [*train_tab.field_errors(train_tab.FIELDS, e), f"⚠ {e}", *no_change]
@@ -94,6 +104,15 @@ def on_start_sweep(sweeps: SweepManager, base: str, preset: str, folder: str, tr
             f"Sweep **{info.sweep_id}** {info.state}: {state['trials_wanted']} trial(s), {state['search']} search.",
             gr.Tabs(selected="sweeps"), info.sweep_id,
             gr.update(choices=[s.sweep_id for s in sweeps.sweeps()], value=info.sweep_id)]
+
+
+def one_trial(cfg, space: dict, search: str, trials: int) -> None:
+    """A sweep of one trial ranks nothing and trains what Train would, inside a sweep: refused, saying what to do
+    (after the engine's own checks, so a bad value is named first)."""
+    if sweep_space.check(config.to_dict(cfg), space, search, trials) == 1:
+        more = ("give a field two or more values (a, b)" if search == "grid" else
+                "set Trials (random / tpe) to 2 or more")
+        raise ValueError(f"one trial: use Train for a single run; a sweep ranks several, so {more}")
 
 
 # --- the Sweeps tab ---
@@ -112,6 +131,7 @@ class SweepTab:
     full_run: gr.Button
     compare: gr.Button
     action: gr.Markdown
+    armed: gr.State  # the sweep a first click on Delete asked about
 
     def outputs(self) -> list:
         return [self.state, self.table, self.plot, self.best, self.best_config]
@@ -122,9 +142,10 @@ def build() -> SweepTab:
         chosen = gr.Dropdown(label="Sweep", choices=[], elem_id="sweep-choose", scale=3)
         cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
         resume = gr.Button("Resume", elem_id="sweep-resume")
-        delete = gr.Button("Delete", variant="stop", elem_id="sweep-delete")
+        delete = gr.Button(DELETE, variant="stop", elem_id="sweep-delete")
+    gr.Markdown(WHOLE_SWEEP, elem_id="sweep-whole")
     state = gr.Markdown(NO_SWEEP, elem_id="sweep-state")
-    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, elem_id="sweep-table")
+    table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, column_widths=WIDTHS, elem_id="sweep-table")
     plot = gr.LinePlot(x="step", y="loss", color="trial", title="Held-out loss of each trial", x_title="step",
                        y_title="held-out loss", elem_id="sweep-plot")
     best = gr.Markdown(elem_id="sweep-best")
@@ -133,34 +154,49 @@ def build() -> SweepTab:
         full_run = gr.Button("Start as a full run", variant="primary", elem_id="sweep-full-run")
         compare = gr.Button("Compare the best 3", elem_id="sweep-compare-best")
     action = gr.Markdown(elem_id="sweep-action")
-    return SweepTab(chosen, state, cancel, resume, delete, table, plot, best, best_config, full_run, compare, action)
+    return SweepTab(chosen, state, cancel, resume, delete, table, plot, best, best_config, full_run, compare, action,
+                    gr.State(""))
 
 
 def sweep_choices(sweeps: SweepManager) -> dict:
     return gr.update(choices=[s.sweep_id for s in sweeps.sweeps()])
 
 
+def stored_choice(sweeps: SweepManager, stored: str) -> dict:
+    """The chooser on a page load: the sweep the browser had, if it is still there (deleted elsewhere: none)."""
+    ids = [s.sweep_id for s in sweeps.sweeps()]
+    return gr.update(choices=ids, value=stored if stored in ids else None)
+
+
 def table_rows(rows: list[dict]) -> list[list]:
-    def state_text(r):
-        return r["state"] + (f": {r['message']}" if r["message"] else "")
+    def state_text(r):  # "pruned at step 2: …", not "pruned: pruned at …"
+        return r["message"] if r["message"].startswith(r["state"]) else r["state"] + (
+            f": {r['message']}" if r["message"] else "")
 
     return [[r["rank"] if r["rank"] is not None else "", r["name"], params_text(r["params"]), state_text(r),
              r["group"], r["step"] if r["step"] is not None else "",
-             f"{r['held_out']:.6f}" if r["held_out"] is not None else ""] for r in rows]
+             f"{r['held_out']:.4g} @ {r['held_at']}" if r["held_out"] is not None else ""] for r in rows]
 
 
-def refresh(sweeps: SweepManager, sweep_id: str, view: SweepView | None) -> list:
-    """[state line, table, plot, best line, best config, view]: gr.update() (nothing sent) where nothing changed. An
-    id that names no sweep here (it comes from the browser's storage) shows none."""
+def empty_plot() -> pd.DataFrame:
+    """No curves: the page's plot takes an empty frame (None has it fail reading its element's width)."""
+    return pd.DataFrame([], columns=["trial", "step", "loss"])
+
+
+def refresh(sweeps: SweepManager, sweep_id: str, view: SweepView | None, action: str = "") -> list:
+    """[state line, table, plot, best line, best config, action line, view]: gr.update() (nothing sent) where nothing
+    changed. An id that names no sweep here (it comes from the browser's storage) shows none. The action line goes
+    once it is stale: when another sweep is shown, or when it said this sweep's state and the state has changed."""
     same = gr.update()
     if not sweep_id:
-        return [same] * 5 + [None]
+        return [same] * 6 + [None]
+    fresh, action = view is None or view.sweep_id != sweep_id, action or ""  # an empty Markdown gives None
     try:
-        if view is None or view.sweep_id != sweep_id:
-            view = sweeps.view(sweep_id)
+        view = sweeps.view(sweep_id) if fresh else view
         info, state = sweeps.info(sweep_id), view.read()
     except (ValueError, OSError) as e:
-        return [f"⚠ {e}", [], None, "", "", None]
+        return [NOT_CHOSEN if isinstance(e, NoSweep) else f"⚠ {e}", [], empty_plot(), "", "", "", None]
+    stale = fresh or (action.startswith(f"{info.sweep_id}: ") and action != info.summary())
     rows = view.trials(state)
     done = sum(r["state"] in sweep.FINAL for r in rows)
     line = (f"**{info.sweep_id}**: {info.state}" + (f" ({info.message})" if info.message else "")
@@ -174,6 +210,7 @@ def refresh(sweeps: SweepManager, sweep_id: str, view: SweepView | None) -> list
             plot_update(view),
             best_line if view.changed("best", best_line) else same,
             text if view.changed("config", text := view.best_config(state)) else same,
+            "" if stale and action else same,
             view]
 
 
@@ -191,29 +228,56 @@ def plot_update(view: SweepView) -> dict:
 
 
 def cancel(sweeps: SweepManager, sweep_id: str) -> str:
+    """The sweep's state after the cancel (the action line, cleared by `refresh` once that state has changed);
+    for a sweep that is neither queued nor running, that there is nothing to cancel."""
     try:
-        return sweeps.cancel(sweep_id).summary() if sweep_id else "Choose a sweep first."
+        if not sweep_id:
+            return CHOOSE_FIRST
+        state = sweeps.info(sweep_id).state
+        if state in NOTHING_TO_CANCEL:
+            return f"Nothing to cancel: {NOTHING_TO_CANCEL[state]}."
+        return sweeps.cancel(sweep_id).summary()
     except ValueError as e:
         return f"⚠ {e}"
 
 
-def delete(sweeps: SweepManager, sweep_id: str) -> list:
-    """Delete the chosen sweep and its trials (not a queued or running one): [message, the sweeps' chooser, the
-    page's state line, table, plot, best line, best config]."""
-    kept = [gr.update()] * 6
+def on_choose(sweep_id: str) -> list:
+    """[the page's sweep id, its view (made anew by the next tick), the armed sweep, the Delete button] for a newly
+    chosen sweep (or none): a Delete asked about another sweep is put back."""
+    return [sweep_id or "", None, *confirm.disarmed(DELETE)]
+
+
+def delete(sweeps: SweepManager, sweep_id: str, armed: str = "") -> list:
+    """Delete the chosen sweep and its trials (not a queued or running one), asked twice: [message, the sweeps'
+    chooser, the page's state line, table, plot, best line, best config, the page's sweep id, its view, the armed
+    sweep, the Delete button]. The first click says what goes and arms the button; a second one deletes."""
+    kept = [gr.update()] * 8
     if not sweep_id:
-        return ["Choose a sweep first.", *kept]
+        return [CHOOSE_FIRST, *kept, *confirm.disarmed(DELETE)]
     try:
+        info = sweeps.deletable(sweep_id)
+        go, armed, button = confirm.ask_twice(DELETE, armed, sweep_id)
+        if not go:
+            return [what_goes(info), *kept, armed, button]
         sweeps.delete(sweep_id)
     except (ValueError, OSError) as e:
-        return [f"⚠ {e}", *kept]
+        return [f"⚠ {e}", *kept, *confirm.disarmed(DELETE)]
     return [f"Deleted {sweep_id} and its trials.", gr.update(choices=[s.sweep_id for s in sweeps.sweeps()],
-                                                              value=None), NO_SWEEP, [], None, "", ""]
+                                                              value=None),
+            NOT_CHOSEN, [], empty_plot(), "", "", "", None, armed, button]
+
+
+def what_goes(info: SweepInfo) -> str:
+    trials = len(sweep.read(info.path)["trials"])
+    size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file()) / 2**20
+    return (f"Deleting **{info.sweep_id}** removes its folder ({size:.1f} MB): the sweep and its {trials} trial(s), "
+            "with their saved LoRA files, samples and resumable state (a full run started from a trial is a run "
+            "of its own and stays). Click the button again to delete it for good.")
 
 
 def resume(sweeps: SweepManager, sweep_id: str) -> str:
     try:
-        return sweeps.resume(sweep_id).summary() if sweep_id else "Choose a sweep first."
+        return sweeps.resume(sweep_id).summary() if sweep_id else CHOOSE_FIRST
     except ValueError as e:
         return f"⚠ {e}"
 
@@ -223,7 +287,7 @@ def full_run(sweeps: SweepManager, jobs: JobManager, sweep_id: str) -> list:
     [message, the Monitor's run, its view]."""
     try:
         if not sweep_id:
-            raise ValueError("Choose a sweep first.")
+            raise ValueError(CHOOSE_FIRST)
         best = sweep.read(sweeps.folder(sweep_id)).get("best")
         if not best:
             raise ValueError(f"{sweep_id} has no finished trial yet")
@@ -243,7 +307,7 @@ def compare_best(sweeps: SweepManager, jobs: JobManager, sweep_id: str, count: i
 
     try:
         if not sweep_id:
-            raise ValueError("Choose a sweep first.")
+            raise ValueError(CHOOSE_FIRST)
         state = sweep.read(sweeps.folder(sweep_id))
         names = [f"{sweep_id}/{n}" for n in SweepView(sweep_id, sweeps.folder(sweep_id)).best_trials(state, 99)
                  if final_file(sweeps.trial(sweep_id, n)) is not None][:count]

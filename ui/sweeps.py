@@ -34,6 +34,10 @@ EXIT_CANCELLED, EXIT_LOCKED = 3, 4  # trainer/sweep_run.py's exit codes
 RESUMABLE = ("cancelled", "interrupted", "failed", "created")
 
 
+class NoSweep(ValueError):
+    """A plain name that names no sweep folder (any more): a page whose stored sweep is gone shows none chosen."""
+
+
 # --- the search space, as a form or a script gives it ---
 
 def space_of(rows) -> dict:
@@ -129,7 +133,7 @@ class SweepManager(WorkerQueue):
         """The sweep's folder; ValueError unless `sweep_id` is a plain name of a sweep folder in the runs folder."""
         path = inside(self.runs_dir, sweep_id, "sweep id")
         if not (path / sweep.SWEEP_FILE).is_file():
-            raise ValueError(f"no sweep {sweep_id!r}")
+            raise NoSweep(f"no sweep {sweep_id!r}")
         return path
 
     def trial(self, sweep_id, name) -> RunDir:
@@ -221,17 +225,22 @@ class SweepManager(WorkerQueue):
         self.tick()
         return self.info(sweep_id)
 
+    def deletable(self, sweep_id: str) -> SweepInfo:
+        """The sweep, if it may be deleted now; ValueError for a queued or running sweep, or while a worker trains
+        one of its trials alone."""
+        info = self.info(sweep_id)
+        if info.state in ("queued", "running"):
+            raise ValueError(f"{sweep_id} is {info.state}: cancel it first")
+        for trial in (p for p in info.path.iterdir() if p.is_dir()):
+            if RunDir(trial).holder() is not None:
+                raise ValueError(f"{sweep_id}/{trial.name} is being trained: cancel that worker first")
+        return info
+
     def delete(self, sweep_id: str) -> None:
         """Delete a sweep no worker trains, with its trials: they are run directories inside its folder (and
-        trials only: a full run started from one is a run of its own). ValueError for a queued or running sweep,
-        or while a worker trains one of its trials alone."""
+        trials only: a full run started from one is a run of its own). ValueError as `deletable`."""
         with self._lock:  # so the queue does not start it meanwhile
-            info = self.info(sweep_id)
-            if info.state in ("queued", "running"):
-                raise ValueError(f"{sweep_id} is {info.state}: cancel it first")
-            for trial in (p for p in info.path.iterdir() if p.is_dir()):
-                if RunDir(trial).holder() is not None:
-                    raise ValueError(f"{sweep_id}/{trial.name} is being trained: cancel that worker first")
+            info = self.deletable(sweep_id)
             shutil.rmtree(info.path)
             self._procs.pop(sweep_id, None)
             self._cancels.pop(sweep_id, None)
@@ -280,7 +289,8 @@ class SweepView:
         return state
 
     def trials(self, state: dict) -> list[dict]:
-        """One row per trial, ranked first: name, params, state (with the reason), group, step, held-out, rank."""
+        """One row per trial, ranked first: name, params, state (with the reason), group, step, held-out loss and
+        the step it was measured at (held_at: the last held-out checkpoint, often before the trial's step), rank."""
         ranks = {r["name"]: r["rank"] for r in state.get("ranking", [])}
         rows = []
         for t in state["trials"]:
@@ -292,9 +302,10 @@ class SweepView:
             step = self.steps.get(t["name"], {}).get("step", t["step"])
             group = ("shared forward" if t["group"] == "shared" else f"trained alone: {t['why_alone']}"
                      if t["group"] == "alone" else "")
+            at, value = (t["step"], t["value"]) if t["value"] is not None else held[-1] if held else (None, None)
             rows.append({"rank": ranks.get(t["name"]), "name": t["name"], "params": t["params"],
                          "state": trial_state, "message": t["message"], "group": group, "step": step,
-                         "held_out": t["value"] if t["value"] is not None else (held[-1][1] if held else None)})
+                         "held_out": value, "held_at": at})
         return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["name"]))
 
     def curves(self) -> list[dict]:
