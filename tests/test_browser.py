@@ -244,8 +244,9 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     page.screenshot(path=str(SHOTS / "monitor.png"), full_page=True)
     page.get_by_role("tab", name="Runs").click()
     page.locator("#runs-table").get_by_text("done").filter(visible=True).first.wait_for(timeout=10000)
-    page.locator("#runs-choose input").click()
-    page.get_by_role("option").first.click()
+    page.locator("#runs-table").get_by_text(run_dir.name).filter(visible=True).first.click()  # a row chooses its run
+    page.wait_for_function(f"() => document.querySelector('#runs-choose input').value === '{run_dir.name}'",
+                           timeout=10000)
     page.locator('#runs-files a[download="lora-000001.safetensors"]').wait_for(timeout=10000)  # an epoch file
     page.locator("#runs-best").get_by_text(f"Best: {files[best]}").wait_for(timeout=15000)
     assert page.locator("#runs-files a[download]").first.get_attribute("download") == files[best]

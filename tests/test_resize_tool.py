@@ -12,7 +12,14 @@ from ui.resize_tool import resize
 
 
 def test_no_file_chosen(tmp_path):
-    assert resize(None, 0, 0.9, 0, tmp_path) == ("⚠ Choose a .safetensors LoRA file first.", None)
+    assert resize(None, 0, 0.9, 0, tmp_path) == ("⚠ Drop a .safetensors LoRA file, or choose a run and one of its "
+                                                 "files, first.", None)
+
+
+def test_a_file_of_the_chosen_run_resizes_without_an_upload(tiny_models, tmp_path):
+    saved = lora_file(tiny_models, "sd1", tmp_path / "run" / "output" / "lora.safetensors")
+    message, path = resize(None, 2, 0, 0, tmp_path / "out", saved=str(saved))
+    assert Path(path).name == "lora-r2.safetensors" and max(ranks(Path(path)).values()) == 2, message
 
 
 def test_a_resize_writes_the_smaller_file_and_shows_the_summary(tiny_models, tmp_path):

@@ -396,8 +396,9 @@ def test_a_sweep_that_has_ended_is_deleted_with_its_trials_and_a_running_one_is_
     assert page == [sweep_tab.NOT_CHOSEN, [], "", "", "", None, *DISARMED]  # the page's sweep id cleared, no view
     assert not folder.exists() and (other / "trial-000" / "config.toml").is_file()
     # a tick that still holds the deleted id (it was on its way) shows no sweep chosen, not "⚠ no sweep 'sweep-1'"
-    state_line, table, plot, *_, view = sweep_tab.refresh(sweeps, "sweep-1", None)
+    state_line, table, plot, *_, action, view = sweep_tab.refresh(sweeps, "sweep-1", None, said)
     assert state_line == sweep_tab.NOT_CHOSEN and table == [] and plot.empty and view is None
+    assert action == UNCHANGED  # "Deleted sweep-1 and its trials." stays under the buttons
     assert runs_tab.table(jobs)[1] == ["sweep-2/trial-000"]  # the Runs tab lists only the other sweep's trial
     chooser, files, *_ = compare_tab.open_tab(compares, jobs, compare_id, [], False)  # a reload of a compare of it
     assert chooser == {"__type__": "update", "choices": []} and files["choices"] == []  # it drew none left

@@ -1,6 +1,7 @@
 """The Train, Monitor and Runs tabs' handlers without a browser: plain values in, plain values out."""
 
 import json
+import time
 
 import pandas as pd
 import pytest
@@ -92,6 +93,7 @@ def test_the_held_out_curve_and_the_best_file_show(jobs):
     line = "**Best:** lora-000002.safetensors — held-out loss 0.0812 at step 4, epoch 2"
     assert best == line
     assert files[0] == str(run.output / "lora-000002.safetensors") and len(files) == 4
+    assert runs_tab.table(jobs)[0][0][3] == "0.0812 (epoch 2)"  # the runs table's best held-out column
     runs_files, runs_best = runs_tab.choose(jobs, "scored")
     assert runs_best == line and runs_files == files
     assert runs_tab.files_of(jobs, "scored") == files
@@ -146,15 +148,23 @@ def test_no_run_or_a_deleted_run(jobs):
 def test_runs_table_files_and_delete(jobs):
     finished_run(jobs, "old")
     finished_run(jobs, "new")
-    rows, ids = runs_tab.table(jobs)
-    assert ids == ["new", "old"] and rows[0] == ["new", "done", ""]
+    views = {}
+    rows, ids = runs_tab.table(jobs, views)
+    assert ids == ["new", "old"] and rows[0][:5] == ["new", "done", "3 / 6", "", "demo"] and rows[0][6] == ""
+    assert rows[0][5].startswith(time.strftime("%Y-%m-%d"))  # started
+    with open(jobs.run_dir("new").events, "a") as f:
+        f.write(json.dumps(step(4)) + "\n")
+    assert runs_tab.table(jobs, views)[0][0][2] == "4 / 6"  # read on from where the last refresh stopped
+    assert runs_tab.on_select(type("Select", (), {"row_value": rows[1]})())["value"] == "old"  # a click on a row
     assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
     said, current, files, best, armed, button, chooser = runs_tab.delete(jobs, "old", current="old")  # asked first
     assert said.startswith("Deleting **old** removes its folder (") and "its 1 saved LoRA file(s)" in said
     assert (current, files, best, armed) == ("old", UNCHANGED, UNCHANGED, "old")
     assert button["value"] == "Click again to delete old for good"
     assert (jobs.runs_dir / "old").is_dir()  # nothing gone yet
-    *_, armed, _ = runs_tab.on_choose(jobs, "new")  # choosing another run puts the button back
+    *_, armed, _, resizable = runs_tab.on_choose(jobs, "new")  # choosing another run puts the button back
+    new_lora = str(jobs.runs_dir / "new" / "output" / "lora.safetensors")  # and offers its files to the Resize tool
+    assert resizable["choices"] == [("lora.safetensors", new_lora)] and resizable["value"] == new_lora
     assert armed == "" and runs_tab.delete(jobs, "old", "old", armed)[4] == "old"  # so this asks again
     assert runs_tab.delete(jobs, "old", "old", "old") == ("Deleted old.", "", None, "", "", {
         "__type__": "update", "value": "Delete"}, {"__type__": "update", "value": None})  # the chooser cleared too

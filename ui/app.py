@@ -7,6 +7,7 @@ and every component a test clicks has an elem_id "<tab>-<field>".
 from __future__ import annotations
 
 import secrets
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -100,13 +101,17 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> N
 
 
 def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
+    views, reading = {}, threading.Lock()  # every page's table from one set of run views, read one tick at a time
+
     def refresh_table():
-        rows, ids = runs_tab.table(jobs)
+        with reading:
+            rows, ids = runs_tab.table(jobs, views)
         return rows, gr.update(choices=ids)
 
     timer.tick(refresh_table, None, [runs.table, runs.chosen])
+    runs.table.select(runs_tab.on_select, None, runs.chosen)
     runs.chosen.change(partial(runs_tab.on_choose, jobs), runs.chosen,
-                       [runs.files, runs.best, runs.status, runs.armed, runs.delete])
+                       [runs.files, runs.best, runs.status, runs.armed, runs.delete, runs.resize_saved])
     runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor"), "") if r
                     else (gr.update(), gr.update(), gr.update(), runs_tab.CHOOSE_FIRST),
                     runs.chosen, [current_run, view, tabs, runs.status])

@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI_PREFIX = "python -m trainer resize: "  # and argparse's "…: error: "
 
 
-def resize(source: str | None, rank: float, energy: float, drop: float, out_dir: Path) -> tuple[str, str | None]:
-    """(summary or error message, path of the new file or None)."""
+def resize(source: str | None, rank: float, energy: float, drop: float, out_dir: Path,
+           saved: str | None = None) -> tuple[str, str | None]:
+    """(summary or error message, path of the new file or None) for the dropped file `source`, else the chosen
+    run's file `saved`."""
+    source = source or saved
     if not source:
-        return "⚠ Choose a .safetensors LoRA file first.", None
+        return "⚠ Drop a .safetensors LoRA file, or choose a run and one of its files, first.", None
     if not (rank or energy or drop):
         return "⚠ nothing to do: set Rank cap, Energy to keep and/or Drop this fraction of modules above 0", None
     src = Path(source)
@@ -61,12 +64,15 @@ def for_the_page(text: str, src: Path, dst: Path) -> str:
     return text.replace(str(src), src.name).replace(str(dst), dst.name)
 
 
-def build(out_dir: Path) -> None:
+def build(out_dir: Path) -> gr.Dropdown:
+    """The section; returns its chooser of the chosen run's files, which the Runs tab fills."""
     with gr.Accordion("Resize a LoRA file (smaller rank, kept energy, LoRA-drop)", open=False,
                       elem_id="resize-section"):
         gr.Markdown("Works on any kohya-format LoRA / LoCon file, ours or downloaded. Give a rank cap, an energy "
                     "to keep (e.g. 0.9 keeps 90 % of each module's update), a fraction of modules to drop, or several.")
-        source = gr.File(label="LoRA file (.safetensors)", file_types=[".safetensors"], elem_id="resize-source")
+        with gr.Row():
+            source = gr.File(label="LoRA file (.safetensors)", file_types=[".safetensors"], elem_id="resize-source")
+            saved = gr.Dropdown(label="…or a file of the run chosen above", choices=[], elem_id="resize-saved")
         with gr.Row():
             rank = gr.Number(value=0, label="Rank cap (0 = off)", precision=0, elem_id="resize-rank")
             energy = gr.Number(value=0.9, label="Energy to keep (0 = off)", elem_id="resize-energy")
@@ -74,4 +80,12 @@ def build(out_dir: Path) -> None:
         button = gr.Button("Resize", elem_id="resize-run")
         report = gr.Markdown(elem_id="resize-report")
         result = gr.File(label="Resized file", interactive=False, elem_id="resize-result")
-    button.click(lambda s, r, e, d: resize(s, r, e, d, out_dir), [source, rank, energy, drop], [report, result])
+    button.click(lambda s, r, e, d, f: resize(s, r, e, d, out_dir, f), [source, rank, energy, drop, saved],
+                 [report, result])
+    return saved
+
+
+def run_files(paths: list[str] | None) -> dict:
+    """The chooser's choices for a newly chosen run: its LoRA files (the best first), by name."""
+    files = [p for p in paths or [] if p.endswith(".safetensors")]
+    return gr.update(choices=[(Path(p).name, p) for p in files], value=files[0] if files else None)

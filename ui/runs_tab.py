@@ -3,6 +3,8 @@ tool."""
 
 from __future__ import annotations
 
+import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,11 +12,11 @@ import gradio as gr
 
 from trainer.events import read_all
 from ui import confirm, resize_tool
-from ui.jobs import JobManager
+from ui.jobs import JobManager, RunInfo
 from ui.monitor import RunView
 from ui.monitor_tab import cancel_unless_ended, outcome
 
-HEADERS = ["run", "state", "message"]
+HEADERS = ["run", "state", "steps", "best held-out", "base", "started", "message"]
 DELETE = "Delete"
 CHOOSE_FIRST = "Choose a run first."
 
@@ -32,6 +34,7 @@ class RunsTab:
     cancel: gr.Button
     resume: gr.Button
     armed: gr.State  # the run a first click on Delete asked about
+    resize_saved: gr.Dropdown  # the Resize section's chooser of this run's files
 
 
 def build(resized_dir: Path) -> RunsTab:
@@ -48,15 +51,46 @@ def build(resized_dir: Path) -> RunsTab:
     best = gr.Markdown(elem_id="runs-best")
     files = gr.File(label="Files of the chosen run (the best first)", file_count="multiple", interactive=False,
                     elem_id="runs-files", elem_classes=["downloads"])
-    resize_tool.build(resized_dir)
+    saved = resize_tool.build(resized_dir)
     return RunsTab(table, chosen, open_btn, delete_btn, compare_btn, status, best, files, cancel_btn, resume_btn,
-                   gr.State(""))
+                   gr.State(""), saved)
 
 
-def table(jobs: JobManager) -> tuple[list[list[str]], list[str]]:
-    """(rows of the table, run ids for the chooser): the runs newest first, then the sweeps' trials."""
+def table(jobs: JobManager, views: dict | None = None) -> tuple[list[list[str]], list[str]]:
+    """(rows of the table, run ids for the chooser): the runs newest first, then the sweeps' trials. `views` keeps
+    each run's RunView between calls, so a refresh reads only the events appended since."""
+    views = {} if views is None else views
     runs = jobs.listed()
-    return [[r.run_id, r.state, r.message] for r in runs], [r.run_id for r in runs]
+    for gone in set(views) - {r.run_id for r in runs}:
+        del views[gone]
+    for r in runs:
+        if r.run_id not in views:
+            views[r.run_id] = RunView.of(jobs.run_dir(r.run_id)), base_name(r.path)
+    return [row(r, *views[r.run_id]) for r in runs], [r.run_id for r in runs]
+
+
+def row(info: RunInfo, view: RunView, base: str) -> list[str]:
+    """One run's line: id, state, steps done of all, the best saved file's held-out loss, base, start, message."""
+    view.read()
+    last, best = view.last_step, view.best_file()
+    return [info.run_id, info.state, f"{last['step']} / {last['total_steps']}" if last else "",
+            f"{best['loss']:.4f} (epoch {best['epoch']})" if best else "", base,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created)), info.message]
+
+
+def base_name(run_path: Path) -> str:
+    """The base model the run trains on, by its file or folder name (the demo: "demo")."""
+    try:
+        base = tomllib.loads((run_path / "config.toml").read_text(encoding="utf-8"))["model"][
+            "pretrained_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return Path(str(base)).name or str(base)
+
+
+def on_select(evt: gr.SelectData) -> dict:
+    """A click on a row of the table chooses its run."""
+    return gr.update(value=evt.row_value[0])
 
 
 def files_of(jobs: JobManager, run_id: str) -> list[str] | None:
@@ -73,9 +107,10 @@ def choose(jobs: JobManager, run_id: str) -> tuple[list[str] | None, str]:
 
 
 def on_choose(jobs: JobManager, run_id: str) -> list:
-    """[files, best line, status line, armed run, Delete button] for a newly chosen run: the last action's line goes,
-    and a Delete asked about another run is put back."""
-    return [*choose(jobs, run_id), "", *confirm.disarmed(DELETE)]
+    """[files, best line, status line, armed run, Delete button, the Resize section's files] for a newly chosen run:
+    the last action's line goes, and a Delete asked about another run is put back."""
+    files, best = choose(jobs, run_id)
+    return [files, best, "", *confirm.disarmed(DELETE), resize_tool.run_files(files)]
 
 
 def cancel(jobs: JobManager, run_id: str) -> str:

@@ -195,7 +195,8 @@ def refresh(sweeps: SweepManager, sweep_id: str, view: SweepView | None, action:
         view = sweeps.view(sweep_id) if fresh else view
         info, state = sweeps.info(sweep_id), view.read()
     except (ValueError, OSError) as e:
-        return [NOT_CHOSEN if isinstance(e, NoSweep) else f"⚠ {e}", [], empty_plot(), "", "", "", None]
+        return [NOT_CHOSEN if isinstance(e, NoSweep) else f"⚠ {e}", [], empty_plot(), "", "", same, None]  # a tick
+        # sent before a Delete landed leaves the action line ("Deleted …") alone
     stale = fresh or (action.startswith(f"{info.sweep_id}: ") and action != info.summary())
     rows = view.trials(state)
     done = sum(r["state"] in sweep.FINAL for r in rows)
