@@ -86,6 +86,10 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
     assert page.locator("#sweep-plot").get_by_text("held-out loss").count() > 0
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "sweeps.png"), full_page=True)
+    page.locator("#sweep-table").get_by_text(best, exact=True).filter(visible=True).first.click()  # a row: a trial (S2)
+    page.locator("#sweep-stop-trial").get_by_text(f"Stop trial {best}").wait_for(timeout=10000)
+    page.locator("#sweep-stop-trial").click()
+    page.locator("#sweep-action").get_by_text(f"{folder.name}/{best} is not training (done)").wait_for(timeout=10000)
 
     page.locator("#sweep-full-run").click()
     page.locator("#sweep-action").get_by_text("Queued").wait_for(timeout=30000)

@@ -203,6 +203,28 @@ def test_random_and_tpe_searches_ask_in_rounds(tiny_models, tmp_path):
         assert len(state["ranking"]) == 3 and all(t["state"] == "done" for t in state["trials"])
 
 
+def test_a_trial_the_user_stops_ends_as_pruned_and_the_others_train_on(tiny_models, tmp_path, monkeypatch):
+    """The Sweeps tab's Stop trial: the trial's stop-requested file is seen after the next fused step."""
+    from trainer import rundir, sweep_run
+
+    toml = base_toml(tmp_path, tiny_models["sd1"][0])
+    folder = sweep.create(tmp_path / "runs", toml, {"unet_lr": {"values": [5e-4, 2e-3]}}, "grid", name="stop")
+    judge = sweep_run.Judge.__call__
+
+    def asked_at_step_2(self, cursors):  # the user clicks Stop on trial-000 once it has made 2 steps
+        if cursors[0].run.progress.step >= 2:
+            rundir.RunDir(folder / "trial-000").stop_file.touch()
+        judge(self, cursors)
+
+    monkeypatch.setattr(sweep_run.Judge, "__call__", asked_at_step_2)
+    assert train_sweep(folder, StopFlag()) == "done"
+    first, second = sweep.read(folder)["trials"]
+    assert (first["state"], first["message"], first["step"]) == ("pruned", "stopped at step 2, as asked", 2)
+    assert second["state"] == "done" and second["step"] == 4  # the whole run: 2 epochs of 2 steps
+    assert (folder / "trial-000" / "output" / "lora.safetensors").is_file()  # the stopped trial's file, as it was
+    assert {r["name"] for r in sweep.read(folder)["ranking"]} == {"trial-000", "trial-001"}
+
+
 def test_a_grid_sweep_asked_in_rounds_asks_every_point_once(tiny_models, tmp_path):
     """A grid of 6 trained 2 at a time: each round reads the next points of one shuffled grid (a seed per round
     shuffled it anew, so rounds repeated points and left others out)."""

@@ -456,3 +456,22 @@ def test_a_pruned_trial_says_at_which_step_and_the_loss_its_step(tmp_path):
     assert table[0][3:] == ["pruned at step 2: held-out 0.1588, not in the best 1 of 2", "shared forward", 2,
                             "0.1588 @ 2"]
     assert table[1][3:] == ["training", "shared forward", 15, f"{1 / 13:.4g} @ 12"]  # at step 15, measured at 12
+
+
+def test_one_training_trial_is_stopped_by_its_row_and_only_then(tmp_path, monkeypatch):
+    """QA S2: a user who sees one trial go wrong stops just that one (the engine's side: tests/test_sweep.py)."""
+    from ui.sweeps import SweepInfo
+
+    folder = hand_made_sweep(tmp_path / "runs", ["trial-000", "trial-001"])
+    sweeps = SweepManager(tmp_path / "runs")
+    trial, button = sweep_tab.on_select_trial(type("Select", (), {"row_value": [1, "trial-001", "…"]})())
+    assert trial == "trial-001" and button == {"__type__": "update", "value": "Stop trial trial-001",
+                                               "interactive": True}
+    assert sweep_tab.stop_trial(sweeps, "sweep-1", "") == "Click a trial's row in the table first."
+    assert sweep_tab.stop_trial(sweeps, "sweep-1", "trial-001").startswith("⚠ sweep-1/trial-001 is not training")
+    monkeypatch.setattr(SweepManager, "info", lambda self, s: SweepInfo(s, folder, "running", "", 0.0))
+    RunDir(folder / "trial-001").write_status(state="running")
+    assert sweep_tab.stop_trial(sweeps, "sweep-1", "trial-9") == "⚠ sweep-1 has no trial 'trial-9'"
+    assert sweep_tab.stop_trial(sweeps, "sweep-1", "trial-001") == ("sweep-1/trial-001: stopping at its next step; "
+                                                                     "the other trials go on")
+    assert RunDir(folder / "trial-001").stop_file.is_file() and not RunDir(folder / "trial-000").stop_file.exists()

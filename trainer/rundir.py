@@ -9,6 +9,7 @@ read and write `status.json`, and no second worker on a run. Standard library on
               samples/       PNGs                       output/        .safetensors files
               state/         resumable checkpoints      worker.log     the worker's log (worker.out: its stdout)
               worker.lock    held (flock) by the worker that trains the run; names its holder
+              stop-requested a sweep's trial only: its worker stops that trial at its next step, the others go on
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RunDir:
     dataset = property(lambda self: self.path / "dataset")
     events = property(lambda self: self.path / "events.jsonl")
     status_file = property(lambda self: self.path / "status.json")
+    stop_file = property(lambda self: self.path / "stop-requested")  # a sweep's trial: stop it, let the others go on
     samples = property(lambda self: self.path / "samples")
     output = property(lambda self: self.path / "output")
     state = property(lambda self: self.path / "state")

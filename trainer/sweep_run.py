@@ -113,6 +113,9 @@ class Judge:
         self.seen: dict[str, int] = {}
 
     def __call__(self, cursors: list[Cursor]) -> None:
+        for c in cursors:  # a trial the user stopped (the Sweeps tab): out, as a pruned one
+            if c.state == "training" and rundir.RunDir(c.run.run_dir).stop_file.exists():
+                self.stop(c, f"stopped at step {c.run.progress.step}, as asked")
         if self.prune == "none":
             return
         fresh = []
@@ -133,9 +136,14 @@ class Judge:
                               "finished trials" for c in training if c in fresh and self.trial(c).should_prune()}
         for c in training:
             if c.name in losers:
-                c.state, c.message = "pruned", losers[c.name]
-                c.run.events.status("pruned", losers[c.name])
-                finish(c.run)
+                self.stop(c, losers[c.name])
+
+    @staticmethod
+    def stop(c: Cursor, why: str) -> None:
+        """The trial ends here as pruned: its file saved as it is, ranked by its last held-out loss."""
+        c.state, c.message = "pruned", why
+        c.run.events.status("pruned", why)
+        finish(c.run)
 
     def trial(self, c: Cursor):
         import optuna

@@ -154,6 +154,9 @@ def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer
                      [*train.form(), form.status, tabs, sweep_id, page.chosen])
     demo.load(partial(sweep_tab.stored_choice, sweeps), sweep_id, page.chosen)
     page.chosen.change(sweep_tab.on_choose, page.chosen, [sweep_id, sweep_view, page.armed, page.delete])
+    page.chosen.change(lambda: ("", gr.update(value=sweep_tab.STOP, interactive=False)), None, [page.trial, page.stop])
+    page.table.select(sweep_tab.on_select_trial, None, [page.trial, page.stop])
+    page.stop.click(partial(sweep_tab.stop_trial, sweeps), [sweep_id, page.trial], page.action)
     timer.tick(partial(sweep_tab.sweep_choices, sweeps), None, page.chosen, show_progress="hidden")
     timer.tick(partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view, page.action],
                [*page.outputs(), page.action, sweep_view], show_progress="hidden")

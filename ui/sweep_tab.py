@@ -27,8 +27,9 @@ NO_SWEEP = "Choose a sweep, or start one from the Train tab's Sweep section."
 NOT_CHOSEN = "No sweep chosen."
 CHOOSE_FIRST = "Choose a sweep first."
 DELETE = "Delete"
-WHOLE_SWEEP = ("Cancel, Resume and Delete act on the whole sweep: a single trial is stopped only by the pruner "
-               "(*Stop trials clearly behind*, in the Train tab's Sweep section).")
+WHOLE_SWEEP = ("Cancel, Resume and Delete act on the whole sweep. To stop one trial, click its row, then *Stop "
+               "trial*: it ends as a pruned one and the others go on.")
+STOP = "Stop trial"
 NOTHING_TO_CANCEL = {"done": "the sweep is done", "cancelled": "the sweep is cancelled",
                      "failed": "the sweep has failed", "interrupted": "the sweep was interrupted",
                      "created": "the sweep has not started"}
@@ -132,6 +133,8 @@ class SweepTab:
     compare: gr.Button
     action: gr.Markdown
     armed: gr.State  # the sweep a first click on Delete asked about
+    stop: gr.Button  # stops the trial whose row was clicked
+    trial: gr.State  # that trial's name
 
     def outputs(self) -> list:
         return [self.state, self.table, self.plot, self.best, self.best_config]
@@ -146,6 +149,7 @@ def build() -> SweepTab:
     gr.Markdown(WHOLE_SWEEP, elem_id="sweep-whole")
     state = gr.Markdown(NO_SWEEP, elem_id="sweep-state")
     table = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, column_widths=WIDTHS, elem_id="sweep-table")
+    stop = gr.Button(STOP, size="sm", interactive=False, elem_id="sweep-stop-trial")
     plot = gr.LinePlot(x="step", y="loss", color="trial", title="Held-out loss of each trial", x_title="step",
                        y_title="held-out loss", elem_id="sweep-plot")
     best = gr.Markdown(elem_id="sweep-best")
@@ -155,7 +159,22 @@ def build() -> SweepTab:
         compare = gr.Button("Compare the best 3", elem_id="sweep-compare-best")
     action = gr.Markdown(elem_id="sweep-action")
     return SweepTab(chosen, state, cancel, resume, delete, table, plot, best, best_config, full_run, compare, action,
-                    gr.State(""))
+                    gr.State(""), stop, gr.State(""))
+
+
+def on_select_trial(evt: gr.SelectData) -> list:
+    """[the trial, the Stop button] for a click on a row of the table."""
+    trial = str(evt.row_value[1])
+    return [trial, gr.update(value=f"{STOP} {trial}", interactive=True)]
+
+
+def stop_trial(sweeps: SweepManager, sweep_id: str, trial: str) -> str:
+    if not (sweep_id and trial):
+        return "Click a trial's row in the table first."
+    try:
+        return sweeps.stop_trial(sweep_id, trial)
+    except (ValueError, OSError) as e:
+        return f"⚠ {e}"
 
 
 def sweep_choices(sweeps: SweepManager) -> dict:

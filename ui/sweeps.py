@@ -225,6 +225,18 @@ class SweepManager(WorkerQueue):
         self.tick()
         return self.info(sweep_id)
 
+    def stop_trial(self, sweep_id: str, trial: str) -> str:
+        """Ask the sweep's worker to stop one trial at its next step: it ends as a pruned one (its file saved, ranked
+        by its last held-out loss) and the others go on. ValueError unless that trial is training now."""
+        info = self.info(sweep_id)
+        if trial not in [t["name"] for t in sweep.read(info.path)["trials"]]:
+            raise ValueError(f"{sweep_id} has no trial {trial!r}")
+        run = RunDir(info.path / trial)
+        if info.state != "running" or run.state_name() != "running":
+            raise ValueError(f"{sweep_id}/{trial} is not training ({run.state_name()}): only a training trial stops")
+        run.stop_file.touch()
+        return f"{sweep_id}/{trial}: stopping at its next step; the other trials go on"
+
     def deletable(self, sweep_id: str) -> SweepInfo:
         """The sweep, if it may be deleted now; ValueError for a queued or running sweep, or while a worker trains
         one of its trials alone."""
