@@ -141,6 +141,5 @@ def delete(jobs: JobManager, run_id: str, current: str, armed: str = "") -> tupl
 
 def what_goes(jobs: JobManager, run_id: str, path: Path) -> str:
     saved = [p for p in jobs.files(run_id) if p.suffix == ".safetensors"]
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
-    return (f"Deleting **{run_id}** removes its folder ({size:.1f} MB): its {len(saved)} saved LoRA file(s), "
+    return (f"Deleting **{run_id}** removes its folder ({confirm.folder_mb(path):.1f} MB): its {len(saved)} saved LoRA file(s), "
             "samples, pictures, config and resumable state. Click the button again to delete it for good.")

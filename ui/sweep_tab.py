@@ -289,8 +289,7 @@ def delete(sweeps: SweepManager, sweep_id: str, armed: str = "") -> list:
 
 def what_goes(info: SweepInfo) -> str:
     trials = len(sweep.read(info.path)["trials"])
-    size = sum(p.stat().st_size for p in info.path.rglob("*") if p.is_file()) / 2**20
-    return (f"Deleting **{info.sweep_id}** removes its folder ({size:.1f} MB): the sweep and its {trials} trial(s), "
+    return (f"Deleting **{info.sweep_id}** removes its folder ({confirm.folder_mb(info.path):.1f} MB): the sweep and its {trials} trial(s), "
             "with their saved LoRA files, samples and resumable state (a full run started from a trial is a run "
             "of its own and stays). Click the button again to delete it for good.")
 
