@@ -367,6 +367,23 @@ def test_a_cancel_from_the_app_stops_a_scripts_two_process_run_and_not_the_scrip
     assert max(losses(run_dir)) < 20 * 3
 
 
+def test_a_signal_that_comes_while_the_processes_agree_is_not_lost():
+    """The handler sets the flag while the reduce of the old value waits for the other process: the reduce's "no"
+    must not clear it (seen as a two-process run that trained on to its end after a cancel)."""
+    from types import SimpleNamespace
+
+    from trainer.train import StopFlag, stopping
+
+    stop = StopFlag()
+
+    def reduce(tensor, reduction):  # the other process says no; meanwhile SIGTERM arrives here
+        stop.requested = True
+        return tensor
+
+    run = SimpleNamespace(acc=SimpleNamespace(num_processes=2, device="cpu", reduce=reduce))
+    assert stopping(run, stop) is True and stop.requested
+
+
 @pytest.mark.parametrize("optimizer", ["Prodigy", "Adafactor"])
 def test_other_optimizers_train(tiny_models, tmp_path, optimizer):
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"optimizer": {"optimizer_type": optimizer},

@@ -90,7 +90,8 @@ def stopping(run: Run, stop: StopFlag) -> bool:
     the main process)."""
     if run.acc.num_processes > 1:
         asked = torch.tensor([float(stop.requested)], device=run.acc.device)
-        stop.requested = bool(run.acc.reduce(asked, reduction="sum").item())
+        agreed = bool(run.acc.reduce(asked, reduction="sum").item())
+        stop.requested = stop.requested or agreed  # a signal that came during the reduce is kept for the next step
     return stop.requested
 
 
