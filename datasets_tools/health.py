@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,30 @@ def dhash(image: Image.Image, size: int = 8) -> int:
 
 def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
+
+
+@lru_cache(maxsize=2)
+def clip_tokenizer(folder: Path):
+    """The CLIP BPE tokenizer every SD text encoder uses (vocab.json, merges.txt in `folder`)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def long_captions(captions: dict[str, str], tokenizer_dir: Path, max_tokens: int) -> dict[str, int]:
+    """name -> CLIP tokens, for the captions longer than `max_tokens`: the text encoder never reads their end."""
+    tokenizer = clip_tokenizer(Path(tokenizer_dir))
+    counts = {name: len(tokenizer(c, truncation=False).input_ids) - 2 for name, c in captions.items() if c}
+    return {name: n for name, n in counts.items() if n > max_tokens}
+
+
+def long_caption_warning(long: dict[str, int], max_tokens: int) -> str:
+    names = sorted(long, key=lambda n: -long[n])
+    longest = long[names[0]]
+    fix = ("" if max_tokens >= 225 else f"; Max token length {150 if longest <= 150 else 225} (Train tab, Advanced) "
+           f"reads {'them whole' if longest <= 225 else '225 of them'}")
+    return (f"{len(long)} caption(s) longer than {max_tokens} CLIP tokens (the longest {longest}): SD 1.x/2.x and "
+            f"SDXL never read their end ({', '.join(names[:5])}{', …' if len(names) > 5 else ''}){fix}")
 
 
 @dataclass
@@ -53,7 +78,9 @@ class Report:
 
 
 def report(folder: Path, resolution: int, min_reso: int = 256, max_reso: int = 1024, batch_size: int = 1,
-           no_upscale: bool = True, duplicate_bits: int = 5) -> Report:
+           no_upscale: bool = True, duplicate_bits: int = 5, tokenizer_dir: Path | None = None,
+           max_tokens: int = 75) -> Report:
+    """What to fix before training; captions are measured in CLIP tokens when `tokenizer_dir` is given."""
     found = items(folder)
     buckets = B.make_buckets(resolution, min_reso, max_reso)
     sizes, hashes, unreadable = {}, {}, []
@@ -86,6 +113,8 @@ def report(folder: Path, resolution: int, min_reso: int = 256, max_reso: int = 1
         r.warnings.append(f"{name} cannot be read ({why}); it will be skipped")
     if r.captioned < r.count:
         r.warnings.append(f"{r.count - r.captioned} picture(s) have no caption")
+    if tokenizer_dir and (long := long_captions(captions, tokenizer_dir, max_tokens)):
+        r.warnings.append(long_caption_warning(long, max_tokens))
     for b, n in sorted(fill.items()):
         if n < batch_size:
             r.warnings.append(f"bucket {b[0]}×{b[1]} holds {n} picture(s), fewer than the batch size {batch_size}: "

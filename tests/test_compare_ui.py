@@ -224,10 +224,12 @@ def test_the_status_line_follows_the_compare_on_the_timer(jobs, compares):
     assert said == f"Compare **{compare_id}** running: {shape}"
     *_, status, view = refreshed(compares, compare_id, view, r"Cell 1 / 2")
     assert status == said
+    assert compare_tab.refresh(compares, compare_id, None)[5] == {"__type__": "update", "interactive": True}
     release(compares)
     progress, *_, status, view = refreshed(compares, compare_id, view, "done")
     assert progress == "Cell 2 / 2 · done" and status == f"Compare **{compare_id}** done: {shape}"
     assert compare_tab.refresh(compares, compare_id, view)[4] == UNCHANGED  # sent once
+    assert compare_tab.refresh(compares, compare_id, None)[5] == {"__type__": "update", "interactive": False}
 
 
 def test_the_cell_total_is_an_upper_bound_until_every_file_is_checked(tmp_path):
@@ -336,14 +338,16 @@ def test_a_reload_shows_the_stored_compare_again(jobs, compares):
     release(compares)
     done = refreshed(compares, compare_id, before[5], "done")
     reloaded = compare_tab.refresh(compares, compare_id, None)
-    progress, problems, grid, download, status, _ = reloaded
+    progress, problems, grid, download, status, cancel, _ = reloaded
+    assert cancel == {"__type__": "update", "interactive": False}  # a done compare has nothing to cancel
     assert (progress, grid, download, status) == (done[0], done[2], done[3], done[4]) and problems == ""
     assert status == f"Compare **{compare_id}** done: 1 file × 2 strengths × 1 prompt × 1 seed."
     assert grid.count("<img") == 2 and download.endswith("grid.png")
     assert "r / lora-000001 (epoch 1, step 4)<br><small>held-out loss 0.1234</small>" in grid
     # a stored id that is not a plain name, or names no compare (any more), is no compare: the page is cleared
     for stored in ("../r", "/etc", "compare-gone", 5):
-        assert compare_tab.refresh(compares, stored, done[5]) == [compare_tab.NO_COMPARE, "", "", None, "", None]
+        assert compare_tab.refresh(compares, stored, done[5]) == [compare_tab.NO_COMPARE, "", "", None, "",
+                                                                  {"__type__": "update", "interactive": False}, None]
 
 
 def test_the_page_stores_its_compare_in_the_browser(jobs, compares, tmp_path):
@@ -547,7 +551,7 @@ def test_cancel_on_an_ended_compare_says_so_and_leaves_the_status_line(jobs, com
     assert compare_tab.cancel_message(compares, compare_id) == "Nothing to cancel: the compare is done."
     assert compare_tab.cancel(compares, compare_id) == UNCHANGED  # the status line stays; the toast says why
     assert "Nothing to cancel: the compare is done." in capsys.readouterr().out  # gr.Info, outside a page
-    assert compares.info(compare_id).state == "done"
+    wait_for(lambda: compares.info(compare_id).state == "done")  # the worker writes it after its last event
     with pytest.warns(UserWarning, match="No compare to cancel"):
         assert compare_tab.cancel(compares, "") == UNCHANGED
 
@@ -562,9 +566,9 @@ def test_a_new_compare_empties_the_previous_ones_download(jobs, compares, tmp_pa
     _, second, view = compare_tab.on_compare(compares, jobs, [], [], [str(lora(tmp_path / "b.safetensors"))],
                                              *form(strengths="1, 2"))
     assert view is None  # the page's next tick makes a new view of the new compare
-    progress, problems, grid, download, status, view = compare_tab.refresh(compares, second, view)
+    progress, problems, grid, download, status, cancel, view = compare_tab.refresh(compares, second, view)
     assert download is None and problems == "" and grid.count("<img") == 0
-    assert UNCHANGED not in (progress, problems, grid, download, status)  # each sent once: none keeps the old one
+    assert UNCHANGED not in (progress, problems, grid, download, status, cancel)  # each sent once: none keeps the old
 
 
 def test_the_setting_is_named_as_the_form_labels_it(jobs, compares, tmp_path):

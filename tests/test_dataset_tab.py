@@ -181,6 +181,27 @@ def test_the_health_report_at_the_train_tabs_settings(dataset):
     assert tab.health_markdown("", 64, 64, 128, 2) == tab.NO_PICTURES
 
 
+def test_the_health_report_names_captions_longer_than_the_text_encoder_reads(dataset):
+    """Tagger captions often run past CLIP's 75 tokens; the end is never read (sd-scripts and the trainer cut it).
+    Counted with the CLIP tokenizer the app ships: 'red, ' is two tokens, so 50 of them are 100 tokens."""
+    first, second = sorted(Path(dataset).glob("*.txt"))[:2]
+    first.write_text("zxq, " + "red, " * 50)  # 3 + 100 tokens ("zxq" is two)
+    second.write_text("blue, " * 120)  # 240 tokens
+    report = tab.health_markdown(dataset, 64, 64, 128, 1, 75)
+    assert (f"⚠ 2 caption(s) longer than 75 CLIP tokens (the longest 240): SD 1.x/2.x and SDXL never read their end "
+            f"({second.with_suffix('.png').name}, {first.with_suffix('.png').name}); Max token length 225 (Train tab, "
+            "Advanced) reads 225 of them") in report
+    at_150 = tab.health_markdown(dataset, 64, 64, 128, 1, "150")  # the form's dropdown may send text
+    assert "1 caption(s) longer than 150 CLIP tokens (the longest 240)" in at_150 and first.stem not in at_150
+    second.write_text("blue")
+    report = tab.health_markdown(dataset, 64, 64, 128, 1)  # 75 unless the form says otherwise
+    assert (f"1 caption(s) longer than 75 CLIP tokens (the longest 103): SD 1.x/2.x and SDXL never read their end "
+            f"({first.with_suffix('.png').name}); Max token length 150 (Train tab, Advanced) reads them whole"
+            in report)
+    first.write_text("zxq, red")
+    assert "CLIP tokens" not in tab.health_markdown(dataset, 64, 64, 128, 1, 75)
+
+
 def wait_for(condition, timeout=60.0):
     deadline = time.time() + timeout
     while not condition():

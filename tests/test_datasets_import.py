@@ -173,6 +173,7 @@ def test_the_command_line_and_the_dataset_tab_make_the_same_dataset(corpus, tmp_
     from ui import dataset_tab
 
     (corpus / "cmyk.caption").write_text("ink, cyan", encoding="utf-8")  # a .caption sidecar
+    (corpus / "deep.txt").write_text("grey, " * 40)  # 80 CLIP tokens: more than the 75 the preset reads
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "trainer", "new", "--base", "demo", "--images", str(corpus),
                         "--preset", "character", "--runs-dir", str(tmp_path / "runs"), "--name", "cli",
@@ -190,6 +191,8 @@ def test_the_command_line_and_the_dataset_tab_make_the_same_dataset(corpus, tmp_
     assert skipped_by_tab == {"truncated.jpg", "empty.png", "notes.png", "bomb.png"}
     assert all(f"{name} (" in r.stderr for name in skipped_by_tab)
     assert "tiny.png" in r.stderr and "smaller than half the training resolution" in r.stderr  # a health warning
+    assert "1 caption(s) longer than 75 CLIP tokens (the longest 80): SD 1.x/2.x and SDXL never read their end " \
+           "(deep.png); Max token length 150" in r.stderr
     trained = {p.name: caption for p, caption, _ in data.scan(cli)}
     shown = {Path(path).name: caption for path, caption in gallery}
     assert trained["good.png"] == shown["good.png"] == "café, ünïcode"  # cp1252 read as cp1252, not mojibake

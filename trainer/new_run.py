@@ -11,7 +11,7 @@ from datasets_tools import dataset_folder
 from datasets_tools.health import report
 from trainer import config, rundir
 from trainer.kohya_import import read_settings
-from trainer.single_file import family_of
+from trainer.single_file import MODEL_CONFIGS, family_of
 
 
 def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: list[str],
@@ -25,7 +25,8 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
     base = os.path.abspath(Path(base).expanduser()) if local else str(base)
     layer = {"model": {"pretrained_model_name_or_path": base}}
     imported = kohya_settings(kohya, out) if kohya else {}
-    cfg = config.build(preset, family_of(base), imported, layer, config.parse_overrides(overrides))  # before writing
+    family = family_of(base)
+    cfg = config.build(preset, family, imported, layer, config.parse_overrides(overrides))  # before writing
     results: list[dataset_folder.AddResult] = []
 
     def fill(dataset: Path) -> None:
@@ -40,7 +41,10 @@ def create_run(runs_dir: Path, base: str, images: Path, preset: str, overrides: 
     imported = results[0]
     d = cfg.data
     low, high = config.bucket_limits(d.resolution, d.min_bucket_reso, d.max_bucket_reso)
-    health = report(run.dataset, d.resolution, low, high, cfg.training.train_batch_size, d.bucket_no_upscale)
+    clip_reads_captions = family in ("sd15", "sdxl")  # SD 3.5 / FLUX.1 read long captions with T5
+    health = report(run.dataset, d.resolution, low, high, cfg.training.train_batch_size, d.bucket_no_upscale,
+                    tokenizer_dir=MODEL_CONFIGS / "clip_tokenizer" if clip_reads_captions else None,
+                    max_tokens=d.max_token_length)
     print(f"Imported {len(imported.added)} picture(s) into {run.dataset}. {skipped_text(imported)}", file=out)
     for warning in health.warnings:
         print(f"warning: {warning}", file=out)

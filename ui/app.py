@@ -81,7 +81,8 @@ def bind_dataset(ds, train, dataset_dir) -> None:
     buckets = [f["resolution"], f["min_bucket_reso"], f["max_bucket_reso"]]
     ds.gallery.select(dataset_tab.selection, [dataset_dir, *buckets, f["bucket_no_upscale"]],
                       [ds.selected, ds.caption, ds.crop])
-    ds.check.click(dataset_tab.health_markdown, [dataset_dir, *buckets, f["train_batch_size"]], ds.health)
+    ds.check.click(dataset_tab.health_markdown, [dataset_dir, *buckets, f["train_batch_size"], f["max_token_length"]],
+                   ds.health)
 
 
 def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> None:

@@ -52,7 +52,7 @@ class CompareTab:
         return [self.fields[n] for n in SETTINGS]
 
     def outputs(self) -> list:
-        return [self.progress, self.problems, self.grid, self.download, self.status]
+        return [self.progress, self.problems, self.grid, self.download, self.status, self.cancel]
 
 
 def build(models_dir: Path) -> CompareTab:
@@ -83,7 +83,7 @@ def build(models_dir: Path) -> CompareTab:
         height = gr.Number(value=DEFAULTS["height"], precision=0, label="Height", elem_id="compare-height")
     with gr.Row():
         start = gr.Button("Compare", variant="primary", elem_id="compare-start")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
+        cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="compare-cancel")
     status = gr.Markdown(elem_id="compare-status")
     progress = gr.Markdown(NO_COMPARE, elem_id="compare-progress")
     problems = gr.Markdown(elem_id="compare-problems")
@@ -275,20 +275,21 @@ def cancel_message(compares: CompareManager, compare_id: str) -> str:
 # --- what the page shows ---
 
 def refresh(compares: CompareManager, compare_id: str, view: CompareView | None) -> list:
-    """[progress, problems, grid, download, status, view]: gr.update() (nothing sent) where nothing changed. An id
-    that names no compare here (it comes from the browser's storage: another runs folder, or tampered with) shows
-    none."""
+    """[progress, problems, grid, download, status, Cancel, view]: gr.update() (nothing sent) where nothing changed.
+    An id that names no compare here (it comes from the browser's storage: another runs folder, or tampered with)
+    shows none. Cancel is clickable only while the compare is queued or drawing (its events may say it ended before
+    its worker has exited)."""
     same = gr.update()
     if not compare_id:
-        return [same, same, same, same, same, None]
+        return [same] * 6 + [None]
     if not known_compare(compares, compare_id):
-        return [NO_COMPARE, "", "", None, "", None]
+        return [NO_COMPARE, "", "", None, "", cancel_button(""), None]
     try:
         if view is None or view.compare_id != compare_id:
             view = compares.view(compare_id)  # a new view reads the whole history
         info = compares.info(compare_id)
     except ValueError as e:
-        return [f"⚠ {e}", same, same, same, same, None]
+        return [f"⚠ {e}", same, same, same, same, same, None]
     view.read()
     grid_file = view.folder / view.grid if view.grid else None
     download = str(grid_file) if grid_file and grid_file.is_file() else None
@@ -298,7 +299,12 @@ def refresh(compares: CompareManager, compare_id: str, view: CompareView | None)
             grid_html(view) if view.changed("grid", drawn) else same,
             download if view.changed("download", download) else same,
             status if view.changed("status", status := status_line(info, view)) else same,
+            cancel_button(state) if view.changed("cancel", state := view.ended or info.state) else same,
             view]
+
+
+def cancel_button(state: str) -> dict:
+    return gr.update(interactive=state in ("queued", "running"))
 
 
 def known_compare(compares: CompareManager, compare_id) -> bool:

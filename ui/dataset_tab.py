@@ -19,6 +19,7 @@ import gradio as gr
 from datasets_tools import dataset_folder as folder_ops
 from datasets_tools.caption import ALL_CAPTIONED, to_caption
 from trainer.config import bucket_limits
+from trainer.single_file import MODEL_CONFIGS
 from ui import security
 from ui.captioning import CaptionJob
 
@@ -27,6 +28,7 @@ CAPTIONERS = [("WD14 tagger (tags, for anime / illustration)", "wd14"), ("BLIP (
               ("Florence-2 (a detailed sentence)", "florence2")]
 POLL_S = 1.0  # how often the tab reads a running captioner's progress
 NO_PICTURES = "Add pictures first."
+CLIP_TOKENIZER = MODEL_CONFIGS / "clip_tokenizer"  # the BPE vocabulary every SD text encoder reads
 
 
 @dataclass
@@ -199,14 +201,14 @@ def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.S
     return picture_at(folder, evt.index, resolution, min_reso, max_reso, no_upscale)
 
 
-def health_markdown(folder: str, resolution, min_reso, max_reso, batch) -> str:
-    """The health report at the Train tab's resolution and batch size."""
+def health_markdown(folder: str, resolution, min_reso, max_reso, batch, max_tokens=75) -> str:
+    """The health report at the Train tab's resolution, batch size and caption length."""
     from datasets_tools.health import report
 
     if not folder:
         return NO_PICTURES
     r = report(Path(folder), int(resolution), *bucket_limits(int(resolution), int(min_reso), int(max_reso)),
-               int(batch))
+               int(batch), tokenizer_dir=CLIP_TOKENIZER, max_tokens=int(max_tokens or 75))
     return f"At {int(resolution)} px, batch {int(batch)}:\n\n" + r.to_markdown()
 
 
