@@ -32,6 +32,48 @@ def kohya_input_ids(tok, caption: str, max_token_length: int) -> torch.Tensor:
     return torch.stack(chunks)
 
 
+def kohya_caption(caption: str, subset, random) -> str:
+    """sd-scripts' BaseDataset.process_caption (library/train_util.py) for our options, draw for draw: `random`
+    stands for the module it calls."""
+    if subset.caption_dropout_rate > 0 and random.random() < subset.caption_dropout_rate:
+        return ""
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
+        tokens = [t.strip() for t in caption.strip().split(",")]
+        fixed_tokens, flex_tokens = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
+        if subset.shuffle_caption:
+            random.shuffle(flex_tokens)
+        if subset.caption_tag_dropout_rate > 0:  # dropout_tags
+            flex_tokens = [t for t in flex_tokens if random.random() >= subset.caption_tag_dropout_rate]
+        caption = ", ".join(fixed_tokens + flex_tokens)
+    return caption
+
+
+@pytest.mark.parametrize("options", [
+    dict(shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0),
+    dict(shuffle_caption=False, keep_tokens=2, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.3),
+    dict(shuffle_caption=True, keep_tokens=1, caption_dropout_rate=0.2, caption_tag_dropout_rate=0.5),
+], ids=["shuffle", "tag-dropout", "all"])
+def test_caption_augmentation_draws_what_sd_scripts_draws(options):
+    """The same seed gives the captions sd-scripts would give, 200 steps in a row; tag dropout leaves the kept tokens
+    in front and drops about its rate of the others."""
+    import random
+    from types import SimpleNamespace
+
+    from trainer.data import process_caption
+
+    subset, caption = SimpleNamespace(**options), "zxq, 1girl, red hair, smile, looking at viewer, outdoors, sky, tree"
+    ours, theirs = random.Random(7), random.Random(7)
+    drawn = [process_caption(caption, subset.shuffle_caption, subset.keep_tokens, subset.caption_dropout_rate, ours,
+                             subset.caption_tag_dropout_rate) for _ in range(200)]
+    assert drawn == [kohya_caption(caption, subset, theirs) for _ in range(200)]
+    kept = [c.split(", ") for c in drawn if c]
+    assert all(c[:subset.keep_tokens] == caption.split(", ")[:subset.keep_tokens] for c in kept)
+    flexible = 8 - subset.keep_tokens
+    left = sum(len(c) - subset.keep_tokens for c in kept) / (len(kept) * flexible)
+    assert abs(left - (1 - subset.caption_tag_dropout_rate)) < 0.06
+    assert (len(kept) < 200) == (subset.caption_dropout_rate > 0)
+
+
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"], ids=["sd1", "sd2-sdxl"])
 @pytest.mark.parametrize("max_tokens", [75, 150, 225])
 def test_windows_are_the_token_ids_sd_scripts_makes(pad, max_tokens):

@@ -37,14 +37,13 @@ REQUIRED_METADATA = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2",
     "ss_output_name", "ss_sd_model_name", "ss_resolution", "ss_clip_skip", "ss_num_train_images", "ss_num_epochs",
     "ss_epoch", "ss_steps", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_optimizer",
-    "ss_mixed_precision", "ss_seed", "ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info",
-    "ss_training_started_at", "ss_training_finished_at", "modelspec.sai_model_spec", "modelspec.architecture",
-    "modelspec.title", "modelspec.resolution", "modelspec.date", "modelspec.prediction_type",
-    "modelspec.trigger_phrase", "ss_session_id", "ss_num_batches_per_epoch", "ss_max_train_steps",
-    "ss_lr_warmup_steps", "ss_total_batch_size", "ss_max_grad_norm", "ss_shuffle_caption", "ss_keep_tokens",
-    "ss_caption_dropout_rate", "ss_flip_aug", "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso",
-    "ss_max_bucket_reso", "ss_cache_latents", "ss_gradient_checkpointing", "ss_network_dropout", "sshs_model_hash",
-    "sshs_legacy_hash"]
+    "ss_mixed_precision", "ss_seed", "ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_training_started_at",
+    "ss_training_finished_at", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.title",
+    "modelspec.resolution", "modelspec.date", "modelspec.prediction_type", "modelspec.trigger_phrase", "ss_session_id",
+    "ss_num_batches_per_epoch", "ss_max_train_steps", "ss_lr_warmup_steps", "ss_total_batch_size", "ss_max_grad_norm",
+    "ss_shuffle_caption", "ss_keep_tokens", "ss_caption_dropout_rate", "ss_caption_tag_dropout_rate", "ss_flip_aug",
+    "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_cache_latents",
+    "ss_gradient_checkpointing", "ss_network_dropout", "sshs_model_hash", "sshs_legacy_hash"]
 
 
 def draw_dataset(folder: Path, n: int = 6) -> Path:
@@ -125,7 +124,8 @@ def test_the_file_says_of_its_run_what_sd_scripts_would(tiny_models, tmp_path):
     """kohya's meanings: images × repeats per sub-folder, the planned epochs, the epoch a file holds (a partial one
     counts), the optimizer with its arguments, the hashes WebUI would compute; readable by other users."""
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {
-        "data": {"num_repeats": 0, "shuffle_caption": True, "keep_tokens": 1}, "model": {"clip_skip": 2},
+        "data": {"num_repeats": 0, "shuffle_caption": True, "keep_tokens": 1, "caption_tag_dropout_rate": 0.25},
+        "model": {"clip_skip": 2},
         "training": {"max_train_epochs": 3, "max_train_steps": 9, "gradient_accumulation_steps": 1},
         "optimizer": {"optimizer_args": ["betas=0.9,0.99"], "lr_warmup_steps": 0.25}})
     dataset = run_dir / "dataset"
@@ -158,6 +158,7 @@ def test_the_file_says_of_its_run_what_sd_scripts_would(tiny_models, tmp_path):
     assert meta["modelspec.title"] == "lora (epoch 2)" and meta["modelspec.encoder_layer"] == "2"
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(fused=True,weight_decay=0.01,betas=(0.9, 0.99))"
     assert meta["ss_total_batch_size"] == "2" and meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+    assert meta["ss_caption_tag_dropout_rate"] == "0.25"
     assert meta["ss_min_bucket_reso"] == "64" and meta["ss_max_bucket_reso"] == "128"
     assert meta["ss_sd_model_name"] == Path(tiny_models["sd1"][1]).name
     assert first["ss_session_id"] == meta["ss_session_id"]

@@ -131,6 +131,8 @@ class DataConfig:
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags each step")
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", (0, 75))
     caption_dropout_rate: float = opt(0.0, "chance a caption is dropped (trains unconditional)", (0.0, 1.0))
+    caption_tag_dropout_rate: float = opt(0.0, "chance each tag after the first keep_tokens is left out of a step's "
+                                               "caption (kohya's tag dropout)", (0.0, 1.0))
     max_token_length: int = opt(75, "caption tokens the text encoder reads (sd-scripts' max_token_length): 150 or 225 "
                                 "read a longer caption in windows of 75, the rest is cut (SD 1.x/2.x/SDXL; SD 3.5 "
                                 "and FLUX.1 read theirs with T5)", choices=(75, 150, 225))

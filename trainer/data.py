@@ -99,16 +99,21 @@ def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     return batches[rank:usable:world]
 
 
-def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: float, rng: random.Random) -> str:
+def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: float, rng: random.Random,
+                    tag_dropout: float = 0.0) -> str:
     """kohya's caption augmentation: drop the whole caption with probability `dropout`, else shuffle the
-    comma-separated tags after the first `keep_tokens`."""
+    comma-separated tags after the first `keep_tokens`, then leave each of those out with probability
+    `tag_dropout` (sd-scripts' order of random draws)."""
     if dropout > 0 and rng.random() < dropout:
         return ""
-    if not shuffle:
+    if not shuffle and not tag_dropout:
         return caption
     tags = split_tags(caption)
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
+    if shuffle:
+        rng.shuffle(tail)
+    if tag_dropout:
+        tail = [t for t in tail if rng.random() >= tag_dropout]
     return ", ".join(head + tail)
 
 

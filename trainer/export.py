@@ -178,6 +178,7 @@ def data_fields(d, resolution: int, dataset_dirs: dict[str, dict], tag_frequency
         "ss_shuffle_caption": str(d.shuffle_caption),
         "ss_keep_tokens": str(d.keep_tokens),
         "ss_caption_dropout_rate": str(d.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": str(d.caption_tag_dropout_rate),
         "ss_max_token_length": str(d.max_token_length),
         "ss_flip_aug": str(d.flip_aug),
         "ss_enable_bucket": str(d.enable_bucket),

@@ -403,7 +403,7 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Cache
     their negative prompts) are cached with the captions, so the text encoders leave the device once they are;
     with CLIP trained, `flow_te_encoder`."""
     d = cfg.data
-    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0
+    fixed = not d.shuffle_caption and d.caption_dropout_rate == 0 and d.caption_tag_dropout_rate == 0
     texts = {item.caption for item in items}
     if base.arch in FLOW_ARCHES:
         from trainer.transformer_files import MAX_SEQUENCE

@@ -123,8 +123,8 @@ def make_batch(run: Run, indices: list[int], rng: random.Random) -> Batch:
         latents = torch.stack([run.latents_of[(i, f)] for i, f in zip(indices, flips)])
     else:
         latents = torch.stack([encode_image(items[i], f, run.base.vae, device, None) for i, f in zip(indices, flips)])
-    captions = [data.process_caption(items[i].caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, rng)
-                for i in indices]
+    captions = [data.process_caption(items[i].caption, d.shuffle_caption, d.keep_tokens, d.caption_dropout_rate, rng,
+                                     d.caption_tag_dropout_rate) for i in indices]
     hidden, pooled = run.encode(captions)
     added = None
     if run.time_ids is not None:

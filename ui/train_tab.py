@@ -14,7 +14,7 @@ from trainer.single_file import CheckpointError, family_of, read_safetensors_sha
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
-ADVANCED_FIELDS = [  # every setting a kohya TOML commonly holds, so an imported one is all in view
+ADVANCED_FIELDS = [
     "network_type", "conv_dim", "conv_alpha", "lokr_factor", "loraplus_lr_ratio", "adalora_init_r", "network_bias",
     "network_dropout", "network_weights", "prune_rank", "prune_energy", "prune_drop", "unet_quantization",
     "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale", "optimizer_type", "optimizer_args",
@@ -23,10 +23,10 @@ ADVANCED_FIELDS = [  # every setting a kohya TOML commonly holds, so an imported
     "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "noise_offset_random_strength",
     "multires_noise_iterations", "multires_noise_discount", "debiased_estimation_loss", "ip_noise_gamma",
     "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "shuffle_caption", "keep_tokens",
-    "caption_dropout_rate", "max_token_length", "flip_aug", "cache_latents", "cache_latents_to_disk",
-    "save_every_n_epochs", "save_every_n_steps", "save_precision", "validation_split", "validation_every_n_steps",
-    "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_steps", "sample_cfg_scale",
-    "sample_seed", "sample_prompts", "seed", "output_name"]
+    "caption_dropout_rate", "caption_tag_dropout_rate", "max_token_length", "flip_aug", "cache_latents",
+    "cache_latents_to_disk", "save_every_n_epochs", "save_every_n_steps", "save_precision", "validation_split",
+    "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_steps",
+    "sample_cfg_scale", "sample_seed", "sample_prompts", "seed", "output_name"]
 LIST_FIELDS = ("sample_prompts", "optimizer_args")  # one item a line in the form
 LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
           "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
