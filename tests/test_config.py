@@ -139,6 +139,7 @@ resolution = "512,512"
 train_batch_size = 2
 xformers = true
 caption_tag_dropout_rate = 0.1
+scale_weight_norms = 1.0
 output_dir = "/out"
 mystery_knob = 3
 ''')
@@ -146,7 +147,7 @@ mystery_knob = 3
     cfg = config.build(None, "sd15", flat)
     assert (cfg.network.network_type, cfg.network.conv_dim, cfg.network.network_dim) == ("locon", 4, 16)
     assert (cfg.optimizer.unet_lr, cfg.data.resolution, cfg.model.attention) == (2e-4, 512, "xformers")
-    assert cfg.data.caption_tag_dropout_rate == 0.1
+    assert cfg.data.caption_tag_dropout_rate == 0.1 and cfg.network.scale_weight_norms == 1.0
     assert any(w.startswith("output_dir") for w in warnings) and any("mystery_knob" in w for w in warnings)
     flat, _ = kohya_import.import_kohya({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]})
     assert flat == {"network_type": "lokr", "lokr_factor": 8}

@@ -2,6 +2,7 @@
 reproduces its weight update under the names ComfyUI, WebUI and diffusers read."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,3 +194,98 @@ def test_the_header_says_the_rank_and_alpha_the_tensors_hold(tiny_models, tmp_pa
     meta = assert_header_holds_the_tensors(path, {t.name for t in net.targets.values() if t.conv3x3})
     if kind in ("rslora", "vera"):
         assert float(meta["ss_network_alpha"]) == pytest.approx(4 * 8 ** 0.5 if kind == "rslora" else 8.0, rel=1e-6)
+
+
+def kohya_max_norm(state: dict[str, torch.Tensor], max_norm_value: float) -> tuple[dict, int, list[float]]:
+    """sd-scripts' LoRANetwork.apply_max_norm_regularization (networks/lora.py) on a kohya state dict, line for line:
+    (the scaled state, keys scaled, the norms after)."""
+    state, keys_scaled, norms = {k: v.clone() for k, v in state.items()}, 0, []
+    for down_key in [k for k in state if "lora_down" in k and "weight" in k]:
+        up_key, alpha_key = down_key.replace("lora_down", "lora_up"), down_key.replace("lora_down.weight", "alpha")
+        down, up, alpha = state[down_key], state[up_key], state[alpha_key]
+        scale = alpha / down.shape[0]
+        if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+            updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+            updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        else:
+            updown = up @ down
+        updown *= scale
+        norm = updown.norm().clamp(min=max_norm_value / 2)
+        desired = torch.clamp(norm, max=max_norm_value)
+        ratio = desired.cpu() / norm.cpu()
+        if ratio != 1:
+            keys_scaled += 1
+            state[up_key] *= ratio ** 0.5
+            state[down_key] *= ratio ** 0.5
+        norms.append((updown.norm() * ratio).item())
+    return state, keys_scaled, norms
+
+
+def deltas(net) -> dict[str, torch.Tensor]:
+    return {name: net.delta(name).float().clone() for name in net.names()}
+
+
+@pytest.mark.parametrize("kind", ["lora", "locon", "rslora", "lora_fa"])
+def test_max_norm_scales_what_sd_scripts_scales(tiny_models, kind):
+    """scale_weight_norms on the LoRA-form methods: the modules above the limit come out as sd-scripts' arithmetic
+    leaves them (their file's factors equal to 1e-6), the others untouched; the step's figures are kohya's."""
+    model = load_base(tiny_models["sd1"][1])
+    net = create(net_config(kind), "sd1", components(model))
+    randomize(net)
+    before = deltas(net)
+    file_before = {key: t.clone() for key, t in to_kohya(net, torch.float32).items()}  # it may share the weights
+    norms = {name: float(d.norm()) for name, d in before.items()}
+    limit = sorted(norms.values())[len(norms) // 2]  # half the modules above it
+    net.cfg = replace(net.cfg, scale_weight_norms=limit)
+    figures = net.max_norm()
+    theirs, keys_scaled, their_norms = kohya_max_norm(file_before, limit)
+    assert figures["keys_scaled"] == keys_scaled == sum(n > limit for n in norms.values()) >= len(norms) // 2 - 1
+    assert figures["mean_norm"] == pytest.approx(sum(their_norms) / len(their_norms), rel=1e-5)
+    assert figures["max_norm"] == pytest.approx(limit, rel=1e-5)
+    after = deltas(net)
+    for name, delta in after.items():
+        if norms[name] > limit:
+            assert float(delta.norm()) == pytest.approx(limit, rel=1e-5)
+            torch.testing.assert_close(delta, before[name] * (limit / norms[name]), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(delta, before[name])
+    ours = to_kohya(net, torch.float32)
+    if kind in ("lora", "locon"):  # the same factors, not only the same products
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-8)
+    again = net.max_norm()  # at the limit now: moved by rounding at most (kohya counts those as scaled too)
+    assert again["max_norm"] == pytest.approx(limit, rel=1e-6)
+    for name, delta in deltas(net).items():
+        torch.testing.assert_close(delta, after[name], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_max_norm_on_lycoris_methods_is_lycoris_own(tiny_models, kind):
+    """LyCORIS modules are scaled by LyCORIS' apply_max_norm, as sd-scripts does for a LyCORIS network: afterwards no
+    module's own update is above the limit, and the modules below it are unchanged."""
+    model = load_base(tiny_models["sd1"][1])
+    net = create(net_config(kind), "sd1", components(model))
+    randomize(net)
+    own = {name: float(m.apply_max_norm(1e9)[1]) for name, m in net.modules.items()}  # a limit nothing reaches
+    limit = sorted(own.values())[len(own) // 2]
+    net.cfg = replace(net.cfg, scale_weight_norms=limit)
+    before = deltas(net)
+    figures = net.max_norm()
+    assert figures["keys_scaled"] == sum(n > limit for n in own.values()) > 0
+    after = {name: float(m.apply_max_norm(1e9)[1]) for name, m in net.modules.items()}
+    assert max(after.values()) <= limit * (1 + 1e-5) and figures["max_norm"] == pytest.approx(max(after.values()))
+    unchanged = [name for name, n in own.items() if n <= limit]
+    assert unchanged and all(torch.equal(net.delta(name).float(), before[name]) for name in unchanged)
+
+
+def test_max_norm_is_off_at_zero_and_refused_where_it_cannot_work(tiny_models):
+    from trainer import config
+
+    model = load_base(tiny_models["sd1"][1])
+    net = create(net_config("lora"), "sd1", components(model))
+    randomize(net)
+    assert net.max_norm() == {}
+    with pytest.raises(config.ConfigError, match=r"network.scale_weight_norms = 1.0: it works with lora, locon, "
+                                                 r"loha, lokr, dora, rslora, lora_fa, not with 'vera'"):
+        config.build("character", "sd15", {"network_type": "vera", "scale_weight_norms": 1.0})

@@ -88,7 +88,8 @@ def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_pat
     """The issue's key check, for LoRA and LyCORIS LoKr: four trials share every forward, each its own seed, and
     their held-out losses come from shared forwards too."""
     toml = base_toml(tmp_path, tiny_models["sd1"][0], {"training": {  # each trial's own input noise reaches the forward
-        "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}})
+        "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True},
+        "network": {"scale_weight_norms": 1e-4}})  # and each trial's max norm its own modules
     folder = sweep.create(tmp_path / "runs", toml, {"network_type": {"values": ["lora", "lokr"]},
                                                     "unet_lr": {"values": [5e-4, 2e-3]}}, "grid", name="eq")
     measured_alone, measure = [], validation.HeldOut.measure
@@ -105,6 +106,8 @@ def test_a_trial_trained_in_a_sweep_equals_it_trained_alone(tiny_models, tmp_pat
     assert [t["group"] for t in state["trials"]] == ["shared"] * 4
     assert [t["state"] for t in state["trials"]] == ["done"] * 4
     assert [r["value"] for r in state["ranking"]] == sorted(t["value"] for t in state["trials"])
+    assert all(e["keys_scaled"] > 0 for t in state["trials"] for e in read_all(folder / t["name"])
+               if e["type"] == "step")
     for kind in ("lora", "lokr"):
         t = next(t for t in state["trials"] if t["params"] == {"network_type": kind, "unet_lr": 5e-4})
         print(f"{kind}: largest difference from alone {assert_same_as_alone(folder / t['name'], tmp_path / kind):.3g}")

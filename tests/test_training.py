@@ -501,3 +501,25 @@ def test_lycoris_modules_held_beside_the_model_go_to_the_run_device(tiny_models,
     run = setup(cfg, run_dir)
     assert run.acc.device in moved, moved
     assert {p.device for m in run.net.torch_modules() for p in m.parameters()} == {run.acc.device}
+
+
+def test_scale_weight_norms_holds_every_module_of_the_file_under_it(tiny_models, tmp_path):
+    """kohya's max-norm regularization through a whole run: each step's line says how many modules were scaled
+    (the Monitor shows it), the file says the limit, and no module of the file has a ΔW norm above it."""
+    from trainer.rundir import RunDir
+    from ui.monitor import RunView
+
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"network": {"scale_weight_norms": 2e-4},
+                                                            "optimizer": {"unet_lr": 1e-3}})
+    path = train_run(run_dir)
+    steps = [e for e in read_all(run_dir) if e["type"] == "step"]
+    assert all({"keys_scaled", "mean_norm", "max_norm"} <= set(e) for e in steps)
+    assert steps[-1]["keys_scaled"] > 0 and steps[-1]["max_norm"] == pytest.approx(2e-4, rel=1e-4)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_scale_weight_norms"] == "0.0002"
+    norms = [float((p["lora_up.weight"].flatten(1) @ p["lora_down.weight"].flatten(1)).norm()
+                   * p["alpha"] / p["lora_down.weight"].shape[0]) for p in lora_files.modules(path).values()]
+    assert max(norms) <= 2e-4 * (1 + 1e-3) and sum(n > 1.9e-4 for n in norms) == steps[-1]["keys_scaled"] > 0
+    view = RunView.of(RunDir(run_dir))
+    view.read()
+    assert f"· {steps[-1]['keys_scaled']} module(s) scaled to the max norm, mean norm" in view.progress_text(True)

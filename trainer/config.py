@@ -97,6 +97,9 @@ class NetworkConfig:
     conv_alpha: float = opt(1.0, "scale of 3x3 convs = conv_alpha / conv_dim", (0, 1024), exclusive_low=True)
     lokr_factor: int = opt(-1, "LoKr Kronecker factor; -1 = automatic", (-1, 64))
     network_dropout: float = opt(0.0, "dropout on the adapter's input", (0.0, 1.0))
+    scale_weight_norms: float = opt(0.0, "max-norm regularization (kohya's scale_weight_norms): after every step, a "
+                                         "module whose ΔW norm is above this is scaled down to it (1 is usual); 0 = "
+                                         "off", (0.0, 100.0))
     loraplus_lr_ratio: float = opt(0.0, "LoRA+: B learns this many times faster than A (16 suggested); 0 = off",
                                    (0.0, 1000.0))
     network_bias: str = opt("none", "peft bias mode: also train the biases of adapted layers (lora_only) or of every "
@@ -442,6 +445,10 @@ def _check_network(cfg: TrainConfig) -> None:
                                                  f"{n.network_type!r}")
     if n.network_weights:
         _check_start_file(n, method)
+    if n.scale_weight_norms and not method.max_norm:
+        raise ConfigError("network.scale_weight_norms", f"network.scale_weight_norms = {n.scale_weight_norms}: it "
+                                                        f"works with {', '.join(methods.names(max_norm=True))}, not "
+                                                        f"with {n.network_type!r}")
     if n.loraplus_lr_ratio and not method.loraplus:
         raise ConfigError("network.loraplus_lr_ratio", f"network.loraplus_lr_ratio = {n.loraplus_lr_ratio}: LoRA+ "
                                                        f"speeds up LoRA's B matrix; it works with "

@@ -14,7 +14,7 @@ from typing import Any
 EVENTS_FILE = "events.jsonl"
 TYPES = {
     "status": ("phase", "message"),  # phase: loading, caching, training, sampling, saving, cancelling, held-out
-    "step": ("step", "total_steps", "epoch", "loss", "lr"),  # + samples_per_s, eta_s
+    "step": ("step", "total_steps", "epoch", "loss", "lr"),  # + samples_per_s, eta_s; keys_scaled, mean_norm, max_norm
     "sample": ("step", "prompt", "seed", "path"),
     "checkpoint": ("step", "epoch", "path"),  # path: a .safetensors in output/ or a state/ folder
     "done": ("path",),

@@ -105,6 +105,7 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, datas
         "ss_network_alpha": str(n.network_alpha),
         "ss_network_args": json.dumps(net.network_args()),
         "ss_network_dropout": str(n.network_dropout),
+        "ss_scale_weight_norms": str(n.scale_weight_norms),
         "ss_base_model_version": version,
         "ss_v2": str(v2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),

@@ -21,6 +21,7 @@ class Method:
     native: bool = False  # kohya sd-scripts or LyCORIS trains it itself, so the file needs no `trained_as`
     with_convs: str = ""  # the method that adds 3x3 convs to this one
     starts_from_file: bool = False  # network_weights: a run can start from a kohya LoRA file's weights
+    max_norm: bool = True  # scale_weight_norms: each module's ΔW can be scaled down to a norm
 
     def __post_init__(self):
         if self.trained_through not in ("peft", "lycoris") or self.exports_as not in ("lora", "lycoris") or \
@@ -39,8 +40,9 @@ CATALOG: dict[str, Method] = {m.name: m for m in (
     Method("dora", "direction + magnitude", "lycoris", "lycoris", convs="optional", native=True),
     Method("rslora", "scale alpha/√dim", "peft", "lora", loraplus=True, starts_from_file=True),
     Method("lora_fa", "A frozen", "peft", "lora", loraplus=True, starts_from_file=True),
-    Method("vera", "shared random A, B; trained scales", "peft", "lora", linear_only=True),
-    Method("adalora", "rank moves to where it helps", "peft", "lora", convs="optional", dynamic_rank=True),
+    Method("vera", "shared random A, B; trained scales", "peft", "lora", linear_only=True, max_norm=False),
+    Method("adalora", "rank moves to where it helps", "peft", "lora", convs="optional", dynamic_rank=True,
+           max_norm=False),
 )}
 NAMES = tuple(CATALOG)
 

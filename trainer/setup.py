@@ -101,6 +101,7 @@ class Run:
     prompts: list[SamplePrompt]  # the trigger word filled in
     samples_per_batch: int  # over all processes
     held_out: validation.HeldOut | None = None  # None: no held-out loss
+    norms: dict = field(default_factory=dict)  # scale_weight_norms' figures of the last step, for its log line
 
 
 def resolve_mixed_precision(value: str) -> str:

@@ -142,6 +142,7 @@ def optimizer_step(run: Run) -> None:
     run.lr_schedule.step()
     run.progress.step += 1
     run.net.after_step(run.progress.step)  # before the gradients are cleared: AdaLoRA reads them
+    run.norms = run.net.max_norm()  # scale_weight_norms: {} when off
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -186,7 +187,8 @@ def log_step(run: Run, epoch: int, meter: Meter) -> None:
     step, total = run.progress.step, run.schedule.total_steps
     run.events.emit("step", step=step, total_steps=total, epoch=epoch + 1, loss=loss,
                     lr=run.lr_schedule.get_last_lr()[0],
-                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=meter.eta_s(total - step))
+                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=meter.eta_s(total - step),
+                    **run.norms)
 
 
 def end_epoch(run: Run, epoch: int) -> None:

@@ -169,6 +169,8 @@ class RunView:
         total = max(e["total_steps"], 1)
         pct = 100 * e["step"] / total
         head = f"Step {e['step']} / {e['total_steps']} · epoch {e['epoch']} · loss {e['loss']:.4f}"
+        if "keys_scaled" in e:  # scale_weight_norms, as kohya's progress bar shows it
+            head += f" · {e['keys_scaled']} module(s) scaled to the max norm, mean norm {e['mean_norm']:.3f}"
         if not (self.ended or ended):
             head += f" · {e.get('samples_per_s', 0):.2f} img/s · ETA {eta_text(e.get('eta_s', 0))}"
         bar = f'<progress value="{pct:.1f}" max="100" style="width:100%"></progress>'

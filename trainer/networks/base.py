@@ -181,6 +181,31 @@ class Network:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step, before the gradients are cleared (AdaLoRA re-allocates ranks here)."""
 
+    def max_norm(self) -> dict[str, float]:
+        """kohya's scale_weight_norms, after an optimizer step: a module whose ΔW (at multiplier 1) has a Frobenius
+        norm above the limit is scaled down to it. {} when off, else the step's keys_scaled, mean_norm and max_norm
+        (of every module, after scaling), as kohya logs them."""
+        limit = self.cfg.scale_weight_norms
+        if not limit:
+            return {}
+        with torch.no_grad():
+            results = [self.limit_norm(name, limit) for name in self.targets]
+        norms = [norm for _, norm in results]
+        return {"keys_scaled": sum(scaled for scaled, _ in results), "mean_norm": sum(norms) / len(norms),
+                "max_norm": max(norms)}
+
+    def limit_norm(self, name: str, limit: float) -> tuple[bool, float]:
+        """One module scaled down to `limit` when the norm of its ΔW is above it: (scaled, its norm now)."""
+        norm = float(self.delta(name).float().norm())
+        if norm <= limit:
+            return False, norm
+        self.scale_delta(name, limit / norm)
+        return True, limit
+
+    def scale_delta(self, name: str, ratio: float) -> None:
+        """Scale one module's trained factors so that its ΔW is `ratio` times what it was."""
+        raise NotImplementedError(f"{self.kind}: scale_weight_norms")
+
     def network_args(self) -> dict[str, str]:
         """`ss_network_args` of the file: what a loader or a re-run needs to rebuild this network."""
         args = {} if self.method.native else {"trained_as": self.kind}

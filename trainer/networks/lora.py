@@ -103,6 +103,11 @@ class LoRA(Network):
             layer = self.layer(name)
             layer.scaling[ADAPTER] = value * self.base_scale(layer)
 
+    def scale_delta(self, name: str, ratio: float) -> None:
+        layer = self.layer(name)  # both factors by √ratio, as kohya's apply_max_norm_regularization
+        layer.lora_A[ADAPTER].weight.mul_(ratio ** 0.5)
+        layer.lora_B[ADAPTER].weight.mul_(ratio ** 0.5)
+
 
 @register("locon")
 class LoCon(LoRA):
@@ -145,3 +150,6 @@ class LoRAFA(LoRA):
     def saved_parameters(self, component: str) -> list[torch.nn.Parameter]:
         """The frozen A too: a resumed run or a reloaded checkpoint must not depend on re-drawing it."""
         return [p for n, p in self.components[component].named_parameters() if "lora_" in n]
+
+    def scale_delta(self, name: str, ratio: float) -> None:
+        self.layer(name).lora_B[ADAPTER].weight.mul_(ratio)  # A stays as it was drawn

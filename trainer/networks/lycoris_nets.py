@@ -63,6 +63,10 @@ class _LyCORIS(Network):
         for net in self.networks.values():
             net.set_multiplier(value)
 
+    def limit_norm(self, name: str, limit: float) -> tuple[bool, float]:
+        scaled, norm = self.modules[name].apply_max_norm(limit)  # LyCORIS' own, which sd-scripts calls
+        return bool(scaled), float(norm)
+
     def network_args(self) -> dict[str, str]:
         return {"algo": self.algo} | super().network_args()
 
