@@ -158,7 +158,44 @@ def test_a_timestep_range_must_be_a_range():
 
 
 @pytest.mark.parametrize("field, value", [("multires_noise_iterations", 6), ("debiased_estimation_loss", True),
-                                          ("min_timestep", 200)])
+                                          ("min_timestep", 200), ("zero_terminal_snr", True)])
 def test_flow_models_refuse_them(field, value):
     with pytest.raises(config.ConfigError, match=f"training.{field} = .*flow matching"):
         config.build("character", "flux", {"training": {field: value}})
+
+
+def kohya_zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """sd-scripts' custom_train_functions.fix_noise_scheduler_betas_for_zero_terminal_snr, line for line."""
+    alphas_bar_sqrt = (1 - scheduler.betas).cumprod(0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= last
+    alphas_bar_sqrt *= first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    betas = 1 - torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    scheduler.betas, scheduler.alphas = betas, 1.0 - betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    return scheduler
+
+
+def test_zero_terminal_snr_trains_the_schedule_sd_scripts_trains(tiny_models, tmp_path):
+    """A v-prediction run with zero_terminal_snr: its schedule is sd-scripts' rescaled one (the last timestep pure
+    noise), min-SNR weighting stays finite at SNR 0, the file says so; an ε model is refused by name."""
+    from trainer.setup import make_loss
+    from trainer.loading import load_base
+
+    layer = {"model": {"prediction_type": "v_prediction"},
+             "training": {"max_train_epochs": 1, "zero_terminal_snr": True, "min_snr_gamma": 5.0}}
+    run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], layer)
+    base = load_base(tiny_models["sd1"][1], prediction_type="v_prediction")
+    ours = make_loss(cfg, base, type("Acc", (), {"mixed_precision": "no"})()).scheduler
+    theirs = kohya_zero_terminal_snr(DDPMScheduler.from_config(base.pipeline.scheduler.config))
+    assert ours.alphas_cumprod[-1].item() == 0 and theirs.alphas_cumprod[-1].item() < 1e-12
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    final = train_run(run_dir)
+    assert len(losses(run_dir)) == 3 and all(torch.isfinite(torch.tensor(list(losses(run_dir).values()))))
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata()["ss_zero_terminal_snr"] == "True"
+    epsilon = config.build("character", "sd15", {"training": {"zero_terminal_snr": True}})
+    with pytest.raises(config.ConfigError, match=r"training.zero_terminal_snr = true: it is for v-prediction models "
+                                                 r"and this base is SD 1.x, epsilon; set it false"):
+        make_loss(epsilon, load_base(tiny_models["sd1"][1]), None)

@@ -187,6 +187,8 @@ class TrainingConfig:
                                      "(arXiv 2301.11706; 0.1 suggested); 0 = off", (0.0, 1.0))
     ip_noise_gamma_random_strength: bool = opt(False, "each batch's input perturbation drawn between 0 and "
                                                       "ip_noise_gamma")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule so its last timestep is pure noise (arXiv "
+                                         "2305.08891, kohya's zero_terminal_snr): for v-prediction models")
     min_timestep: int = opt(0, "lowest timestep trained (0 = clean end)", (0, 999))
     max_timestep: int = opt(1000, "timesteps trained are below this (1000 = pure-noise end); a range such as "
                                   "500-1000 trains composition more than detail", (1, 1000))

@@ -164,6 +164,7 @@ def loss_fields(t) -> dict[str, str]:
         "ss_ip_noise_gamma": str(t.ip_noise_gamma),
         "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
         "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
         "ss_min_timestep": str(t.min_timestep),
         "ss_max_timestep": str(t.max_timestep),
     }

@@ -56,6 +56,9 @@ def check_flow(cfg: TrainConfig) -> None:
          f"training.min_timestep = {t.min_timestep}, max_timestep = {t.max_timestep}: they bound the DDPM "
          f"schedule's timesteps; {name} trains by flow matching, σ from its own shifted distribution: set them to 0 "
          f"and 1000"),
+        ("training.zero_terminal_snr", t.zero_terminal_snr,
+         f"training.zero_terminal_snr = true: it rescales the DDPM schedule; {name} trains by flow matching, whose "
+         "σ = 1 end is pure noise already: set it false"),
         ("training.debiased_estimation_loss", t.debiased_estimation_loss,
          f"training.debiased_estimation_loss = true: it weighs the DDPM schedule's SNR; {name} trains by flow "
          "matching at logit-normal timesteps: set it false"),

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 
 from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
+from trainer.config import ConfigError
 from trainer.events import EventWriter
 from trainer.flow_parts import parts_of
 from trainer.loading import FLOW_ARCHES, BaseModel, load_base
@@ -179,7 +180,12 @@ def make_loss(cfg, base, acc) -> DenoisingLoss | FlowMatchingLoss:
     t = cfg.training
     if base.arch in FLOW_ARCHES:
         return FlowMatchingLoss.for_model(base, acc.mixed_precision, t.ip_noise_gamma, t.ip_noise_gamma_random_strength)
-    return DenoisingLoss(DDPMScheduler.from_config(base.pipeline.scheduler.config), base.prediction_type,
+    if t.zero_terminal_snr and base.prediction_type != "v_prediction":  # an ε model learns nothing at SNR 0
+        raise ConfigError("training.zero_terminal_snr", "training.zero_terminal_snr = true: it is for v-prediction "
+                                                        f"models and this base is {base.describe()}; set it false, "
+                                                        "or model.prediction_type = \"v_prediction\" to train one")
+    schedule = DDPMScheduler.from_config(base.pipeline.scheduler.config, rescale_betas_zero_snr=t.zero_terminal_snr)
+    return DenoisingLoss(schedule, base.prediction_type,
                          t.min_snr_gamma, t.noise_offset, acc.mixed_precision, t.multires_noise_iterations,
                          t.multires_noise_discount, t.debiased_estimation_loss, t.noise_offset_random_strength,
                          t.ip_noise_gamma, t.ip_noise_gamma_random_strength, t.min_timestep, t.max_timestep)
@@ -302,8 +308,6 @@ def make_network(n, base, components: dict, total_steps: int, events):
 def start_from_file(net, path: Path, events) -> None:
     """network_weights: the adapter starts as the file's (a resumed run then loads its own state over it)."""
     from safetensors.torch import load_file
-
-    from trainer.config import ConfigError
 
     tensors = load_file(str(path))
     try:

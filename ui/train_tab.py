@@ -21,9 +21,9 @@ ADVANCED_FIELDS = [
     "optimizer_args", "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_grad_norm", "weight_decay",
     "max_train_steps", "gradient_accumulation_steps", "num_gpus", "mixed_precision", "attention", "prediction_type",
     "gradient_checkpointing", "clip_skip", "min_snr_gamma", "noise_offset", "noise_offset_random_strength",
-    "multires_noise_iterations", "multires_noise_discount", "debiased_estimation_loss", "ip_noise_gamma",
-    "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "shuffle_caption", "keep_tokens",
-    "caption_dropout_rate", "caption_tag_dropout_rate", "max_token_length", "flip_aug", "cache_latents",
+    "multires_noise_iterations", "multires_noise_discount", "debiased_estimation_loss", "zero_terminal_snr",
+    "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "shuffle_caption",
+    "keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "max_token_length", "flip_aug", "cache_latents",
     "cache_latents_to_disk", "save_every_n_epochs", "save_every_n_steps", "save_precision", "validation_split",
     "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_steps",
     "sample_cfg_scale", "sample_seed", "sample_prompts", "seed", "output_name"]
