@@ -352,6 +352,20 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-caption textarea").fill("zxq, my own words")
     page.locator("#dataset-save-caption").click()
     page.get_by_text("Saved the caption of").wait_for(timeout=10000)
+    page.locator("#dataset-trigger textarea, #dataset-trigger input").first.fill("mytok")
+    page.locator("#dataset-apply-trigger").click()  # QA 3: the box showed the old caption, and Save wrote it back
+    page.wait_for_function("() => document.querySelector('#dataset-caption textarea').value === "
+                           "'mytok, zxq, my own words'", timeout=15000)
+    page.reload()  # QA 12: the pictures and their captions come back with the page
+    page.locator("#dataset-report").get_by_text("Your pictures from before (24 pictures).").wait_for(timeout=30000)
+    page.locator("#dataset-gallery").get_by_text("mytok, zxq, my own words").first.wait_for(state="attached",
+                                                                                          timeout=10000)
+    assert page.locator("#dataset-gallery img").count() == 24
+    page.locator("#dataset-gallery img").first.click()
+    page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
+    page.locator("#dataset-clear").click()  # QA 18: Start over leaves no picture selected and no crop preview
+    page.locator("#dataset-crop-preview img").wait_for(state="detached", timeout=15000)
+    assert page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value() == ""
 
 
 def drop(page, picture: Path) -> str:

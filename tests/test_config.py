@@ -51,6 +51,8 @@ def test_layers_override_the_preset_flat_or_sectioned():
     ({"sample_sampler": "foo"}, "sample.sample_sampler", ["'foo'", "euler_a", "ddim"]),
     ({"netwrok_dim": 8}, "netwrok_dim", ["did you mean 'network_dim'"]),
     ({"network_dim": "lots"}, "network.network_dim", ["'lots'", "number"]),
+    ({"train_batch_size": None}, "training.train_batch_size",  # an emptied number box: not "= None" (QA)
+     ["training.train_batch_size is empty: type a number (>= 1 and <= 256)"]),
     ({"resolution": 2048, "max_bucket_reso": 1024}, "data.max_bucket_reso",
      ["between min_bucket_reso", "max_bucket_reso (1024)", "set max_bucket_reso = 0"]),
     ({"resolution": 128, "min_bucket_reso": 256}, "data.min_bucket_reso",
@@ -245,3 +247,13 @@ def test_adamw_is_fused_on_cpu_unless_optimizer_args_say_otherwise(args, fused):
                                torch.device("cpu"))
     assert optimizer.defaults["fused"] is fused
     assert optimizer.defaults["weight_decay"] == 0.02
+
+
+def test_the_demo_base_trains_at_64_px_and_lets_its_buckets_follow_a_larger_resolution():
+    """QA 9: the demo's own min / max bucket sides (64, 128) refused Resolution 512 on a hidden Advanced field."""
+    demo = {"model": {"pretrained_model_name_or_path": "demo"}}
+    cfg = config.build("character", "sd15", demo)
+    assert cfg.data.resolution == 64 and config.bucket_limits(64, cfg.data.min_bucket_reso,
+                                                              cfg.data.max_bucket_reso) == (64, 128)
+    larger = config.build("character", "sd15", demo, {"data": {"resolution": 512}})
+    assert config.bucket_limits(512, larger.data.min_bucket_reso, larger.data.max_bucket_reso) == (256, 1024)

@@ -97,7 +97,7 @@ def test_each_drop_imports_only_its_own_files_and_start_over_empties_the_box(tmp
     for picture, total in ((good, 1), (ring5, 2)):
         folder, message, gallery, _, box = tab.on_upload(drafts, [*(box or []), str(picture)], folder)
         assert "Added **1** picture(s)" in message and len(gallery) == total and box is None
-    assert tab.on_clear() == ("", "", [], [], None, "")  # no dataset, no files in the box, no trigger applied
+    assert tab.on_clear() == ("", "", [], [], None, "", "")  # no dataset, no files in the box, no trigger (QA 4)
     _, message, gallery, _, _ = tab.on_upload(drafts, [str(ring6)], "")
     assert "Added **1** picture(s)" in message and len(gallery) == 1
 
@@ -105,7 +105,8 @@ def test_each_drop_imports_only_its_own_files_and_start_over_empties_the_box(tmp
 def test_the_upload_box_is_emptied_by_its_upload_event_and_start_over(tmp_path):
     with gr.Blocks() as demo:
         tab.build(tmp_path / "drafts", gr.State(""))
-    events = {(demo.blocks[i].elem_id, event): fn for fn in demo.fns.values() for i, event in fn.targets}
+    events = {(demo.blocks[i].elem_id, event): fn for fn in demo.fns.values() for i, event in fn.targets
+              if i in demo.blocks}  # a .then() step has no block of its own
     box = demo.blocks[next(i for i, b in demo.blocks.items() if b.elem_id == "dataset-upload")]
     assert box in events["dataset-upload", "upload"].outputs and box in events["dataset-clear", "click"].outputs
     assert ("dataset-upload", "change") not in events  # emptying the box imports nothing
@@ -114,7 +115,8 @@ def test_the_upload_box_is_emptied_by_its_upload_event_and_start_over(tmp_path):
 def test_add_folder_refuses_what_is_not_a_folder(tmp_path):
     pictures(tmp_path / "mine", 2)
     folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "nope"), "")
-    assert (folder, gallery) == ("", []) and "is not a folder on this machine" in message
+    assert (folder, gallery) == ("", []) and message == f"⚠ “{tmp_path / 'nope'}” is not a folder on this machine"
+    assert tab.on_folder(tmp_path / "drafts", "  ", "")[1] == "Type the path of a folder of pictures first."  # QA 2
     folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "mine"), "")
     assert "Added **2** picture(s)" in message and len(gallery) == 2
     assert tab.on_clear()[:4] == ("", "", [], [])
@@ -136,13 +138,20 @@ def test_caption_edits_save_trigger_rename_and_bulk(dataset):
     assert tab.on_trigger(dataset, "zxq", "")[1] == "“zxq” is first in 3 captions."
     assert captions_of(dataset) == {"p0.txt": "zxq, a, red", "p1.txt": "zxq, b, green", "p2.txt": "zxq, c, blue"}
     _, message, _, tags = tab.on_tag(dataset, "red", "crimson")
-    assert message == "“red” renamed to “crimson” in 1 captions." and ["crimson", 1] in tags
-    assert tab.on_tag(dataset, "blue", "")[1] == "“blue” removed in 1 captions."
+    assert message == "“red” renamed to “crimson” in 1 caption." and ["crimson", 1] in tags
+    assert tab.on_tag(dataset, "blue", "")[1] == "“blue” removed in 1 caption."
+    assert tab.on_tag(dataset, "bleu", "x")[1] == "No caption has the tag “bleu” (the table lists every tag)."
     assert tab.on_tag(dataset, "", "x")[1] == "Name a tag first."
     _, message, _, _ = tab.on_bulk(dataset, "solo", "photo", "green", "lime", 0)
     assert message == "Changed 3 captions."
     assert captions_of(dataset) == {"p0.txt": "solo, zxq, a, crimson, photo", "p1.txt": "solo, zxq, b, lime, photo",
                                     "p2.txt": "solo, zxq, c, photo"}
+    before = captions_of(dataset)
+    for bad in (-1, 1.5):  # QA 6: -1 cut every caption's last tag (Python's slice)
+        assert tab.on_bulk(dataset, "x", "", "", "", bad)[1] == (
+            f"⚠ Keep the first N tags: {bad:g} is not allowed; 0 (keep all) or a whole number above it. No caption "
+            "was changed.")
+    assert captions_of(dataset) == before
     tab.on_bulk(dataset, "", "", "", "", 2)
     assert set(captions_of(dataset).values()) == {"solo, zxq"}
     for handler in (lambda: tab.on_trigger("", "zxq", ""), lambda: tab.on_bulk("", "a", "", "", "", 0)):
@@ -159,7 +168,8 @@ def test_a_new_trigger_word_replaces_the_one_applied_before(dataset):
 
 def test_an_empty_trigger_or_one_with_a_comma_changes_nothing(dataset):
     before = captions_of(dataset)
-    assert tab.on_trigger(dataset, "  ", "zxq")[1:] == ("", *tab.refresh(dataset, "")[2:], "zxq")
+    assert tab.on_trigger(dataset, "  ", "zxq")[1:] == (
+        "Type a trigger word first: a made-up word such as zxq, not a real one.", *tab.refresh(dataset, "")[2:], "zxq")
     _, message, _, _, applied = tab.on_trigger(dataset, "my, trigger", "zxq")
     assert message.startswith("⚠ “my, trigger” holds a comma") and applied == "zxq"
     assert captions_of(dataset) == before
@@ -358,3 +368,47 @@ def test_a_caption_is_saved_only_beside_a_picture_of_the_dataset(dataset, tmp_pa
     Image.new("RGB", (8, 8)).save(kohya / "k.png")
     assert tab.on_save(dataset, "10_a b/k.png", "k cap")[1] == "Saved the caption of 10_a b/k.png."
     assert (kohya / "k.txt").read_text().strip() == "k cap"
+
+
+def test_an_edit_of_every_caption_shows_the_selected_pictures_new_caption(dataset):
+    """QA 3: after Apply to all captions the Caption box kept the old text, and Save wrote it back (the trigger word
+    gone). The page re-reads the selected picture's caption after each edit of every caption."""
+    tab.on_trigger(dataset, "zxq", "")
+    assert tab.caption_of(dataset, "p1.png") == "zxq, b, red"
+    tab.on_tag(dataset, "red", "crimson")
+    assert tab.caption_of(dataset, "p1.png") == "zxq, b, crimson"
+    assert tab.caption_of(dataset, "") == tab.caption_of("", "p1.png") == tab.caption_of(dataset, "gone.png") == ""
+
+
+def test_a_changed_dataset_marks_its_health_report_out_of_date_and_a_new_one_clears_the_page(dataset):
+    """QA 1 and 18: the health report, the selection, caption and crop preview stayed after the pictures changed."""
+    report = tab.health_markdown(dataset, 64, 64, 128, 1)
+    stale = tab.stale_health(report)
+    assert stale.startswith(tab.STALE_HEALTH) and stale.endswith(report) and tab.stale_health(stale) == stale
+    assert tab.stale_health("") == ""  # no report shown: nothing to mark
+    assert tab.no_selection() == ("", "", None, "")
+
+
+def test_new_pictures_get_the_trigger_word_applied_before_them(dataset, tmp_path):
+    """QA 15: the box says the trigger is kept first in every caption; pictures added after it was applied lacked
+    it."""
+    tab.on_trigger(dataset, "zxq", "")
+    more = pictures(tmp_path / "more", 2, {0: "a cat, sitting"})
+    folder, message, gallery, _, box = tab.on_upload(tmp_path / "drafts", [str(p) for p in more] + [
+        str(more[0].with_suffix(".txt"))], dataset, "zxq")
+    assert folder == dataset and message.endswith("“zxq” is first in their captions too.") and box is None
+    assert len(gallery) == 5 and all(caption.startswith("zxq") for _, caption in gallery)
+    assert "zxq, a cat, sitting" in [caption for _, caption in gallery]
+    _, message, *_ = tab.on_upload(tmp_path / "drafts", [str(more[1])], dataset, "")  # none applied: none added
+    assert "first in" not in message
+
+
+def test_the_pictures_come_back_after_a_reload_and_only_a_draft_folder_does(dataset, tmp_path):
+    """QA 12: a reload forgot the dataset. The page keeps its folder in the browser's storage; what comes back from
+    there is only used when it is one of this app's draft folders."""
+    drafts = Path(dataset).parent
+    folder, message, gallery, tags = tab.restore(drafts, dataset)
+    assert folder == dataset and message == "Your pictures from before (3 pictures)." and len(gallery) == 3 and tags
+    outside = pictures(tmp_path / "elsewhere" / "x", 1)[0].parent
+    for stored in (str(outside), str(drafts / ".." / Path(dataset).name), "/etc", str(drafts / "gone"), "", None):
+        assert tab.restore(drafts, stored) == ("", "", [], [])

@@ -281,6 +281,9 @@ def _coerce(name: str, value: Any) -> Any:
                 value = float(value) if want is float or "." in value or "e" in value.lower() else int(value)
             except ValueError:
                 raise ConfigError(where, f"{where} = {value!r}: must be a number") from None
+        if value is None:  # an emptied number box in the web form
+            allowed = f" ({_range_text(f.metadata['range'], f.metadata)})" if "range" in f.metadata else ""
+            raise ConfigError(where, f"{where} is empty: type a number{allowed}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(where, f"{where} = {value!r}: must be a number")
         if want is int:
@@ -391,8 +394,12 @@ def _check_field(where: str, value, meta) -> None:
         lo, hi = meta["range"]
         low_ok = value > lo if meta.get("exclusive_low") else value >= lo
         if not (low_ok and value <= hi):
-            rel = ">" if meta.get("exclusive_low") else ">="
-            raise ConfigError(where, f"{where} = {value!r}: must be {rel} {lo} and <= {hi}")
+            raise ConfigError(where, f"{where} = {value!r}: must be {_range_text(meta['range'], meta)}")
+
+
+def _range_text(bounds: tuple, meta) -> str:
+    lo, hi = bounds
+    return f"{'>' if meta.get('exclusive_low') else '>='} {lo} and <= {hi}"
 
 
 def bucket_limits(resolution: int, min_bucket_reso: int = 0, max_bucket_reso: int = 0) -> tuple[int, int]:

@@ -28,6 +28,7 @@ CAPTIONERS = [("WD14 tagger (tags, for anime / illustration)", "wd14"), ("BLIP (
               ("Florence-2 (a detailed sentence)", "florence2")]
 POLL_S = 1.0  # how often the tab reads a running captioner's progress
 NO_PICTURES = "Add pictures first."
+STALE_HEALTH = "_The dataset changed since this check: click **Check the dataset** again._"
 CLIP_TOKENIZER = MODEL_CONFIGS / "clip_tokenizer"  # the BPE vocabulary every SD text encoder reads
 
 
@@ -40,6 +41,12 @@ class DatasetTab:
     selected: gr.Textbox
     caption: gr.Textbox
     crop: gr.Image
+    report: gr.Markdown
+    tags: gr.Dataframe
+
+    def shown(self, dataset_dir) -> list:
+        """What `refresh` answers: the folder, the message, the gallery and the tag table."""
+        return [dataset_dir, self.report, self.gallery, self.tags]
 
 
 # --- what the tab shows of a folder ---
@@ -61,6 +68,40 @@ def refresh(folder: str, message: str) -> tuple[str, str, list, list]:
     return folder, message, gallery_items(folder), tag_table(folder)
 
 
+def counted(n: int, noun: str = "caption") -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def caption_of(folder: str, name: str) -> str:
+    """The selected picture's caption as it is on disk now: after an edit of every caption the box shows it, so a
+    Save does not write the old text back."""
+    found = [i.caption for i in folder_ops.items(Path(folder))
+             if str(i.image.relative_to(folder)) == name] if folder and name else []
+    return found[0] if found else ""
+
+
+def stale_health(report: str) -> str:
+    """A health report shown before the dataset changed is marked out of date (the next check replaces it)."""
+    return report if not report or STALE_HEALTH in report else f"{STALE_HEALTH}\n\n{report}"
+
+
+def no_selection() -> tuple[str, str, None, str]:
+    """A new (or no) dataset: no picture selected, no caption in the box, no crop preview, no health report."""
+    return "", "", None, ""
+
+
+def restore(drafts: Path, folder: str):
+    """The dataset folder this browser last worked on (kept in its storage across a reload), shown again: only a
+    draft folder of this app's, as anything read from the browser is checked before it is used as a path."""
+    try:
+        path = security.inside(Path(drafts), Path(folder or "").name, "dataset folder") if folder else None
+    except ValueError:
+        path = None
+    if path is None or not path.is_dir() or str(path) != str(Path(folder)):
+        return refresh("", "")
+    return refresh(str(path), f"Your pictures from before ({counted(len(folder_ops.items(path)), 'picture')}).")
+
+
 # --- adding pictures: into the session's folder, made under `drafts` on the first add ---
 
 def draft_folder(drafts: Path, folder: str) -> Path:
@@ -76,17 +117,29 @@ def add(drafts: Path, sources: list[Path], folder: str) -> tuple[str, str, list,
     return refresh(str(target), folder_ops.add_files(sources, target).to_markdown())
 
 
-def on_upload(drafts: Path, files: list[str] | None, folder: str):
+def with_applied(shown: tuple, applied: str) -> tuple:
+    """New pictures get the trigger word applied before them, as the trigger box promises."""
+    folder, message, *_ = shown
+    if not applied or not folder:
+        return shown
+    folder_ops.apply_trigger(Path(folder), applied, applied)
+    return refresh(folder, f"{message}\n\n“{applied}” is first in their captions too.")
+
+
+def on_upload(drafts: Path, files: list[str] | None, folder: str, applied: str = ""):
     """Import the dropped files, then empty the upload box (None): the box adds each drop to what it holds, and
     would hand the files imported already to the next import again."""
-    shown = add(drafts, [Path(f) for f in files], folder) if files else refresh(folder, "")
+    shown = with_applied(add(drafts, [Path(f) for f in files], folder), applied) if files else refresh(folder, "")
     return *shown, None
 
 
-def on_folder(drafts: Path, path: str, folder: str):
-    if not path or not Path(path).expanduser().is_dir():
-        return refresh(folder, f"⚠ {path!r} is not a folder on this machine")
-    return add(drafts, [Path(path).expanduser()], folder)
+def on_folder(drafts: Path, path: str, folder: str, applied: str = ""):
+    path = (path or "").strip()
+    if not path:
+        return refresh(folder, "Type the path of a folder of pictures first.")
+    if not Path(path).expanduser().is_dir():
+        return refresh(folder, f"⚠ “{path}” is not a folder on this machine")
+    return with_applied(add(drafts, [Path(path).expanduser()], folder), applied)
 
 
 def on_demo(drafts: Path):
@@ -97,8 +150,8 @@ def on_demo(drafts: Path):
 
 
 def on_clear():
-    """No dataset, an empty upload box and no trigger applied."""
-    return *refresh("", ""), None, ""
+    """No dataset, an empty upload box, no trigger applied and none in its box."""
+    return *refresh("", ""), None, "", ""
 
 
 # --- caption edits ---
@@ -124,32 +177,37 @@ def on_trigger(folder: str, word: str, applied: str):
     if not folder:
         return *refresh(folder, NO_PICTURES), applied
     if not word:
-        return *refresh(folder, ""), applied
+        return *refresh(folder, "Type a trigger word first: a made-up word such as zxq, not a real one."), applied
     if "," in word:
         return *refresh(folder, f"⚠ “{word}” holds a comma, and captions are tags split at commas: a trigger word "
                                 "is one tag (spaces are fine)."), applied
     n = folder_ops.apply_trigger(Path(folder), word, applied)
-    return *refresh(folder, f"“{word}” is first in {n} captions."), word
+    return *refresh(folder, f"“{word}” is first in {counted(n)}."), word
 
 
 def on_tag(folder: str, old: str, new: str):
     if not folder or not old:
         return refresh(folder, "Name a tag first.")
     n = folder_ops.rename_tag(Path(folder), old, new)
+    if not n:
+        return refresh(folder, f"No caption has the tag “{old}” (the table lists every tag).")
     verb = f"renamed to “{new}”" if new else "removed"
-    return refresh(folder, f"“{old}” {verb} in {n} captions.")
+    return refresh(folder, f"“{old}” {verb} in {counted(n)}.")
 
 
 def on_bulk(folder: str, prefix: str, suffix: str, find: str, replace: str, keep: float | None):
     """Find/replace, then tags added at the front and end, then only the first `keep` tags (0 = all)."""
     if not folder:
         return refresh(folder, NO_PICTURES)
+    if keep is not None and (keep < 0 or keep != int(keep)):
+        return refresh(folder, f"⚠ Keep the first N tags: {keep:g} is not allowed; 0 (keep all) or a whole number "
+                               "above it. No caption was changed.")
 
     def edit(c: str) -> str:
         c = folder_ops.with_prefix_suffix(folder_ops.replaced(c, find, replace), prefix, suffix)
         return folder_ops.first_tags(c, int(keep)) if keep else c
 
-    return refresh(folder, f"Changed {folder_ops.edit_all(Path(folder), edit)} captions.")
+    return refresh(folder, f"Changed {counted(folder_ops.edit_all(Path(folder), edit))}.")
 
 
 # --- captioning in a child process; a timer polls it while it runs ---
@@ -260,26 +318,31 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             c.suffix = gr.Textbox(label="Add tags at the end", elem_id="dataset-suffix")
             c.find = gr.Textbox(label="Find", elem_id="dataset-find")
             c.replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
-            c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, elem_id="dataset-keep")
+            c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, minimum=0,
+                               elem_id="dataset-keep")
             c.bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
     c.crop = gr.Image(label="Crop preview of the selected picture (kept area outlined)", interactive=False,
                       height=256, elem_id="dataset-crop-preview")
     bind(c, Path(drafts), dataset_dir)
     return DatasetTab(trigger=c.trigger, gallery=c.gallery, check=c.check, health=c.health, selected=c.selected,
-                      caption=c.caption, crop=c.crop)
+                      caption=c.caption, crop=c.crop, report=c.report, tags=c.tags)
 
 
 def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
-    shown = [dataset_dir, c.report, c.gallery, c.tags]
+    shown, unselect = [dataset_dir, c.report, c.gallery, c.tags], [c.selected, c.caption, c.crop, c.health]
     applied = gr.State("")  # the trigger word in the captions' front, put there by on_trigger or the demo
-    c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir], shown + [c.upload])
-    c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir], shown)
-    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied])
-    c.clear.click(on_clear, None, shown + [c.upload, applied])
-    c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown)
-    c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger, applied], shown + [applied])
-    c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown)
-    c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)
+    changed = [c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir, applied], shown + [c.upload]),
+               c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir, applied], shown),
+               c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown)]
+    every_caption = [c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger, applied], shown + [applied]),
+                     c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown),
+                     c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)]
+    for event in changed + every_caption:
+        event.then(stale_health, c.health, c.health)
+    for event in every_caption:
+        event.then(caption_of, [dataset_dir, c.selected], c.caption)
+    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied]).then(no_selection, None, unselect)
+    c.clear.click(on_clear, None, shown + [c.upload, applied, c.trigger]).then(no_selection, None, unselect)
 
     job = gr.State(None)
     poll = gr.Timer(POLL_S, active=False)

@@ -35,7 +35,17 @@ LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "
           "optimizer_args": "Optimizer arguments (one per line, e.g. betas=0.9,0.99)",
           "clip_l": "CLIP-L text encoder file (clip_l.safetensors)", "clip_g": "CLIP-G text encoder file "
           "(clip_g.safetensors)", "t5xxl": "T5-XXL text encoder file (t5xxl_fp16.safetensors)",
-          "vae": "VAE file (ae.safetensors for FLUX.1)", "t5_tokenizer": "T5-XXL tokenizer (folder or tokenizer.json)"}
+          "vae": "VAE file (ae.safetensors for FLUX.1)", "t5_tokenizer": "T5-XXL tokenizer (folder or tokenizer.json)",
+          # the rest as people who train LoRAs say them (QA: "Lokr factor", "Num gpus", "Min snr gamma")
+          "network_type": "Method", "conv_dim": "Conv dim (3×3 convs)", "unet_quantization": "UNet quantization",
+          "lokr_factor": "LoKr factor", "loraplus_lr_ratio": "LoRA+ ratio", "adalora_init_r": "AdaLoRA starting rank",
+          "min_bucket_reso": "Smallest bucket side", "max_bucket_reso": "Largest bucket side",
+          "optimizer_type": "Optimizer", "lr_scheduler": "LR schedule", "lr_warmup_steps": "LR warm-up steps",
+          "lr_scheduler_num_cycles": "LR schedule cycles", "num_gpus": "GPUs", "clip_skip": "CLIP skip",
+          "min_snr_gamma": "Min-SNR γ", "ip_noise_gamma": "Input perturbation γ (ip_noise_gamma)",
+          "ip_noise_gamma_random_strength": "Random input perturbation strength",
+          "sample_sampler": "Sampler of the samples", "sample_steps": "Sample steps",
+          "sample_cfg_scale": "Sample guidance (CFG)", "sample_seed": "Sample seed", "save_precision": "Saved precision"}
 SUFFIXES = (".safetensors", ".ckpt")
 PART_FIELDS = list(config.PART_FIELDS)  # shown for an SD 3.5 / FLUX.1 .safetensors base: ComfyUI's split layout
 PART_FILES = {n for names in (*USUAL_NAMES.values(), *VAE_NAMES.values()) for n in names}  # not bases: not listed
@@ -233,7 +243,7 @@ def display_value(name: str, value):
 def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str, names: list[str], values: list):
     """The run's config, or a ConfigError naming the field. Raises CheckpointError for an unreadable base."""
     if dataset_dir is None or not Path(dataset_dir).is_dir() or not any(Path(dataset_dir).iterdir()):
-        raise ValueError("Add pictures on the Dataset tab first (or click “Try the demo” there).")
+        raise ValueError("Add pictures on the Dataset tab first (or click “Try the demo dataset” there).")
     family = family_of(base) if base else "sd15"
     layer = form_layer(names, values)
     layer |= {"pretrained_model_name_or_path": base or "demo", "train_data_dir": str(dataset_dir),
