@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -252,8 +253,28 @@ def test_the_eta_times_steps_apart_from_what_runs_between_them():
         loss, batches, elapsed = meter.take()
         assert (loss, batches, elapsed) == (pytest.approx(0.2), 2, seconds)
         now[0] += pause
-    # the median of the last 3 steps (1, 2, 1) and the 30 s pause spread over the 4 steps so far
+    # the median step (1, 1, 2, 1) and the 30 s pause spread over the 4 steps so far
     assert meter.eta_s(10) == pytest.approx(10 * (1 + 30 / 4))
+    assert meter.batches_per_s() == pytest.approx(2.0)  # two batches in the median step's second
+
+
+def test_the_rate_and_the_eta_hold_steady_on_a_steady_run():
+    """Steps of 0.5 to 1.5 s (a busy machine), 1 s on average, after a 10 s warm-up: read every 10 steps once the
+    meter has two minutes of steps, the rate stays near 1 batch/s and the ETA falls at every read."""
+    from trainer.train import Meter
+
+    now, rng, total = [0.0], random.Random(0), 400
+    meter, reads = Meter(clock=lambda: now[0]), []
+    for step in range(1, total + 1):
+        meter.start()
+        now[0] += 10.0 if step == 1 else rng.uniform(0.5, 1.5)
+        meter.add(0.1)
+        meter.take()
+        if step >= 130 and step % 10 == 0:
+            reads.append((meter.batches_per_s(), meter.eta_s(total - step), total - step))
+    assert all(0.9 < rate < 1.1 for rate, _, _ in reads)  # one step's rate alone ranges from 0.67 to 2
+    assert all(later < earlier for (_, earlier, _), (_, later, _) in zip(reads, reads[1:]))
+    assert all(abs(eta - left) < 0.15 * left for _, eta, left in reads if left >= 30)
 
 
 def test_nan_loss_stops_the_run_with_a_hint(tiny_models, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import json
 import time
 
+import gradio as gr
 import pandas as pd
 import pytest
 from PIL import Image
@@ -12,7 +13,7 @@ from trainer import config
 from trainer.rundir import create
 from ui import monitor_tab, runs_tab, train_tab
 from ui.jobs import JobManager
-from ui.monitor import RunView, downsample
+from ui.monitor import RunView, downsample, log_tail
 
 UNCHANGED = {"__type__": "update"}
 
@@ -51,9 +52,26 @@ def test_every_view_sees_the_whole_history(jobs):
     for title, progress, plot, gallery, files, log, best, _, _, view in (first, second):
         assert "done" in title and "Step 3 / 6" in progress
         assert isinstance(plot, pd.DataFrame) and sorted(plot[plot.curve == "raw"].step) == [1, 2, 3]
-        assert [c for _, c in gallery["value"]] == ["step 3 · a", "step 3 · b"] and gallery["columns"] == 2
+        assert [c for _, c in gallery["value"]] == ["step 3 · a", "step 3 · b"] and gallery["columns"] == 6
         assert files == [str(run.output / "lora.safetensors"), str(run.config)]
         assert view.run_id == "r"
+
+
+def sample(step, index, prompt):
+    return {"type": "sample", "time": step, "step": step, "prompt": prompt, "seed": 1, "index": index,
+            "path": f"samples/step-{step:06d}-p{index}.png"}
+
+
+def test_the_gallery_opens_on_the_newest_samples_in_small_tiles():
+    view = RunView().add([sample(s, i, p) for s in (0, 200, 400) for i, p in enumerate("ab")])
+    assert [c for _, c in view.sample_grid()] == ["step 400 · a", "step 400 · b", "step 200 · a", "step 200 · b",
+                                                  "step 0 · a", "step 0 · b"]
+    assert view.gallery_columns() == 6  # three steps a row, each column one prompt
+    for prompts, columns in ((1, 6), (4, 8), (7, 7)):
+        assert RunView().add([sample(0, i, str(i)) for i in range(prompts)]).gallery_columns() == columns
+    with gr.Blocks():
+        tab = monitor_tab.build()
+    assert tab.samples.columns == 6 and tab.samples.fit_columns is False  # the first sample is not page-wide
 
 
 def test_only_what_changed_is_sent_again(jobs):
@@ -136,6 +154,39 @@ def test_the_sampling_line_goes_when_training_goes_on_or_the_run_ends(jobs):
     assert "Step 10 / 100" in progress and "Sampling" not in progress and "ETA" not in progress
 
 
+def test_with_no_run_shown_cancel_and_resume_cannot_be_clicked(jobs):
+    with gr.Blocks():
+        tab = monitor_tab.build()
+    assert tab.cancel.interactive is False and tab.resume.interactive is False
+    assert monitor_tab.refresh(jobs, "", None)[7:9] == [UNCHANGED] * 2  # and nothing makes them clickable
+    create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state="queued", name="q")
+    cancel, resume = monitor_tab.refresh(jobs, "q", None)[7:9]  # a run shown: as its state allows
+    assert (cancel["interactive"], resume["interactive"]) == (True, False)
+
+
+def test_a_queued_run_says_what_it_waits_for_and_an_ended_one_no_waiting(jobs):
+    for name, state, created in (("training", "running", 1.0), ("first", "queued", 2.0), ("q", "queued", 3.0),
+                                 ("later", "queued", 4.0)):
+        run = create(jobs.runs_dir, config.build("character", "sd15"), lambda d: d.mkdir(), state=state, name=name)
+        run.write_status(created=created)
+    progress = monitor_tab.refresh(jobs, "q", None)[1]
+    assert progress == "Queued: waiting for training (training), first (queued before it)."
+    assert monitor_tab.refresh(jobs, "first", None)[1] == "Queued: waiting for training (training)."
+    monitor_tab.cancel(jobs, "q")
+    assert monitor_tab.refresh(jobs, "q", None)[1] == "Ended before its first step."
+    killed = jobs.run_dir("training")  # died while loading: its last status is stale
+    killed.events.write_text(json.dumps({"type": "status", "time": 1, "phase": "loading", "message": "Loading"}) + "\n")
+    assert monitor_tab.refresh(jobs, "training", None)[1] == "**loading** — Loading"
+    killed.write_status(state="interrupted", message="the worker died")
+    assert monitor_tab.refresh(jobs, "training", None)[1] == "Ended before its first step."
+    resumed = jobs.run_dir("q")  # queued again to resume: no stale rate or ETA, and what it waits for
+    resumed.events.write_text(json.dumps(step(3)) + "\n")
+    resumed.write_status(state="queued", message="resuming")
+    progress = monitor_tab.refresh(jobs, "q", None)[1]
+    assert "Step 3 / 6" in progress and "ETA" not in progress
+    assert progress.endswith("Queued (resuming): waiting for first (queued before it).")
+
+
 def test_no_run_or_a_deleted_run(jobs):
     assert monitor_tab.refresh(jobs, "", None)[:9] == [UNCHANGED] * 9
     assert monitor_tab.refresh(jobs, "gone", None)[0] == monitor_tab.NO_RUN
@@ -201,6 +252,20 @@ def test_the_log_shows_what_the_worker_wrote(jobs):
     run.stdout.unlink()  # trained from the command line: worker.log is all there is
     run.log.write_text("2024-05-01 12:00:00 INFO trainer: removed state/step-00000004.tmp\n")
     assert "removed state/step-00000004.tmp" in monitor_tab.refresh(jobs, "r", None)[5]
+
+
+def test_the_log_tail_is_what_a_terminal_shows_and_opens_at_its_end(jobs):
+    run = finished_run(jobs)
+    bars = "".join(f"\r{p:3d}%|{'#' * (p // 10):10}| {p // 5}/20" for p in range(0, 101, 5))
+    run.stdout.write_text(f"Loading weights:   0%|          | 0/36 [00:00<?, ?it/s]\x1b[A\r\x1b[32mdone\x1b[0m\r\n"
+                          f"Held out 1 <of> 6 pictures\n{bars}\n\n")
+    log = monitor_tab.refresh(jobs, "r", None)[5]
+    assert log.splitlines() == ["done", "Held out 1 &lt;of&gt; 6 pictures", "100%|##########| 20/20"]
+    run.stdout.write_text("a partial bar\r 35%|###")  # still being drawn: its newest drawing
+    assert log_tail(run) == " 35%|###"
+    with gr.Blocks():
+        tab = monitor_tab.build()
+    assert isinstance(tab.log, gr.HTML) and "column-reverse" in tab.log.css_template  # a box shown from its end
 
 
 def test_cancel_and_resume_say_so_in_a_toast_and_leave_the_heading(jobs, capsys):

@@ -147,14 +147,20 @@ def optimizer_step(run: Run) -> None:
 
 
 class Meter:
-    """The losses of one optimizer step's batches and the step's time, from its first batch to its end; the ETA is
-    the median of the last steps plus, spread over the steps, what ran between them so far (sampling, saving, the
-    held-out loss): the step right after a pause is timed without it."""
+    """The losses of one optimizer step's batches and the step's time, from its first batch to its end. The rate and
+    the ETA are the median of the same recent steps (the last `window`, or the last `horizon_s` seconds' when those
+    are more), so neither swings with a single step on a busy machine nor with the first step's warm-up; the ETA
+    adds, spread over the steps, what ran between them so far (sampling, saving, the held-out loss): the step right
+    after a pause is timed without it."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter, window: int = 20) -> None:
+    MOST = 1000  # steps kept at most, however short they are
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, window: int = 20,
+                 horizon_s: float = 120.0) -> None:
         self.losses: list[float] = []
         self.clock, self.started = clock, None
-        self.recent: deque[float] = deque(maxlen=window)  # seconds of the last steps
+        self.window, self.horizon_s = window, horizon_s
+        self.recent: deque[tuple[float, int]] = deque(maxlen=self.MOST)  # (seconds, batches) of the last steps
         self.began, self.trained, self.steps = None, 0.0, 0  # from the first batch on
 
     def start(self) -> None:
@@ -171,24 +177,32 @@ class Meter:
         loss, batches = sum(self.losses) / len(self.losses), len(self.losses)
         elapsed = self.clock() - self.started
         self.losses, self.started = [], None
-        self.recent.append(elapsed)
+        self.remember(elapsed, batches)
         self.trained, self.steps = self.trained + elapsed, self.steps + 1
         return loss, batches, elapsed
 
+    def remember(self, seconds: float, batches: int) -> None:
+        """Keep the step; forget the oldest while the others are still `window` steps and `horizon_s` seconds."""
+        self.recent.append((seconds, batches))
+        total = sum(s for s, _ in self.recent)
+        while len(self.recent) > self.window and total - self.recent[0][0] >= self.horizon_s:
+            total -= self.recent.popleft()[0]
+
+    def batches_per_s(self) -> float:
+        return statistics.median(b / max(s, 1e-9) for s, b in self.recent)
+
     def eta_s(self, steps_left: int) -> float:
-        """The median step (the first step's warm-up or a slow one now and then does not move it) and the pauses so
-        far per step, times the steps left."""
+        """The median step and the pauses so far per step, times the steps left."""
         paused = (self.clock() - self.began - self.trained) / self.steps
-        return (statistics.median(self.recent) + paused) * steps_left
+        return (statistics.median(s for s, _ in self.recent) + paused) * steps_left
 
 
 def log_step(run: Run, epoch: int, meter: Meter) -> None:
-    loss, batches, elapsed = meter.take()
+    loss = meter.take()[0]
     step, total = run.progress.step, run.schedule.total_steps
     run.events.emit("step", step=step, total_steps=total, epoch=epoch + 1, loss=loss,
-                    lr=run.lr_schedule.get_last_lr()[0],
-                    samples_per_s=batches * run.samples_per_batch / max(elapsed, 1e-9), eta_s=meter.eta_s(total - step),
-                    **run.norms)
+                    lr=run.lr_schedule.get_last_lr()[0], samples_per_s=meter.batches_per_s() * run.samples_per_batch,
+                    eta_s=meter.eta_s(total - step), **run.norms)
 
 
 def end_epoch(run: Run, epoch: int) -> None:

@@ -93,8 +93,9 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> N
     refill = [*train.form(), train.preset_info]
     parts = [train.fields[name] for name in train_tab.PART_FIELDS]
     train.preset.change(train_tab.on_preset, [train.preset, train.base, *parts], refill)  # keeps the parts typed
+    refilled_for = gr.State("")  # the base family the form was last filled from its preset for
     for event in (train.base.change, demo.load):  # a new base: its parts pre-filled from beside it
-        event(train_tab.on_preset, [train.preset, train.base], refill)
+        event(train_tab.on_base, [train.preset, train.base, refilled_for], [*refill, refilled_for])
         event(train_tab.on_base_parts, train.base, [train.parts, train.parts_info, train.fields["clip_g"]])
     train.base.change(train_tab.explain_base, train.base, train.base_info)
     train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],

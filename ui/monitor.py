@@ -6,6 +6,8 @@ the whole history, then only what was appended since its own last read.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from trainer.rundir import RunDir
 
 MAX_PLOT_POINTS = 600  # per curve: a long run is downsampled before it is sent to the browser
 PAUSES = ("sampling", "saving")  # a status of these phases ends at the next step
+GALLERY_COLUMNS = 6  # at least: a 64 px sample is not blown up to half the page's width
+ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-_])")  # ANSI: CSI, OSC, ESC + 1 byte
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -32,13 +36,23 @@ def log_tail(run: RunDir, lines: int = 40) -> str:
     for f in (run.stdout, run.log):
         try:
             with open(f, "rb") as fh:
-                fh.seek(max(0, f.stat().st_size - 20000))
+                fh.seek(max(0, f.stat().st_size - 64000))
                 text = fh.read().decode(errors="replace")
         except OSError:
             continue
-        if text.strip():
-            return "\n".join(text.splitlines()[-lines:])
+        if shown := terminal_lines(text):
+            return "\n".join(shown[-lines:])
     return ""
+
+
+def terminal_lines(text: str) -> list[str]:
+    """The lines as a terminal leaves them: a progress bar redrawn after each '\\r' keeps its last drawing alone,
+    escape sequences (tqdm's cursor-up, colours) go, and so do blank lines."""
+    lines = []
+    for line in ESCAPES.sub("", text).split("\n"):
+        if drawn := [part for part in line.split("\r") if part.strip()]:
+            lines.append(drawn[-1].rstrip())
+    return lines
 
 
 def eta_text(seconds: float) -> str:
@@ -159,28 +173,42 @@ class RunView:
         saved = self.file_events.get(path)
         return path == self.final, saved["step"] if saved else -1
 
-    def progress_text(self, ended: bool = False) -> str:
+    def progress_text(self, ended: bool = False, waiting: str = "") -> str:
         """The progress bar and line; `ended`: the run has ended by the manager's account (a worker that died
-        writes no event), so no ETA and no sampling or saving under way."""
-        message = "" if ended and not self.ended and self.phase in PAUSES else self.message
+        writes no event), so no ETA and no sampling or saving under way; `waiting`: what a queued run waits for, said
+        instead of what its events last said (a resumed run's last rate and ETA are not shown either)."""
+        message = waiting or ("" if ended and not self.ended and self.phase in PAUSES else self.message)
         if self.last_step is None:
-            return f"**{self.phase or 'waiting'}** — {message}" if message else "Waiting for the worker…"
+            return waiting or self.before_first_step(message, ended)
         e = self.last_step
         total = max(e["total_steps"], 1)
         pct = 100 * e["step"] / total
         head = f"Step {e['step']} / {e['total_steps']} · epoch {e['epoch']} · loss {e['loss']:.4f}"
         if "keys_scaled" in e:  # scale_weight_norms, as kohya's progress bar shows it
             head += f" · {e['keys_scaled']} module(s) scaled to the max norm, mean norm {e['mean_norm']:.3f}"
-        if not (self.ended or ended):
+        if not (self.ended or ended or waiting):  # no rate or ETA of a run that is not training now
             head += f" · {e.get('samples_per_s', 0):.2f} img/s · ETA {eta_text(e.get('eta_s', 0))}"
         bar = f'<progress value="{pct:.1f}" max="100" style="width:100%"></progress>'
         tail = f"\n\n{message}" if message else ""
         return f"{bar}\n\n{head}{tail}"
 
+    def before_first_step(self, message: str, ended: bool) -> str:
+        """The progress line of a run without a step: the phase it is in, or that it ended (an error event's message
+        stays; a phase that a dead or cancelled worker left behind does not)."""
+        if message and (self.ended or not ended):
+            return f"**{self.phase or 'waiting'}** — {message}"
+        return "Ended before its first step." if ended or self.ended else "Waiting for the worker…"
+
     def sample_grid(self) -> list[tuple[str, str]]:
-        """(relative path, caption) ordered by step then prompt: rows of steps, columns of prompts."""
-        ordered = sorted(self.samples, key=lambda e: (e["step"], e.get("index", 0)))
+        """(relative path, caption), the newest step first and its prompts in order: the gallery opens on the
+        newest samples, and each column holds one prompt (the columns are a multiple of the prompts)."""
+        ordered = sorted(self.samples, key=lambda e: (-e["step"], e.get("index", 0)))
         return [(e["path"], f"step {e['step']} · {e['prompt']}") for e in ordered]
 
     def prompts_per_step(self) -> int:
         return max((sum(1 for e in self.samples if e["step"] == s["step"]) for s in self.samples), default=1)
+
+    def gallery_columns(self) -> int:
+        """The fewest whole steps per row that make at least GALLERY_COLUMNS thumbnails."""
+        prompts = self.prompts_per_step()
+        return prompts * math.ceil(GALLERY_COLUMNS / prompts)

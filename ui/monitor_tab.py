@@ -6,15 +6,25 @@ own cursor and sends only the components that changed.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
 
 from ui.jobs import FINAL_STATES, RESUMABLE_STATES, JobManager, RunInfo
-from ui.monitor import RunView, log_tail
+from ui.monitor import GALLERY_COLUMNS, RunView, log_tail
 
 NO_RUN = "No run selected: start one on the Train tab or open one under Runs."
+# The log's box is a column-reverse flex box: a browser shows such a box scrolled to its end, so the newest line is in
+# view from the first render on, with no script (Gradio 6.31's Textbox ignores its own autoscroll and stays at the top).
+LOG_HTML = '<div class="head">Worker log (tail)</div><div class="tail"><pre>${value}</pre></div>'
+LOG_CSS = """
+.head { font-size: var(--block-label-text-size); color: var(--block-label-text-color); margin-bottom: 4px; }
+.tail { display: flex; flex-direction: column-reverse; height: 16em; overflow-y: auto; resize: vertical;
+        border: 1px solid var(--border-color-primary); border-radius: var(--radius-sm); }
+pre { margin: 0; padding: 6px; white-space: pre-wrap; overflow-wrap: anywhere; font-size: var(--text-sm); }
+"""
 
 
 @dataclass
@@ -26,7 +36,7 @@ class MonitorTab:
     cancel: gr.Button
     resume: gr.Button
     files: gr.File
-    log: gr.Textbox
+    log: gr.HTML
     best: gr.Markdown
 
     def outputs(self) -> list:
@@ -38,15 +48,16 @@ def build() -> MonitorTab:
     title = gr.Markdown(NO_RUN, elem_id="monitor-title")
     progress = gr.Markdown(elem_id="monitor-progress")
     loss_plot = gr.LinePlot(None, x="step", y="loss", color="curve", title="Loss", height=280, elem_id="monitor-loss")
-    samples = gr.Gallery(label="Samples (rows: steps, columns: prompts)", columns=2, height=360,
-                         elem_id="monitor-samples")
-    with gr.Row():
-        cancel = gr.Button("Cancel", variant="stop", elem_id="monitor-cancel")
-        resume = gr.Button("Resume", elem_id="monitor-resume")
+    samples = gr.Gallery(label="Samples, the newest first (columns: prompts)", columns=GALLERY_COLUMNS, height=420,
+                         fit_columns=False, object_fit="contain", elem_id="monitor-samples")
+    with gr.Row():  # clickable once a run whose state allows it is shown (refresh)
+        cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="monitor-cancel")
+        resume = gr.Button("Resume", interactive=False, elem_id="monitor-resume")
     best = gr.Markdown(elem_id="monitor-best")
     files = gr.File(label="Files (the best first)", file_count="multiple", interactive=False, elem_id="monitor-files",
                     elem_classes=["downloads"])
-    log = gr.Textbox(label="Worker log (tail)", lines=10, max_lines=10, autoscroll=True, elem_id="monitor-log")
+    log = gr.HTML("", html_template=LOG_HTML, css_template=LOG_CSS, js_on_load=None, container=True, padding=True,
+                  elem_id="monitor-log")
     return MonitorTab(title, progress, loss_plot, samples, cancel, resume, files, log, best)
 
 
@@ -65,16 +76,30 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
         title += f"\n\n⚠ {view.reader.skipped} line(s) of events.jsonl could not be read and were skipped"
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
     files = [str(p) for p in view.best_first(jobs.files(run_id), info.path) if p.is_file()]
-    log = log_tail(jobs.run_dir(run_id))
+    log = html.escape(log_tail(jobs.run_dir(run_id)))
+    progress = view.progress_text(info.state in FINAL_STATES, queued_text(jobs, info) if info.state == "queued" else "")
     return [title if view.changed("title", title) else same,
-            progress if view.changed("progress", progress := view.progress_text(info.state in FINAL_STATES)) else same,
+            progress if view.changed("progress", progress) else same,
             plot_rows(view) if view.changed("plot", (len(view.steps), len(view.held_out))) else same,
-            gr.update(value=gallery, columns=view.prompts_per_step()) if view.changed("gallery", gallery) else same,
+            gr.update(value=gallery, columns=view.gallery_columns()) if view.changed("gallery", gallery) else same,
             files if view.changed("files", files) else same,
             log if view.changed("log", log) else same,
             best if view.changed("best", best := view.best_text()) else same,
             *(buttons(info.state) if view.changed("buttons", info.state) else [same, same]),
             view]
+
+
+def queued_text(jobs: JobManager, info: RunInfo) -> str:
+    """What a queued run waits for: the runs training now, then those queued before it (the queue is first come,
+    first served)."""
+    others = [r for r in jobs.runs() if r.run_id != info.run_id]
+    running = [f"{r.run_id} (training)" for r in others if r.state == "running"]
+    ahead = [f"{r.run_id} (queued before it)" for r in sorted(others, key=lambda r: r.created)
+             if r.state == "queued" and r.created < info.created]
+    names = running + ahead
+    waits = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return ("Queued" + (f" ({info.message})" if info.message else "") +
+            (f": waiting for {waits}." if names else ": starting…"))
 
 
 def buttons(state: str) -> list:

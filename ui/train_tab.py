@@ -109,6 +109,25 @@ def on_preset(preset_name: str, base: str, *parts: str) -> list:
     return [gr.update(value=display_value(n, values[n])) for n in FIELDS] + [info]
 
 
+def settings_key(base: str) -> str:
+    """What the preset's values depend on: the base's family, and whether it is the demo (its own settings)."""
+    return "demo" if base == "demo" else family_or_default(base)
+
+
+def on_base(preset_name: str, base: str, refilled_for: str) -> list:
+    """A new base: the form refilled from the preset only when the values depend on it (another family, or to or
+    from the demo), so what the user typed stays; the split layout's files always follow the base. Answers
+    [field updates…, the preset's note, the key refilled for]."""
+    key = settings_key(base)
+    if key == refilled_for:
+        parts = guess_parts(base)
+        return [gr.update(value=parts[n]) if n in PART_FIELDS else gr.update() for n in FIELDS] + [gr.update(), key]
+    *fields, info = on_preset(preset_name, base)
+    if refilled_for:  # not the page's first fill
+        info = f"{info}\n\n_The settings were refilled from the preset for this base: change again what you had._"
+    return [*fields, info, key]
+
+
 def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *values) -> list:
     """Queue a run from the form: [field updates…, status text, tab switch, the Monitor's run, its view]."""
     no_change = [gr.update(), "", gr.update()]
