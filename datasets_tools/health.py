@@ -25,6 +25,20 @@ def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
 
+def mean_colour(image: Image.Image) -> tuple[float, float, float]:
+    return tuple(np.asarray(image.convert("RGB").resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+                 .reshape(-1, 3).mean(axis=0))
+
+
+def look_alike(a: tuple, b: tuple, duplicate_bits: int, colour_levels: float = 24.0) -> int | None:
+    """The differing bits of two pictures' (dhash, mean colour, aspect) when they look like copies of one another,
+    else None: the grey difference hash alone calls any two flat pictures of different colours identical."""
+    (hash_a, colour_a, aspect_a), (hash_b, colour_b, aspect_b) = a, b
+    bits = hamming(hash_a, hash_b)
+    same_colour = max(abs(x - y) for x, y in zip(colour_a, colour_b)) <= colour_levels
+    return bits if bits <= duplicate_bits and same_colour and abs(aspect_a / aspect_b - 1) < 0.1 else None
+
+
 @lru_cache(maxsize=2)
 def clip_tokenizer(folder: Path):
     """The CLIP BPE tokenizer every SD text encoder uses (vocab.json, merges.txt in `folder`)."""
@@ -70,7 +84,8 @@ class Report:
         shorts = sorted(min(s) for s in self.sizes.values())
         lines = [f"**{self.count} pictures**, shorter side {shorts[0]}–{shorts[-1]} px "
                  f"(median {int(statistics.median(shorts))}); "
-                 f"{self.captioned}/{self.count} captioned, {self.mean_caption_words:.1f} words on average."]
+                 f"{self.captioned}/{self.count} captioned"
+                 + (f", {self.mean_caption_words:.1f} words a caption on average." if self.captioned else ".")]
         lines += [f"- ⚠ {w}" for w in self.warnings]
         lines.append("\n| bucket (w×h) | pictures |\n|---|---|")
         lines += [f"| {w}×{h} | {n} |" for (w, h), n in sorted(self.bucket_fill.items())]
@@ -88,25 +103,26 @@ def report(folder: Path, resolution: int, min_reso: int = 256, max_reso: int = 1
         try:
             with Image.open(item.image) as im:
                 sizes[item.image.name] = im.size
-                hashes[item.image.name] = dhash(im)
+                hashes[item.image.name] = (dhash(im), mean_colour(im), im.width / im.height)
         except Exception as e:  # a report never crashes on a bad file: it names it
             unreadable.append((item.image.name, str(e) or type(e).__name__))
-    small = [n for n, (w, h) in sizes.items() if min(w, h) < resolution // 2]
+    small = sorted((n for n, (w, h) in sizes.items() if min(w, h) < resolution // 2), key=lambda n: min(sizes[n]))
     names = sorted(hashes)
-    dupes = [(a, b, hamming(hashes[a], hashes[b])) for i, a in enumerate(names) for b in names[i + 1:]
-             if hamming(hashes[a], hashes[b]) <= duplicate_bits]
+    pairs = [(a, b, look_alike(hashes[a], hashes[b], duplicate_bits)) for i, a in enumerate(names)
+             for b in names[i + 1:]]
+    dupes = [(a, b, bits) for a, b, bits in pairs if bits is not None]
     captions = {i.image.name: i.caption for i in found}
     tags = count_tags(captions.values())
     bucket_of = {n: B.bucket_for_image(w, h, buckets, no_upscale) for n, (w, h) in sizes.items()}
     fill: dict[tuple[int, int], int] = {}
     for b in bucket_of.values():
         fill[b] = fill.get(b, 0) + 1
-    r = Report(len(found), sizes, small, dupes, unreadable, sum(bool(c) for c in captions.values()),
-               statistics.mean([len(c.split()) for c in captions.values()]) if captions else 0.0, tags, bucket_of,
-               fill, batch_size)
+    written = [len(c.split()) for c in captions.values() if c]  # the words of the captions there are
+    r = Report(len(found), sizes, small, dupes, unreadable, len(written),
+               statistics.mean(written) if written else 0.0, tags, bucket_of, fill, batch_size)
     if small:
-        r.warnings.append(f"{len(small)} picture(s) smaller than half the training resolution ({resolution} px): "
-                          + ", ".join(small[:5]))
+        r.warnings.append(f"{len(small)} picture(s) smaller than half the training resolution ({resolution} px), "
+                          "the smallest first: " + ", ".join(small[:5]) + (", …" if len(small) > 5 else ""))
     for a, b, bits in dupes:
         r.warnings.append(f"{a} and {b} look nearly identical ({bits}/64 bits differ)")
     for name, why in unreadable:

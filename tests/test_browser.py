@@ -349,9 +349,12 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-gallery img").first.click()  # a thumbnail
     page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
     assert page.locator("#dataset-caption textarea").input_value() == "^_^, 1girl, blue hair"
-    page.locator("#dataset-caption textarea").fill("zxq, my own words")
+    page.locator("#dataset-caption textarea").fill("zxq, my words")
     page.locator("#dataset-save-caption").click()
     page.get_by_text("Saved the caption of").wait_for(timeout=10000)
+    page.locator("#dataset-caption textarea").fill("zxq, my own words")
+    page.locator("#dataset-caption textarea").press("Enter")  # QA 25: Enter did nothing, the edit was lost
+    page.locator("#dataset-gallery").get_by_text("zxq, my own words").first.wait_for(state="attached", timeout=10000)
     page.locator("#dataset-trigger textarea, #dataset-trigger input").first.fill("mytok")
     page.locator("#dataset-apply-trigger").click()  # QA 3: the box showed the old caption, and Save wrote it back
     page.wait_for_function("() => document.querySelector('#dataset-caption textarea').value === "

@@ -226,7 +226,10 @@ def test_captioning_through_the_tab_start_poll_and_the_captions(dataset, tagger)
     job, message, timer = tab.on_caption_start(None, dataset, "wd14", str(tagger), True)
     assert isinstance(job, CaptionJob) and timer.active is True and "wd14" in message
     assert tab.on_caption_start(job, dataset, "wd14", str(tagger), True)[0] is job  # one at a time
+    running = type("Job", (), {"running": True})()
+    assert tab.cancel_button(running) == {"__type__": "update", "interactive": True}  # QA 26: only while one runs
     wait_for(lambda: not job.running)
+    assert tab.cancel_button(job)["interactive"] is False and tab.cancel_button(None)["interactive"] is False
     job_after, message, timer, gallery, tags = tab.on_caption_poll(job, dataset)
     assert job_after is None and message == "Captioned 3 pictures with wd14." and timer.active is False
     assert [caption for _, caption in gallery] == [TAGGED] * 3 and ["1girl", 3] in tags
@@ -283,10 +286,11 @@ def test_cancel_kills_a_captioner_that_does_not_stop(tmp_path, slow_tagger):
     folder, job = half_way(tmp_path, slow_tagger)
     os.kill(job._proc.pid, signal.SIGSTOP)  # hung: it cannot even take the SIGTERM
     time.sleep(0.3)
-    done = job.counts()[0]
-    started = time.time()
-    assert job.cancel(kill_after_s=1) == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
-    assert time.time() - started < 10 and not job.running and job._proc.returncode == -signal.SIGKILL
+    before, started = job.counts()[0], time.time()
+    message = job.cancel(kill_after_s=1)
+    done = job.counts()[0]  # a line it wrote just before it froze may be read only now (seen once under load)
+    assert message == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
+    assert before <= done < 40 and time.time() - started < 10 and not job.running and job._proc.returncode == -signal.SIGKILL
     assert set(captions_of(folder)) >= set(first_captioned(done))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from datasets_tools import buckets as B
 from datasets_tools import dataset_folder as D
@@ -253,3 +253,22 @@ def test_ambiguous_stems_are_not_guessed_and_mixed_inputs_keep_every_caption(tmp
     assert skipped.count(("4.txt", "2 captions are named 4.txt: which one is right is unclear, so none was used")) == 2
     assert D.pair_by_stem([Path("a/1.png")], [Path("b/1.caption"), Path("c/1.txt")]) == \
         ({Path("a/1.png"): Path("c/1.txt")}, [("1.caption", "1.txt was used for 1.png")])
+
+
+def test_flat_pictures_of_other_colours_are_not_near_duplicates(tmp_path):
+    """QA: a green square, a grey and a white picture were 'nearly identical (0/64 bits differ)': the grey
+    difference hash of any flat picture is 0. A re-saved copy still is one."""
+    target = tmp_path / "dataset"
+    target.mkdir()
+    Image.new("RGB", (300, 300), (0, 200, 0)).save(target / "green.png")
+    Image.new("RGB", (300, 300), (128, 128, 128)).save(target / "grey.png")
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(target / "white.png")
+    Image.new("RGB", (400, 100), (0, 200, 0)).save(target / "strip.png")  # the same green, another shape
+    photo = Image.new("RGB", (300, 300), (200, 40, 30))
+    ImageDraw.Draw(photo).ellipse((60, 60, 240, 240), fill=(20, 40, 220))
+    photo.save(target / "photo.png")
+    photo.save(target / "photo-copy.jpg", quality=80)
+    (target / "photo.txt").write_text("a blue circle, red ground")
+    r = report(target, resolution=64, min_reso=64, max_reso=128)
+    assert [tuple(sorted(d[:2])) for d in r.near_duplicates] == [("photo-copy.jpg", "photo.png")]
+    assert "1/6 captioned, 5.0 words a caption on average." in r.to_markdown()  # not 0.8 over all six

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,3 +65,12 @@ def test_methods_that_cannot_start_from_a_file_and_missing_files_are_refused(tmp
         config.build("character", "sd15", {"network": {"network_type": "loha", "network_weights": __file__}})
     with pytest.raises(config.ConfigError, match=r"network.network_weights = '/no/such.safetensors': no such file"):
         config.build("character", "sd15", {"network": {"network_weights": "/no/such.safetensors"}})
+    # QA: a damaged file passed the form and the run failed on 'header too large', naming no setting
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(os.urandom(1000))
+    with pytest.raises(config.ConfigError, match=r"network.network_weights: fake.safetensors: not a safetensors"):
+        config.build("character", "sd15", {"network": {"network_weights": str(fake)}})
+    save_file({"weight": torch.zeros(2)}, str(fake))
+    with pytest.raises(config.ConfigError, match=r"network.network_weights: fake.safetensors holds no LoRA \(no "
+                                                 r"lora_down / lora_up keys\); a kohya LoRA file is needed"):
+        config.build("character", "sd15", {"network": {"network_weights": str(fake)}})

@@ -342,6 +342,7 @@ def test_train_handlers(tmp_path):
     n = len(train_tab.FIELDS)
     out = train_tab.on_train(jobs, "demo", "style", "", "", *form.values())
     assert out[n].startswith("⚠ Add pictures")
+    assert out[n + 1:] == [{"__type__": "update"}] * 3  # QA 28: a refusal wrote "" into the Monitor's run
     folder = str(draw_dataset(tmp_path / "pictures"))
     bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"network_alpha": -1}).values())
     alpha = train_tab.FIELDS.index("network_alpha")
@@ -394,3 +395,16 @@ def test_a_kohya_toml_fills_the_form_and_says_what_it_left(tmp_path):
         "⚠ my_lora.toml: not a TOML file")
     kohya.write_text('network_module = "networks.dylora"\n')
     assert "networks.dylora" in train_tab.on_import(str(kohya), "demo", "character", *form.values())[-1]
+
+
+def test_a_cancelled_run_says_which_file_holds_what():
+    """QA 32: a cancel saves a resumable state, not a LoRA: the steps since the newest file are in no download."""
+    saved = {"type": "checkpoint", "step": 400, "epoch": 2, "path": "output/lora-000002.safetensors"}
+    state = {"type": "checkpoint", "step": 600, "epoch": 3, "path": "state/step-00000600"}
+    cancelled = {"type": "cancelled", "step": 600}
+    assert RunView().add([saved, state, cancelled]).message == (
+        "Cancelled at step 600: resumable (the newest file, lora-000002.safetensors, holds step 400; Resume trains on "
+        "from step 600)")
+    assert RunView().add([state, cancelled]).message == (
+        "Cancelled at step 600: resumable (no LoRA file is saved yet; Resume trains on from step 600)")
+    assert RunView().add([saved, {"type": "cancelled", "step": 400}]).message == "Cancelled at step 400: resumable"

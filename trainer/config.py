@@ -122,7 +122,8 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_data_dir: str = opt("", "folder of images with .txt captions (kohya N_name sub-folders allowed)")
-    resolution: int = opt(512, "training size: a bucket holds at most resolution² pixels", (64, 4096))
+    resolution: int = opt(512, "training size, a multiple of 64: a bucket holds at most resolution² pixels",
+                          (64, 4096))
     enable_bucket: bool = opt(True, "aspect-ratio buckets instead of square crops")
     min_bucket_reso: int = opt(0, "smallest bucket side; 0 = automatic: resolution / 2 (a multiple of 64, at least "
                                   "64)", (0, 4096))
@@ -475,6 +476,15 @@ def _check_start_file(n: NetworkConfig, method: methods.Method) -> None:
         raise ConfigError("network.network_weights", f"network.network_weights = {n.network_weights!r}: "
                                                      + ("no such file" if not path.is_file() else
                                                         "not a .safetensors file"))
+    from trainer.single_file import CheckpointError, read_safetensors_shapes  # standard library only, as this
+
+    try:
+        keys = read_safetensors_shapes(path)
+    except (CheckpointError, OSError) as e:
+        raise ConfigError("network.network_weights", f"network.network_weights: {e}") from None
+    if not any(k.endswith(".lora_down.weight") for k in keys):
+        raise ConfigError("network.network_weights", f"network.network_weights: {path.name} holds no LoRA "
+                                                     "(no lora_down / lora_up keys); a kohya LoRA file is needed")
 
 
 def _check_convs(n: NetworkConfig, method: methods.Method) -> None:

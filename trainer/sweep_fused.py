@@ -41,7 +41,7 @@ from trainer.events import EventWriter
 from trainer.loss import TrainingError
 from trainer.setup import Caches, Run, assemble, choose_components
 from trainer.train import (Batch, Meter, baseline, cancel, end_epoch, epoch_batches, finish, log_step, make_batch,
-                           optimizer_step, position_rng, sample_all, save_state, validate)
+                           optimizer_step, position_rng, sample_all, save_state, training_line, validate)
 from trainer.validation import eval_mode
 
 ADAPTER = "default"  # peft's adapter name in trainer/networks/lora.py
@@ -359,7 +359,7 @@ def settle(cursors: list[Cursor]) -> None:
 
 def start(c: Cursor) -> None:
     run, p, s = c.run, c.run.progress, c.run.schedule
-    run.events.status("training", f"Training {s.total_steps} steps ({s.epochs} epochs of {s.steps_per_epoch})")
+    run.events.status("training", training_line(s))
     if p.step == 0:
         baseline(run)
     c.epoch = p.epoch

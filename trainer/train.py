@@ -47,8 +47,7 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
 def loop(run: Run, stop: StopFlag) -> bool:
     """Train the steps left; False when stopped (a resumable state is saved first)."""
     p, schedule, acc = run.progress, run.schedule, run.acc
-    run.events.status("training", f"Training {schedule.total_steps} steps ({schedule.epochs} epochs of "
-                                  f"{schedule.steps_per_epoch})")
+    run.events.status("training", training_line(schedule))
     if p.step == 0:
         baseline(run)
     meter = Meter()
@@ -114,6 +113,11 @@ def position_rng(run: Run, epoch: int, i: int) -> random.Random:
     rng = random.Random(f"{run.cfg.training.seed}/{epoch}/{i}/{run.acc.process_index}")
     torch.manual_seed(rng.getrandbits(63))
     return rng
+
+
+def training_line(s) -> str:
+    epochs = f"{s.epochs} epoch{'' if s.epochs == 1 else 's'}"
+    return f"Training {s.total_steps} steps ({epochs} of {s.steps_per_epoch})"
 
 
 def make_batch(run: Run, indices: list[int], rng: random.Random) -> Batch:

@@ -230,6 +230,11 @@ def on_caption_poll(job: CaptionJob | None, folder: str):
     return None, job.result() if job else gr.skip(), gr.Timer(active=False), gallery_items(folder), tag_table(folder)
 
 
+def cancel_button(job: CaptionJob | None) -> dict:
+    """Cancel captioning: clickable only while a captioner runs."""
+    return gr.update(interactive=bool(job and job.running))
+
+
 def on_caption_cancel(job: CaptionJob | None, folder: str):
     message = job.cancel() if job else "Nothing is being captioned."
     return None, message, gr.Timer(active=False), gallery_items(folder), tag_table(folder)
@@ -292,7 +297,8 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             c.overwrite = gr.Checkbox(label="Replace existing captions", value=False, elem_id="dataset-overwrite")
         with gr.Row():
             c.caption_run = gr.Button("Caption", elem_id="dataset-caption-run")
-            c.caption_cancel = gr.Button("Cancel captioning", variant="stop", elem_id="dataset-caption-cancel")
+            c.caption_cancel = gr.Button("Cancel captioning", variant="stop", interactive=False,
+                                         elem_id="dataset-caption-cancel")
         c.caption_status = gr.Markdown(elem_id="dataset-caption-status")
     with gr.Row():
         c.trigger = gr.Textbox(label="Trigger word (kept first in every caption)", elem_id="dataset-trigger",
@@ -300,10 +306,13 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
         c.apply_trigger = gr.Button("Apply to all captions", elem_id="dataset-apply-trigger")
     c.gallery = gr.Gallery(label="Pictures and captions (click one to edit its caption)", columns=6, height=360,
                            allow_preview=False, elem_id="dataset-gallery")
-    with gr.Row():
-        c.selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected", scale=2)
-        c.caption = gr.Textbox(label="Caption", elem_id="dataset-caption", scale=4)
-        c.save_caption = gr.Button("Save caption", elem_id="dataset-save-caption")
+    with gr.Row():  # the clicked picture: its caption to edit, and where it will be cropped, side by side
+        with gr.Column(scale=3):
+            c.selected = gr.Textbox(label="Selected picture", interactive=False, elem_id="dataset-selected")
+            c.caption = gr.Textbox(label="Caption (Enter or Save caption keeps it)", elem_id="dataset-caption")
+            c.save_caption = gr.Button("Save caption", elem_id="dataset-save-caption")
+        c.crop = gr.Image(label="Crop preview (kept area outlined)", interactive=False, height=220, scale=1,
+                          elem_id="dataset-crop-preview")
     with gr.Row():
         c.check = gr.Button("Check the dataset (health report and buckets)", elem_id="dataset-check")
     c.health = gr.Markdown(elem_id="dataset-health")
@@ -321,8 +330,6 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, minimum=0,
                                elem_id="dataset-keep")
             c.bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
-    c.crop = gr.Image(label="Crop preview of the selected picture (kept area outlined)", interactive=False,
-                      height=256, elem_id="dataset-crop-preview")
     bind(c, Path(drafts), dataset_dir)
     return DatasetTab(trigger=c.trigger, gallery=c.gallery, check=c.check, health=c.health, selected=c.selected,
                       caption=c.caption, crop=c.crop, report=c.report, tags=c.tags)
@@ -333,7 +340,8 @@ def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
     applied = gr.State("")  # the trigger word in the captions' front, put there by on_trigger or the demo
     changed = [c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir, applied], shown + [c.upload]),
                c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir, applied], shown),
-               c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown)]
+               c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown),
+               c.caption.submit(on_save, [dataset_dir, c.selected, c.caption], shown)]  # Enter saves too
     every_caption = [c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger, applied], shown + [applied]),
                      c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown),
                      c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)]
@@ -346,8 +354,9 @@ def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
 
     job = gr.State(None)
     poll = gr.Timer(POLL_S, active=False)
-    c.caption_run.click(on_caption_start, [job, dataset_dir, c.kind, c.source, c.overwrite],
-                        [job, c.caption_status, poll])
     after = [job, c.caption_status, poll, c.gallery, c.tags]
-    poll.tick(on_caption_poll, [job, dataset_dir], after)
-    c.caption_cancel.click(on_caption_cancel, [job, dataset_dir], after)
+    for event in (c.caption_run.click(on_caption_start, [job, dataset_dir, c.kind, c.source, c.overwrite],
+                                      [job, c.caption_status, poll]),
+                  poll.tick(on_caption_poll, [job, dataset_dir], after),
+                  c.caption_cancel.click(on_caption_cancel, [job, dataset_dir], after)):
+        event.then(cancel_button, job, c.caption_cancel)

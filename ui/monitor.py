@@ -131,10 +131,21 @@ class RunView:
             elif kind == "done":
                 self.ended, self.message, self.final = "done", "Finished", e.get("path", "")
             elif kind == "cancelled":
-                self.ended, self.message = "cancelled", f"Cancelled at step {e['step']}: resumable"
+                self.ended, self.message = "cancelled", self.cancelled_text(e["step"])
             elif kind == "error":
                 self.ended, self.message = "failed", e["message"]
         return self
+
+    def cancelled_text(self, step: int) -> str:
+        """A cancel keeps a resumable state, not a LoRA file: say which file is the newest and what it holds."""
+        newest = max(self.file_events.values(), key=lambda e: e["step"], default=None)
+        if newest is None:
+            held = "no LoRA file is saved yet"
+        elif newest["step"] < step:
+            held = f"the newest file, {Path(newest['path']).name}, holds step {newest['step']}"
+        else:
+            return f"Cancelled at step {step}: resumable"
+        return f"Cancelled at step {step}: resumable ({held}; Resume trains on from step {step})"
 
     def loss_rows(self, limit: int = MAX_PLOT_POINTS) -> list[dict]:
         """Rows for a line plot: the raw loss and its smoothed curve (smoothed over every step), downsampled."""

@@ -130,7 +130,7 @@ def on_base(preset_name: str, base: str, refilled_for: str) -> list:
 
 def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *values) -> list:
     """Queue a run from the form: [field updates…, status text, tab switch, the Monitor's run, its view]."""
-    no_change = [gr.update(), "", gr.update()]
+    no_change = [gr.update(), gr.update(), gr.update()]  # the tab, the Monitor's run and its view as they were
     try:
         cfg = build_config(base, preset_name, Path(folder) if folder else None, trigger, FIELDS, list(values))
         run = jobs.create(cfg, Path(folder))
