@@ -455,10 +455,11 @@ def test_cli_new_makes_a_run_and_trains_it(tiny_models, tmp_path):
      "sample": {"sample_sampler": "ddim"}},
     {"network": {"network_type": "loha", "conv_dim": 2, "conv_alpha": 1.0}, "sample": {"sample_sampler": "euler"}},
 ], ids=["checkpointing-accumulation-clipskip", "augmentations-uncached", "loha"])
-def test_training_options_run(tiny_models, tmp_path, options):
+def test_training_options_run(tiny_models, tmp_path, options, capfd):
     layer = options | {"sample": options["sample"] | {"sample_every_n_epochs": 2, "sample_prompts": ["{trigger}"]}}
     run_dir, cfg = make_run(tmp_path, tiny_models["sd1"][1], layer)
     assert train_run(run_dir).is_file()
+    assert "| 3/3 [" not in capfd.readouterr().err  # no sampling progress bar (3 steps) in the worker log (QA)
     steps = losses(run_dir)
     accumulation = cfg.training.gradient_accumulation_steps
     assert len(steps) == 2 * (3 // accumulation + (3 % accumulation > 0))  # 3 batches an epoch, 2 epochs

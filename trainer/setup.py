@@ -202,6 +202,7 @@ def load_model(cfg, acc, events) -> tuple[object, dict, bool]:
     m = cfg.model
     events.status("loading", f"Loading {m.pretrained_model_name_or_path}")
     base = load_base(m.pretrained_model_name_or_path, m.prediction_type, parts=parts_of(m))
+    base.pipeline.set_progress_bar_config(disable=True)  # the events say how far it is; the log keeps what matters
     flow_family, flow_base = cfg.family in FLOW_ARCHES, base.arch in FLOW_ARCHES
     if flow_family != flow_base or flow_base and cfg.family != base.arch:
         from trainer.loading import ARCH_NAMES
