@@ -185,6 +185,17 @@ def test_a_queued_run_says_what_it_waits_for_and_an_ended_one_no_waiting(jobs):
     progress = monitor_tab.refresh(jobs, "q", None)[1]
     assert "Step 3 / 6" in progress and "ETA" not in progress
     assert progress.endswith("Queued (resuming): waiting for first (queued before it).")
+    with open(resumed.events, "a") as f:  # QA 21: once it runs again, not "Cancelled at step 3" for seconds
+        f.write(json.dumps({"type": "cancelled", "time": 2, "step": 3}) + "\n")
+    resumed.write_status(state="running", message="", started=1.5)  # the worker that wrote it, still exiting
+    assert "Resuming" not in monitor_tab.refresh(jobs, "q", None)[1]
+    resumed.write_status(state="running", message="", started=2.5)  # a new worker
+    view = monitor_tab.refresh(jobs, "q", None)[-1]
+    assert monitor_tab.refresh(jobs, "q", view)[1] == UNCHANGED  # nothing new yet
+    assert monitor_tab.refresh(jobs, "q", None)[1].endswith("Resuming: the worker is starting…")
+    with open(resumed.events, "a") as f:
+        f.write(json.dumps({"type": "status", "time": 3, "phase": "training", "message": "Resuming from step 3"}) + "\n")
+    assert monitor_tab.refresh(jobs, "q", view)[1].endswith("Resuming from step 3")
 
 
 def test_no_run_or_a_deleted_run(jobs):

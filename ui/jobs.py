@@ -46,6 +46,7 @@ class RunInfo:
     pid: int | None = None
     message: str = ""
     devices: list[str] = field(default_factory=list)
+    started: float = 0.0  # when its worker last started (0: never, or not known)
 
     def summary(self) -> str:
         return f"{self.run_id}: {self.state}" + (f" ({self.message})" if self.message else "")
@@ -200,7 +201,8 @@ class JobManager:
             # it wrote its end and is not gone yet (a worker started by an earlier app: it holds the lock, or it let
             # go of it and its interpreter is still shutting down)
             state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else exiting
-        return RunInfo(run_id, run.path, state, created, pid, str(message), devices)
+        started = s.get("started") if isinstance(s.get("started"), (int, float)) else 0.0
+        return RunInfo(run_id, run.path, state, created, pid, str(message), devices, started)
 
     def recover(self) -> None:
         """At start-up: runs marked running whose worker is gone ended while the app was away."""

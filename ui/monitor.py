@@ -84,6 +84,7 @@ class RunView:
     phase: str = ""
     message: str = ""
     ended: str = ""  # "done" | "cancelled" | "failed" | ""
+    ended_at: float = 0.0  # the time of the event that ended it
     final: str = ""  # the final file's path (the done event's), relative to the run
     shown: dict = field(default_factory=dict)  # what the page shows now, per component: send only changes
     _plotted: set = field(default_factory=set)
@@ -120,6 +121,7 @@ class RunView:
                     self.phase, self.message = "training", ""
             elif kind == "status":
                 self.phase, self.message = e["phase"], e["message"]
+                self.ended = ""  # a resumed run's worker speaks again
                 self.held_out_note = e["message"] if e["phase"] == "held-out" else self.held_out_note
             elif kind == "validation":
                 self.held_out[e["step"]] = e
@@ -134,6 +136,8 @@ class RunView:
                 self.ended, self.message = "cancelled", self.cancelled_text(e["step"])
             elif kind == "error":
                 self.ended, self.message = "failed", e["message"]
+            if kind in ("done", "cancelled", "error"):
+                self.ended_at = e.get("time", 0.0)
         return self
 
     def cancelled_text(self, step: int) -> str:

@@ -77,7 +77,7 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
     files = [str(p) for p in view.best_first(jobs.files(run_id), info.path) if p.is_file()]
     log = html.escape(log_tail(jobs.run_dir(run_id)))
-    progress = view.progress_text(info.state in FINAL_STATES, queued_text(jobs, info) if info.state == "queued" else "")
+    progress = view.progress_text(info.state in FINAL_STATES, waiting_text(jobs, info, view))
     return [title if view.changed("title", title) else same,
             progress if view.changed("progress", progress) else same,
             plot_rows(view) if view.changed("plot", (len(view.steps), len(view.held_out))) else same,
@@ -87,6 +87,16 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
             best if view.changed("best", best := view.best_text()) else same,
             *(buttons(info.state) if view.changed("buttons", info.state) else [same, same]),
             view]
+
+
+def waiting_text(jobs: JobManager, info: RunInfo, view: RunView) -> str:
+    """What the progress line says instead of the events' last word: what a queued run waits for, and for a run
+    resumed after its end, that it is starting again (its events still end with how it ended, for a few seconds)."""
+    if info.state == "queued":
+        return queued_text(jobs, info)
+    if info.state == "running" and view.ended and info.started > view.ended_at:  # not one that is just ending
+        return "Resuming: the worker is starting…"
+    return ""
 
 
 def queued_text(jobs: JobManager, info: RunInfo) -> str:
