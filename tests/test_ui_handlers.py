@@ -358,6 +358,14 @@ def test_train_handlers(tmp_path):
     bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"network_alpha": -1}).values())
     alpha = train_tab.FIELDS.index("network_alpha")
     assert "network_alpha = -1" in bad[alpha]["info"] and bad[alpha]["elem_classes"] == ["field-error"]
+    assert bad[n] == "⚠ network.network_alpha = -1.0: must be > 0 and <= 1024"
+    # QA 8: every bad field at once, not one a click; the others keep their help
+    worse = form | {"network_dim": 0, "resolution": 100, "sample_prompts": "", "train_batch_size": None}
+    bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *worse.values())
+    marked = {name for name, u in zip(train_tab.FIELDS, bad) if u["elem_classes"] == ["field-error"]}
+    assert marked == {"network_dim", "resolution", "train_batch_size"} and bad[n].endswith("(2 more field(s) marked "
+                                                                                           "below)")
+    assert not any((tmp_path / "runs").glob("2*"))
     good = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *form.values())
     run_id = good[n + 2]
     assert good[n] == f"Queued **{run_id}**." and good[n + 1].selected == "monitor"

@@ -135,10 +135,33 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
         cfg = build_config(base, preset_name, Path(folder) if folder else None, trigger, FIELDS, list(values))
         run = jobs.create(cfg, Path(folder))
     except config.ConfigError as e:
-        return [*field_errors(FIELDS, e), f"⚠ {e}", *no_change]
+        errors = every_error(e, base, preset_name, Path(folder) if folder else None, trigger, list(values))
+        more = f" ({len(errors) - 1} more field(s) marked below)" if len(errors) > 1 else ""
+        return [*field_errors(FIELDS, errors), f"⚠ {e}{more}", *no_change]
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
+
+
+def every_error(first: config.ConfigError, base: str, preset: str, folder: Path | None, trigger: str, values: list,
+                limit: int = 12) -> list[config.ConfigError]:
+    """The form's bad fields, all of them at once: each one found is set back to the preset's value and the form
+    checked again, until it passes or a field cannot be set back (QA: one error a click)."""
+    errors, values = [first], list(values)
+    preset_values = {n: display_value(n, v) for n, v in flat_preset(preset, family_or_default(base), base).items()}
+    while len(errors) < limit:
+        name = errors[-1].field.split(".")[-1]
+        if name not in FIELDS or values[FIELDS.index(name)] == preset_values.get(name):
+            break
+        values[FIELDS.index(name)] = preset_values.get(name)
+        try:
+            build_config(base, preset, folder, trigger, FIELDS, values)
+            break
+        except config.ConfigError as e:
+            errors.append(e)
+        except (ValueError, OSError):
+            break
+    return errors
 
 
 def on_import(file, base: str, preset_name: str, *values) -> list:
@@ -278,15 +301,14 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     return cfg
 
 
-def field_errors(names: list[str], error: config.ConfigError | None) -> list:
-    """One update per form field: the error text beside the bad one (as its info line), normal help elsewhere."""
-    updates = []
-    for name in names:
-        if error is not None and error.field.split(".")[-1] == name:
-            updates.append(gr.update(info=f"⚠ {error}", elem_classes=["field-error"]))
-        else:
-            updates.append(gr.update(info=hint_of(name), elem_classes=[]))
-    return updates
+def field_errors(names: list[str], errors: config.ConfigError | list | None) -> list:
+    """One update per form field: the error text beside each bad one (as its info line), normal help elsewhere."""
+    errors = [errors] if isinstance(errors, config.ConfigError) else errors or []
+    by_field = {}
+    for e in errors:
+        by_field.setdefault(e.field.split(".")[-1], e)
+    return [gr.update(info=f"⚠ {by_field[n]}", elem_classes=["field-error"]) if n in by_field
+            else gr.update(info=hint_of(n), elem_classes=[]) for n in names]
 
 
 def explain_base(base: str) -> str:
