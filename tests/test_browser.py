@@ -388,6 +388,12 @@ def test_each_drop_adds_only_its_own_pictures_and_start_over_empties_the_dataset
     page.locator("#dataset-clear").click()
     gallery.first.wait_for(state="detached", timeout=10000)
     assert "Added 1 picture(s)" in drop(page, ring6) and gallery.count() == 1
+    page.locator("#dataset-earlier").get_by_text("Earlier datasets").click()  # the two pictures before Start over
+    page.locator("#dataset-earlier-choice input").click()
+    page.get_by_role("option", name=re.compile(r"· 2 pictures ·")).click()
+    page.locator("#dataset-earlier-open").click()
+    page.get_by_text("Opened an earlier dataset (2 pictures).").wait_for(timeout=15000)
+    page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length === 2", timeout=15000)
 
 def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, page, tmp_path):
     page.goto(app.url)

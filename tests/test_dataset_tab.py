@@ -97,7 +97,7 @@ def test_each_drop_imports_only_its_own_files_and_start_over_empties_the_box(tmp
     for picture, total in ((good, 1), (ring5, 2)):
         folder, message, gallery, _, box = tab.on_upload(drafts, [*(box or []), str(picture)], folder)
         assert "Added **1** picture(s)" in message and len(gallery) == total and box is None
-    assert tab.on_clear() == ("", "", [], [], None, "", "")  # no dataset, no files in the box, no trigger (QA 4)
+    assert tab.on_clear() == ("", tab.STARTED_OVER, [], [], None, "", "")  # no dataset, no files, no trigger (QA 4)
     _, message, gallery, _, _ = tab.on_upload(drafts, [str(ring6)], "")
     assert "Added **1** picture(s)" in message and len(gallery) == 1
 
@@ -119,7 +119,7 @@ def test_add_folder_refuses_what_is_not_a_folder(tmp_path):
     assert tab.on_folder(tmp_path / "drafts", "  ", "")[1] == "Type the path of a folder of pictures first."  # QA 2
     folder, message, gallery, _ = tab.on_folder(tmp_path / "drafts", str(tmp_path / "mine"), "")
     assert "Added **2** picture(s)" in message and len(gallery) == 2
-    assert tab.on_clear()[:4] == ("", "", [], [])
+    assert tab.on_clear()[:4] == ("", tab.STARTED_OVER, [], [])
 
 
 @pytest.mark.skipif(not tab.DEMO_DATASET.is_dir(), reason="no demo dataset in this checkout")
@@ -290,7 +290,8 @@ def test_cancel_kills_a_captioner_that_does_not_stop(tmp_path, slow_tagger):
     message = job.cancel(kill_after_s=1)
     done = job.counts()[0]  # a line it wrote just before it froze may be read only now (seen once under load)
     assert message == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
-    assert before <= done < 40 and time.time() - started < 10 and not job.running and job._proc.returncode == -signal.SIGKILL
+    assert before <= done < 40 and time.time() - started < 10
+    assert not job.running and job._proc.returncode == -signal.SIGKILL
     assert set(captions_of(folder)) >= set(first_captioned(done))
 
 
@@ -416,3 +417,24 @@ def test_the_pictures_come_back_after_a_reload_and_only_a_draft_folder_does(data
     outside = pictures(tmp_path / "elsewhere" / "x", 1)[0].parent
     for stored in (str(outside), str(drafts / ".." / Path(dataset).name), "/etc", str(drafts / "gone"), "", None):
         assert tab.restore(drafts, stored) == ("", "", [], [])
+
+
+def test_earlier_datasets_open_again_and_are_deleted_when_asked_twice(dataset, tmp_path):
+    """QA 34: every Start over or demo left a draft folder behind that nothing listed. They are listed (not the one
+    in use), open again, and go when Delete is clicked twice; only a draft folder of this app's is touched."""
+    drafts = Path(dataset).parent
+    other, *_ = tab.on_demo(drafts) if tab.DEMO_DATASET.is_dir() else tab.on_upload(
+        drafts, [str(p) for p in pictures(tmp_path / "src2", 2)], "")[:1]
+    listed = tab.drafts_list(drafts, other)["choices"]
+    assert [path for _, path in listed] == [dataset] and "3 pictures" in listed[0][0] and "MB" in listed[0][0]
+    folder, message, gallery, _, applied, box = tab.on_open_draft(drafts, dataset, other, "zxc")
+    assert (folder, message, len(gallery), applied, box) == (dataset, "Opened an earlier dataset (3 pictures).", 3,
+                                                             "", "")
+    for planted in ("/etc", str(tmp_path), str(drafts / "gone"), ""):
+        assert tab.on_open_draft(drafts, planted, other, "zxc")[1].startswith("⚠ ")
+    folder, message, *_, armed, button = tab.on_delete_draft(drafts, dataset, other, "")
+    assert folder == other and "Click again to delete it" in message and armed == dataset and Path(dataset).is_dir()
+    assert button["value"] == "Click again to delete this dataset for good"
+    *_, armed, button = tab.on_delete_draft(drafts, dataset, other, armed)
+    assert not Path(dataset).exists() and armed == "" and tab.drafts_list(drafts, other)["choices"] == []
+    assert Path(other).is_dir()  # the one in use stays

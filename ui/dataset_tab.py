@@ -20,7 +20,7 @@ from datasets_tools import dataset_folder as folder_ops
 from datasets_tools.caption import ALL_CAPTIONED, to_caption
 from trainer.config import bucket_limits
 from trainer.single_file import MODEL_CONFIGS
-from ui import security
+from ui import confirm, security
 from ui.captioning import CaptionJob
 
 DEMO_DATASET = Path(__file__).resolve().parent.parent / "demo" / "dataset"
@@ -28,6 +28,7 @@ CAPTIONERS = [("WD14 tagger (tags, for anime / illustration)", "wd14"), ("BLIP (
               ("Florence-2 (a detailed sentence)", "florence2")]
 POLL_S = 1.0  # how often the tab reads a running captioner's progress
 NO_PICTURES = "Add pictures first."
+STARTED_OVER = "Started over. The pictures before are kept: **Earlier datasets** opens them again."
 STALE_HEALTH = "_The dataset changed since this check: click **Check the dataset** again._"
 CLIP_TOKENIZER = MODEL_CONFIGS / "clip_tokenizer"  # the BPE vocabulary every SD text encoder reads
 
@@ -151,7 +152,64 @@ def on_demo(drafts: Path):
 
 def on_clear():
     """No dataset, an empty upload box, no trigger applied and none in its box."""
-    return *refresh("", ""), None, "", ""
+    return *refresh("", STARTED_OVER), None, "", ""
+
+
+# --- earlier datasets: the draft folders this app made, to open again or delete ---
+
+DELETE_DRAFT = "Delete it"
+
+
+def drafts_list(drafts: Path, current: str) -> dict:
+    """The Earlier datasets dropdown: every draft folder but the one in use, newest first, with its pictures, size
+    and age."""
+    import time
+
+    found = sorted((p for p in Path(drafts).iterdir() if p.is_dir() and str(p) != current),
+                   key=lambda p: p.stat().st_mtime, reverse=True) if Path(drafts).is_dir() else []
+    choices = [(f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))} · "
+                f"{counted(len(folder_ops.items(p)), 'picture')} · {confirm.folder_mb(p):.1f} MB", str(p))
+               for p in found]
+    return gr.update(choices=choices, value=None)
+
+
+def draft_named(drafts: Path, chosen: str) -> Path:
+    """A chosen draft folder, only one of this app's (the value comes from the page)."""
+    if not chosen:
+        raise ValueError("Choose one of the earlier datasets first.")
+    path = security.inside(Path(drafts), Path(chosen).name, "dataset folder")
+    if str(path) != chosen or not path.is_dir():
+        raise ValueError("That dataset is not there any more.")
+    return path
+
+
+def on_open_draft(drafts: Path, chosen: str, folder: str, applied: str):
+    """[folder, message, gallery, tags, the trigger applied, the trigger box]: an opened dataset has had no trigger
+    applied on this page."""
+    try:
+        path = draft_named(drafts, chosen)
+    except ValueError as e:
+        return *refresh(folder, f"⚠ {e}"), applied, gr.update()
+    opened = f"Opened an earlier dataset ({counted(len(folder_ops.items(path)), 'picture')})."
+    return *refresh(str(path), opened), "", ""
+
+
+def on_delete_draft(drafts: Path, chosen: str, folder: str, armed: str):
+    """Delete a draft folder, asked twice (ui/confirm): [folder, message, gallery, tags, armed, the button]."""
+    import shutil
+
+    try:
+        path = draft_named(drafts, chosen)
+    except ValueError as e:
+        return *refresh(folder, f"⚠ {e}"), *confirm.disarmed(DELETE_DRAFT)
+    go, armed, button = confirm.ask_twice(DELETE_DRAFT, armed, chosen)
+    if not go:  # the button names no path: the message above it says what goes
+        button = gr.update(value=confirm.AGAIN.format("this dataset"))
+        pictures = counted(len(folder_ops.items(path)), "picture")
+        return *refresh(folder, f"Deleting it removes {pictures} and their captions ({confirm.folder_mb(path):.1f} "
+                                "MB); runs keep their own copy. Click again to delete it."), armed, button
+    shutil.rmtree(path)
+    return *refresh(folder, "Deleted that earlier dataset."), armed, button
 
 
 # --- caption edits ---
@@ -287,6 +345,12 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             c.add_folder = gr.Button("Add folder", elem_id="dataset-add-folder")
             c.demo = gr.Button("Try the demo dataset", elem_id="dataset-demo", visible=DEMO_DATASET.is_dir())
             c.clear = gr.Button("Start over", elem_id="dataset-clear")
+    with gr.Accordion("Earlier datasets (open one again, or delete it)", open=False,
+                      elem_id="dataset-earlier") as c.earlier:
+        with gr.Row():
+            c.earlier_choice = gr.Dropdown(label="Dataset", choices=[], scale=3, elem_id="dataset-earlier-choice")
+            c.earlier_open = gr.Button("Open it", elem_id="dataset-earlier-open")
+            c.earlier_delete = gr.Button(DELETE_DRAFT, variant="stop", elem_id="dataset-earlier-delete")
     c.report = gr.Markdown(elem_id="dataset-report")
     with gr.Accordion("Caption the pictures", open=False, elem_id="dataset-captioner"):
         with gr.Row():
@@ -350,6 +414,15 @@ def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
     for event in every_caption:
         event.then(caption_of, [dataset_dir, c.selected], c.caption)
     c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied]).then(no_selection, None, unselect)
+    armed = gr.State("")  # the earlier dataset the first click of Delete asked about
+    c.earlier.expand(partial(drafts_list, drafts), dataset_dir, c.earlier_choice)
+    c.earlier_choice.change(partial(confirm.disarmed, DELETE_DRAFT), None, [armed, c.earlier_delete])
+    c.earlier_open.click(partial(on_open_draft, drafts), [c.earlier_choice, dataset_dir, applied],
+                         shown + [applied, c.trigger]).then(
+        no_selection, None, unselect).then(partial(drafts_list, drafts), dataset_dir, c.earlier_choice)
+    c.earlier_delete.click(partial(on_delete_draft, drafts), [c.earlier_choice, dataset_dir, armed],
+                           shown + [armed, c.earlier_delete]).then(
+        lambda a, f: drafts_list(drafts, f) if not a else gr.update(), [armed, dataset_dir], c.earlier_choice)
     c.clear.click(on_clear, None, shown + [c.upload, applied, c.trigger]).then(no_selection, None, unselect)
 
     job = gr.State(None)
