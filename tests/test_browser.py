@@ -394,6 +394,10 @@ def test_each_drop_adds_only_its_own_pictures_and_start_over_empties_the_dataset
     page.locator("#dataset-earlier-open").click()
     page.get_by_text("Opened an earlier dataset (2 pictures).").wait_for(timeout=15000)
     page.wait_for_function("() => document.querySelectorAll('#dataset-gallery img').length === 2", timeout=15000)
+    page.locator("#dataset-tags").get_by_text("Tags").first.click()  # re-walk: Gradio refused -1 with its own error
+    fill(page, "keep", "-1", "dataset-")
+    page.locator("#dataset-bulk-apply").click()
+    page.get_by_text("⚠ Keep the first N tags: -1 is not allowed").wait_for(timeout=15000)
 
 def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, page, tmp_path):
     page.goto(app.url)

@@ -412,11 +412,14 @@ def test_the_pictures_come_back_after_a_reload_and_only_a_draft_folder_does(data
     """QA 12: a reload forgot the dataset. The page keeps its folder in the browser's storage; what comes back from
     there is only used when it is one of this app's draft folders."""
     drafts = Path(dataset).parent
-    folder, message, gallery, tags = tab.restore(drafts, dataset)
+    folder, message, gallery, tags, trigger, applied = tab.restore(drafts, dataset)
     assert folder == dataset and message == "Your pictures from before (3 pictures)." and len(gallery) == 3 and tags
+    assert trigger == applied == ""  # its captions share no first tag
+    tab.on_trigger(dataset, "zxq", "")  # re-walk N3: the trigger came back neither in its box nor as applied
+    assert tab.restore(drafts, dataset)[4:] == ("zxq", "zxq")
     outside = pictures(tmp_path / "elsewhere" / "x", 1)[0].parent
     for stored in (str(outside), str(drafts / ".." / Path(dataset).name), "/etc", str(drafts / "gone"), "", None):
-        assert tab.restore(drafts, stored) == ("", "", [], [])
+        assert tab.restore(drafts, stored) == ("", "", [], [], "", "")
 
 
 def test_earlier_datasets_open_again_and_are_deleted_when_asked_twice(dataset, tmp_path):
@@ -426,10 +429,11 @@ def test_earlier_datasets_open_again_and_are_deleted_when_asked_twice(dataset, t
     other, *_ = tab.on_demo(drafts) if tab.DEMO_DATASET.is_dir() else tab.on_upload(
         drafts, [str(p) for p in pictures(tmp_path / "src2", 2)], "")[:1]
     listed = tab.drafts_list(drafts, other)["choices"]
-    assert [path for _, path in listed] == [dataset] and "3 pictures" in listed[0][0] and "MB" in listed[0][0]
+    assert [path for _, path in listed] == [dataset] and "3 pictures" in listed[0][0]
     folder, message, gallery, _, applied, box = tab.on_open_draft(drafts, dataset, other, "zxc")
     assert (folder, message, len(gallery), applied, box) == (dataset, "Opened an earlier dataset (3 pictures).", 3,
-                                                             "", "")
+                                                             "", "")  # no tag starts every caption
+    assert "KB" in listed[0][0] and tab.size_text(Path(dataset)).endswith(" KB")  # re-walk N2: not "0.0 MB"
     for planted in ("/etc", str(tmp_path), str(drafts / "gone"), ""):
         assert tab.on_open_draft(drafts, planted, other, "zxc")[1].startswith("⚠ ")
     folder, message, *_, armed, button = tab.on_delete_draft(drafts, dataset, other, "")

@@ -20,7 +20,26 @@ def test_a_base_of_the_same_family_keeps_the_form_and_another_family_refills_it(
     assert key == "sd15" and form_of(to_sd1)["resolution"] == 512
     assert info.endswith("_The settings were refilled from the preset for this base: change again what you had._")
     *same, info, key = train_tab.on_base("character", str(sd1_again), key)  # nothing the user typed is replaced
-    assert key == "sd15" and info == {"__type__": "update"} and set(form_of(same)) == set(train_tab.PART_FIELDS)
+    assert key == "sd15" and set(form_of(same)) == set(train_tab.PART_FIELDS)
+    assert info.startswith("A person") and "refilled" not in info  # re-walk: the note said so though nothing was
     *to_xl, info, key = train_tab.on_base("character", str(xl), key)
     assert key == "sdxl" and form_of(to_xl)["resolution"] == 1024 and "refilled" in info
     assert train_tab.on_base("character", str(tmp_path / "nowhere.safetensors"), "sd15")[-1] == "sd15"  # kept
+
+
+def test_zero_terminal_snr_on_an_epsilon_base_is_refused_on_the_form(tmp_path):
+    """Re-walk N4: the demo (ε) with Zero terminal SNR was queued and failed in the worker after loading the base."""
+    import pytest
+
+    from tests.test_training import draw_dataset
+    from trainer import config
+
+    form = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_preset("character", "demo"))))
+    folder = draw_dataset(tmp_path / "pictures")
+    with pytest.raises(config.ConfigError, match=r"training.zero_terminal_snr = true: it is for v-prediction models "
+                                                 r"and this base is an epsilon-prediction model"):
+        train_tab.build_config("demo", "character", folder, "zxq", train_tab.FIELDS,
+                               list((form | {"zero_terminal_snr": True}).values()))
+    forced = form | {"zero_terminal_snr": True, "prediction_type": "v_prediction"}  # training an ε base to v
+    assert train_tab.build_config("demo", "character", folder, "zxq", train_tab.FIELDS, list(forced.values()))
+    assert config.known_prediction("demo") == "epsilon" and config.known_prediction(str(tmp_path)) == ""

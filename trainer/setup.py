@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 
 from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
-from trainer.config import ConfigError
+from trainer.config import ConfigError, zero_terminal_snr_error
 from trainer.events import EventWriter
 from trainer.flow_parts import parts_of
 from trainer.loading import FLOW_ARCHES, BaseModel, load_base
@@ -181,9 +181,7 @@ def make_loss(cfg, base, acc) -> DenoisingLoss | FlowMatchingLoss:
     if base.arch in FLOW_ARCHES:
         return FlowMatchingLoss.for_model(base, acc.mixed_precision, t.ip_noise_gamma, t.ip_noise_gamma_random_strength)
     if t.zero_terminal_snr and base.prediction_type != "v_prediction":  # an ε model learns nothing at SNR 0
-        raise ConfigError("training.zero_terminal_snr", "training.zero_terminal_snr = true: it is for v-prediction "
-                                                        f"models and this base is {base.describe()}; set it false, "
-                                                        "or model.prediction_type = \"v_prediction\" to train one")
+        raise zero_terminal_snr_error(base.describe())
     schedule = DDPMScheduler.from_config(base.pipeline.scheduler.config, rescale_betas_zero_snr=t.zero_terminal_snr)
     return DenoisingLoss(schedule, base.prediction_type,
                          t.min_snr_gamma, t.noise_offset, acc.mixed_precision, t.multires_noise_iterations,

@@ -64,7 +64,8 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         # the page's pictures survive a reload: the folder is remembered in the browser and checked when read back
         remembered = gr.BrowserState("", storage_key="lora-studio-dataset", secret=browser_secret(Path(runs_dir)))
         dataset_dir.change(lambda folder: folder, dataset_dir, remembered)
-        demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered, ds.shown(dataset_dir))
+        demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered,
+                  [*ds.shown(dataset_dir), ds.trigger, ds.applied])
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view)
         timer.tick(partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view])
         # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click

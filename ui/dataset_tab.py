@@ -44,6 +44,7 @@ class DatasetTab:
     crop: gr.Image
     report: gr.Markdown
     tags: gr.Dataframe
+    applied: gr.State  # the trigger word applied to the captions (replaced in their front by the next one)
 
     def shown(self, dataset_dir) -> list:
         """What `refresh` answers: the folder, the message, the gallery and the tag table."""
@@ -91,16 +92,24 @@ def no_selection() -> tuple[str, str, None, str]:
     return "", "", None, ""
 
 
+def trigger_of(folder: Path) -> str:
+    """The trigger word a dataset has: the tag that starts every caption ("" when the captions do not share one)."""
+    firsts = [(folder_ops.split_tags(i.caption) or [""])[0] for i in folder_ops.items(Path(folder))]
+    return firsts[0] if firsts and firsts[0] and all(f == firsts[0] for f in firsts) else ""
+
+
 def restore(drafts: Path, folder: str):
-    """The dataset folder this browser last worked on (kept in its storage across a reload), shown again: only a
-    draft folder of this app's, as anything read from the browser is checked before it is used as a path."""
+    """The dataset folder this browser last worked on (kept in its storage across a reload), shown again with its
+    trigger word (in the box, and as the one applied): [folder, message, gallery, tags, trigger box, applied]. Only
+    a draft folder of this app's: anything read from the browser is checked before it is used as a path."""
     try:
         path = security.inside(Path(drafts), Path(folder or "").name, "dataset folder") if folder else None
     except ValueError:
         path = None
     if path is None or not path.is_dir() or str(path) != str(Path(folder)):
-        return refresh("", "")
-    return refresh(str(path), f"Your pictures from before ({counted(len(folder_ops.items(path)), 'picture')}).")
+        return *refresh("", ""), "", ""
+    shown = refresh(str(path), f"Your pictures from before ({counted(len(folder_ops.items(path)), 'picture')}).")
+    return *shown, trigger_of(path), trigger_of(path)
 
 
 # --- adding pictures: into the session's folder, made under `drafts` on the first add ---
@@ -160,6 +169,11 @@ def on_clear():
 DELETE_DRAFT = "Delete it"
 
 
+def size_text(path: Path) -> str:
+    mb = confirm.folder_mb(path)
+    return f"{mb:.1f} MB" if mb >= 0.1 else f"{mb * 1024:.0f} KB"
+
+
 def drafts_list(drafts: Path, current: str) -> dict:
     """The Earlier datasets dropdown: every draft folder but the one in use, newest first, with its pictures, size
     and age."""
@@ -168,7 +182,7 @@ def drafts_list(drafts: Path, current: str) -> dict:
     found = sorted((p for p in Path(drafts).iterdir() if p.is_dir() and str(p) != current),
                    key=lambda p: p.stat().st_mtime, reverse=True) if Path(drafts).is_dir() else []
     choices = [(f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))} · "
-                f"{counted(len(folder_ops.items(p)), 'picture')} · {confirm.folder_mb(p):.1f} MB", str(p))
+                f"{counted(len(folder_ops.items(p)), 'picture')} · {size_text(p)}", str(p))
                for p in found]
     return gr.update(choices=choices, value=None)
 
@@ -184,14 +198,14 @@ def draft_named(drafts: Path, chosen: str) -> Path:
 
 
 def on_open_draft(drafts: Path, chosen: str, folder: str, applied: str):
-    """[folder, message, gallery, tags, the trigger applied, the trigger box]: an opened dataset has had no trigger
-    applied on this page."""
+    """[folder, message, gallery, tags, the trigger applied, the trigger box]: the dataset's own trigger word, the
+    tag that starts every caption."""
     try:
         path = draft_named(drafts, chosen)
     except ValueError as e:
         return *refresh(folder, f"⚠ {e}"), applied, gr.update()
     opened = f"Opened an earlier dataset ({counted(len(folder_ops.items(path)), 'picture')})."
-    return *refresh(str(path), opened), "", ""
+    return *refresh(str(path), opened), trigger_of(path), trigger_of(path)
 
 
 def on_delete_draft(drafts: Path, chosen: str, folder: str, armed: str):
@@ -206,8 +220,8 @@ def on_delete_draft(drafts: Path, chosen: str, folder: str, armed: str):
     if not go:  # the button names no path: the message above it says what goes
         button = gr.update(value=confirm.AGAIN.format("this dataset"))
         pictures = counted(len(folder_ops.items(path)), "picture")
-        return *refresh(folder, f"Deleting it removes {pictures} and their captions ({confirm.folder_mb(path):.1f} "
-                                "MB); runs keep their own copy. Click again to delete it."), armed, button
+        return *refresh(folder, f"Deleting it removes {pictures} and their captions ({size_text(path)}); runs keep "
+                                "their own copy. Click again to delete it."), armed, button
     shutil.rmtree(path)
     return *refresh(folder, "Deleted that earlier dataset."), armed, button
 
@@ -391,17 +405,17 @@ def build(drafts: Path, dataset_dir: gr.State) -> DatasetTab:
             c.suffix = gr.Textbox(label="Add tags at the end", elem_id="dataset-suffix")
             c.find = gr.Textbox(label="Find", elem_id="dataset-find")
             c.replace = gr.Textbox(label="Replace with", elem_id="dataset-replace")
-            c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, precision=0, minimum=0,
-                               elem_id="dataset-keep")
+            c.keep = gr.Number(label="Keep the first N tags (0 = all)", value=0, elem_id="dataset-keep")
             c.bulk = gr.Button("Apply to every caption", elem_id="dataset-bulk-apply")
+    c.applied = gr.State("")  # the trigger word in the captions' front, put there by on_trigger or the demo
     bind(c, Path(drafts), dataset_dir)
     return DatasetTab(trigger=c.trigger, gallery=c.gallery, check=c.check, health=c.health, selected=c.selected,
-                      caption=c.caption, crop=c.crop, report=c.report, tags=c.tags)
+                      caption=c.caption, crop=c.crop, report=c.report, tags=c.tags, applied=c.applied)
 
 
 def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
     shown, unselect = [dataset_dir, c.report, c.gallery, c.tags], [c.selected, c.caption, c.crop, c.health]
-    applied = gr.State("")  # the trigger word in the captions' front, put there by on_trigger or the demo
+    applied = c.applied
     changed = [c.upload.upload(partial(on_upload, drafts), [c.upload, dataset_dir, applied], shown + [c.upload]),
                c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir, applied], shown),
                c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown),
@@ -413,17 +427,20 @@ def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
         event.then(stale_health, c.health, c.health)
     for event in every_caption:
         event.then(caption_of, [dataset_dir, c.selected], c.caption)
-    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied]).then(no_selection, None, unselect)
+    relist = partial(drafts_list, drafts)
+    c.demo.click(partial(on_demo, drafts), None, shown + [c.trigger, applied]).then(no_selection, None, unselect).then(
+        relist, dataset_dir, c.earlier_choice)
     armed = gr.State("")  # the earlier dataset the first click of Delete asked about
-    c.earlier.expand(partial(drafts_list, drafts), dataset_dir, c.earlier_choice)
+    c.earlier.expand(relist, dataset_dir, c.earlier_choice)
     c.earlier_choice.change(partial(confirm.disarmed, DELETE_DRAFT), None, [armed, c.earlier_delete])
     c.earlier_open.click(partial(on_open_draft, drafts), [c.earlier_choice, dataset_dir, applied],
                          shown + [applied, c.trigger]).then(
-        no_selection, None, unselect).then(partial(drafts_list, drafts), dataset_dir, c.earlier_choice)
+        no_selection, None, unselect).then(relist, dataset_dir, c.earlier_choice)
     c.earlier_delete.click(partial(on_delete_draft, drafts), [c.earlier_choice, dataset_dir, armed],
                            shown + [armed, c.earlier_delete]).then(
         lambda a, f: drafts_list(drafts, f) if not a else gr.update(), [armed, dataset_dir], c.earlier_choice)
-    c.clear.click(on_clear, None, shown + [c.upload, applied, c.trigger]).then(no_selection, None, unselect)
+    c.clear.click(on_clear, None, shown + [c.upload, applied, c.trigger]).then(no_selection, None, unselect).then(
+        relist, dataset_dir, c.earlier_choice)
 
     job = gr.State(None)
     poll = gr.Timer(POLL_S, active=False)

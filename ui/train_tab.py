@@ -45,7 +45,9 @@ LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "
           "min_snr_gamma": "Min-SNR γ", "ip_noise_gamma": "Input perturbation γ (ip_noise_gamma)",
           "ip_noise_gamma_random_strength": "Random input perturbation strength",
           "sample_sampler": "Sampler of the samples", "sample_steps": "Sample steps",
-          "sample_cfg_scale": "Sample guidance (CFG)", "sample_seed": "Sample seed", "save_precision": "Saved precision"}
+          "sample_cfg_scale": "Sample guidance (CFG)", "sample_seed": "Sample seed", "save_precision": "Saved precision",
+          "zero_terminal_snr": "Zero terminal SNR (v-prediction models)", "scale_weight_norms": "Max norm (scale "
+          "weight norms)", "caption_tag_dropout_rate": "Tag dropout rate"}
 SUFFIXES = (".safetensors", ".ckpt")
 PART_FIELDS = list(config.PART_FIELDS)  # shown for an SD 3.5 / FLUX.1 .safetensors base: ComfyUI's split layout
 PART_FILES = {n for names in (*USUAL_NAMES.values(), *VAE_NAMES.values()) for n in names}  # not bases: not listed
@@ -119,9 +121,9 @@ def on_base(preset_name: str, base: str, refilled_for: str) -> list:
     from the demo), so what the user typed stays; the split layout's files always follow the base. Answers
     [field updates…, the preset's note, the key refilled for]."""
     key = settings_key(base)
-    if key == refilled_for:
-        parts = guess_parts(base)
-        return [gr.update(value=parts[n]) if n in PART_FIELDS else gr.update() for n in FIELDS] + [gr.update(), key]
+    if key == refilled_for:  # the form is kept: the note says so no more
+        parts, info = guess_parts(base), config.preset_dict(preset_name, family_or_default(base)).get("description", "")
+        return [gr.update(value=parts[n]) if n in PART_FIELDS else gr.update() for n in FIELDS] + [info, key]
     *fields, info = on_preset(preset_name, base)
     if refilled_for:  # not the page's first fill
         info = f"{info}\n\n_The settings were refilled from the preset for this base: change again what you had._"
@@ -293,6 +295,9 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     if layer.get("text_encoder_lr"):  # the form says "0 = frozen": a rate typed there trains the text encoder,
         layer["network_train_unet_only"] = False  # also where the preset leaves it untouched (style, FLUX.1, ...)
     cfg = config.build(preset, family, layer)
+    if cfg.training.zero_terminal_snr and cfg.model.prediction_type == "auto" and \
+            config.known_prediction(base or "demo") == "epsilon":  # refused here, not by the worker after a load
+        raise config.zero_terminal_snr_error("an epsilon-prediction model")
     if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found(base):  # the loader would stop
         raise config.ConfigError("model.t5_tokenizer", "model.t5_tokenizer: not set, and the T5-XXL tokenizer is "
                                                        f"not in {T5_TOKENIZER_DIR}, a ComfyUI / Forge install around "
