@@ -103,6 +103,7 @@ class Run:
     samples_per_batch: int  # over all processes
     held_out: validation.HeldOut | None = None  # None: no held-out loss
     norms: dict = field(default_factory=dict)  # scale_weight_norms' figures of the last step, for its log line
+    stop: object = None  # the worker's stop flag while the loop runs: a cancel skips the sample pictures left
 
 
 def resolve_mixed_precision(value: str) -> str:

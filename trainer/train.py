@@ -47,6 +47,7 @@ def train(cfg, run_dir: Path, stop: StopFlag | None = None) -> Path | None:
 def loop(run: Run, stop: StopFlag) -> bool:
     """Train the steps left; False when stopped (a resumable state is saved first)."""
     p, schedule, acc = run.progress, run.schedule, run.acc
+    run.stop = stop
     run.events.status("training", training_line(schedule))
     if p.step == 0:
         baseline(run)
@@ -295,6 +296,10 @@ def sample_all(run: Run) -> None:
     if run.acc.is_main_process and run.prompts:
         run.events.status("sampling", f"Sampling {len(run.prompts)} prompt(s) at step {run.progress.step}")
         for k, prompt in enumerate(run.prompts):
+            if getattr(run.stop, "requested", False):  # a cancel waits for one picture at most, not for all
+                run.events.status("cancelling", f"Cancelling: the {len(run.prompts) - k} sample picture(s) left "
+                                                "are not drawn")
+                break
             sample(run, prompt, k)
     run.acc.wait_for_everyone()
 
