@@ -96,3 +96,16 @@ def test_a_compare_of_the_run_takes_its_prompts_without_their_options(tmp_path):
     lora.write_bytes(b"")
     with pytest.raises(CompareError, match=r"prompts: 'zxq --n ugly' holds sample-prompt options \(--n, --w, …\)"):
         checked({"base": "demo", "files": [str(lora)], "prompts": ["zxq", "zxq --n ugly"]})
+
+
+@pytest.mark.parametrize("line, trigger, prompt", [
+    ("{trigger}, a yellow ring", "zxc", "zxc, a yellow ring"),
+    ("{trigger}, a yellow ring", "", "a yellow ring"),  # QA re-walk: ", a yellow ring" with no trigger word
+    ("a ring, {trigger}", "", "a ring"),
+    ("zz, {trigger}, yy", "", "zz, yy"),
+    ("{trigger}", "", ""),
+])
+def test_a_prompt_without_a_trigger_word_loses_its_tag_and_comma(line, trigger, prompt):
+    from trainer.setup import with_trigger
+
+    assert with_trigger(line, trigger) == prompt

@@ -193,6 +193,10 @@ def test_a_queued_run_says_what_it_waits_for_and_an_ended_one_no_waiting(jobs):
     view = monitor_tab.refresh(jobs, "q", None)[-1]
     assert monitor_tab.refresh(jobs, "q", view)[1] == UNCHANGED  # nothing new yet
     assert monitor_tab.refresh(jobs, "q", None)[1].endswith("Resuming: the worker is starting…")
+    with open(resumed.events, "a") as f:  # loading again: not the rate and ETA from before the cancel
+        f.write(json.dumps({"type": "status", "time": 3, "phase": "loading", "message": "Loading demo"}) + "\n")
+    progress = monitor_tab.refresh(jobs, "q", view)[1]
+    assert progress.endswith("Loading demo") and "ETA" not in progress and "Step 3 / 6" in progress
     with open(resumed.events, "a") as f:
         f.write(json.dumps({"type": "status", "time": 3, "phase": "training", "message": "Resuming from step 3"}) + "\n")
     assert monitor_tab.refresh(jobs, "q", view)[1].endswith("Resuming from step 3")

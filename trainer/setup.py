@@ -7,6 +7,7 @@ Every option is decided here, so that the loop in trainer/train.py reads no conf
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,7 +399,14 @@ def encode_image(item, flip: bool, vae, device, disk: Path | None) -> torch.Tens
 def sample_prompts(cfg) -> list[SamplePrompt]:
     """The sample prompts with the trigger word in them (and in their negative prompts), options parsed."""
     trigger = cfg.data.trigger_word
-    return [parse_prompt(line.replace("{trigger}", trigger), cfg.family) for line in cfg.sample.sample_prompts]
+    return [parse_prompt(with_trigger(line, trigger), cfg.family) for line in cfg.sample.sample_prompts]
+
+
+def with_trigger(line: str, trigger: str) -> str:
+    """{trigger} replaced; with no trigger word, the tag it stood for goes with its comma (not ", a yellow ring")."""
+    if trigger:
+        return line.replace("{trigger}", trigger)
+    return re.sub(r"\{trigger\}\s*,\s*|,?\s*\{trigger\}", "", line).strip()
 
 
 def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Caches, prompts: list[str] = ()):

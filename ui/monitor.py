@@ -201,7 +201,8 @@ class RunView:
         head = f"Step {e['step']} / {e['total_steps']} · epoch {e['epoch']} · loss {e['loss']:.4f}"
         if "keys_scaled" in e:  # scale_weight_norms, as kohya's progress bar shows it
             head += f" · {e['keys_scaled']} module(s) scaled to the max norm, mean norm {e['mean_norm']:.3f}"
-        if not (self.ended or ended or waiting):  # no rate or ETA of a run that is not training now
+        starting = self.phase in ("loading", "caching")  # a resumed worker before its first step
+        if not (self.ended or ended or waiting or starting):  # no rate or ETA of a run that is not training now
             head += f" · {e.get('samples_per_s', 0):.2f} img/s · ETA {eta_text(e.get('eta_s', 0))}"
         bar = f'<progress value="{pct:.1f}" max="100" style="width:100%"></progress>'
         tail = f"\n\n{message}" if message else ""
