@@ -369,6 +369,12 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-clear").click()  # QA 18: Start over leaves no picture selected and no crop preview
     page.locator("#dataset-crop-preview img").wait_for(state="detached", timeout=15000)
     assert page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value() == ""
+    page.wait_for_timeout(1500)
+    page.reload()  # re-walk N7: a reload after Start over brought the pictures back
+    page.locator("#dataset-upload").wait_for(timeout=30000)
+    page.wait_for_timeout(3000)
+    assert page.locator("#dataset-gallery img").count() == 0
+    assert "from before" not in page.locator("#dataset-report").inner_text()
 
 
 def drop(page, picture: Path) -> str:

@@ -18,6 +18,7 @@ from ui.compares import CompareManager, free_gpu
 from ui.jobs import JobManager
 from ui.sweeps import SweepManager
 
+NO_FOLDER = "(none)"  # the dataset a page remembers after Start over (the browser keeps no empty value)
 # given to launch(): Gradio 6 takes a page's CSS there (launch resets Blocks.css)
 CSS = """
 .field-error input, .field-error textarea { border-color: #d33 !important; }
@@ -63,7 +64,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         bind_dataset(ds, train, dataset_dir)
         # the page's pictures survive a reload: the folder is remembered in the browser and checked when read back
         remembered = gr.BrowserState("", storage_key="lora-studio-dataset", secret=browser_secret(Path(runs_dir)))
-        dataset_dir.change(lambda folder: folder, dataset_dir, remembered)
+        dataset_dir.change(lambda folder: folder or NO_FOLDER, dataset_dir, remembered)  # "" would not be stored
         demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered,
                   [*ds.shown(dataset_dir), ds.trigger, ds.applied])
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view)
