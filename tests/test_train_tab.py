@@ -42,4 +42,6 @@ def test_zero_terminal_snr_on_an_epsilon_base_is_refused_on_the_form(tmp_path):
                                list((form | {"zero_terminal_snr": True}).values()))
     forced = form | {"zero_terminal_snr": True, "prediction_type": "v_prediction"}  # training an ε base to v
     assert train_tab.build_config("demo", "character", folder, "zxq", train_tab.FIELDS, list(forced.values()))
-    assert config.known_prediction("demo") == "epsilon" and config.known_prediction(str(tmp_path)) == ""
+    from trainer.single_file import known_prediction
+
+    assert known_prediction("demo") == "epsilon" and known_prediction(str(tmp_path)) == ""

@@ -8,7 +8,6 @@ every error names the field, the value and what is allowed. Standard library onl
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
@@ -536,16 +535,6 @@ def zero_terminal_snr_error(base: str) -> ConfigError:
     return ConfigError("training.zero_terminal_snr", "training.zero_terminal_snr = true: it is for v-prediction "
                                                      f"models and this base is {base}; set it false, or "
                                                      "model.prediction_type = \"v_prediction\" to train one")
-
-
-def known_prediction(base: str) -> str:
-    """A diffusers folder's (or the demo's) prediction type, read from its scheduler config without loading it; ""
-    for anything else (a single file is read when the worker loads it)."""
-    folder = DEMO_SETTINGS.parent / "base-model" if base == "demo" else Path(base).expanduser()
-    try:
-        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type", "")
-    except (OSError, ValueError):
-        return ""
 
 
 def base_settings(base: str) -> dict:

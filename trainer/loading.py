@@ -17,10 +17,9 @@ from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
                        StableDiffusionXLPipeline)
 
 from trainer import single_file, transformer_files
-from trainer.single_file import CheckpointError
+from trainer.single_file import DEMO_MODEL, CheckpointError
 from trainer.transformer_files import Parts
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "base-model"
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "FLUX.1"}
 FLOW_ARCHES = ("sd3", "flux")  # flow-matching transformers: no UNet, no epsilon / v choice
 FLOW = "flow_matching"

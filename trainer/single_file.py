@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "demo" / "base-model"
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT_ENCODER_PREFIXES = {  # component -> (prefix, kind)
@@ -48,7 +49,7 @@ def source_problem(source: str | Path) -> str | None:
     text = str(source)
     path = Path(text).expanduser()
     if text == "demo":
-        return None  # the built-in demo (trainer.loading.DEMO_MODEL), as family_of reads it
+        return None  # the built-in demo (DEMO_MODEL), as family_of reads it
     if path.is_dir():
         return None if (path / "model_index.json").is_file() else \
             f"{text}: not a diffusers model folder (it has no model_index.json)"
@@ -320,6 +321,16 @@ def write_config_dir(arch: str, shapes: Shapes, pred: str, out: Path) -> Path:
     sched["prediction_type"] = pred
     sched_file.write_text(json.dumps(sched, indent=2))
     return out
+
+
+def known_prediction(source: str | Path) -> str:
+    """A diffusers folder's (or the demo's) prediction type, read from its scheduler config without loading it; ""
+    for anything else (a single file is read when the worker loads it)."""
+    folder = DEMO_MODEL if str(source) == "demo" else Path(source).expanduser()
+    try:
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type", "")
+    except (OSError, ValueError):
+        return ""
 
 
 def family_of(source: str | Path) -> str:

@@ -103,13 +103,15 @@ def restore(drafts: Path, folder: str):
     trigger word (in the box, and as the one applied): [folder, message, gallery, tags, trigger box, applied]. Only
     a draft folder of this app's: anything read from the browser is checked before it is used as a path."""
     try:
-        path = security.inside(Path(drafts), Path(folder or "").name, "dataset folder") if folder else None
+        return reopened(draft_named(drafts, folder), "Your pictures from before")
     except ValueError:
-        path = None
-    if path is None or not path.is_dir() or str(path) != str(Path(folder)):
         return *refresh("", ""), "", ""
-    shown = refresh(str(path), f"Your pictures from before ({counted(len(folder_ops.items(path)), 'picture')}).")
-    return *shown, trigger_of(path), trigger_of(path)
+
+
+def reopened(path: Path, said: str) -> tuple:
+    """A draft folder shown again: [folder, message, gallery, tags, its trigger word twice (box, applied)]."""
+    trigger = trigger_of(path)
+    return *refresh(str(path), f"{said} ({counted(len(folder_ops.items(path)), 'picture')})."), trigger, trigger
 
 
 # --- adding pictures: into the session's folder, made under `drafts` on the first add ---
@@ -191,7 +193,7 @@ def draft_named(drafts: Path, chosen: str) -> Path:
     """A chosen draft folder, only one of this app's (the value comes from the page)."""
     if not chosen:
         raise ValueError("Choose one of the earlier datasets first.")
-    path = security.inside(Path(drafts), Path(chosen).name, "dataset folder")
+    path = security.inside(Path(drafts), Path(str(chosen)).name, "dataset folder")
     if str(path) != chosen or not path.is_dir():
         raise ValueError("That dataset is not there any more.")
     return path
@@ -201,11 +203,9 @@ def on_open_draft(drafts: Path, chosen: str, folder: str, applied: str):
     """[folder, message, gallery, tags, the trigger applied, the trigger box]: the dataset's own trigger word, the
     tag that starts every caption."""
     try:
-        path = draft_named(drafts, chosen)
+        return reopened(draft_named(drafts, chosen), "Opened an earlier dataset")
     except ValueError as e:
         return *refresh(folder, f"⚠ {e}"), applied, gr.update()
-    opened = f"Opened an earlier dataset ({counted(len(folder_ops.items(path)), 'picture')})."
-    return *refresh(str(path), opened), trigger_of(path), trigger_of(path)
 
 
 def on_delete_draft(drafts: Path, chosen: str, folder: str, armed: str):

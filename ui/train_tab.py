@@ -10,7 +10,7 @@ import gradio as gr
 from trainer import config, kohya_import
 from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
                                 found_beside, missing_parts, t5_tokenizer_found, t5_tokenizer_near)
-from trainer.single_file import CheckpointError, family_of, read_safetensors_shapes, source_problem
+from trainer.single_file import CheckpointError, family_of, known_prediction, read_safetensors_shapes, source_problem
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
@@ -296,7 +296,7 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
         layer["network_train_unet_only"] = False  # also where the preset leaves it untouched (style, FLUX.1, ...)
     cfg = config.build(preset, family, layer)
     if cfg.training.zero_terminal_snr and cfg.model.prediction_type == "auto" and \
-            config.known_prediction(base or "demo") == "epsilon":  # refused here, not by the worker after a load
+            known_prediction(base or "demo") == "epsilon":  # refused here, not by the worker after a load
         raise config.zero_terminal_snr_error("an epsilon-prediction model")
     if flow_file(base) and not cfg.model.t5_tokenizer and not t5_tokenizer_found(base):  # the loader would stop
         raise config.ConfigError("model.t5_tokenizer", "model.t5_tokenizer: not set, and the T5-XXL tokenizer is "
