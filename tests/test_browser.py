@@ -366,6 +366,14 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     assert page.locator("#dataset-gallery img").count() == 24
     page.locator("#dataset-gallery img").first.click()
     page.locator("#dataset-crop-preview img").wait_for(timeout=15000)
+    selected = page.locator("#dataset-selected textarea, #dataset-selected input").first
+    first = selected.input_value()
+    page.locator("#dataset-caption textarea").fill("mytok, typed and not saved")
+    page.locator("#dataset-gallery img").nth(1).click()  # QA 25: clicking another picture dropped the edit
+    page.locator("#dataset-report").get_by_text(f"Saved the caption of {first}.").wait_for(timeout=15000)
+    page.locator("#dataset-gallery").get_by_text("mytok, typed and not saved").first.wait_for(state="attached",
+                                                                                            timeout=10000)
+    assert selected.input_value() not in ("", first)
     page.locator("#dataset-clear").click()  # QA 18: Start over leaves no picture selected and no crop preview
     page.locator("#dataset-crop-preview img").wait_for(state="detached", timeout=15000)
     assert page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value() == ""

@@ -158,6 +158,23 @@ def test_caption_edits_save_trigger_rename_and_bulk(dataset):
         assert handler()[:4] == ("", tab.NO_PICTURES, [], [])
 
 
+def test_a_caption_typed_and_not_saved_is_kept_by_a_click_elsewhere(dataset):
+    """QA 25: clicking another picture, or an edit of every caption, replaced the Caption box's unsaved text."""
+    select = SimpleNamespace(index=2)
+    shown = tab.selection(dataset, "p0.png", "a, red", 64, 0, 0, False, select)  # nothing typed: nothing written
+    assert shown[:2] == ("p2.png", "c, blue") and shown[3:] == (gr.update(), gr.update())
+    selected, caption, preview, message, gallery = tab.selection(dataset, "p0.png", "a, typed", 64, 0, 0, False,
+                                                                 select)
+    assert (selected, caption, message) == ("p2.png", "c, blue", "Saved the caption of p0.png.")
+    assert preview is not None and gallery[0][1] == "a, typed" and captions_of(dataset)["p0.txt"] == "a, typed"
+    _, message, _, _, applied = tab.keeping_edit(tab.on_trigger)(dataset, "p2.png", "c, mine", "zxq", "")
+    assert message == "Saved the caption of p2.png. “zxq” is first in 3 captions." and applied == "zxq"
+    assert captions_of(dataset)["p2.txt"] == "zxq, c, mine"
+    _, message, _, _ = tab.keeping_edit(tab.on_bulk)(dataset, "p2.png", "zxq, c, mine", "", "", "mine", "ours", 0)
+    assert message == "Changed 1 caption." and captions_of(dataset)["p2.txt"] == "zxq, c, ours"
+    assert tab.keeping_edit(tab.on_tag)(dataset, "", "left over", "a", "b")[1] == "“a” renamed to “b” in 1 caption."
+
+
 def test_a_new_trigger_word_replaces_the_one_applied_before(dataset):
     _, message, _, _, applied = tab.on_trigger(dataset, "my trigger", "")
     assert (message, applied) == ("“my trigger” is first in 3 captions.", "my trigger")

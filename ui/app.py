@@ -85,8 +85,8 @@ def bind_dataset(ds, train, dataset_dir) -> None:
     """The Dataset tab's crop preview and health report use the Train tab's resolution and batch size."""
     f = train.fields
     buckets = [f["resolution"], f["min_bucket_reso"], f["max_bucket_reso"]]
-    ds.gallery.select(dataset_tab.selection, [dataset_dir, *buckets, f["bucket_no_upscale"]],
-                      [ds.selected, ds.caption, ds.crop])
+    ds.gallery.select(dataset_tab.selection, [dataset_dir, ds.selected, ds.caption, *buckets, f["bucket_no_upscale"]],
+                      [ds.selected, ds.caption, ds.crop, ds.report, ds.gallery])
     ds.check.click(dataset_tab.health_markdown, [dataset_dir, *buckets, f["train_batch_size"], f["max_token_length"]],
                    ds.health)
 

@@ -243,6 +243,22 @@ def on_save(folder: str, name: str, text: str):
     return refresh(folder, f"Saved the caption of {name}.")
 
 
+def pending_saved(folder: str, name: str, text: str) -> str:
+    """An edit typed in the Caption box but not saved yet is saved before anything replaces the box's text (another
+    picture clicked, an edit of every caption); answers what was said of it, "" when the box held the caption."""
+    if not folder or not name or text == caption_of(folder, name):
+        return ""
+    return on_save(folder, name, text)[1]
+
+
+def keeping_edit(handler):
+    """`handler(folder, *rest)` taking (folder, name, text, *rest) first, so the Caption box's edit is kept."""
+    def edited(folder: str, name: str, text: str, *rest):
+        said, answer = pending_saved(folder, name, text), handler(folder, *rest)
+        return (answer[0], f"{said} {answer[1]}", *answer[2:]) if said else answer
+    return edited
+
+
 def on_trigger(folder: str, word: str, applied: str):
     """`word` first in every caption, in place of the trigger `applied` before; answers the trigger now applied."""
     word = word.strip()
@@ -331,9 +347,12 @@ def picture_at(folder: str, index: int | None, resolution, min_reso, max_reso, n
     return str(item.image.relative_to(folder)), item.caption, preview
 
 
-def selection(folder: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
-    """The picture clicked in the gallery (see picture_at)."""
-    return picture_at(folder, evt.index, resolution, min_reso, max_reso, no_upscale)
+def selection(folder: str, name: str, text: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
+    """The picture clicked in the gallery (see picture_at), after the caption typed for the one before is saved;
+    the message and the gallery change only then."""
+    said = pending_saved(folder, name, text)
+    shown = (said, gallery_items(folder)) if said else (gr.update(), gr.update())
+    return *picture_at(folder, evt.index, resolution, min_reso, max_reso, no_upscale), *shown
 
 
 def health_markdown(folder: str, resolution, min_reso, max_reso, batch, max_tokens=75) -> str:
@@ -420,9 +439,11 @@ def bind(c: SimpleNamespace, drafts: Path, dataset_dir: gr.State) -> None:
                c.add_folder.click(partial(on_folder, drafts), [c.folder_path, dataset_dir, applied], shown),
                c.save_caption.click(on_save, [dataset_dir, c.selected, c.caption], shown),
                c.caption.submit(on_save, [dataset_dir, c.selected, c.caption], shown)]  # Enter saves too
-    every_caption = [c.apply_trigger.click(on_trigger, [dataset_dir, c.trigger, applied], shown + [applied]),
-                     c.tag_apply.click(on_tag, [dataset_dir, c.tag_from, c.tag_to], shown),
-                     c.bulk.click(on_bulk, [dataset_dir, c.prefix, c.suffix, c.find, c.replace, c.keep], shown)]
+    box = [dataset_dir, c.selected, c.caption]  # what keeping_edit saves first
+    every_caption = [c.apply_trigger.click(keeping_edit(on_trigger), [*box, c.trigger, applied], shown + [applied]),
+                     c.tag_apply.click(keeping_edit(on_tag), [*box, c.tag_from, c.tag_to], shown),
+                     c.bulk.click(keeping_edit(on_bulk), [*box, c.prefix, c.suffix, c.find, c.replace, c.keep],
+                                  shown)]
     for event in changed + every_caption:
         event.then(stale_health, c.health, c.health)
     for event in every_caption:
