@@ -421,10 +421,12 @@ def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, 
     page.locator("#train-preset-info").get_by_text("A person or character").wait_for(timeout=30000)
     fill_until_still(page, {"network-dim": "0"})  # a late refill from the preset would put the preset's back
     page.locator("#train-start").click()
-    page.locator("#train-status").get_by_text("network_dim").wait_for(timeout=30000)
-    page.wait_for_function("() => getComputedStyle(document.querySelector('#train-network-dim input')).borderColor"
-                           " === 'rgb(221, 51, 51)'", timeout=30000)  # the app's CSS reaches the page: #d33
+    page.locator("#train-status").get_by_text("⚠ Dim = 0: must be >= 1").wait_for(timeout=30000)  # its label
+    red = "() => getComputedStyle(document.querySelector('#train-network-dim input')).borderColor === 'rgb(221, 51, 51)'"
+    page.wait_for_function(red, timeout=30000)  # the app's CSS reaches the page: #d33
     fill_until_still(page, {"network-dim": "4"})
+    page.wait_for_function(f"() => !({red})()", timeout=30000)  # QA: the mark stayed until the next Train click
+    assert "⚠" not in page.locator("#train-network-dim").inner_text()
     kohya = tmp_path / "kohya.toml"  # a kohya_ss user's settings, read into the form
     kohya.write_text('network_dim = 12\nnetwork_alpha = 6\noutput_dir = "/out"\nmax_timestep = 0\n')
     with page.expect_file_chooser() as chooser:

@@ -131,9 +131,9 @@ def test_bad_input_gets_the_engines_message_naming_the_field(tiny_models, tmp_pa
     sweeps = SweepManager(tmp_path / "runs", python=fake(tmp_path))
     out = start(sweeps, base, pictures, ("unet_lr", "1e-4, 1e-3"), form=form_values(base, validation_split=0,
                                                                                 validation_every_n_steps=0))
-    assert out[N].startswith("⚠ data.validation_split:") and "held-out loss" in out[N]
+    assert out[N].startswith("⚠ Validation split: a sweep ranks") and "held-out loss" in out[N]  # the form's label
     marked = out[train_tab.FIELDS.index("validation_split")]
-    assert marked["elem_classes"] == ["field-error"] and "validation_split" in marked["info"]
+    assert marked["elem_classes"] == ["field-error"] and marked["info"] == out[N]
     for rows, how, message in ((["unet_lr", "1e-5:1e-3:log"], {}, "for a range, choose the random or tpe search"),
                                (["unet_lr", "1e-5:1e-3:log"], {"search": "tpe"},
                                 "a tpe search needs a number of trials, 1 or more"),
@@ -141,15 +141,15 @@ def test_bad_input_gets_the_engines_message_naming_the_field(tiny_models, tmp_pa
                                 "unet_lr=1e-3:1e-5: a range needs low < high"),
                                (["unet_lr", "1:2:3"], {}, "'unet_lr=1:2:3': a range is key=low:high or key=low:high:log"),
                                (["", ""], {}, "the search space is empty: give a field its values"),
-                               (["network_alpha", "1, -1"], {}, "network.network_alpha = -1"),
-                               (["clip_skip", "1, 2"], {}, "model.clip_skip cannot vary"),
+                               (["network_alpha", "1, -1"], {}, "Alpha = -1"),
+                               (["clip_skip", "1, 2"], {}, "CLIP skip cannot vary"),
                                (["unet_lr", "1e-4, 1e-3"], {"prune": "sometimes"}, "prune = 'sometimes'"),
                                # one trial ranks nothing: what Train does, said beside the button (QA S7)
                                (["unet_lr", "1e-4"], {}, "one trial: use Train for a single run; a sweep ranks "
                                 "several, so give a field two or more values (a, b)"),
                                (["unet_lr", "1e-5:1e-3:log"], {"search": "random", "trials": 1},
                                 "one trial: use Train for a single run; a sweep ranks several, so set Trials"),
-                               (["network_alpha", "-1"], {}, "network.network_alpha = -1")):  # the value first
+                               (["network_alpha", "-1"], {}, "Alpha = -1")):  # the value first
         out = start(sweeps, base, pictures, rows, **how)
         assert message in out[N] and "--" not in out[N], out[N]  # the form's controls, not the command line's flags
     out = start(sweeps, base, "", ("unet_lr", "1e-4, 1e-3"))

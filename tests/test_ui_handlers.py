@@ -361,8 +361,8 @@ def test_train_handlers(tmp_path):
     folder = str(draw_dataset(tmp_path / "pictures"))
     bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"network_alpha": -1}).values())
     alpha = train_tab.FIELDS.index("network_alpha")
-    assert "network_alpha = -1" in bad[alpha]["info"] and bad[alpha]["elem_classes"] == ["field-error"]
-    assert bad[n] == "⚠ network.network_alpha = -1.0: must be > 0 and <= 1024"
+    assert bad[alpha]["info"] == "⚠ Alpha = -1.0: must be > 0 and <= 1024"  # the form's label, not the config key
+    assert bad[alpha]["elem_classes"] == ["field-error"] and bad[n] == bad[alpha]["info"]
     # QA 8: every bad field at once, not one a click; the others keep their help
     worse = form | {"network_dim": 0, "resolution": 100, "sample_prompts": "", "train_batch_size": None}
     bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *worse.values())
@@ -382,6 +382,15 @@ def test_train_handlers(tmp_path):
     cfg = config.load(jobs.run_dir(typed[n + 2]).config)  # a rate typed where the form says "0 = frozen" trains it
     assert cfg.optimizer.text_encoder_lr == 5e-5 and not cfg.network.network_train_unet_only
     (jobs.run_dir(typed[n + 2]).path / "finish").touch()
+
+
+def test_an_error_names_the_settings_as_the_form_labels_them():
+    e = config.ConfigError("training.zero_terminal_snr", 'training.zero_terminal_snr = true: it is for v-prediction '
+                           'models; set it false, or model.prediction_type = "v_prediction", or data.nowhere = 1')
+    assert train_tab.in_form_words(e) == ('Zero terminal SNR = true: it is for v-prediction models; set it false, '
+                                          'or Prediction type = "v_prediction", or data.nowhere = 1')
+    assert train_tab.unmarked("network_dim") == {"__type__": "update", "info": train_tab.hint_of("network_dim"),
+                                                 "elem_classes": []}
 
 
 def test_a_fields_hint_gives_the_range_it_accepts():

@@ -103,6 +103,9 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> N
     train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],
                        [*train.form(), train.kohya_info])
     train.preset.change(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
+    for name in train_tab.FIELDS:  # a field marked bad loses its mark once edited; the next Train checks it again
+        field = train.fields[name]
+        field.input(partial(train_tab.unmarked, name), None, field, show_progress="hidden", trigger_mode="always_last")
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],
                       [*train.form(), train.status, tabs, current_run, view])

@@ -97,7 +97,7 @@ def on_start_sweep(sweeps: SweepManager, base: str, preset: str, folder: str, tr
         one_trial(cfg, space, search, int(trials or 0))
         info = sweeps.create(cfg, Path(folder), space, search, int(trials or 0), int(parallel or 0), prune)
     except config.ConfigError as e:  # the engine's message, naming the field
-        return [*train_tab.field_errors(train_tab.FIELDS, e), f"⚠ {e}", *no_change]
+        return [*train_tab.field_errors(train_tab.FIELDS, e), f"⚠ {train_tab.in_form_words(e)}", *no_change]
     except (ValueError, OSError) as e:
         return [*train_tab.field_errors(train_tab.FIELDS, None), f"⚠ {e}", *no_change]
     state = sweep.read(info.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
     except config.ConfigError as e:
         errors = every_error(e, base, preset_name, Path(folder) if folder else None, trigger, list(values))
         more = f" ({len(errors) - 1} more field(s) marked below)" if len(errors) > 1 else ""
-        return [*field_errors(FIELDS, errors), f"⚠ {e}{more}", *no_change]
+        return [*field_errors(FIELDS, errors), f"⚠ {in_form_words(e)}{more}", *no_change]
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
@@ -239,7 +240,7 @@ def hint_of(name: str) -> str:
 def component_for(name: str, value):
     """A form component built from the config field's own help, range and choices."""
     info = config.field_help(name)
-    label = LABELS.get(name, name.replace("_", " ").capitalize())
+    label = label_of(name)
     hint = hint_of(name)
     elem = f"train-{name.replace('_', '-')}"
     if name in LIST_FIELDS:
@@ -306,14 +307,31 @@ def build_config(base: str, preset: str, dataset_dir: Path | None, trigger: str,
     return cfg
 
 
+def label_of(name: str) -> str:
+    return LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+def in_form_words(error: config.ConfigError | Exception) -> str:
+    """The error as the form says it: a setting of the form by its label ("Dim = 0: …"), not by its config key
+    ("network.network_dim = 0: …"), which a settings file uses."""
+    def label(key: re.Match) -> str:
+        return label_of(key[2]).split(" (")[0] if key[2] in FIELDS else key[0]
+    return re.sub(rf"\b({'|'.join(config.SECTIONS)})\.(\w+)", label, str(error))
+
+
 def field_errors(names: list[str], errors: config.ConfigError | list | None) -> list:
     """One update per form field: the error text beside each bad one (as its info line), normal help elsewhere."""
     errors = [errors] if isinstance(errors, config.ConfigError) else errors or []
     by_field = {}
     for e in errors:
         by_field.setdefault(e.field.split(".")[-1], e)
-    return [gr.update(info=f"⚠ {by_field[n]}", elem_classes=["field-error"]) if n in by_field
-            else gr.update(info=hint_of(n), elem_classes=[]) for n in names]
+    return [gr.update(info=f"⚠ {in_form_words(by_field[n])}", elem_classes=["field-error"]) if n in by_field
+            else unmarked(n) for n in names]
+
+
+def unmarked(name: str) -> dict:
+    """A field as it is before any error: its help as the info line, no red border (a field once edited)."""
+    return gr.update(info=hint_of(name), elem_classes=[])
 
 
 def explain_base(base: str) -> str:
