@@ -146,6 +146,44 @@ def test_runs_made_by_the_command_line_are_never_started_by_the_app(tiny_models,
     (runs_dir / "cli" / "finish").touch()
 
 
+def test_a_run_refused_for_a_setting_is_not_resumed_to_fail_again_until_its_config_changes(tmp_path):
+    """QA: Resume was offered for a run whose worker refused a setting (it failed the same way again)."""
+    import subprocess
+
+    from tests.test_rundir import ROOT
+    from ui import monitor_tab
+
+    run = fake_run(tmp_path / "runs", "bad", "queued")
+    toml = run / "config.toml"
+    toml.write_text(toml.read_text().replace("network_dim = 32", "network_dim = 0"))  # edited by hand
+    r = subprocess.run([sys.executable, "-m", "trainer", str(run)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "network.network_dim = 0: must be >= 1" in r.stderr, r.stderr
+    jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
+    info = jobs.info("bad")
+    assert (info.state, info.refused) == ("failed", True)
+    with pytest.raises(ValueError, match="failed on a setting, and resuming it would fail the same way: change it "
+                                         "on the Train tab"):
+        jobs.resume("bad")
+    title, *_, cancel, resume, _ = monitor_tab.refresh(jobs, "bad", None)
+    assert title.startswith("### bad — failed · Dim = 0: must be >= 1 and <= 1024")  # the form's words
+    assert "Resuming it would fail the same way" in title and not resume["interactive"] and not cancel["interactive"]
+    later = time.time() + 5
+    os.utime(toml, (later, later))  # the config edited since: its run may be resumed
+    assert not jobs.info("bad").refused
+    assert jobs.resume("bad").state == "running"
+    wait_for(lambda: launched(jobs.run_dir("bad")))
+    (run / "finish").touch()
+
+
+def test_a_run_not_begun_is_started_by_the_monitors_start_button():
+    from ui import monitor_tab
+
+    assert [u["value"] for _, u in (monitor_tab.buttons(s) for s in ("created", "failed", ""))] == [
+        "Start", "Resume", "Resume"]
+    assert monitor_tab.buttons("failed", refused=True)[1]["interactive"] is False
+
+
 def wait_for(condition, timeout=10.0):
     import time
 

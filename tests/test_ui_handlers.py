@@ -302,7 +302,7 @@ def test_deleting_the_shown_run_empties_the_monitor_and_the_runs_tab(jobs):
     runs_tab.delete(jobs, "r", current="r")
     assert runs_tab.delete(jobs, "r", "r", "r")[:4] == ("Deleted r.", "", None, "")  # the Runs tab's files, best line
     off = {"__type__": "update", "interactive": False}
-    empty = [monitor_tab.NO_RUN, "", None, [], None, "", "", off, off, None]
+    empty = [monitor_tab.NO_RUN, "", None, [], None, "", "", off, off | {"value": "Resume"}, None]
     assert monitor_tab.refresh(jobs, "r", view) == empty  # a tick between the delete and the cleared id
     assert monitor_tab.refresh(jobs, "", view) == empty
     assert monitor_tab.refresh(jobs, "", None)[:9] == [UNCHANGED] * 9  # then nothing more is sent

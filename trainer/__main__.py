@@ -258,7 +258,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
     install_signals(stop)
     events = EventWriter(run_dir.path, enabled=main_process)
     record = quietly(run_dir.write_status) if main_process else (lambda **fields: None)
-    record(state="running", pid=os.getpid(), pgid=own_group(), message="", started=time.time())
+    record(state="running", pid=os.getpid(), pgid=own_group(), message="", started=time.time(), refused=False)
     try:
         cfg = config.load(run_dir.config, overrides)
         final = train(cfg, run_dir.path, stop)
@@ -273,7 +273,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
                                       run_dir.path))
         message = user_message(e)
         quietly(events.emit)("error", message=message)  # on a full disk these may fail too: the exit code tells
-        record(state="failed", message=message, pid=None)
+        record(state="failed", message=message, pid=None, refused=isinstance(e, config.ConfigError))
         print(f"python -m trainer: {message}", file=sys.stderr)
         return EXIT_DISK_FULL if isinstance(e, DiskFull) else 1
     finally:

@@ -75,6 +75,15 @@ class RunDir:
         state = self.status().get("state")
         return state if state in STATES else UNKNOWN
 
+    def settings_refused(self) -> bool:
+        """It failed on a setting of its config.toml, not changed since: training it again fails the same way."""
+        status = self.status()
+        try:
+            edited = self.config.stat().st_mtime > status.get("updated", 0)
+        except (OSError, TypeError):
+            edited = True
+        return status.get("state") == "failed" and status.get("refused") is True and not edited
+
     def status_problem(self) -> str:
         """Why the state is unknown, in words ("" when it is known)."""
         try:

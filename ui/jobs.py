@@ -34,6 +34,7 @@ def free_mb(path: Path) -> float:
     return free_bytes(path) / 2**20
 
 ROOT = Path(__file__).resolve().parent.parent
+REFUSED = "change it on the Train tab and train again (or edit the run's config.toml, then resume)"
 __all__ = ["FINAL_STATES", "JobManager", "RunInfo", "detect_gpus"]
 
 
@@ -47,6 +48,7 @@ class RunInfo:
     message: str = ""
     devices: list[str] = field(default_factory=list)
     started: float = 0.0  # when its worker last started (0: never, or not known)
+    refused: bool = False  # it failed on its settings: resuming it would fail the same way
 
     def summary(self) -> str:
         return f"{self.run_id}: {self.state}" + (f" ({self.message})" if self.message else "")
@@ -202,7 +204,8 @@ class JobManager:
             # go of it and its interpreter is still shutting down)
             state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else exiting
         started = s.get("started") if isinstance(s.get("started"), (int, float)) else 0.0
-        return RunInfo(run_id, run.path, state, created, pid, str(message), devices, started)
+        refused = state == "failed" and run.settings_refused()
+        return RunInfo(run_id, run.path, state, created, pid, str(message), devices, started, refused)
 
     def recover(self) -> None:
         """At start-up: runs marked running whose worker is gone ended while the app was away."""
@@ -228,6 +231,8 @@ class JobManager:
         run = self.info(run_id)
         if run.state not in RESUMABLE_STATES:
             raise ValueError(f"{run_id} is {run.state}; only a cancelled, interrupted or failed run can resume")
+        if run.refused:
+            raise ValueError(f"{run_id} failed on a setting, and resuming it would fail the same way: {REFUSED}")
         if (holder := self.run_dir(run_id).holder()) is not None:
             raise ValueError(f"{run_id} is being trained by {describe(holder)}")
         try:

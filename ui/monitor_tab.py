@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from ui.jobs import FINAL_STATES, RESUMABLE_STATES, JobManager, RunInfo
+from ui.jobs import FINAL_STATES, REFUSED, RESUMABLE_STATES, JobManager, RunInfo
 from ui.monitor import GALLERY_COLUMNS, RunView, log_tail
+from ui.train_tab import in_form_words
 
 NO_RUN = "No run selected: start one on the Train tab or open one under Runs."
 # The log's box is a column-reverse flex box: a browser shows such a box scrolled to its end, so the newest line is in
@@ -71,7 +72,7 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
         view = RunView.of(jobs.run_dir(run_id))  # a new view reads the whole history
     view.read()
     info = jobs.info(run_id)
-    title = f"### {run_id} — {info.state}" + (f": {info.message}" if info.message else "")
+    title = heading(info)
     if view.reader.skipped:
         title += f"\n\n⚠ {view.reader.skipped} line(s) of events.jsonl could not be read and were skipped"
     gallery = [(str(info.path / p), caption) for p, caption in view.sample_grid()]
@@ -85,8 +86,15 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
             files if view.changed("files", files) else same,
             log if view.changed("log", log) else same,
             best if view.changed("best", best := view.best_text()) else same,
-            *(buttons(info.state) if view.changed("buttons", info.state) else [same, same]),
+            *(buttons(info.state, info.refused) if view.changed("buttons", (info.state, info.refused))
+              else [same, same]),
             view]
+
+
+def heading(info: RunInfo) -> str:
+    """"run — state · what it says", a refused setting by its form label and with what to do about it."""
+    title = f"### {info.run_id} — {info.state}" + (f" · {in_form_words(info.message)}" if info.message else "")
+    return title + (f"\n\nResuming it would fail the same way: {REFUSED}." if info.refused else "")
 
 
 def waiting_text(jobs: JobManager, info: RunInfo, view: RunView) -> str:
@@ -112,9 +120,12 @@ def queued_text(jobs: JobManager, info: RunInfo) -> str:
             (f": waiting for {waits}." if names else ": starting…"))
 
 
-def buttons(state: str) -> list:
-    """[Cancel, Resume] for a run in `state`: each clickable only when it would do something."""
-    return [gr.update(interactive=state in ("queued", "running")), gr.update(interactive=state in RESUMABLE_STATES)]
+def buttons(state: str, refused: bool = False) -> list:
+    """[Cancel, Resume] for a run in `state`: each clickable only when it would do something. A run made by
+    `python -m trainer new --no-train` has not begun: its Resume starts it."""
+    return [gr.update(interactive=state in ("queued", "running")),
+            gr.update(interactive=state in RESUMABLE_STATES and not refused,
+                      value="Start" if state == "created" else "Resume")]
 
 
 def cleared(view: RunView | None, run_id: str) -> list:
