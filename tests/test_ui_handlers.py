@@ -117,6 +117,16 @@ def test_the_held_out_curve_and_the_best_file_show(jobs):
     assert runs_tab.files_of(jobs, "scored") == files
 
 
+def test_the_held_out_loss_is_said_before_its_curve_can_be_drawn():
+    """QA: a curve of one point (the base's held-out loss) draws nothing, and no file is saved yet to be the best."""
+    base = {"type": "validation", "time": 1, "step": 0, "epoch": 0, "loss": 0.51234, "images": 2}
+    view = RunView().add([base])
+    assert view.best_text() == ("Held-out loss 0.5123 at step 0 (the base, before training); the best file is "
+                                "marked once one is saved")
+    view.add([base | {"step": 5, "loss": 0.4}])
+    assert view.best_text().startswith("Held-out loss 0.4000 at step 5; the best")
+
+
 def test_held_out_off_is_said_in_the_monitor(jobs):
     run = finished_run(jobs, "small")
     note = "Held-out loss off: 2 picture(s) are too few to hold 1 out and train on at least 2"

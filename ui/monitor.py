@@ -172,6 +172,10 @@ class RunView:
         if best := self.best_file():
             return (f"**Best:** {Path(best['path']).name} — held-out loss {best['loss']:.4f} at step {best['step']}, "
                     f"epoch {best['epoch']}")
+        if self.held_out:  # no file saved yet; a curve of one point is not drawn, so its value is said here
+            step = max(self.held_out)
+            return (f"Held-out loss {self.held_out[step]['loss']:.4f} at step {step}"
+                    f"{' (the base, before training)' if step == 0 else ''}; the best file is marked once one is saved")
         return f"_{self.held_out_note}_" if self.held_out_note else ""
 
     def best_first(self, paths: list[Path], run_path: Path) -> list[Path]:
