@@ -195,7 +195,7 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     page.locator("#train-start").click()
     beside = page.locator("#train-network-alpha")
     beside.get_by_text("must be > 0 and <= 1024").wait_for(timeout=15000)
-    assert "network_alpha = -1" in beside.inner_text() and not any((tmp_path / "runs").glob("2*"))
+    assert "⚠ Alpha = -1.0: must be" in beside.inner_text() and not any((tmp_path / "runs").glob("2*"))
     fill(page, "network-alpha", TINY_FORM["network-alpha"])
     page.locator("#train-start").click()
     queued(page)
@@ -439,12 +439,22 @@ def test_a_bad_field_is_marked_red_and_a_base_that_is_not_there_is_refused(app, 
     assert "training.max_timestep = 0: must be >= 1 and <= 1000; left as it was" in note
     assert "output_dir: a kohya option with no effect here; ignored" in note
     assert (field_value(page, "network-dim"), field_value(page, "network-alpha")) == ("12", "6")
+    page.locator("#train-preset").get_by_text("style").click()  # a preset clicked refills the form
+    page.locator("#train-preset-info").get_by_text("An art style").wait_for(timeout=30000)
+    page.wait_for_function("() => document.querySelector('#train-network-dim input').value !== '12'", timeout=30000)
+    fill_until_still(page, {"network-dim": "24", "max-train-epochs": "3"})
+    page.reload()  # QA 12: a reload put the preset's values back in the form
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-preset-info").get_by_text("An art style").wait_for(timeout=30000)
+    page.wait_for_function("() => document.querySelector('#train-network-dim input').value === '24'", timeout=30000)
+    assert field_value(page, "max-train-epochs") == "3"
+    assert page.locator("#train-preset input[value=style]").is_checked()
     base = page.locator("#train-base input")
     base.fill(str(tmp_path / "nowhere.safetensors"))
     base.press("Enter")
     page.locator("#train-base-info").get_by_text("no such file or folder").wait_for(timeout=30000)
     page.locator("#train-start").click()
-    page.locator("#train-status").get_by_text("model.pretrained_model_name_or_path").wait_for(timeout=30000)
+    page.locator("#train-status").get_by_text("⚠ Base model: ").wait_for(timeout=30000)
     assert "no such file or folder" in page.locator("#train-status").text_content()
     runs = Path(app.args[app.args.index("--runs-dir") + 1])
     assert not [p for p in runs.iterdir() if not p.name.startswith(".")] if runs.is_dir() else True

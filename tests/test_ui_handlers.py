@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.test_jobs import fake_worker, launched, wait_for
 from trainer import config
-from trainer.rundir import create
+from trainer.rundir import RunDir, create
 from ui import monitor_tab, runs_tab, train_tab
 from ui.jobs import JobManager
 from ui.monitor import RunView, downsample, log_tail
@@ -125,6 +125,45 @@ def test_the_held_out_loss_is_said_before_its_curve_can_be_drawn():
                                 "marked once one is saved")
     view.add([base | {"step": 5, "loss": 0.4}])
     assert view.best_text().startswith("Held-out loss 0.4000 at step 5; the best")
+
+
+def test_a_worker_that_starts_again_replaces_what_the_one_before_logged_after_its_step():
+    """QA: after a crash past the last state the Monitor kept the old attempt's curve, progress line and samples."""
+    def held(n):
+        return {"type": "validation", "time": n, "step": n, "epoch": 1, "loss": 0.5 / (n + 1), "images": 1}
+
+    def saved(n):
+        return {"type": "checkpoint", "time": n, "step": n, "epoch": n // 3, "path": f"output/lora-{n:06d}.safetensors"}
+
+    first = [{"type": "start", "time": 0, "step": 0}, sample(0, 0, "a"), held(0), *map(step, range(1, 8)), saved(3),
+             held(3), sample(3, 0, "a"), saved(6), held(6), sample(6, 0, "a")]
+    view = RunView().add(first)
+    assert view.last_step["step"] == 7 and len(view.files) == 2
+    view.add([{"type": "start", "time": 9, "step": 3}])  # killed at 7: its newest state is of step 3
+    assert view.steps == [1, 2, 3] and view.last_step is None and view.files == ["output/lora-000003.safetensors"]
+    assert [e["step"] for e in view.samples] == [0, 3] and sorted(view.held_out) == [0, 3]
+    view.add([step(4) | {"loss": 9.0}])
+    assert view.steps == [1, 2, 3, 4] and view.losses[-1] == 9.0 and view.last_step["step"] == 4  # the new attempt's
+    view.add([{"type": "start", "time": 20, "step": 0}])  # no state at all: the base's pictures are drawn again
+    assert view.steps == [] and view.samples == [] and view.held_out == {} and view.files == []
+
+
+def test_a_run_that_ended_once_and_was_killed_after_a_resume_is_interrupted(tmp_path):
+    from ui.jobs import final_state_from_events
+
+    run = tmp_path / "r"
+    events = [{"type": "start", "time": 0, "step": 0}, {"type": "cancelled", "time": 1, "step": 4},
+              {"type": "start", "time": 2, "step": 4}, step(5)]
+    fake = RunDir(run)
+    run.mkdir()
+    run.joinpath("events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert final_state_from_events(fake) == ("interrupted", "the worker stopped without finishing before any "
+                                                            "resumable state was saved; Resume trains it again from "
+                                                            "the start")
+    (run / "state" / "step-00000004").mkdir(parents=True)
+    (run / "state" / "step-00000004" / "progress.json").write_text("{}")
+    (run / "state" / "step-00000006").mkdir()  # not complete: no progress.json
+    assert final_state_from_events(fake)[1] == "the worker stopped without finishing; resumable from step 4"
 
 
 def test_held_out_off_is_said_in_the_monitor(jobs):
@@ -401,6 +440,23 @@ def test_an_error_names_the_settings_as_the_form_labels_them():
                                           'or Prediction type = "v_prediction", or data.nowhere = 1')
     assert train_tab.unmarked("network_dim") == {"__type__": "update", "info": train_tab.hint_of("network_dim"),
                                                  "elem_classes": []}
+
+
+def test_a_reload_puts_the_form_back_as_it_was_and_ignores_what_is_not_a_form():
+    n = len(train_tab.FIELDS)
+    fresh = train_tab.on_page_load({}, "character", "demo")
+    assert fresh[:2] == [UNCHANGED, UNCHANGED] and fresh[2:] == train_tab.on_base("character", "demo", "")
+    form = {v: u["value"] for v, u in zip(train_tab.FIELDS, train_tab.on_preset("style", "demo"))}
+    saved = train_tab.remembered("demo", "style", *(form | {"network_dim": 24, "sample_prompts": "a\nb"}).values())
+    base, preset, *fields, info, key = train_tab.on_page_load(saved, "character", "demo")
+    values = dict(zip(train_tab.FIELDS, (u["value"] for u in fields)))
+    assert (base, preset, key, len(fields)) == ("demo", "style", "demo", n) and info.startswith("An art style")
+    assert values == form | {"network_dim": 24, "sample_prompts": "a\nb"}
+    bad = saved | {"values": saved["values"] | {"network_dim": {"x": 1}, "resolution": [1]}}  # not a form's values
+    values = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_page_load(bad, "character", "demo")[2:-2])))
+    assert (values["network_dim"], values["resolution"]) == (form["network_dim"], form["resolution"])
+    for junk in (None, "x", {"preset": "nope", "base": "demo", "values": {"network_dim": 2}}, saved | {"base": 3}):
+        assert train_tab.on_page_load(junk, "character", "demo") == fresh
 
 
 def test_a_fields_hint_gives_the_range_it_accepts():

@@ -67,7 +67,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         dataset_dir.change(lambda folder: folder or NO_FOLDER, dataset_dir, remembered)  # "" would not be stored
         demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered,
                   [*ds.shown(dataset_dir), ds.trigger, ds.applied])
-        bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view)
+        bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, browser_secret(Path(runs_dir)))
         timer.tick(partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view])
         # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click
         monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, monitor.title, show_progress="hidden")
@@ -91,21 +91,31 @@ def bind_dataset(ds, train, dataset_dir) -> None:
                    ds.health)
 
 
-def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view) -> None:
+def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str) -> None:
     refill = [*train.form(), train.preset_info]
     parts = [train.fields[name] for name in train_tab.PART_FIELDS]
-    train.preset.change(train_tab.on_preset, [train.preset, train.base, *parts], refill)  # keeps the parts typed
+    # the form survives a reload: kept in the browser after each edit and each refill, put back when the page loads
+    saved = gr.BrowserState({}, storage_key="lora-studio-train-form", secret=secret)
+    whole = [train.base, train.preset, *train.form()]
+    quiet = {"show_progress": "hidden", "trigger_mode": "always_last"}
     refilled_for = gr.State("")  # the base family the form was last filled from its preset for
+    demo.load(train_tab.on_page_load, [saved, train.preset, train.base],
+              [train.base, train.preset, *refill, refilled_for])
+    # a click on a preset refills the form (keeping the parts typed); the page's own restore sets it without one
+    train.preset.input(train_tab.on_preset, [train.preset, train.base, *parts], refill).then(
+        train_tab.remembered, whole, saved, **quiet)
+    train.preset.input(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
+    train.base.change(train_tab.on_base, [train.preset, train.base, refilled_for], [*refill, refilled_for]).then(
+        train_tab.remembered, whole, saved, **quiet)
     for event in (train.base.change, demo.load):  # a new base: its parts pre-filled from beside it
-        event(train_tab.on_base, [train.preset, train.base, refilled_for], [*refill, refilled_for])
         event(train_tab.on_base_parts, train.base, [train.parts, train.parts_info, train.fields["clip_g"]])
     train.base.change(train_tab.explain_base, train.base, train.base_info)
     train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],
-                       [*train.form(), train.kohya_info])
-    train.preset.change(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
+                       [*train.form(), train.kohya_info]).then(train_tab.remembered, whole, saved, **quiet)
     for name in train_tab.FIELDS:  # a field marked bad loses its mark once edited; the next Train checks it again
         field = train.fields[name]
-        field.input(partial(train_tab.unmarked, name), None, field, show_progress="hidden", trigger_mode="always_last")
+        field.input(partial(train_tab.unmarked, name), None, field, **quiet)
+        field.input(train_tab.remembered, whole, saved, **quiet)
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],
                       [*train.form(), train.status, tabs, current_run, view])

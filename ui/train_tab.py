@@ -49,6 +49,9 @@ LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "
           "sample_cfg_scale": "Sample guidance (CFG)", "sample_seed": "Sample seed", "save_precision": "Saved precision",
           "zero_terminal_snr": "Zero terminal SNR (v-prediction models)", "scale_weight_norms": "Max norm (scale "
           "weight norms)", "caption_tag_dropout_rate": "Tag dropout rate"}
+FORM_HINTS = {  # help that names a setting the form does not show
+    "num_repeats": "times each picture is seen per epoch; 0 = auto, about 400 picture views an epoch",
+    "unet_lr": "UNet learning rate; 0 = the preset's own rate (its learning_rate)"}
 SUFFIXES = (".safetensors", ".ckpt")
 PART_FIELDS = list(config.PART_FIELDS)  # shown for an SD 3.5 / FLUX.1 .safetensors base: ComfyUI's split layout
 PART_FILES = {n for names in (*USUAL_NAMES.values(), *VAE_NAMES.values()) for n in names}  # not bases: not listed
@@ -129,6 +132,27 @@ def on_base(preset_name: str, base: str, refilled_for: str) -> list:
     if refilled_for:  # not the page's first fill
         info = f"{info}\n\n_The settings were refilled from the preset for this base: change again what you had._"
     return [*fields, info, key]
+
+
+def remembered(base: str, preset_name: str, *values) -> dict:
+    """What a reload puts back: the base, the preset and every field of the form as the user left them."""
+    return {"base": base, "preset": preset_name, "values": dict(zip(FIELDS, values))}
+
+
+def on_page_load(saved, preset_name: str, base: str) -> list:
+    """The form as it was before the page was reloaded (`saved`, from the browser's storage: checked, a value of
+    the wrong kind is left to the preset), else the preset for the base. Answers [base, preset, field updates…,
+    the preset's note, the key refilled for]."""
+    saved = saved if isinstance(saved, dict) else {}
+    values = saved.get("values") if isinstance(saved.get("values"), dict) else {}
+    if saved.get("preset") not in config.list_presets() or not isinstance(saved.get("base"), str) or not values:
+        return [gr.update(), gr.update(), *on_base(preset_name, base, "")]
+    base, preset_name = saved["base"], saved["preset"]
+    *fields, info, key = on_base(preset_name, base, "")
+    plain = (str, int, float, bool, type(None))
+    kept = [gr.update(value=values[n]) if isinstance(values.get(n, ...), plain) else field
+            for n, field in zip(FIELDS, fields)]
+    return [base, preset_name, *kept, info, key]
 
 
 def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *values) -> list:
@@ -227,9 +251,12 @@ def base_model_choices(models_dir: Path) -> list[tuple[str, str]]:
 
 
 def hint_of(name: str) -> str:
-    """The field's help with its allowed range, as the form shows it under the field."""
+    """The field's help with its allowed range, as the form shows it under the field: another setting named by
+    its label, and what a setting the form does not show means in its words."""
     info = config.field_help(name)
-    hint = info.get("help", "")
+    hint = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
+                  lambda m: label_of(m[0]).split(" (")[0] if m[0] in FIELDS else m[0], info.get("help", ""))
+    hint = FORM_HINTS.get(name, hint)
     if "range" in info:
         low, high = info["range"]
         span = f"above {low}, up to {high}" if info.get("exclusive_low") else f"{low} to {high}"
@@ -315,6 +342,8 @@ def in_form_words(error: config.ConfigError | Exception) -> str:
     """The error as the form says it: a setting of the form by its label ("Dim = 0: …"), not by its config key
     ("network.network_dim = 0: …"), which a settings file uses."""
     def label(key: re.Match) -> str:
+        if key[2] == "pretrained_model_name_or_path":
+            return "Base model"
         return label_of(key[2]).split(" (")[0] if key[2] in FIELDS else key[0]
     return re.sub(rf"\b({'|'.join(config.SECTIONS)})\.(\w+)", label, str(error))
 
