@@ -352,6 +352,35 @@ def test_sigterm_then_resume_continues_exactly(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_killed_after_an_epochs_file_resumes_from_that_epoch(tiny_models, tmp_path):
+    """QA: with the default save_every_n_steps = 0 a run killed after its per-epoch files had no resumable state,
+    so Resume trained it again from step 0 (and the Monitor showed the old attempt's numbers meanwhile)."""
+    from trainer.rundir import RunDir
+    from ui.jobs import final_state_from_events
+
+    layer = {"training": {"max_train_epochs": 3, "save_every_n_steps": 0, "save_every_n_epochs": 1}}
+    run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], layer)
+    proc, deadline = worker(run_dir), time.time() + 240
+    while time.time() < deadline and checkpoint.latest(run_dir) is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    events = read_all(run_dir)
+    saved = [e for e in events if e["type"] == "checkpoint"]
+    assert saved[0]["path"] == "output/lora-000001.safetensors"  # the epoch's file, then its state
+    cut = saved[0]["step"]
+    assert saved[1] == saved[1] | {"path": f"state/step-{cut:08d}", "step": cut, "epoch": 1}
+    assert final_state_from_events(RunDir(run_dir)) == (
+        "interrupted", f"the worker stopped without finishing; resumable from step {cut}")
+    assert worker(run_dir).wait(timeout=300) == 0
+    events = read_all(run_dir)
+    starts = [i for i, e in enumerate(events) if e["type"] == "start"]
+    assert [events[i]["step"] for i in starts] == [0, cut]
+    again = [e["step"] for e in events[starts[1]:] if e["type"] == "step"]
+    assert again[0] == cut + 1 and again[-1] == 3 * cut and events[-1]["type"] == "done"
+
+
+@pytest.mark.slow
 def test_two_processes_train_one_identical_adapter(tiny_models, tmp_path):
     run_dir, _ = make_run(tmp_path, tiny_models["sd1"][1], {"training": {"max_train_epochs": 2}})
     accelerate = str(Path(sys.executable).parent / "accelerate")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-PROGRESS = "progress.json"
+from trainer.rundir import PROGRESS, RunDir
 KEEP = 2  # newest states kept; older ones are removed once a newer one is complete
 
 
@@ -114,8 +114,7 @@ def set_rng_state(state: dict) -> None:
 # --- the state folder ---
 
 def latest(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "state").glob("step-*") if (p / PROGRESS).is_file())
-    return done[-1] if done else None
+    return RunDir(run_dir).latest_state()
 
 
 def save(run_dir: Path, acc, net, progress: Progress, optimizer, schedule) -> Path:

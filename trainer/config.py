@@ -194,7 +194,8 @@ class TrainingConfig:
     max_timestep: int = opt(1000, "timesteps trained are below this (1000 = pure-noise end); a range such as "
                                   "500-1000 trains composition more than detail", (1, 1000))
     save_every_n_epochs: int = opt(1, "write a .safetensors every N epochs; 0 = only the final", (0, 10000))
-    save_every_n_steps: int = opt(0, "write a resumable state every N steps; 0 = at the end and on cancel",
+    save_every_n_steps: int = opt(0, "write a resumable state every N steps, 0 = never between files (one is "
+                                     "written with every saved file, at the end and on cancel)",
                                   (0, 1_000_000))
     validation_every_n_steps: int = opt(0, "held-out loss every N steps; 0 = only at every saved file",
                                         (0, 1_000_000))

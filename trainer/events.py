@@ -13,6 +13,7 @@ from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 TYPES = {
+    "start": ("step",),  # a worker begins (or resumes) training at this step; what was logged after it is redone
     "status": ("phase", "message"),  # phase: loading, caching, training, sampling, saving, cancelling, held-out
     "step": ("step", "total_steps", "epoch", "loss", "lr"),  # + samples_per_s, eta_s; keys_scaled, mean_norm, max_norm
     "sample": ("step", "prompt", "seed", "path"),
@@ -54,7 +55,7 @@ def is_event(value) -> bool:
     if not (isinstance(value, dict) and value.get("type") in TYPES and "time" in value
             and all(k in value for k in TYPES[value["type"]])):
         return False
-    numbers = {"step": ("step", "total_steps", "epoch", "loss"), "sample": ("step",),
+    numbers = {"step": ("step", "total_steps", "epoch", "loss"), "sample": ("step",), "start": ("step",),
                "validation": ("step", "epoch", "loss")}.get(value["type"], ())
     return all(isinstance(value[k], (int, float)) and not isinstance(value[k], bool) for k in numbers)
 

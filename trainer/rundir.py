@@ -33,6 +33,7 @@ RESUMABLE_STATES = {"created", "cancelled", "interrupted", "failed"}
 # "created": made by `python -m trainer new`, whose own worker trains it; the app never starts it by itself.
 # A folder with config.toml and no readable status.json is "unknown": not the app's to start either.
 UNKNOWN = "unknown"
+PROGRESS = "progress.json"  # the file a resumable state in state/step-N is written with last: the state is complete
 
 
 class RunLocked(RuntimeError):
@@ -118,11 +119,16 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def latest_state(self) -> Path | None:
+        """The newest complete resumable state (state/step-N with its progress.json, written last), or None."""
+        done = sorted(p for p in self.state.glob("step-*") if (p / PROGRESS).is_file())
+        return done[-1] if done else None
+
     def clean_leftovers(self) -> list[Path]:
         """Remove what a worker killed mid-save left: half-written files and state folders never completed.
         Only the holder of the lock calls this (no other writer can be mid-save)."""
         leftovers = [*self.output.glob(".*.tmp"), *self.path.glob(f".{self.status_file.name}.*.tmp"),
-                     *(p for p in self.state.glob("step-*") if not (p / "progress.json").is_file())]
+                     *(p for p in self.state.glob("step-*") if not (p / PROGRESS).is_file())]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return leftovers

@@ -350,6 +350,7 @@ def resume(run_dir: Path, acc, net, optimizer, lr_schedule, events) -> Progress:
     if (state := checkpoint.latest(run_dir)) is not None:
         checkpoint.load(state, acc, net, progress, optimizer, lr_schedule)
         events.status("loading", f"Resuming from step {progress.step} (epoch {progress.epoch + 1})")
+    events.emit("start", step=progress.step)
     return progress
 
 

@@ -213,10 +213,13 @@ def log_step(run: Run, epoch: int, meter: Meter) -> None:
 def end_epoch(run: Run, epoch: int) -> None:
     p = run.progress
     p.epoch, p.batch = epoch + 1, 0
-    if run.acc.is_main_process and run.schedule.should_save_file(p.epoch):
+    saving = run.schedule.should_save_file(p.epoch)
+    if run.acc.is_main_process and saving:
         save_file(run, f"{run.cfg.training.output_name}-{p.epoch:06d}.safetensors", p.epoch)
     if run.schedule.should_sample_epoch(p.epoch):
         sample_all(run)
+    if saving and not state_saved(run):  # a crash after it resumes from this epoch's file, not from the start
+        save_state(run, p.epoch)
 
 
 def cancel(run: Run, epoch: int) -> None:
@@ -233,11 +236,17 @@ def finish(run: Run) -> Path:
     final = run.run_dir / "output" / f"{run.cfg.training.output_name}.safetensors"  # by the main process alone
     if acc.is_main_process:  # a run cut short by max_train_steps has trained part of its last epoch
         save_file(run, final.name, p.epoch + (p.batch > 0))
-    if (latest := checkpoint.latest(run.run_dir)) is None or latest.name != f"step-{p.step:08d}":
+    if not state_saved(run):
         save_state(run, p.epoch)
     if acc.is_main_process:
         run.events.emit("done", path=str(final.relative_to(run.run_dir)), step=p.step)
     return final
+
+
+def state_saved(run: Run) -> bool:
+    """Whether the newest resumable state is of this very step."""
+    latest = checkpoint.latest(run.run_dir)
+    return latest is not None and latest.name == f"step-{run.progress.step:08d}"
 
 
 def save_state(run: Run, epoch: int) -> None:

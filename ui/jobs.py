@@ -132,7 +132,8 @@ def worker_alive(run: RunDir, pid: int | None) -> bool:
 
 
 def final_state_from_events(run: RunDir) -> tuple[str, str]:
-    """What the worker's own log says about how it ended: (state, message)."""
+    """What the worker's own log says about how it ended: (state, message). Only its last worker's events count
+    (an earlier one may have been cancelled); one that wrote no end was interrupted, resumable from its last state."""
     for event in reversed(read_all(run.path)):
         if event.get("type") == "done":
             return "done", ""
@@ -140,7 +141,18 @@ def final_state_from_events(run: RunDir) -> tuple[str, str]:
             return "cancelled", f"stopped at step {event.get('step')}; resumable"
         if event.get("type") == "error":
             return "failed", str(event.get("message", ""))
-    return "interrupted", "the worker stopped without finishing; resumable from its last checkpoint"
+        if event.get("type") == "start":
+            break
+    return "interrupted", interrupted_text(run)
+
+
+def interrupted_text(run: RunDir) -> str:
+    """Where Resume trains on from: the newest resumable state, or the start when none was saved yet."""
+    state = run.latest_state()
+    if state is None:
+        return "the worker stopped without finishing before any resumable state was saved; Resume trains it again " \
+               "from the start"
+    return f"the worker stopped without finishing; resumable from step {int(state.name.split('-')[1])}"
 
 
 @dataclass

@@ -119,6 +119,8 @@ class RunView:
                 self.ended = ""
                 if self.phase in PAUSES:  # the sampling (or saving) is over: training goes on
                     self.phase, self.message = "training", ""
+            elif kind == "start":
+                self.rewind(e["step"])
             elif kind == "status":
                 self.phase, self.message = e["phase"], e["message"]
                 self.ended = ""  # a resumed run's worker speaks again
@@ -139,6 +141,24 @@ class RunView:
             if kind in ("done", "cancelled", "error"):
                 self.ended_at = e.get("time", 0.0)
         return self
+
+    def rewind(self, step: int) -> None:
+        """A worker starts at `step`: what an earlier one logged after it (before a crash, past its last resumable
+        state) is trained again, so it goes from the curve, the samples, the held-out losses and the files. The
+        base's samples and held-out loss are drawn again when it starts from 0."""
+        kept = [i for i, s in enumerate(self.steps) if s <= step]
+        self.steps, self.losses = [self.steps[i] for i in kept], [self.losses[i] for i in kept]
+        self._plotted = set(self.steps)
+        if self.last_step is not None and self.last_step["step"] > step:
+            self.last_step = None
+
+        def before(e: dict) -> bool:
+            return e["step"] < step or (step > 0 and e["step"] == step)
+
+        self.samples = [e for e in self.samples if before(e)]
+        self.held_out = {s: e for s, e in self.held_out.items() if before(e)}
+        self.file_events = {p: e for p, e in self.file_events.items() if before(e)}
+        self.files = [p for p in self.files if p in self.file_events]
 
     def cancelled_text(self, step: int) -> str:
         """A cancel keeps a resumable state, not a LoRA file: say which file is the newest and what it holds."""
