@@ -216,11 +216,34 @@ def compare(args: argparse.Namespace) -> int:
     return EXIT_CANCELLED if ended == "cancelled" else 0
 
 
+HARMLESS = ("requires torchvision (not installed)",  # transformers: the PIL image processors serve (no torchvision)
+            "that should be kept in float32: [].")  # diffusers: a model with no such module, cast as asked
+
+
+def harmless(record: logging.LogRecord) -> bool:
+    """False for a library warning that says nothing a user can act on here (the log is shown in the Monitor)."""
+    return not any(text in record.getMessage() for text in HARMLESS)
+
+
+def quiet_libraries() -> None:
+    """Leave the HARMLESS warnings out of what transformers and diffusers print (each has a handler of its own);
+    before anything imports their models, which is when the first of them come."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):
+        library.get_logger()  # makes the library's handler
+        for handler in logging.getLogger(library.__name__.split(".")[0]).handlers:
+            handler.addFilter(harmless)
+
+
 def setup_logging(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "worker.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler()], force=True)
     logging.captureWarnings(True)
+    for h in logging.getLogger().handlers:
+        h.addFilter(harmless)
 
 
 def install_signals(stop) -> None:
@@ -313,6 +336,7 @@ def user_message(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     if args.command == "resize":
         return resize(args)
     if args.command == "compare":

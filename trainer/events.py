@@ -6,6 +6,7 @@ Both sides import this module; it needs only the standard library. Every event h
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,25 @@ class EventWriter:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
+            if line := log_line(event):  # the worker's log tells the story too, not only the libraries' warnings
+                logging.getLogger("trainer").info(line)
         return event
 
     def status(self, phase: str, message: str) -> dict:
         return self.emit("status", phase=phase, message=message)
+
+
+def log_line(e: dict) -> str:
+    """An event as a line of the worker's log ("" for those it would flood with: steps and samples)."""
+    if e["type"] == "status":
+        return e["message"]
+    if e["type"] == "checkpoint":
+        return f"saved {e['path']} (step {e['step']}, epoch {e['epoch']})"
+    if e["type"] == "validation":
+        return f"held-out loss {e['loss']:.4f} at step {e['step']}"
+    if e["type"] == "done":
+        return f"done: {e['path']}"
+    return f"cancelled at step {e['step']}" if e["type"] == "cancelled" else ""
 
 
 READ_CHUNK = 4 << 20  # bytes a read takes at most: a long history is caught up with over a few reads
