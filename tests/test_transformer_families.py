@@ -14,7 +14,8 @@ from trainer import config
 from trainer.loading import load_base
 from trainer.sampling import generate, parameters_text
 from trainer.single_file import CheckpointError, detect, family_of, read_safetensors_shapes
-from trainer.transformer_files import Parts, flux_to_diffusers
+from trainer.flow_parts import Parts
+from trainer.transformer_files import flux_to_diffusers
 
 FAMILIES = ("sd3", "flux")
 SPLIT = {"sd3": ("clip_l", "clip_g", "t5", "vae"), "flux": ("clip_l", "t5", "vae")}

@@ -91,7 +91,7 @@ def metadata(cfg, *, arch: str, prediction_type: str, net, base_name: str, datas
     n, o, t = cfg.network, cfg.optimizer, cfg.training
     v2 = arch == "sd2"
     if arch in FLOW_FORMAT:
-        from trainer.transformer_files import variant_of_config
+        from trainer.flow_parts import variant_of_config
         variant = variant_of_config(arch, net.components["transformer"].config)
         spec_arch, version = MODELSPEC_ARCH[variant], FLOW_MODEL_VERSION[variant]
     else:

@@ -16,9 +16,9 @@ import torch
 from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
-from trainer import single_file, transformer_files
+from trainer import flow_parts, single_file, transformer_files
 from trainer.single_file import DEMO_MODEL, CheckpointError
-from trainer.transformer_files import Parts
+from trainer.flow_parts import Parts
 
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "FLUX.1"}
 FLOW_ARCHES = ("sd3", "flux")  # flow-matching transformers: no UNet, no epsilon / v choice
@@ -63,7 +63,7 @@ class BaseModel:
         return [t for t in (getattr(self.pipeline, n, None) for n in names) if t is not None]
 
     def describe(self) -> str:
-        name = transformer_files.VARIANT_NAMES.get(self.variant, ARCH_NAMES[self.arch])
+        name = flow_parts.VARIANT_NAMES.get(self.variant, ARCH_NAMES[self.arch])
         return f"{name}, {self.prediction_type.replace('_', '-')}"
 
 
@@ -93,7 +93,7 @@ def load_base(source: str | Path, prediction_type: str = "auto", dtype: torch.dt
             raise CheckpointError(f"prediction_type = {prediction_type!r}: {ARCH_NAMES[arch]} is a flow-matching "
                                   "model; epsilon / v-prediction apply to SD 1.x, 2.x and SDXL (leave it on auto)")
         _own_memory(pipe)
-        name = transformer_files.variant_of_config(arch, pipe.transformer.config)
+        name = flow_parts.variant_of_config(arch, pipe.transformer.config)
         return BaseModel(arch=arch, prediction_type=FLOW, pipeline=pipe, source=text, variant=name)
     if prediction_type != "auto":
         pred = prediction_type

@@ -10,7 +10,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from trainer import text
-from trainer.transformer_files import MAX_SEQUENCE
+from trainer.flow_parts import MAX_SEQUENCE
 
 FLOW_ARCHES = ("sd3", "flux")
 FLOW_SAMPLERS = ("euler",)  # flow-matching Euler, what ComfyUI / Forge call Euler for these models

@@ -420,7 +420,7 @@ def caption_encoder(base, cfg, items, acc, train_te: bool, events, caches: Cache
     fixed = not d.shuffle_caption and d.caption_dropout_rate == 0 and d.caption_tag_dropout_rate == 0
     texts = {item.caption for item in items}
     if base.arch in FLOW_ARCHES:
-        from trainer.transformer_files import MAX_SEQUENCE
+        from trainer.flow_parts import MAX_SEQUENCE
 
         length = MAX_SEQUENCE.get(base.variant, MAX_SEQUENCE["sd3"])
         texts |= {*prompts, ""} if prompts else set()

@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer import flow_parts, single_file
-from trainer.flow_parts import (  # noqa: F401  (re-exported for the loader's callers)
-    FAMILY_NAMES, IN_FILE, MARKERS, MAX_SEQUENCE, NEEDS, PART_NAMES, VARIANT_NAMES, Parts, Source, locate, variant,
-    variant_of_config)
+from trainer.flow_parts import Parts, Source, locate, variant
 from trainer.single_file import MODEL_CONFIGS, CheckpointError, Shapes, _count
 
 T5_TOKENIZER_DIR = flow_parts.T5_TOKENIZER_DIR  # not shipped yet: the T5-XXL tokenizer.json goes here
