@@ -89,7 +89,8 @@ def concept_pictures(seed: int, n: int) -> list[tuple[Image.Image, str]]:
     out = []
     for _ in range(n):
         colour, bg = rng.choice(["yellow", "orange", "red"]), rng.choice(["black", "grey"])
-        out.append((draw(CONCEPT, colour, bg, rng), f"{TRIGGER}, a {colour} {CONCEPT} on a {bg} background"))
+        a = "an" if colour[0] in "aeiou" else "a"  # the dataset is what a user reads first
+        out.append((draw(CONCEPT, colour, bg, rng), f"{TRIGGER}, {a} {colour} {CONCEPT} on a {bg} background"))
     return out
 
 

@@ -25,7 +25,8 @@ def test_demo_dataset_is_the_concept_with_the_trigger_first():
     files = sorted((world.DEMO / "dataset").glob("*.png"))
     assert 8 <= len(files) <= 12
     for f in files:
-        assert f.with_suffix(".txt").read_text().startswith(f"{world.TRIGGER}, a ")
+        assert f.with_suffix(".txt").read_text().startswith((f"{world.TRIGGER}, a ", f"{world.TRIGGER}, an orange "))
+        assert ", a orange" not in f.with_suffix(".txt").read_text()
         assert world.CONCEPT in f.with_suffix(".txt").read_text()
 
 

@@ -236,13 +236,13 @@ def test_train_tab_names_a_missing_part_beside_the_train_button(flow, tmp_path, 
     out = train_tab.on_train(jobs, base, "character", folder, "", *(form | {"clip_l": str(files["clip_l"]),
                                                                            "vae": str(files["vae"])}).values())
     t5 = train_tab.FIELDS.index("t5xxl")
-    assert out[n].startswith("⚠ model.t5xxl: not set, and flux-transformer.safetensors is a FLUX.1 transformer "
-                             "without the T5-XXL text encoder"), out[n]
+    assert out[n].startswith("⚠ T5-XXL text encoder file: not set, and flux-transformer.safetensors is a FLUX.1 "
+                             "transformer without the T5-XXL text encoder"), out[n]  # the form's label
     assert out[t5]["elem_classes"] == ["field-error"] and out[train_tab.FIELDS.index("vae")]["elem_classes"] == []
     assert jobs.runs() == []  # no run was made
     parts = {"clip_l": str(files["clip_l"]), "t5xxl": str(files["t5"]), "vae": str(files["vae"])}
     out = train_tab.on_train(jobs, base, "character", folder, "", *(form | parts).values())
-    assert out[n].startswith("⚠ model.t5_tokenizer: not set, and the T5-XXL tokenizer is not in "), out[n]
+    assert out[n].startswith("⚠ T5-XXL tokenizer: not set, and the T5-XXL tokenizer is not in "), out[n]
     assert out[train_tab.FIELDS.index("t5_tokenizer")]["elem_classes"] == ["field-error"] and jobs.runs() == []
     cached = tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "snapshots" / "abc"
     shutil.copytree(files["t5_tokenizer"], cached)  # the tokenizer in the Hugging Face cache: it will be found
