@@ -416,8 +416,13 @@ def test_train_handlers(tmp_path):
     worse = form | {"network_dim": 0, "resolution": 100, "sample_prompts": "", "train_batch_size": None}
     bad = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *worse.values())
     marked = {name for name, u in zip(train_tab.FIELDS, bad) if u["elem_classes"] == ["field-error"]}
-    assert marked == {"network_dim", "resolution", "train_batch_size"} and bad[n].endswith("(2 more field(s) marked "
-                                                                                           "below)")
+    assert marked == {"network_dim", "resolution", "train_batch_size"}
+    assert bad[n] == ("⚠ Batch size is empty: type a number (>= 1 and <= 256); marked in the form too: Dim, "
+                      "Resolution")  # QA F15: where they are, not "marked below" (they are above)
+    hidden = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *(form | {"max_timestep": 200,
+                                                                                "min_timestep": 800}).values())
+    assert hidden[n] == "⚠ Min timestep = 800: must be below Max timestep (200) (under Advanced)"  # QA F15, F17
+    assert train_tab.stale_status(bad[n]) == "" and train_tab.stale_status("Queued **r**.") == UNCHANGED
     assert not any((tmp_path / "runs").glob("2*"))
     good = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *form.values())
     run_id = good[n + 2]

@@ -116,6 +116,7 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secr
         field = train.fields[name]
         field.input(partial(train_tab.unmarked, name), None, field, **quiet)
         field.input(train_tab.remembered, whole, saved, **quiet)
+        field.input(train_tab.stale_status, train.status, train.status, **quiet)
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],
                       [*train.form(), train.status, tabs, current_run, view])

@@ -163,11 +163,23 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
         run = jobs.create(cfg, Path(folder))
     except config.ConfigError as e:
         errors = every_error(e, base, preset_name, Path(folder) if folder else None, trigger, list(values))
-        more = f" ({len(errors) - 1} more field(s) marked below)" if len(errors) > 1 else ""
-        return [*field_errors(FIELDS, errors), f"⚠ {in_form_words(e)}{more}", *no_change]
+        return [*field_errors(FIELDS, errors), f"⚠ {in_form_words(e)}{also_marked(errors)}", *no_change]
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
+
+
+def stale_status(status: str):
+    """A refusal under the Train button goes once a field is edited: the next Train checks the form again."""
+    return "" if status.startswith("⚠") else gr.update()
+
+
+def also_marked(errors: list[config.ConfigError]) -> str:
+    """Where the first bad field is when Advanced holds it (it may be closed), and the other bad fields by label."""
+    names = [e.field.split(".")[-1] for e in errors]
+    where = [f"{label_of(n).split(' (')[0]}{' (under Advanced)' if n in ADVANCED_FIELDS else ''}" for n in names]
+    return (" (under Advanced)" if names[0] in ADVANCED_FIELDS else "") + (
+        f"; marked in the form too: {', '.join(where[1:])}" if where[1:] else "")
 
 
 def every_error(first: config.ConfigError, base: str, preset: str, folder: Path | None, trigger: str, values: list,
@@ -254,9 +266,7 @@ def hint_of(name: str) -> str:
     """The field's help with its allowed range, as the form shows it under the field: another setting named by
     its label, and what a setting the form does not show means in its words."""
     info = config.field_help(name)
-    hint = re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b",
-                  lambda m: label_of(m[0]).split(" (")[0] if m[0] in FIELDS else m[0], info.get("help", ""))
-    hint = FORM_HINTS.get(name, hint)
+    hint = FORM_HINTS.get(name, in_form_words(info.get("help", "")))
     if "range" in info:
         low, high = info["range"]
         span = f"above {low}, up to {high}" if info.get("exclusive_low") else f"{low} to {high}"
@@ -338,14 +348,19 @@ def label_of(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-def in_form_words(error: config.ConfigError | Exception) -> str:
-    """The error as the form says it: a setting of the form by its label ("Dim = 0: …"), not by its config key
-    ("network.network_dim = 0: …"), which a settings file uses."""
+# a config key, with its section or bare; not one quoted back as typed ("unet_lr=1e-4:1e-3", a sweep's grid)
+SETTING = re.compile(rf"\b(?:(?:{'|'.join(config.SECTIONS)})\.(\w+)|([a-z0-9]+(?:_[a-z0-9]+)+))\b(?!=)")
+
+
+def in_form_words(error: config.ConfigError | Exception | str) -> str:
+    """An error (or help) as the form says it: a setting of the form by its label ("Dim = 0: …", "below Max
+    timestep"), not by its config key ("network.network_dim = 0: …", "max_timestep"), which a settings file uses."""
     def label(key: re.Match) -> str:
-        if key[2] == "pretrained_model_name_or_path":
+        name = key[1] or key[2]
+        if name == "pretrained_model_name_or_path":
             return "Base model"
-        return label_of(key[2]).split(" (")[0] if key[2] in FIELDS else key[0]
-    return re.sub(rf"\b({'|'.join(config.SECTIONS)})\.(\w+)", label, str(error))
+        return label_of(name).split(" (")[0] if name in FIELDS else key[0]
+    return SETTING.sub(label, str(error))
 
 
 def field_errors(names: list[str], errors: config.ConfigError | list | None) -> list:
