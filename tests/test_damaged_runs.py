@@ -68,3 +68,16 @@ def test_the_app_serves_and_shows_every_damaged_run(tmp_path):
     assert "'flying'" in listed["unknown-state"]["message"] and cancelled["state"] == "unknown"
     for run in runs.values():  # none was started
         assert not run.stdout.exists() and run.holder() is None
+
+
+def test_a_dataset_of_unreadable_pictures_is_named_briefly_without_its_folder(tmp_path):
+    """QA s28 F10: ten pictures made a heading of eleven lines, the run folder's path in it ten times."""
+    from trainer import data
+
+    for i in range(5):
+        (tmp_path / f"p{i}.png").write_bytes(b"not a picture")
+        (tmp_path / f"p{i}.txt").write_text("zxq")
+    with pytest.raises(data.DatasetError) as e:
+        data.build_items(data.scan(tmp_path), 64, 64, 128, False, 1)
+    assert str(e.value) == ("none of the 5 picture(s) could be read (p0.png: cannot identify image file; p1.png: "
+                            "cannot identify image file; p2.png: cannot identify image file; and 2 more)")

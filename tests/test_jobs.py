@@ -162,8 +162,8 @@ def test_a_run_refused_for_a_setting_is_not_resumed_to_fail_again_until_its_conf
     jobs = JobManager(tmp_path / "runs", python=fake_worker(tmp_path), devices=[])
     info = jobs.info("bad")
     assert (info.state, info.refused) == ("failed", True)
-    with pytest.raises(ValueError, match="failed on a setting, and resuming it would fail the same way: change it "
-                                         "on the Train tab"):
+    with pytest.raises(ValueError, match="failed on its settings or its pictures, and resuming it would fail the "
+                                         "same way: fix it and train again from the Train tab"):
         jobs.resume("bad")
     title, *_, cancel, resume, _ = monitor_tab.refresh(jobs, "bad", None)
     assert title.startswith("### bad — failed · Dim = 0: must be >= 1 and <= 1024")  # the form's words
@@ -174,6 +174,14 @@ def test_a_run_refused_for_a_setting_is_not_resumed_to_fail_again_until_its_conf
     assert jobs.resume("bad").state == "running"
     wait_for(lambda: launched(jobs.run_dir("bad")))
     (run / "finish").touch()
+
+
+def test_pictures_that_cannot_be_read_fail_the_same_way_again_and_a_crash_may_not():
+    from trainer.__main__ import refused
+    from trainer.data import DatasetError
+
+    assert refused(DatasetError("no readable images")) and refused(config.ConfigError("a.b", "bad"))  # QA s28 F14
+    assert not refused(RuntimeError("CUDA error")) and not refused(OSError("disk"))
 
 
 def test_a_run_not_begun_is_started_by_the_monitors_start_button():

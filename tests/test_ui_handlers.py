@@ -127,6 +127,21 @@ def test_the_held_out_loss_is_said_before_its_curve_can_be_drawn():
     assert view.best_text().startswith("Held-out loss 0.4000 at step 5; the best")
 
 
+def test_a_long_failure_is_said_once_in_full_and_its_log_is_offered(jobs):
+    """QA s28 F10: an eleven-line failure filled the heading and the progress line alike; worker.log was not offered."""
+    run = finished_run(jobs, "f")
+    long = "DatasetError: none of the 10 picture(s) could be read (" + "; ".join(
+        f"ring-{i:02d}.png: cannot identify image file" for i in range(3)) + "; and 7 more)"
+    run.write_status(state="failed", message=long)
+    with open(run.events, "a") as f:
+        f.write(json.dumps({"type": "error", "time": 99, "message": long}) + "\n")
+    run.log.write_text("Traceback (most recent call last): …\n")
+    title, progress, *_, files, _, _, _, _, _ = monitor_tab.refresh(jobs, "f", None)
+    assert title.startswith("### f — failed · DatasetError: none of the 10 picture(s)") and title.endswith(" … (below)")
+    assert len(title) < 150 and long in progress
+    assert files[-1] == str(run.log)  # what "the full traceback is in worker.log" points to
+
+
 def test_a_worker_that_starts_again_replaces_what_the_one_before_logged_after_its_step():
     """QA: after a crash past the last state the Monitor kept the old attempt's curve, progress line and samples."""
     def held(n):
@@ -273,17 +288,20 @@ def test_runs_table_files_and_delete(jobs):
     assert runs_tab.on_select(type("Select", (), {"row_value": rows[1]})())["value"] == "old"  # a click on a row
     assert runs_tab.files_of(jobs, "old")[0].endswith("old/output/lora.safetensors")
     said, current, files, best, armed, button, chooser = runs_tab.delete(jobs, "old", current="old")  # asked first
-    assert said.startswith("Deleting **old** removes its folder (") and "its 1 saved LoRA file(s)" in said
+    assert said.startswith("Deleting **old** removes its folder (") and said.endswith(
+        "MB): its 1 saved LoRA file(s), samples and its config. Click the button again to delete it for good.")  # no state
     assert (current, files, best, armed) == ("old", UNCHANGED, UNCHANGED, "old")
     assert button["value"] == "Click again to delete old for good"
     assert (jobs.runs_dir / "old").is_dir()  # nothing gone yet
-    *_, armed, _, resizable = runs_tab.on_choose(jobs, "new")  # choosing another run puts the button back
+    *_, armed, _, resizable, cancel, resume = runs_tab.on_choose(jobs, "new")  # another run: the button back
+    assert (cancel["interactive"], resume["interactive"]) == (False, False)  # done: as the Monitor has them
     new_lora = str(jobs.runs_dir / "new" / "output" / "lora.safetensors")  # and offers its files to the Resize tool
     assert resizable["choices"] == [("lora.safetensors", new_lora)] and resizable["value"] == new_lora
     assert armed == "" and runs_tab.delete(jobs, "old", "old", armed)[4] == "old"  # so this asks again
     assert runs_tab.delete(jobs, "old", "old", "old") == ("Deleted old.", "", None, "", "", {
         "__type__": "update", "value": "Delete"}, {"__type__": "update", "value": None})  # the chooser cleared too
     assert not (jobs.runs_dir / "old").exists()
+    assert runs_tab.on_choose(jobs, "")[2] == UNCHANGED  # the emptied chooser leaves "Deleted old." (QA s28 F12)
     assert runs_tab.delete(jobs, "old", current="new")[0].startswith("⚠")
     assert runs_tab.table(jobs)[1] == ["new"]
 
@@ -379,7 +397,8 @@ def test_cancel_and_resume_can_be_clicked_only_when_they_would_act(jobs):
     *_, cancel, resume, view = monitor_tab.refresh(jobs, "r", view)
     assert (cancel["interactive"], resume["interactive"]) == (False, True)
     assert monitor_tab.refresh(jobs, "r", view)[7:9] == [UNCHANGED] * 2  # sent again only when the state changes
-    assert runs_tab.cancel(jobs, "r") == "⚠ r is cancelled: there is nothing to cancel"
+    assert runs_tab.cancel(jobs, "r") == "⚠ r was cancelled: there is nothing to cancel"
+    assert [u["interactive"] for u in runs_tab.run_buttons(jobs, "r")] == [False, True]
     assert runs_tab.resume(jobs, "r").startswith("r: queued") and runs_tab.resume(jobs, "") == runs_tab.CHOOSE_FIRST
 
 

@@ -296,7 +296,7 @@ def run(run_dir: Path, overrides: list[str]) -> int:
                                       run_dir.path))
         message = user_message(e)
         quietly(events.emit)("error", message=message)  # on a full disk these may fail too: the exit code tells
-        record(state="failed", message=message, pid=None, refused=isinstance(e, config.ConfigError))
+        record(state="failed", message=message, pid=None, refused=refused(e))
         print(f"python -m trainer: {message}", file=sys.stderr)
         return EXIT_DISK_FULL if isinstance(e, DiskFull) else 1
     finally:
@@ -316,6 +316,14 @@ def quietly(write):
     return call
 
 
+def refused(e: Exception) -> bool:
+    """A run that failed on its settings or its pictures: training it again from its folder fails the same way."""
+    from trainer.config import ConfigError
+    from trainer.data import DatasetError
+
+    return isinstance(e, (ConfigError, DatasetError))
+
+
 def user_message(e: Exception) -> str:
     from trainer.checkpoint import StateError
     from trainer.compare_spec import CompareError
@@ -331,7 +339,7 @@ def user_message(e: Exception) -> str:
     if "out of memory" in str(e).lower():
         return ("The GPU ran out of memory. Lower train_batch_size or resolution, turn on gradient_checkpointing, "
                 "or use cache_latents. Details are in worker.log.")
-    return f"{type(e).__name__}: {e} (the full traceback is in worker.log)"
+    return f"{type(e).__name__}: {e} (the full traceback is in the run's worker.log, listed with its files)"
 
 
 def main(argv: list[str] | None = None) -> int:

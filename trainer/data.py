@@ -53,12 +53,14 @@ def build_items(found, resolution: int, min_reso: int, max_reso: int, no_upscale
             with Image.open(path) as im:
                 w, h = ImageOps.exif_transpose(im).size if _rotated(im) else im.size
         except Exception as e:  # a broken file must not stop the run: name it and go on
-            skipped.append(f"{path.name}: {type(e).__name__}: {e}")
+            skipped.append(f"{path.name}: {str(e).replace(f' {str(path)!r}', '').replace(str(path), path.name)}")
             continue
         bucket = bucket_for_image(w, h, buckets, no_upscale=no_upscale) if enable_bucket else (resolution, resolution)
         items.append(Item(path, caption, own_repeats or repeats, (w, h), tuple(bucket)))
     if not items:
-        raise DatasetError("no readable images in the dataset" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise DatasetError(f"none of the {len(skipped)} picture(s) could be read ({'; '.join(skipped[:3])}{more})"
+                           if skipped else "no pictures in the dataset")
     return items, skipped
 
 

@@ -77,7 +77,8 @@ class RunDir:
         return state if state in STATES else UNKNOWN
 
     def settings_refused(self) -> bool:
-        """It failed on a setting of its config.toml, not changed since: training it again fails the same way."""
+        """It failed on a setting of its config.toml (or on its pictures) and the config is unchanged since:
+        training it again fails the same way."""
         status = self.status()
         try:
             edited = self.config.stat().st_mtime > status.get("updated", 0)
@@ -134,8 +135,11 @@ class RunDir:
         return leftovers
 
     def files(self) -> list[Path]:
-        """What a user downloads: the saved LoRAs (every epoch and the final) and the config."""
-        return sorted(self.output.glob("*.safetensors")) + ([self.config] if self.config.is_file() else [])
+        """What a user downloads: the saved LoRAs (every epoch and the final), the config and the worker's log (what
+        a failure points to)."""
+        logged = self.log.is_file() and self.log.stat().st_size > 0
+        return sorted(self.output.glob("*.safetensors")) + [p for p, there in ((self.config, self.config.is_file()),
+                                                                              (self.log, logged)) if there]
 
     # --- the worker's lock ---
     def acquire(self) -> "WorkerLock":

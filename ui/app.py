@@ -133,12 +133,14 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
     timer.tick(refresh_table, None, [runs.table, runs.chosen])
     runs.table.select(runs_tab.on_select, None, runs.chosen)
     runs.chosen.change(partial(runs_tab.on_choose, jobs), runs.chosen,
-                       [runs.files, runs.best, runs.status, runs.armed, runs.delete, runs.resize_saved])
+                       [runs.files, runs.best, runs.status, runs.armed, runs.delete, runs.resize_saved, runs.cancel,
+                        runs.resume])
     runs.open.click(lambda r: (r, None, gr.Tabs(selected="monitor"), "") if r
                     else (gr.update(), gr.update(), gr.update(), runs_tab.CHOOSE_FIRST),
                     runs.chosen, [current_run, view, tabs, runs.status])
-    runs.cancel.click(partial(runs_tab.cancel, jobs), runs.chosen, runs.status)
-    runs.resume.click(partial(runs_tab.resume, jobs), runs.chosen, runs.status)
+    for button, act in ((runs.cancel, runs_tab.cancel), (runs.resume, runs_tab.resume)):
+        button.click(partial(act, jobs), runs.chosen, runs.status).then(
+            partial(runs_tab.run_buttons, jobs), runs.chosen, [runs.cancel, runs.resume])
     runs.delete.click(partial(runs_tab.delete, jobs), [runs.chosen, current_run, runs.armed],
                       [runs.status, current_run, runs.files, runs.best, runs.armed, runs.delete, runs.chosen])
 

@@ -34,7 +34,7 @@ def free_mb(path: Path) -> float:
     return free_bytes(path) / 2**20
 
 ROOT = Path(__file__).resolve().parent.parent
-REFUSED = "change it on the Train tab and train again (or edit the run's config.toml, then resume)"
+REFUSED = "fix it and train again from the Train tab (or edit the run's config.toml, then resume)"
 __all__ = ["FINAL_STATES", "JobManager", "RunInfo", "detect_gpus"]
 
 
@@ -244,7 +244,8 @@ class JobManager:
         if run.state not in RESUMABLE_STATES:
             raise ValueError(f"{run_id} is {run.state}; only a cancelled, interrupted or failed run can resume")
         if run.refused:
-            raise ValueError(f"{run_id} failed on a setting, and resuming it would fail the same way: {REFUSED}")
+            raise ValueError(f"{run_id} failed on its settings or its pictures, and resuming it would fail the same "
+                             f"way: {REFUSED}")
         if (holder := self.run_dir(run_id).holder()) is not None:
             raise ValueError(f"{run_id} is being trained by {describe(holder)}")
         try:

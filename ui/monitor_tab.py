@@ -91,9 +91,15 @@ def refresh(jobs: JobManager, run_id: str, view: RunView | None) -> list:
             view]
 
 
+HEADING_CHARS = 120  # of a failure's message in the heading
+
+
 def heading(info: RunInfo) -> str:
     """"run — state · what it says", a refused setting by its form label and with what to do about it."""
-    title = f"### {info.run_id} — {info.state}" + (f" · {in_form_words(info.message)}" if info.message else "")
+    message = in_form_words(info.message)
+    if info.state == "failed" and len(message) > HEADING_CHARS:  # the progress line below says it whole
+        message = message[:HEADING_CHARS].rsplit(" ", 1)[0] + " … (below)"
+    title = f"### {info.run_id} — {info.state}" + (f" · {message}" if message else "")
     return title + (f"\n\nResuming it would fail the same way: {REFUSED}." if info.refused else "")
 
 
@@ -157,11 +163,14 @@ def resume(jobs: JobManager, run_id: str) -> dict:
     return toast(outcome(jobs, JobManager.resume, run_id))
 
 
+ENDED_WORDS = {"failed": "has failed", "cancelled": "was cancelled", "interrupted": "was interrupted"}
+
+
 def cancel_unless_ended(jobs: JobManager, run_id: str) -> RunInfo:
     ended = jobs.info(run_id).state in FINAL_STATES
     info = jobs.cancel(run_id)  # a sweep's trial is refused whatever its state
     if ended:
-        raise ValueError(f"{run_id} is {info.state}: there is nothing to cancel")
+        raise ValueError(f"{run_id} {ENDED_WORDS.get(info.state, 'is ' + info.state)}: there is nothing to cancel")
     return info
 
 

@@ -14,7 +14,7 @@ from trainer.events import read_all
 from ui import confirm, resize_tool
 from ui.jobs import JobManager, RunInfo
 from ui.monitor import RunView
-from ui.monitor_tab import cancel_unless_ended, outcome
+from ui.monitor_tab import buttons, cancel_unless_ended, outcome
 
 HEADERS = ["run", "state", "steps", "best held-out", "base", "started", "message"]
 DELETE = "Delete"
@@ -107,10 +107,21 @@ def choose(jobs: JobManager, run_id: str) -> tuple[list[str] | None, str]:
 
 
 def on_choose(jobs: JobManager, run_id: str) -> list:
-    """[files, best line, status line, armed run, Delete button, the Resize section's files] for a newly chosen run:
-    the last action's line goes, and a Delete asked about another run is put back."""
+    """[files, best line, status line, armed run, Delete button, the Resize section's files, Cancel, Resume] for a
+    newly chosen run: the last action's line goes (not when the chooser is emptied by a delete, whose line it is),
+    a Delete asked about another run is put back, Cancel and Resume clickable as on the Monitor."""
     files, best = choose(jobs, run_id)
-    return [files, best, "", *confirm.disarmed(DELETE), resize_tool.run_files(files)]
+    return [files, best, "" if run_id else gr.update(), *confirm.disarmed(DELETE), resize_tool.run_files(files),
+            *run_buttons(jobs, run_id)]
+
+
+def run_buttons(jobs: JobManager, run_id: str) -> list:
+    """[Cancel, Resume] for the chosen run, by the Monitor's rule."""
+    try:
+        info = jobs.info(run_id) if run_id else None
+    except (OSError, ValueError):
+        info = None
+    return buttons(info.state, info.refused) if info else buttons("")
 
 
 def cancel(jobs: JobManager, run_id: str) -> str:
@@ -140,6 +151,10 @@ def delete(jobs: JobManager, run_id: str, current: str, armed: str = "") -> tupl
 
 
 def what_goes(jobs: JobManager, run_id: str, path: Path) -> str:
+    """What the folder holds, as far as it holds it (a run that failed early has no samples or state)."""
     saved = [p for p in jobs.files(run_id) if p.suffix == ".safetensors"]
-    return (f"Deleting **{run_id}** removes its folder ({confirm.folder_mb(path):.1f} MB): its {len(saved)} saved LoRA file(s), "
-            "samples, pictures, config and resumable state. Click the button again to delete it for good.")
+    held = [f"its {len(saved)} saved LoRA file(s)" if saved else "no LoRA file"]
+    held += [name for name, sub in (("samples", "samples"), ("pictures", "dataset"), ("resumable state", "state"))
+             if any((path / sub).glob("*"))]
+    return (f"Deleting **{run_id}** removes its folder ({confirm.folder_mb(path):.1f} MB): {', '.join(held)} and its "
+            "config. Click the button again to delete it for good.")
