@@ -110,3 +110,12 @@ def test_a_worker_clears_what_a_killed_save_left(tmp_path):
     assert removed == [".lora.safetensors.tmp", ".status.json.123.tmp", "step-00000004"]
     assert [p.name for p in run.output.iterdir()] == ["lora-000001.safetensors"]
     assert [p.name for p in run.state.iterdir()] == ["step-00000002"]
+
+
+def test_a_run_is_named_by_its_file_when_the_file_has_a_name_of_its_own():
+    from trainer.rundir import run_label
+
+    cfg = config.build("style", "sd15")
+    assert run_label(cfg) == "style"  # the default file name, lora, says nothing
+    named = config.from_dict(config.deep_merge(config.to_dict(cfg), {"output_name": "my cat v2.1"}))
+    assert run_label(named) == "my-cat-v2-1"

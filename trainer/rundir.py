@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -228,6 +229,13 @@ def own_group() -> int | None:
     return os.getpgrp() if os.getpgrp() == os.getpid() else None
 
 
+def run_label(cfg) -> str:
+    """What a run id says after its time: the file's own name when one was given, else the preset (QA: a column of
+    "…-character" runs told apart only by their time)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", cfg.training.output_name).strip("-")[:40]
+    return name if name and name != "lora" else cfg.preset
+
+
 def new_id(runs_dir: Path, preset: str) -> str:
     """`<date>-<time>-<preset>`, with a counter when two runs start in the same second."""
     stem = time.strftime("%Y%m%d-%H%M%S") + f"-{preset or 'custom'}"
@@ -242,7 +250,7 @@ def create(runs_dir: Path, cfg, fill_dataset: Callable[[Path], None], state: str
     """A new run: its dataset/ filled by `fill_dataset(folder)`, its config pointing there, its status `state`
     ("queued" for the app's queue, "created" for a command-line run). The status is written last, so the app never
     sees a queued run that is not whole."""
-    run = RunDir(Path(runs_dir) / (name or new_id(runs_dir, cfg.preset)))
+    run = RunDir(Path(runs_dir) / (name or new_id(runs_dir, run_label(cfg))))
     if run.path.exists():
         raise FileExistsError(f"{run.path} already exists; choose another name")
     run.path.mkdir(parents=True)
