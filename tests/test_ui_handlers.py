@@ -442,6 +442,8 @@ def test_train_handlers(tmp_path):
                                                                                 "min_timestep": 800}).values())
     assert hidden[n] == "⚠ Min timestep = 800: must be below Max timestep (200) (under Advanced)"  # QA F15, F17
     assert train_tab.stale_status(bad[n]) == "" and train_tab.stale_status("Queued **r**.") == UNCHANGED
+    mark, kept, status = train_tab.on_edit("network_dim", bad[n], "demo", "style", *form.values())
+    assert mark == train_tab.unmarked("network_dim") and status == "" and kept["values"] == form
     assert not any((tmp_path / "runs").glob("2*"))
     good = train_tab.on_train(jobs, "demo", "style", folder, "zxq", *form.values())
     run_id = good[n + 2]
@@ -481,6 +483,16 @@ def test_a_reload_puts_the_form_back_as_it_was_and_ignores_what_is_not_a_form():
     assert (values["network_dim"], values["resolution"]) == (form["network_dim"], form["resolution"])
     for junk in (None, "x", {"preset": "nope", "base": "demo", "values": {"network_dim": 2}}, saved | {"base": 3}):
         assert train_tab.on_page_load(junk, "character", "demo") == fresh
+
+
+def test_a_preset_clicked_says_which_values_it_changed():
+    """QA s28 F21: a preset clicked after an edit put its own values back without a word."""
+    form = {n: u["value"] for n, u in zip(train_tab.FIELDS, train_tab.on_preset("character", "demo"))}
+    *fields, info = train_tab.on_preset_click("character", "demo", *(form | {"network_dim": 8}).values())
+    assert fields[train_tab.FIELDS.index("network_dim")]["value"] == form["network_dim"]
+    assert info.endswith(f"_The preset set Dim 8 → {form['network_dim']}._")
+    *_, info = train_tab.on_preset_click("character", "demo", *form.values())
+    assert "The preset set" not in info  # nothing it changed
 
 
 def test_a_fields_hint_gives_the_range_it_accepts():

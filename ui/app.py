@@ -46,28 +46,31 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         # the Monitor's run survives a reload of the page; each view keeps its own cursor into the events
         current_run = gr.BrowserState("", storage_key="lora-studio-run", secret=browser_secret(Path(runs_dir)))
         view = gr.State(None)
+        pages = {}  # the tabs a reload opens again (Compare fills its form when clicked open, so it is not one)
         with gr.Tabs(elem_id="tabs") as tabs:
-            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset") as pages["dataset"]:
                 ds = dataset_tab.build(Path(runs_dir) / ".datasets", dataset_dir)
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab("Train", id="train", elem_id="tab-train") as pages["train"]:
                 train = train_tab.build(Path(models_dir))
                 sweep_form = sweep_tab.build_form()
-            with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor"):
+            with gr.Tab("Monitor", id="monitor", elem_id="tab-monitor") as pages["monitor"]:
                 monitor = monitor_tab.build()
-            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs") as pages["runs"]:
                 runs = runs_tab.build(Path(runs_dir) / ".resized")
-            with gr.Tab("Sweeps", id="sweeps", elem_id="tab-sweeps"):
+            with gr.Tab("Sweeps", id="sweeps", elem_id="tab-sweeps") as pages["sweeps"]:
                 sweeps_page = sweep_tab.build()
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_page:
                 compare = compare_tab.build(Path(models_dir))
         timer = gr.Timer(1.0)
+        opened = reopened_tab(demo, tabs, pages, compare_page, browser_secret(Path(runs_dir)))
         bind_dataset(ds, train, dataset_dir)
         # the page's pictures survive a reload: the folder is remembered in the browser and checked when read back
         remembered = gr.BrowserState("", storage_key="lora-studio-dataset", secret=browser_secret(Path(runs_dir)))
         dataset_dir.change(lambda folder: folder or NO_FOLDER, dataset_dir, remembered)  # "" would not be stored
         demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered,
                   [*ds.shown(dataset_dir), ds.trigger, ds.applied])
-        bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, browser_secret(Path(runs_dir)))
+        bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, browser_secret(Path(runs_dir)),
+                   opened)
         timer.tick(partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view])
         # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click
         monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, monitor.title, show_progress="hidden")
@@ -81,6 +84,18 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
     return demo
 
 
+def reopened_tab(demo, tabs, pages: dict, compare_page, secret: str) -> gr.BrowserState:
+    """A reload opens the tab that was open (QA: it always opened Dataset, also mid-run), but Compare, which fills its
+    form when clicked open; answers the state that keeps its id, for the handlers that switch tabs themselves."""
+    opened = gr.BrowserState("dataset", storage_key="lora-studio-tab", secret=secret)  # an app restart reads it
+    for tab_id, page in [*pages.items(), ("compare", compare_page)]:
+        page.select(lambda tab_id=tab_id: tab_id, None, opened, show_progress="hidden")
+    # the page opens on Dataset by itself: sending it again could undo a tab clicked while the page loads
+    demo.load(lambda tab_id: gr.Tabs(selected=tab_id) if tab_id in pages and tab_id != "dataset" else gr.update(),
+              opened, tabs)
+    return opened
+
+
 def bind_dataset(ds, train, dataset_dir) -> None:
     """The Dataset tab's crop preview and health report use the Train tab's resolution and batch size."""
     f = train.fields
@@ -91,9 +106,8 @@ def bind_dataset(ds, train, dataset_dir) -> None:
                    ds.health)
 
 
-def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str) -> None:
+def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str, opened) -> None:
     refill = [*train.form(), train.preset_info]
-    parts = [train.fields[name] for name in train_tab.PART_FIELDS]
     # the form survives a reload: kept in the browser after each edit and each refill, put back when the page loads
     saved = gr.BrowserState({}, storage_key="lora-studio-train-form", secret=secret)
     whole = [train.base, train.preset, *train.form()]
@@ -102,7 +116,7 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secr
     demo.load(train_tab.on_page_load, [saved, train.preset, train.base],
               [train.base, train.preset, *refill, refilled_for])
     # a click on a preset refills the form (keeping the parts typed); the page's own restore sets it without one
-    train.preset.input(train_tab.on_preset, [train.preset, train.base, *parts], refill).then(
+    train.preset.input(train_tab.on_preset_click, [train.preset, train.base, *train.form()], refill).then(
         train_tab.remembered, whole, saved, **quiet)
     train.preset.input(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
     train.base.change(train_tab.on_base, [train.preset, train.base, refilled_for], [*refill, refilled_for]).then(
@@ -112,14 +126,13 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secr
     train.base.change(train_tab.explain_base, train.base, train.base_info)
     train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],
                        [*train.form(), train.kohya_info]).then(train_tab.remembered, whole, saved, **quiet)
-    for name in train_tab.FIELDS:  # a field marked bad loses its mark once edited; the next Train checks it again
+    for name in train_tab.FIELDS:  # one request an edit: the field's mark and the refusal go, the form is kept
         field = train.fields[name]
-        field.input(partial(train_tab.unmarked, name), None, field, **quiet)
-        field.input(train_tab.remembered, whole, saved, **quiet)
-        field.input(train_tab.stale_status, train.status, train.status, **quiet)
+        field.input(partial(train_tab.on_edit, name), [train.status, *whole], [field, saved, train.status], **quiet)
     train.start.click(partial(train_tab.on_train, jobs), [train.base, train.preset, dataset_dir, ds.trigger,
                                                           *train.form()],
-                      [*train.form(), train.status, tabs, current_run, view])
+                      [*train.form(), train.status, tabs, current_run, view]).then(
+        lambda said: "monitor" if said.startswith("Queued") else gr.update(), train.status, opened)
 
 
 def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:

@@ -49,8 +49,8 @@ def build() -> MonitorTab:
     title = gr.Markdown(NO_RUN, elem_id="monitor-title")
     progress = gr.Markdown(elem_id="monitor-progress")
     loss_plot = gr.LinePlot(None, x="step", y="loss", color="curve", title="Loss", height=280, elem_id="monitor-loss")
-    samples = gr.Gallery(label="Samples, the newest first (columns: prompts)", columns=GALLERY_COLUMNS, height=420,
-                         fit_columns=False, object_fit="contain", elem_id="monitor-samples")
+    samples = gr.Gallery(label="Samples, the newest step first, its prompts in order", columns=GALLERY_COLUMNS,
+                         height=420, fit_columns=False, object_fit="contain", elem_id="monitor-samples")
     with gr.Row():  # clickable once a run whose state allows it is shown (refresh)
         cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="monitor-cancel")
         resume = gr.Button("Resume", interactive=False, elem_id="monitor-resume")

@@ -51,7 +51,8 @@ LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "
           "weight norms)", "caption_tag_dropout_rate": "Tag dropout rate"}
 FORM_HINTS = {  # help that names a setting the form does not show
     "num_repeats": "times each picture is seen per epoch; 0 = auto, about 400 picture views an epoch",
-    "unet_lr": "UNet learning rate; 0 = the preset's own rate (its learning_rate)"}
+    "unet_lr": "UNet learning rate; 0 = the preset's own rate (its learning_rate)",
+    "max_train_epochs": "epochs; 0 = as many as Max train steps (under Advanced) takes"}
 SUFFIXES = (".safetensors", ".ckpt")
 PART_FIELDS = list(config.PART_FIELDS)  # shown for an SD 3.5 / FLUX.1 .safetensors base: ComfyUI's split layout
 PART_FILES = {n for names in (*USUAL_NAMES.values(), *VAE_NAMES.values()) for n in names}  # not bases: not listed
@@ -115,6 +116,22 @@ def on_preset(preset_name: str, base: str, *parts: str) -> list:
     return [gr.update(value=display_value(n, values[n])) for n in FIELDS] + [info]
 
 
+def on_preset_click(preset_name: str, base: str, *values) -> list:
+    """A preset clicked: the form refilled from it (the parts typed are kept), and the note says which values it
+    changed, so an edit made before is not dropped without a word."""
+    form = dict(zip(FIELDS, values))
+    *fields, info = on_preset(preset_name, base, *(form[n] for n in PART_FIELDS))
+    changed = [f"{label_of(n).split(' (')[0]} {shown(form[n])} → {shown(u['value'])}" for n, u in zip(FIELDS, fields)
+               if n not in PART_FIELDS and u["value"] != form[n]]
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    return [*fields, info + (f"\n\n_The preset set {', '.join(changed[:6])}{more}._" if changed else "")]
+
+
+def shown(value) -> str:
+    text = str(value).replace("\n", " / ")
+    return "(empty)" if text == "" else text if len(text) <= 40 else text[:37] + "…"
+
+
 def settings_key(base: str) -> str:
     """What the preset's values depend on: the base's family, and whether it is the demo (its own settings)."""
     return "demo" if base == "demo" else family_or_default(base)
@@ -167,6 +184,12 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
+
+
+def on_edit(name: str, status: str, base: str, preset_name: str, *values) -> list:
+    """A field edited: [its mark gone (the next Train checks it again), the form kept for a reload, the refusal
+    under Train gone]."""
+    return [unmarked(name), remembered(base, preset_name, *values), stale_status(status)]
 
 
 def stale_status(status: str):
