@@ -77,7 +77,7 @@ def test_flux_split_layout_trains_from_the_browser(app, page, flux, tmp_path):  
     fill(page, "vae", "")
     page.locator("#train-start").click()
     status = page.locator("#train-status")
-    status.get_by_text("model.vae: not set").wait_for(timeout=30000)
+    status.get_by_text("VAE file: not set").wait_for(timeout=30000)  # the form's label
     assert "without the VAE (ae.safetensors" in status.inner_text()
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("2*"))  # no run was made
     fill(page, "vae", str(models / "ae.safetensors"))
