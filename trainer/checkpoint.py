@@ -119,7 +119,7 @@ def latest(run_dir: Path) -> Path | None:
 
 def save(run_dir: Path, acc, net, progress: Progress, optimizer, schedule) -> Path:
     """Every process writes its RNG state; the main one writes the rest, then progress.json, then prunes."""
-    folder = run_dir / "state" / f"step-{progress.step:08d}"
+    folder = RunDir(run_dir).state_folder(progress.step)
     folder.mkdir(parents=True, exist_ok=True)
     write(folder, f"rng-{acc.process_index}", rng_state())
     acc.wait_for_everyone()

@@ -77,10 +77,9 @@ class RunDir:
         state = self.status().get("state")
         return state if state in STATES else UNKNOWN
 
-    def settings_refused(self) -> bool:
+    def settings_refused(self, status: dict) -> bool:
         """It failed on a setting of its config.toml (or on its pictures) and the config is unchanged since:
-        training it again fails the same way."""
-        status = self.status()
+        training it again fails the same way. `status`: its status.json as just read."""
         try:
             edited = self.config.stat().st_mtime > status.get("updated", 0)
         except (OSError, TypeError):
@@ -120,6 +119,10 @@ class RunDir:
             return status
         finally:
             os.close(fd)
+
+    def state_folder(self, step: int) -> Path:
+        """Where the resumable state of `step` is written (state/step-00000300)."""
+        return self.state / f"step-{step:08d}"
 
     def latest_state(self) -> Path | None:
         """The newest complete resumable state (state/step-N with its progress.json, written last), or None."""
@@ -227,6 +230,11 @@ def own_group() -> int | None:
     gives each job its own group), else None: a worker a script started shares the script's group, which a cancel
     must not reach, so it is signalled alone."""
     return os.getpgrp() if os.getpgrp() == os.getpid() else None
+
+
+def state_step(folder: Path) -> int:
+    """The step a state folder (RunDir.state_folder) holds."""
+    return int(folder.name.removeprefix("step-"))
 
 
 def run_label(cfg) -> str:

@@ -20,6 +20,7 @@ import torch
 from trainer import checkpoint, data, export, optim, prompts, resize, sampling
 from trainer.guards import check_finite, writing
 from trainer.prompts import SamplePrompt
+from trainer.rundir import RunDir
 from trainer.setup import Run, encode_image, setup
 
 
@@ -246,12 +247,12 @@ def finish(run: Run) -> Path:
 def state_saved(run: Run) -> bool:
     """Whether the newest resumable state is of this very step."""
     latest = checkpoint.latest(run.run_dir)
-    return latest is not None and latest.name == f"step-{run.progress.step:08d}"
+    return latest is not None and latest == RunDir(run.run_dir).state_folder(run.progress.step)
 
 
 def save_state(run: Run, epoch: int) -> None:
     check_finite(run.net, run.progress.step, run.cfg, run.run_dir)
-    folder = run.run_dir / "state" / f"step-{run.progress.step:08d}"
+    folder = RunDir(run.run_dir).state_folder(run.progress.step)
     partial = None if (folder / checkpoint.PROGRESS).is_file() else folder  # never remove a complete state
     with writing(f"the resumable state {folder.name}", run.run_dir, partial=partial):
         checkpoint.save(run.run_dir, run.acc, run.net, run.progress, run.optimizer, run.lr_schedule)

@@ -243,19 +243,19 @@ def on_save(folder: str, name: str, text: str):
     return refresh(folder, f"Saved the caption of {name}.")
 
 
-def pending_saved(folder: str, name: str, text: str) -> str:
+def pending_saved(folder: str, name: str, text: str) -> tuple | None:
     """An edit typed in the Caption box but not saved yet is saved before anything replaces the box's text (another
-    picture clicked, an edit of every caption); answers what was said of it, "" when the box held the caption."""
+    picture clicked, an edit of every caption); answers on_save's answer, None when the box held the caption."""
     if not folder or not name or text == caption_of(folder, name):
-        return ""
-    return on_save(folder, name, text)[1]
+        return None
+    return on_save(folder, name, text)
 
 
 def keeping_edit(handler):
     """`handler(folder, *rest)` taking (folder, name, text, *rest) first, so the Caption box's edit is kept."""
     def edited(folder: str, name: str, text: str, *rest):
-        said, answer = pending_saved(folder, name, text), handler(folder, *rest)
-        return (answer[0], f"{said} {answer[1]}", *answer[2:]) if said else answer
+        saved, answer = pending_saved(folder, name, text), handler(folder, *rest)
+        return (answer[0], f"{saved[1]} {answer[1]}", *answer[2:]) if saved else answer
     return edited
 
 
@@ -350,8 +350,8 @@ def picture_at(folder: str, index: int | None, resolution, min_reso, max_reso, n
 def selection(folder: str, name: str, text: str, resolution, min_reso, max_reso, no_upscale, evt: gr.SelectData):
     """The picture clicked in the gallery (see picture_at), after the caption typed for the one before is saved;
     the message and the gallery change only then."""
-    said = pending_saved(folder, name, text)
-    shown = (said, gallery_items(folder)) if said else (gr.update(), gr.update())
+    saved = pending_saved(folder, name, text)  # (folder, message, gallery, tags)
+    shown = (saved[1], saved[2]) if saved else (gr.update(), gr.update())
     return *picture_at(folder, evt.index, resolution, min_reso, max_reso, no_upscale), *shown
 
 

@@ -23,7 +23,8 @@ from trainer.events import read_all
 from trainer import sweep
 from trainer.sweep import SWEEP_FILE
 from trainer.single_file import source_problem
-from trainer.rundir import FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes
+from trainer.rundir import (FINAL_STATES, RESUMABLE_STATES, UNKNOWN, RunDir, create, describe, free_bytes,
+                            state_step)
 from ui.security import inside
 from ui.worker_queue import signal_worker, tick_in_background
 
@@ -152,7 +153,7 @@ def interrupted_text(run: RunDir) -> str:
     if state is None:
         return "the worker stopped without finishing before any resumable state was saved; Resume trains it again " \
                "from the start"
-    return f"the worker stopped without finishing; resumable from step {int(state.name.split('-')[1])}"
+    return f"the worker stopped without finishing; resumable from step {state_step(state)}"
 
 
 @dataclass
@@ -216,7 +217,7 @@ class JobManager:
             # go of it and its interpreter is still shutting down)
             state, message, pid = "running", "stopping: the worker is exiting", proc.pid if proc else exiting
         started = s.get("started") if isinstance(s.get("started"), (int, float)) else 0.0
-        refused = state == "failed" and run.settings_refused()
+        refused = state == "failed" and run.settings_refused(s)
         return RunInfo(run_id, run.path, state, created, pid, str(message), devices, started, refused)
 
     def recover(self) -> None:
