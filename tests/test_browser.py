@@ -335,8 +335,9 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-caption-run").click()
     status.get_by_text(re.compile(r"Captioning with wd14: \d+/24")).wait_for(timeout=60000)  # progress, polled
     page.locator("#dataset-caption-cancel").click()
-    status.get_by_text("Cancelled: captioned").wait_for(timeout=60000)
-    done = int(re.search(r"captioned (\d+) of 24", status.inner_text()).group(1))
+    done = int(page.wait_for_function(  # read in the same look as it is found (a late poll may redraw the line)
+        "() => (document.querySelector('#dataset-caption-status').innerText"
+        ".match(/Cancelled: captioned (\\d+) of 24/) || [])[1]", timeout=60000).json_value())
     assert done < 24
     source.fill(str(tagger))
     page.locator("#dataset-caption-run").click()  # the rest: pictures with a caption are kept
