@@ -373,6 +373,13 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-gallery").get_by_text("mytok, typed and not saved").first.wait_for(state="attached",
                                                                                             timeout=10000)
     assert selected.input_value() not in ("", first)
+    second = selected.input_value()
+    page.locator("#dataset-caption textarea").fill("mytok, typed then Train clicked")
+    page.get_by_role("tab", name="Train").click()  # leaving the tab saves it: Train reads the folder
+    page.get_by_test_id("toast-text").get_by_text(f"Saved the caption of {second}.").wait_for(timeout=15000)
+    page.get_by_role("tab", name="Dataset").click()
+    page.locator("#dataset-gallery").get_by_text("mytok, typed then Train clicked").first.wait_for(state="attached",
+                                                                                                 timeout=10000)
     page.locator("#dataset-clear").click()  # QA 18: Start over leaves no picture selected and no crop preview
     page.locator("#dataset-crop-preview img").wait_for(state="detached", timeout=15000)
     assert page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value() == ""

@@ -173,6 +173,9 @@ def test_a_caption_typed_and_not_saved_is_kept_by_a_click_elsewhere(dataset):
     _, message, _, _ = tab.keeping_edit(tab.on_bulk)(dataset, "p2.png", "zxq, c, mine", "", "", "mine", "ours", 0)
     assert message == "Changed 1 caption." and captions_of(dataset)["p2.txt"] == "zxq, c, ours"
     assert tab.keeping_edit(tab.on_tag)(dataset, "", "left over", "a", "b")[1] == "“a” renamed to “b” in 1 caption."
+    assert tab.on_leave(dataset, "p2.png", "zxq, c, ours") == (gr.skip(),) * 4  # saved already: nothing redrawn
+    folder, message, gallery, _ = tab.on_leave(dataset, "p2.png", "typed, then another tab")
+    assert message == "Saved the caption of p2.png." and captions_of(dataset)["p2.txt"] == "typed, then another tab"
 
 
 def test_a_new_trigger_word_replaces_the_one_applied_before(dataset):

@@ -542,3 +542,30 @@ def test_a_cancelled_run_says_which_file_holds_what():
     assert RunView().add([state, cancelled]).message == (
         "Cancelled at step 600: resumable (no LoRA file is saved yet; Resume trains on from step 600)")
     assert RunView().add([saved, {"type": "cancelled", "step": 400}]).message == "Cancelled at step 400: resumable"
+
+
+def test_one_request_a_second_redraws_the_page_and_sends_only_what_changed(jobs, tmp_path):
+    """Five tick events a second (Monitor, Runs table, Runs chooser, Compare, Sweeps) kept the browser too busy to
+    type in: a field's edit took ~4 s. One tick now, and a second tick with nothing new sends nothing."""
+    from ui.app import build_app
+
+    finished_run(jobs)
+    demo = build_app(tmp_path / "runs", tmp_path / "models", jobs=jobs)
+    ticks = [fn for fn in demo.fns.values() if any(t[1] == "tick" and demo.blocks[t[0]].active for t in fn.targets)]
+    assert len(ticks) == 1  # the captioner's poll ticks only while it runs
+    tick = ticks[0]
+    shown = {getattr(b, "elem_id", None) for b in tick.outputs}
+    assert {"monitor-title", "monitor-loss", "runs-table", "runs-choose", "compare-grid", "sweep-table",
+            "sweep-choose"} <= shown
+    values = {id(c): getattr(c, "value", None) for c in tick.inputs}
+    for round_ in range(2):
+        answers = tick.fn(*[values[id(c)] for c in tick.inputs])
+        assert len(answers) == len(tick.outputs)
+        sent = [(b, a) for b, a in zip(tick.outputs, answers) if not isinstance(b, gr.State)]
+        for b, a in zip(tick.outputs, answers):
+            if isinstance(b, gr.State) and id(b) in values:
+                values[id(b)] = a  # what the page holds for the next tick
+        if round_ == 0:
+            rows = next(a for b, a in sent if b.elem_id == "runs-table")
+            assert [r[:3] for r in rows] == [["r", "done", "3 / 6"]]  # finished_run's last step event
+    assert {b.elem_id: a for b, a in sent if a != UNCHANGED} == {}

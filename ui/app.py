@@ -61,9 +61,10 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
                 sweeps_page = sweep_tab.build()
             with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_page:
                 compare = compare_tab.build(Path(models_dir))
-        timer = gr.Timer(1.0)
+        ticks = []  # (handler, inputs, outputs) of everything redrawn each second: one request for them all
         opened = reopened_tab(demo, tabs, pages, compare_page, browser_secret(Path(runs_dir)))
-        bind_dataset(ds, train, dataset_dir)
+        bind_dataset(ds, train, dataset_dir, [page for tab_id, page in pages.items() if tab_id != "dataset"]
+                     + [compare_page])
         # the page's pictures survive a reload: the folder is remembered in the browser and checked when read back
         remembered = gr.BrowserState("", storage_key="lora-studio-dataset", secret=browser_secret(Path(runs_dir)))
         dataset_dir.change(lambda folder: folder or NO_FOLDER, dataset_dir, remembered)  # "" would not be stored
@@ -71,17 +72,36 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
                   [*ds.shown(dataset_dir), ds.trigger, ds.applied])
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, browser_secret(Path(runs_dir)),
                    opened)
-        timer.tick(partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view])
+        ticks.append((partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view]))
         # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click
         monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, monitor.title, show_progress="hidden")
         monitor.resume.click(partial(monitor_tab.resume, jobs), current_run, monitor.title, show_progress="hidden")
-        bind_runs(jobs, runs, timer, tabs, current_run, view)
-        bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, browser_secret(Path(runs_dir)))
-        bind_sweeps(jobs, sweeps, train, sweep_form, sweeps_page, compare, ds, dataset_dir, timer, tabs, current_run,
+        bind_runs(jobs, runs, ticks, tabs, current_run, view)
+        bind_compare(jobs, compares, compare, compare_page, runs, ticks, tabs, browser_secret(Path(runs_dir)))
+        bind_sweeps(jobs, sweeps, train, sweep_form, sweeps_page, compare, ds, dataset_dir, ticks, tabs, current_run,
                     view, demo, browser_secret(Path(runs_dir)))
+        every_second(gr.Timer(1.0), ticks)
         api.register(jobs, compares, sweeps)
     security.close_api(demo)  # a client reaches the documented routes; the page's own handlers stay private
     return demo
+
+
+def every_second(timer: gr.Timer, ticks: list) -> None:
+    """One request a second redraws every live part of the page (the Monitor, Runs, Compare, Sweeps): one tick event
+    each kept the browser too busy to type in (~4 s a keystroke on a 2-core machine). Each handler answers its own
+    outputs, gr.update() or gr.skip() where nothing changed, and no spinner shows."""
+    inputs = [c for _, ins, _ in ticks for c in ins]
+    outputs = [c for _, _, outs in ticks for c in outs]
+    assert len(set(map(id, outputs))) == len(outputs), "a component redrawn by two handlers"
+
+    def tick(*values):
+        answers, at = [], 0
+        for handler, ins, outs in ticks:
+            answers.extend(handler(*values[at:at + len(ins)]))
+            at += len(ins)
+        return answers
+
+    timer.tick(tick, inputs, outputs, show_progress="hidden")
 
 
 def reopened_tab(demo, tabs, pages: dict, compare_page, secret: str) -> gr.BrowserState:
@@ -96,8 +116,12 @@ def reopened_tab(demo, tabs, pages: dict, compare_page, secret: str) -> gr.Brows
     return opened
 
 
-def bind_dataset(ds, train, dataset_dir) -> None:
-    """The Dataset tab's crop preview and health report use the Train tab's resolution and batch size."""
+def bind_dataset(ds, train, dataset_dir, other_tabs: list) -> None:
+    """The Dataset tab's crop preview and health report use the Train tab's resolution and batch size; a caption
+    typed and not saved is saved when another tab is clicked open."""
+    for page in other_tabs:
+        page.select(dataset_tab.on_leave, [dataset_dir, ds.selected, ds.caption], ds.shown(dataset_dir),
+                    show_progress="hidden")
     f = train.fields
     buckets = [f["resolution"], f["min_bucket_reso"], f["max_bucket_reso"]]
     ds.gallery.select(dataset_tab.selection, [dataset_dir, ds.selected, ds.caption, *buckets, f["bucket_no_upscale"]],
@@ -135,15 +159,19 @@ def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secr
         lambda said: "monitor" if said.startswith("Queued") else gr.update(), train.status, opened)
 
 
-def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
+def bind_runs(jobs, runs, ticks: list, tabs, current_run, view) -> None:
     views, reading = {}, threading.Lock()  # every page's table from one set of run views, read one tick at a time
 
-    def refresh_table():
+    def refresh_table(sent):
+        """Sent only when it changed: a table redrawn each second kept the page too busy to type in."""
         with reading:
             rows, ids = runs_tab.table(jobs, views)
-        return rows, gr.update(choices=ids)
+        if (rows, ids) == sent:
+            return gr.skip(), gr.skip(), sent
+        return rows, gr.update(choices=ids), (rows, ids)
 
-    timer.tick(refresh_table, None, [runs.table, runs.chosen])
+    sent = gr.State(None)  # what this page's table shows
+    ticks.append((refresh_table, [sent], [runs.table, runs.chosen, sent]))
     runs.table.select(runs_tab.on_select, None, runs.chosen)
     runs.chosen.change(partial(runs_tab.on_choose, jobs), runs.chosen,
                        [runs.files, runs.best, runs.status, runs.armed, runs.delete, runs.resize_saved, runs.cancel,
@@ -158,7 +186,7 @@ def bind_runs(jobs, runs, timer, tabs, current_run, view) -> None:
                       [runs.status, current_run, runs.files, runs.best, runs.armed, runs.delete, runs.chosen])
 
 
-def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secret: str) -> None:
+def bind_compare(jobs, compares, compare, compare_page, runs, ticks: list, tabs, secret: str) -> None:
     # the page's compare survives a reload like the Monitor's run; each view keeps its own cursor into the events
     compare_id = gr.BrowserState("", storage_key="lora-studio-compare", secret=secret)
     view, suggested_by = gr.State(None), gr.State("")  # suggested_by: the run the form's settings came from
@@ -177,11 +205,10 @@ def bind_compare(jobs, compares, compare, compare_page, runs, timer, tabs, secre
                         [compare.runs, compare.files, compare.upload, *compare.form()],
                         [compare.status, compare_id, view])
     compare.cancel.click(partial(compare_tab.cancel, compares), compare_id, compare.status)
-    timer.tick(partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view],
-               show_progress="hidden")  # the page is redrawn each second: no spinner over the grid
+    ticks.append((partial(compare_tab.refresh, compares), [compare_id, view], [*compare.outputs(), view]))
 
 
-def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer, tabs, current_run, view, demo,
+def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, ticks: list, tabs, current_run, view, demo,
                 secret: str) -> None:
     # the page's sweep survives a reload like the Monitor's run; each view keeps its own cursors into the events
     sweep_id = gr.BrowserState("", storage_key="lora-studio-sweep", secret=secret)
@@ -194,9 +221,10 @@ def bind_sweeps(jobs, sweeps, train, form, page, compare, ds, dataset_dir, timer
     page.chosen.change(lambda: ("", gr.update(value=sweep_tab.STOP, interactive=False)), None, [page.trial, page.stop])
     page.table.select(sweep_tab.on_select_trial, None, [page.trial, page.stop])
     page.stop.click(partial(sweep_tab.stop_trial, sweeps), [sweep_id, page.trial], page.action)
-    timer.tick(partial(sweep_tab.sweep_choices, sweeps), None, page.chosen, show_progress="hidden")
-    timer.tick(partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view, page.action],
-               [*page.outputs(), page.action, sweep_view], show_progress="hidden")
+    listed = gr.State(None)  # the sweeps this page's chooser lists
+    ticks.append((partial(sweep_tab.sweep_choices, sweeps), [listed], [page.chosen, listed]))
+    ticks.append((partial(sweep_tab.refresh, sweeps), [sweep_id, sweep_view, page.action],
+                  [*page.outputs(), page.action, sweep_view]))
     page.cancel.click(partial(sweep_tab.cancel, sweeps), sweep_id, page.action)
     page.resume.click(partial(sweep_tab.resume, sweeps), sweep_id, page.action)
     page.delete.click(partial(sweep_tab.delete, sweeps), [sweep_id, page.armed],

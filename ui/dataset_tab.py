@@ -251,6 +251,16 @@ def pending_saved(folder: str, name: str, text: str) -> tuple | None:
     return on_save(folder, name, text)
 
 
+def on_leave(folder: str, name: str, text: str):
+    """Another tab clicked open: the caption typed but not saved is saved (the Train tab trains on the folder), and a
+    toast says so; nothing changes when the box holds the saved caption."""
+    saved = pending_saved(folder, name, text)
+    if saved is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    gr.Info(saved[1])
+    return saved
+
+
 def keeping_edit(handler):
     """`handler(folder, *rest)` taking (folder, name, text, *rest) first, so the Caption box's edit is kept."""
     def edited(folder: str, name: str, text: str, *rest):

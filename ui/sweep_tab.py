@@ -177,8 +177,10 @@ def stop_trial(sweeps: SweepManager, sweep_id: str, trial: str) -> str:
         return f"⚠ {e}"
 
 
-def sweep_choices(sweeps: SweepManager) -> dict:
-    return gr.update(choices=[s.sweep_id for s in sweeps.sweeps()])
+def sweep_choices(sweeps: SweepManager, sent: list | None) -> tuple:
+    """(the chooser's sweeps, what it lists now): sent only when they changed, not on every tick."""
+    ids = [s.sweep_id for s in sweeps.sweeps()]
+    return (gr.skip(), sent) if ids == sent else (gr.update(choices=ids), ids)
 
 
 def stored_choice(sweeps: SweepManager, stored: str) -> dict:
