@@ -52,6 +52,18 @@ def pytest_configure(config):
     socket.socket.connect_ex = _guarded(_connect_ex)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed browser test shows the end of the app's own log (a handler's traceback lands there)."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp = item.funcargs.get("tmp_path") if hasattr(item, "funcargs") else None
+    if report.failed and tmp is not None:
+        for log in sorted(Path(tmp).glob("app-*.log")):
+            report.sections.append((f"{log.name} (last 80 lines)",
+                                    "\n".join(log.read_text(errors="replace").splitlines()[-80:])))
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (test.sh runs two workers), the browser tests run one after another on one worker:
     they wait on live training, and two at once on two cores would starve each other. The longest tests go

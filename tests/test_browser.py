@@ -40,11 +40,13 @@ class App:
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "app.py", "--port", str(self.port), "--runs-dir", str(runs_dir),
                      "--models-dir", str(models_dir)]
+        self.log = runs_dir.parent / f"app-{self.port}.log"  # its tail is shown when the test fails (conftest)
         self.proc = None
 
     def start(self) -> "App":
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env=os.environ | {"PYTHONUNBUFFERED": "1"})
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -96,12 +98,17 @@ def models(tiny_models, tmp_path) -> Path:
     return folder
 
 
-def queued(page) -> None:
-    status = page.locator("#train-status")
+def wait_text(page, selector: str, text, timeout: float = 30000, state: str = "visible") -> None:
+    """Wait for `text` (a string or a compiled pattern) inside `selector`; a timeout says what it showed instead."""
+    box = page.locator(selector)
     try:
-        status.get_by_text("Queued").wait_for(state="attached", timeout=30000)
+        box.get_by_text(text).first.wait_for(state=state, timeout=timeout)
     except Exception:
-        raise AssertionError(f"not queued; the Train tab says: {status.text_content()!r}") from None
+        raise AssertionError(f"no {text!r} in {selector}; it says: {box.first.text_content()!r}") from None
+
+
+def queued(page) -> None:
+    wait_text(page, "#train-status", "Queued", state="attached")
 
 
 def last_step_plotted(page) -> float:
@@ -335,9 +342,12 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.locator("#dataset-caption-run").click()
     status.get_by_text(re.compile(r"Captioning with wd14: \d+/24")).wait_for(timeout=60000)  # progress, polled
     page.locator("#dataset-caption-cancel").click()
-    done = int(page.wait_for_function(  # read in the same look as it is found (a late poll may redraw the line)
-        "() => (document.querySelector('#dataset-caption-status').innerText"
-        ".match(/Cancelled: captioned (\\d+) of 24/) || [])[1]", timeout=60000).json_value())
+    try:
+        done = int(page.wait_for_function(  # read in the same look as it is found (a late poll may redraw the line)
+            "() => (document.querySelector('#dataset-caption-status').innerText"
+            ".match(/Cancelled: captioned (\\d+) of 24/) || [])[1]", timeout=60000).json_value())
+    except Exception:
+        raise AssertionError(f"not cancelled; the status says {status.text_content()!r}") from None
     assert done < 24
     source.fill(str(tagger))
     page.locator("#dataset-caption-run").click()  # the rest: pictures with a caption are kept

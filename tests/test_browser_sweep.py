@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, SHOTS, App, app, browser, fill_until_still, models, page  # noqa: F401
+from tests.test_browser import (CHROMIUM, SHOTS, App, app, browser, fill_until_still, models, page,  # noqa: F401
+                                wait_text)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -92,7 +93,7 @@ def test_a_sweep_from_the_train_tab(app, page):  # noqa: F811
     page.locator("#sweep-action").get_by_text(f"{folder.name}/{best} is not training (done)").wait_for(timeout=10000)
 
     page.locator("#sweep-full-run").click()
-    page.locator("#sweep-action").get_by_text("Queued").wait_for(timeout=30000)
+    wait_text(page, "#sweep-action", "Queued")
     run_id = page.locator("#sweep-action strong").inner_text()
     run = Path(runs) / run_id
     assert config.load(run / "config.toml").optimizer.unet_lr == state["ranking"][0]["params"]["unet_lr"]

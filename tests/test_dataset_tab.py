@@ -293,10 +293,13 @@ def test_a_running_poll_reports_progress_and_leaves_the_gallery(tmp_path, slow_t
 
 def test_cancel_stops_after_the_current_picture_and_keeps_the_done_captions(tmp_path, slow_tagger):
     folder, job = half_way(tmp_path, slow_tagger)
-    _, message, timer, gallery, _ = tab.on_caption_cancel(job, str(folder))
+    kept, message, timer, gallery, _ = tab.on_caption_cancel(job, str(folder))
     done, total = job.counts()
-    assert 1 <= done < total == 40 and timer.active is False
+    assert 1 <= done < total == 40 and kept is job and timer.active is True
     assert message == f"Cancelled: captioned {done} of 40 pictures with wd14; those captions are kept."
+    # a poll that read the job as running just before the cancel answers after it: the next poll ends it for good
+    stale = tab.on_caption_poll(job, str(folder))
+    assert stale[0] is None and stale[1] == message and stale[2].active is False
     assert captions_of(folder) == {name: TAGGED for name in first_captioned(done)}  # the first ones, each whole
     assert [c for _, c in gallery].count(TAGGED) == done
     assert job.events[-1]["type"] == "cancelled" and job._proc.returncode == 0  # it stopped by itself

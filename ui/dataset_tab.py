@@ -334,8 +334,11 @@ def cancel_button(job: CaptionJob | None) -> dict:
 
 
 def on_caption_cancel(job: CaptionJob | None, folder: str):
-    message = job.cancel() if job else "Nothing is being captioned."
-    return None, message, gr.Timer(active=False), gallery_items(folder), tag_table(folder)
+    """The poll keeps the job and ticks once more: a poll that read the job as running before the cancel may answer
+    after it, and the next poll puts the final message back (QA: a stale "Captioning … n/24" stayed for good)."""
+    if not job:
+        return None, "Nothing is being captioned.", gr.Timer(active=False), gr.skip(), gr.skip()
+    return job, job.cancel(), gr.Timer(active=True), gallery_items(folder), tag_table(folder)
 
 
 # --- the selected picture and the health report: ui/app.py binds them to the Train tab's bucket settings ---
