@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from PIL import Image, ImageDraw
@@ -57,6 +58,19 @@ def cover_crop_box(w: int, h: int, bw: int, bh: int) -> tuple[Size, tuple[int, i
 
 def assign_buckets(sizes: Iterable[Size], buckets: Sequence[Size], no_upscale: bool = True) -> list[Size]:
     return [bucket_for_image(w, h, buckets, no_upscale) for w, h in sizes]
+
+
+def training_bucket(size: Size, resolution: int, buckets: Sequence[Size], no_upscale: bool, enable_bucket: bool) -> Size:
+    """The bucket a picture trains in; without bucketing every picture is cropped to resolution²."""
+    return tuple(bucket_for_image(*size, buckets, no_upscale)) if enable_bucket else (resolution, resolution)
+
+
+def batches_per_epoch(views: Iterable[tuple[Size, int]], batch_size: int) -> int:
+    """How many batches `bucket_batches` makes of an epoch, given each picture's (bucket, repeats)."""
+    per_bucket: Counter = Counter()
+    for bucket, repeats in views:
+        per_bucket[tuple(bucket)] += repeats
+    return sum(math.ceil(n / batch_size) for n in per_bucket.values())
 
 
 def bucket_batches(assignments: Sequence[Size], batch_size: int, rng: random.Random) -> list[list[int]]:

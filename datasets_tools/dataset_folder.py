@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import random
 import re
 import tempfile
 import zipfile
@@ -23,6 +24,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_PIXELS = 64_000_000  # bigger than any camera; more is a decompression bomb
 MAX_CAPTION_BYTES = 64 << 10  # CLIP reads 77 tokens x 3 chunks (~1 KB); a longer caption is cut here when read
+MIN_TRAIN = 2  # pictures a held-out split must leave to train on
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")  # `10_name class`: 10 repeats, class text "name class"
 
 
@@ -139,6 +141,21 @@ def items(folder: Path, caption_suffixes: tuple[str, ...] = CAPTION_SUFFIXES) ->
                 caption = read_caption(p, caption_suffixes) or (kohya.group(2) if kohya else "")
                 out.append(Item(p, caption, int(kohya.group(1)) if kohya else None))
     return out
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as the picture is shown: EXIF orientations 5-8 turn it a quarter."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def held_out(count: int, fraction: float, seed: int) -> set[int]:
+    """The indices `validation_split` holds out of `count` pictures: at least one, chosen by the seed; none when
+    fewer than MIN_TRAIN would be left to train on."""
+    k = max(1, round(fraction * count)) if fraction else 0
+    if not k or count - k < MIN_TRAIN:
+        return set()
+    return set(random.Random(f"{seed}/held-out").sample(range(count), k))
 
 
 def read_caption(image: Path, suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> str:

@@ -189,6 +189,8 @@ def test_from_pictures_to_a_downloaded_lora(app, page, tmp_path):
     images = sorted(draw_dataset(tmp_path / "pictures", 10).glob("*.png"))
     set_up_run(page, app, images)
     fill(page, "validation-split", "0.2")  # 2 of 10 pictures held out, 8 trained on
+    wait_text(page, "#train-length", re.compile(r"This run: 8 steps, 2 epochs of 4 steps \(8 pictures × 1 repeat, "
+                                                r"2 held out, batch 2, 1 bucket\)"))
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
     page.get_by_role("tab", name="Dataset").click()

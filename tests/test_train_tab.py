@@ -45,3 +45,44 @@ def test_zero_terminal_snr_on_an_epsilon_base_is_refused_on_the_form(tmp_path):
     from trainer.single_file import known_prediction
 
     assert known_prediction("demo") == "epsilon" and known_prediction(str(tmp_path)) == ""
+
+
+def test_the_run_length_shown_before_train_is_the_workers_own_count(tmp_path):
+    """The line above Train counts the steps the worker will: the same reader, held-out split (by the seed), repeats
+    (auto, and a kohya `N_name` folder's own), buckets, batch, accumulation, GPUs and the Max train steps cap."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from tests.test_training import draw_dataset
+    from trainer import config, setup
+    from ui.run_length import run_length
+
+    folder = draw_dataset(tmp_path / "ds", 13)  # 64×64 and 96×64 pictures: two buckets at 128 px
+    kohya = draw_dataset(folder / "3_thing", 3)
+    Image.new("RGB", (64, 160)).save(kohya / "tall.png")  # a third bucket
+    (folder / "broken.png").write_bytes(b"not a picture")  # skipped by both
+    said = []
+    events = SimpleNamespace(status=lambda phase, message: said.append(message))
+    cases = [{}, {"validation_split": 0.25, "seed": 7}, {"num_repeats": 0, "repeats_budget": 40},
+             {"train_batch_size": 3, "gradient_accumulation_steps": 2, "max_train_epochs": 5},
+             {"max_train_epochs": 0, "max_train_steps": 17}, {"max_train_steps": 9}, {"enable_bucket": False},
+             {"num_gpus": 2, "validation_split": 0.2}]
+    for extra in cases:
+        cfg = config.build("character", "sd15", {"pretrained_model_name_or_path": "demo", "train_data_dir": str(folder),
+                                                 "resolution": 128, "min_bucket_reso": 64, "max_bucket_reso": 256,
+                                                 "num_repeats": 2, "max_train_epochs": 3} | extra)
+        items, held = setup.load_items(cfg, events)
+        gpus = cfg.training.num_gpus
+        worker = setup.make_schedule(cfg, items, SimpleNamespace(process_index=0, num_processes=gpus))
+        line = run_length(cfg)
+        assert line.startswith(f"This run: **{worker.total_steps} steps**, "), (extra, line, worker)
+        assert f"of {worker.steps_per_epoch} steps" in line, (extra, line)
+        assert (f"{len(held)} held out" in line) == bool(held), (extra, line)
+        buckets = len({item.bucket for item in items})
+        assert f" {buckets} bucket{'s' * (buckets > 1)})." in line, line
+    lengths = {run_length(config.build("character", "sd15", {"pretrained_model_name_or_path": "demo",
+                                                             "train_data_dir": str(folder), "max_train_steps": n}))
+               for n in (5, 6)}
+    assert len(lengths) == 2 and all("cut short by Max train steps" in s for s in lengths), lengths
+    assert any("broken.png" in m for m in said)

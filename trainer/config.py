@@ -557,6 +557,14 @@ def resolve_repeats(cfg: TrainConfig, num_images: int) -> int:
     return d.num_repeats if d.num_repeats > 0 else max(1, math.ceil(d.repeats_budget / max(num_images, 1)))
 
 
+def count_steps(batches_per_epoch: int, t: TrainingConfig) -> tuple[int, int]:
+    """(optimizer steps an epoch, steps of the whole run) for one process's batches: max_train_steps caps the
+    epochs, or sets the length when max_train_epochs is 0."""
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    total = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
+    return steps_per_epoch, min(total, t.max_train_steps) if t.max_train_steps else total
+
+
 # --- TOML ---
 
 def parse_overrides(items: Sequence[str]) -> dict:

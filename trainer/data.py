@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from datasets_tools.buckets import bucket_batches, bucket_for_image, cover_crop_box, make_buckets
+from datasets_tools.buckets import bucket_batches, cover_crop_box, make_buckets, training_bucket
 from datasets_tools import dataset_folder
 from datasets_tools.dataset_folder import CAPTION_SUFFIXES, count_tags, split_tags
 
@@ -51,21 +51,17 @@ def build_items(found, resolution: int, min_reso: int, max_reso: int, no_upscale
     for path, caption, own_repeats in found:
         try:
             with Image.open(path) as im:
-                w, h = ImageOps.exif_transpose(im).size if _rotated(im) else im.size
+                w, h = dataset_folder.oriented_size(im)
         except Exception as e:  # a broken file must not stop the run: name it and go on
             skipped.append(f"{path.name}: {str(e).replace(f' {str(path)!r}', '').replace(str(path), path.name)}")
             continue
-        bucket = bucket_for_image(w, h, buckets, no_upscale=no_upscale) if enable_bucket else (resolution, resolution)
-        items.append(Item(path, caption, own_repeats or repeats, (w, h), tuple(bucket)))
+        bucket = training_bucket((w, h), resolution, buckets, no_upscale, enable_bucket)
+        items.append(Item(path, caption, own_repeats or repeats, (w, h), bucket))
     if not items:
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         raise DatasetError(f"none of the {len(skipped)} picture(s) could be read ({'; '.join(skipped[:3])}{more})"
                            if skipped else "no pictures in the dataset")
     return items, skipped
-
-
-def _rotated(im: Image.Image) -> bool:
-    return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def load_pixels(item: Item, flip: bool) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 
 from trainer import checkpoint, data, text, validation
 from trainer.checkpoint import Progress
-from trainer.config import ConfigError, zero_terminal_snr_error
+from trainer.config import ConfigError, count_steps, zero_terminal_snr_error
 from trainer.events import EventWriter
 from trainer.flow_parts import parts_of
 from trainer.loading import FLOW_ARCHES, BaseModel, load_base
@@ -283,10 +283,7 @@ def make_schedule(cfg, items, acc, held_out: bool = False) -> Schedule:
     t, s = cfg.training, cfg.sample
     batches_per_epoch = len(data.shard(data.epoch_batches(items, t.train_batch_size, t.seed, 0),
                                        acc.process_index, acc.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-    total_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    if t.max_train_steps:
-        total_steps = min(total_steps, t.max_train_steps)
+    steps_per_epoch, total_steps = count_steps(batches_per_epoch, t)
     return Schedule(total_steps=total_steps, epochs=math.ceil(total_steps / steps_per_epoch),
                     steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch,
                     accumulation=t.gradient_accumulation_steps,

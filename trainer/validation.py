@@ -9,7 +9,6 @@ from the training's random stream.
 
 from __future__ import annotations
 
-import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from datasets_tools.dataset_folder import MIN_TRAIN, held_out
 from trainer import data
 from trainer.loss import DenoisingLoss, FlowMatchingLoss
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 TIMESTEPS = 4  # per picture: the centres of equal parts of the noise schedule (flow: of σ's distribution)
 NOISE_SEED = 1_000_003  # + the picture's index
-MIN_TRAIN = 2  # pictures a split must leave to train on
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,12 @@ def choose(found: list, fraction: float, folder: str, seed: int, caption_extensi
         return Choice(found, held, f"Held-out loss on {len(held)} picture(s) of {folder}")
     if not fraction:
         return Choice(found, [], "")
-    k = max(1, round(fraction * len(found)))
-    if len(found) - k < MIN_TRAIN:
+    chosen = held_out(len(found), fraction, seed)
+    if not chosen:
+        k = max(1, round(fraction * len(found)))
         return Choice(found, [], f"Held-out loss off: {len(found)} picture(s) are too few to hold {k} out and train "
                                  f"on at least {MIN_TRAIN}; add pictures or set validation_split = 0")
-    chosen = set(random.Random(f"{seed}/held-out").sample(range(len(found)), k))
+    k = len(chosen)
     held = [f for i, f in enumerate(found) if i in chosen]
     names = ", ".join(path.name for path, _, _ in held)
     return Choice([f for i, f in enumerate(found) if i not in chosen], held,

@@ -71,7 +71,7 @@ def build_app(runs_dir: Path, models_dir: Path, jobs: JobManager | None = None,
         demo.load(partial(dataset_tab.restore, Path(runs_dir) / ".datasets"), remembered,
                   [*ds.shown(dataset_dir), ds.trigger, ds.applied])
         bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, browser_secret(Path(runs_dir)),
-                   opened)
+                   opened, pages["train"])
         ticks.append((partial(monitor_tab.refresh, jobs), [current_run, view], [*monitor.outputs(), view]))
         # both answer gr.update(), leaving the heading to the refresh; a toast says what came of the click
         monitor.cancel.click(partial(monitor_tab.cancel, jobs), current_run, monitor.title, show_progress="hidden")
@@ -130,26 +130,32 @@ def bind_dataset(ds, train, dataset_dir, other_tabs: list) -> None:
                    ds.health)
 
 
-def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str, opened) -> None:
+def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str, opened, page) -> None:
     refill = [*train.form(), train.preset_info]
+    length = {"fn": train_tab.on_length, "inputs": [train.base, train.preset, dataset_dir, ds.trigger, *train.form()],
+              "outputs": train.length, "show_progress": "hidden", "trigger_mode": "always_last"}
     # the form survives a reload: kept in the browser after each edit and each refill, put back when the page loads
     saved = gr.BrowserState({}, storage_key="lora-studio-train-form", secret=secret)
     whole = [train.base, train.preset, *train.form()]
     quiet = {"show_progress": "hidden", "trigger_mode": "always_last"}
     refilled_for = gr.State("")  # the base family the form was last filled from its preset for
     demo.load(train_tab.on_page_load, [saved, train.preset, train.base],
-              [train.base, train.preset, *refill, refilled_for])
+              [train.base, train.preset, *refill, refilled_for]).then(**length)
     # a click on a preset refills the form (keeping the parts typed); the page's own restore sets it without one
     train.preset.input(train_tab.on_preset_click, [train.preset, train.base, *train.form()], refill).then(
-        train_tab.remembered, whole, saved, **quiet)
+        train_tab.remembered, whole, saved, **quiet).then(**length)
     train.preset.input(lambda: "", None, train.kohya_info)  # the refill replaces what was imported
     train.base.change(train_tab.on_base, [train.preset, train.base, refilled_for], [*refill, refilled_for]).then(
-        train_tab.remembered, whole, saved, **quiet)
+        train_tab.remembered, whole, saved, **quiet).then(**length)
     for event in (train.base.change, demo.load):  # a new base: its parts pre-filled from beside it
         event(train_tab.on_base_parts, train.base, [train.parts, train.parts_info, train.fields["clip_g"]])
     train.base.change(train_tab.explain_base, train.base, train.base_info)
     train.kohya.upload(train_tab.on_import, [train.kohya, train.base, train.preset, *train.form()],
-                       [*train.form(), train.kohya_info]).then(train_tab.remembered, whole, saved, **quiet)
+                       [*train.form(), train.kohya_info]).then(train_tab.remembered, whole, saved, **quiet).then(
+        **length)
+    page.select(**length)  # the pictures may have changed on the Dataset tab
+    for name in train_tab.PLAN_FIELDS:
+        train.fields[name].input(**length)
     for name in train_tab.FIELDS:  # one request an edit: the field's mark and the refusal go, the form is kept
         field = train.fields[name]
         field.input(partial(train_tab.on_edit, name), [train.status, *whole], [field, saved, train.status], **quiet)

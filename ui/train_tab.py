@@ -12,6 +12,7 @@ from trainer import config, kohya_import
 from trainer.flow_parts import (CONFIG_FIELDS, FAMILY_NAMES, PART_NAMES, T5_TOKENIZER_DIR, USUAL_NAMES, VAE_NAMES,
                                 found_beside, missing_parts, t5_tokenizer_found, t5_tokenizer_near)
 from trainer.single_file import CheckpointError, family_of, known_prediction, read_safetensors_shapes, source_problem
+from ui.run_length import run_length
 
 MAIN_FIELDS = ["network_dim", "network_alpha", "resolution", "max_train_epochs", "num_repeats", "unet_lr",
                "text_encoder_lr", "train_batch_size"]
@@ -28,6 +29,9 @@ ADVANCED_FIELDS = [
     "cache_latents_to_disk", "save_every_n_epochs", "save_every_n_steps", "save_precision", "validation_split",
     "validation_every_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "sample_sampler", "sample_steps",
     "sample_cfg_scale", "sample_seed", "sample_prompts", "seed", "output_name"]
+PLAN_FIELDS = ("resolution", "max_train_epochs", "num_repeats", "train_batch_size", "enable_bucket", "min_bucket_reso",
+               "max_bucket_reso", "bucket_no_upscale", "max_train_steps", "gradient_accumulation_steps", "num_gpus",
+               "validation_split", "seed")  # what the run's length depends on
 LIST_FIELDS = ("sample_prompts", "optimizer_args")  # one item a line in the form
 LABELS = {"network_dim": "Dim (rank)", "network_alpha": "Alpha", "resolution": "Resolution",
           "max_train_epochs": "Epochs", "num_repeats": "Repeats (0 = auto)", "unet_lr": "UNet learning rate",
@@ -68,6 +72,7 @@ class TrainTab:
     parts: gr.Group  # the split layout's files, shown for an SD 3.5 / FLUX.1 .safetensors base
     parts_info: gr.Markdown
     fields: dict  # config field name -> its component
+    length: gr.Markdown  # the run's steps, as the form stands
     start: gr.Button
     status: gr.Markdown
     kohya: gr.UploadButton  # a kohya sd-scripts training TOML, read into the form
@@ -101,9 +106,11 @@ def build(models_dir: Path) -> TrainTab:
         for start in range(0, len(ADVANCED_FIELDS), 4):
             with gr.Row():
                 fields |= {name: component_for(name, defaults[name]) for name in ADVANCED_FIELDS[start:start + 4]}
+    length = gr.Markdown(elem_id="train-length")
     start = gr.Button("Train", variant="primary", elem_id="train-start")
     status = gr.Markdown(elem_id="train-status")
-    return TrainTab(base, preset, base_info, preset_info, parts, parts_info, fields, start, status, kohya, kohya_info)
+    return TrainTab(base, preset, base_info, preset_info, parts, parts_info, fields, length, start, status, kohya,
+                    kohya_info)
 
 
 def on_preset(preset_name: str, base: str, *parts: str) -> list:
@@ -184,6 +191,16 @@ def on_train(jobs, base: str, preset_name: str, folder: str, trigger: str, *valu
     except (ValueError, OSError) as e:
         return [*field_errors(FIELDS, None), f"⚠ {e}", *no_change]
     return [*field_errors(FIELDS, None), f"Queued **{run.run_id}**.", gr.Tabs(selected="monitor"), run.run_id, None]
+
+
+def on_length(base: str, preset_name: str, folder: str, trigger: str, *values) -> str:
+    """The run's length above the Train button as the form stands; "" while the form or the dataset is not ready
+    (Train then says why)."""
+    try:
+        return run_length(build_config(base, preset_name, Path(folder) if folder else None, trigger, FIELDS,
+                                       list(values)))
+    except (ValueError, OSError, CheckpointError):
+        return ""
 
 
 def on_edit(name: str, status: str, base: str, preset_name: str, *values) -> list:
