@@ -569,3 +569,15 @@ def test_one_request_a_second_redraws_the_page_and_sends_only_what_changed(jobs,
             rows = next(a for b, a in sent if b.elem_id == "runs-table")
             assert [r[:3] for r in rows] == [["r", "done", "3 / 6"]]  # finished_run's last step event
     assert {b.elem_id: a for b, a in sent if a != UNCHANGED} == {}
+
+
+def test_a_tick_handler_that_answers_the_wrong_count_is_named():
+    """One handler answering too few values would shift every later part's answer onto the wrong component."""
+    from ui.app import every_second
+
+    with gr.Blocks() as demo:
+        first, second, third = gr.Markdown(), gr.Markdown(), gr.Markdown()
+        every_second(gr.Timer(1.0), [(lambda: ["a"], [], [first, second]), (lambda: ["c"], [], [third])])
+    (tick,) = demo.fns.values()
+    with pytest.raises(RuntimeError, match=r"answered 1 values for its 2 outputs"):
+        tick.fn()

@@ -97,7 +97,10 @@ def every_second(timer: gr.Timer, ticks: list) -> None:
     def tick(*values):
         answers, at = [], 0
         for handler, ins, outs in ticks:
-            answers.extend(handler(*values[at:at + len(ins)]))
+            answer = list(handler(*values[at:at + len(ins)]))
+            if len(answer) != len(outs):  # it would shift every later handler's answers onto the wrong parts
+                raise RuntimeError(f"{handler} answered {len(answer)} values for its {len(outs)} outputs")
+            answers.extend(answer)
             at += len(ins)
         return answers
 
