@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = read_auth(args)
     check_exposure(args, auth)
-    from ui.app import CSS, build_app
+    from ui.app import CSS, KEEP_TYPED, build_app
 
     demo = build_app(runs_dir=args.runs_dir, models_dir=args.models_dir)
     runs = args.runs_dir.resolve()
     print(f"LoRA Studio: open http://{'127.0.0.1' if args.host in LOCAL_HOSTS else args.host}:{args.port}", flush=True)
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
-                        show_error=True, inbrowser=False, allowed_paths=[str(runs)],
+                        js=KEEP_TYPED, show_error=True, inbrowser=False, allowed_paths=[str(runs)],
                         blocked_paths=[str(runs / ".browser-secret")], max_file_size=args.max_upload,
                         app_kwargs={"middleware": [guard(args)]})
 

@@ -392,6 +392,18 @@ def test_captioning_in_the_browser(app, page, tmp_path):
     page.get_by_role("tab", name="Dataset").click()
     page.locator("#dataset-gallery").get_by_text("mytok, typed then Train clicked").first.wait_for(state="attached",
                                                                                                  timeout=10000)
+    caption = page.locator("#dataset-caption textarea")
+    caption.fill("mytok, typed and the page reloaded")  # the browser asks first, and staying keeps the text
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+    page.evaluate("() => { location.reload(); }")
+    deadline = time.time() + 10
+    while not asked and time.time() < deadline:
+        page.wait_for_timeout(100)
+    assert asked == ["beforeunload"] and caption.input_value() == "mytok, typed and the page reloaded", asked
+    caption.press("Enter")
+    page.locator("#dataset-gallery").get_by_text("mytok, typed and the page reloaded").first.wait_for(
+        state="attached", timeout=10000)
     page.locator("#dataset-clear").click()  # QA 18: Start over leaves no picture selected and no crop preview
     page.locator("#dataset-crop-preview img").wait_for(state="detached", timeout=15000)
     assert page.locator("#dataset-selected textarea, #dataset-selected input").first.input_value() == ""

@@ -25,6 +25,21 @@ CSS = """
 .field-error .info, .field-error span[data-testid="block-info"] + div { color: #d33; }
 .downloads .label-clear-button { display: none; }  /* a list of files to download: nothing to remove */
 """
+# run once as the page loads: a caption typed and not saved has the browser ask before the page is left or reloaded
+# (Enter, Save caption, another picture and another tab save it; Apply to all and Start over rewrite the box)
+KEEP_TYPED = """() => {
+  let typed = false;
+  const inside = (e, where) => e.target instanceof Element && e.target.closest(where) !== null;
+  document.addEventListener("input", (e) => { if (inside(e, "#dataset-caption")) typed = true; }, true);
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && inside(e, "#dataset-caption")) typed = false;
+  }, true);
+  document.addEventListener("click", (e) => {
+    const saved = "#dataset-save-caption, #dataset-gallery, #dataset-apply-trigger, #dataset-clear, [role=tab]";
+    if (inside(e, saved)) typed = false;
+  }, true);
+  window.addEventListener("beforeunload", (e) => { if (typed) { e.preventDefault(); e.returnValue = ""; } });
+}"""
 INTRO = """# LoRA Studio
 Train a LoRA (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1) from a handful of pictures: **Dataset** → **Train** →
 **Monitor** → **Runs**, then **Compare** the files; a **Sweep** (Train tab) trains variations together and ranks
