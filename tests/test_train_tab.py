@@ -86,3 +86,14 @@ def test_the_run_length_shown_before_train_is_the_workers_own_count(tmp_path):
                for n in (5, 6)}
     assert len(lengths) == 2 and all("cut short by Max train steps" in s for s in lengths), lengths
     assert any("broken.png" in m for m in said)
+
+
+def test_the_form_says_its_run_length_and_nothing_while_it_cannot_train(tmp_path):
+    from tests.test_training import draw_dataset
+
+    form = dict(zip(train_tab.FIELDS, (u["value"] for u in train_tab.on_preset("character", "demo"))))
+    folder = str(draw_dataset(tmp_path / "pictures", 8))  # the demo's settings: 64 px, 2 epochs, batch 2
+    said = train_tab.on_length("demo", "character", folder, "zxq", *(form | {"num_repeats": 5}).values())
+    assert said == "This run: **40 steps**, 2 epochs of 20 steps (8 pictures × 5 repeats, batch 2, 1 bucket)."
+    assert train_tab.on_length("demo", "character", "", "zxq", *form.values()) == ""  # no pictures yet
+    assert train_tab.on_length("demo", "character", folder, "zxq", *(form | {"network_dim": 0}).values()) == ""
