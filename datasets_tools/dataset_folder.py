@@ -149,10 +149,15 @@ def oriented_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
+def held_count(count: int, fraction: float) -> int:
+    """How many of `count` pictures `validation_split` asks to hold out: at least one, when it is above 0."""
+    return max(1, round(fraction * count)) if fraction else 0
+
+
 def held_out(count: int, fraction: float, seed: int) -> set[int]:
-    """The indices `validation_split` holds out of `count` pictures: at least one, chosen by the seed; none when
-    fewer than MIN_TRAIN would be left to train on."""
-    k = max(1, round(fraction * count)) if fraction else 0
+    """The indices `validation_split` holds out of `count` pictures (`held_count` of them), chosen by the seed; none
+    when fewer than MIN_TRAIN would be left to train on."""
+    k = held_count(count, fraction)
     if not k or count - k < MIN_TRAIN:
         return set()
     return set(random.Random(f"{seed}/held-out").sample(range(count), k))

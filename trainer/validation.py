@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from datasets_tools.dataset_folder import MIN_TRAIN, held_out
+from datasets_tools.dataset_folder import MIN_TRAIN, held_count, held_out
 from trainer import data
 from trainer.loss import DenoisingLoss, FlowMatchingLoss
 
@@ -46,12 +46,10 @@ def choose(found: list, fraction: float, folder: str, seed: int, caption_extensi
         return Choice(found, held, f"Held-out loss on {len(held)} picture(s) of {folder}")
     if not fraction:
         return Choice(found, [], "")
-    chosen = held_out(len(found), fraction, seed)
+    chosen, k = held_out(len(found), fraction, seed), held_count(len(found), fraction)
     if not chosen:
-        k = max(1, round(fraction * len(found)))
         return Choice(found, [], f"Held-out loss off: {len(found)} picture(s) are too few to hold {k} out and train "
                                  f"on at least {MIN_TRAIN}; add pictures or set validation_split = 0")
-    k = len(chosen)
     held = [f for i, f in enumerate(found) if i in chosen]
     names = ", ".join(path.name for path, _, _ in held)
     return Choice([f for i, f in enumerate(found) if i not in chosen], held,

@@ -150,12 +150,12 @@ def bind_dataset(ds, train, dataset_dir, other_tabs: list) -> None:
 
 def bind_train(demo, jobs, train, ds, dataset_dir, tabs, current_run, view, secret: str, opened, page) -> None:
     refill = [*train.form(), train.preset_info]
-    length = {"fn": train_tab.on_length, "inputs": [train.base, train.preset, dataset_dir, ds.trigger, *train.form()],
-              "outputs": train.length, "show_progress": "hidden", "trigger_mode": "always_last"}
     # the form survives a reload: kept in the browser after each edit and each refill, put back when the page loads
     saved = gr.BrowserState({}, storage_key="lora-studio-train-form", secret=secret)
     whole = [train.base, train.preset, *train.form()]
     quiet = {"show_progress": "hidden", "trigger_mode": "always_last"}
+    length = {"fn": train_tab.on_length, "inputs": [train.base, train.preset, dataset_dir, ds.trigger, *train.form()],
+              "outputs": train.length, **quiet}
     refilled_for = gr.State("")  # the base family the form was last filled from its preset for
     demo.load(train_tab.on_page_load, [saved, train.preset, train.base],
               [train.base, train.preset, *refill, refilled_for]).then(**length)

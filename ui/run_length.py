@@ -8,15 +8,14 @@ from pathlib import Path
 from PIL import Image
 
 from datasets_tools import buckets as B
-from datasets_tools.dataset_folder import CAPTION_SUFFIXES, held_out, items, oriented_size
+from datasets_tools.dataset_folder import held_out, items, oriented_size
 from trainer import config
 
 
 def run_length(cfg: config.TrainConfig) -> str:
     """One line: the run's steps and where they come from; "" when no picture can be read."""
     d, t = cfg.data, cfg.training
-    suffixes = (d.caption_extension,) + tuple(s for s in CAPTION_SUFFIXES if s != d.caption_extension)
-    found = items(Path(d.train_data_dir), suffixes)
+    found = items(Path(d.train_data_dir))  # the same pictures whichever caption suffix is tried first
     held = set() if d.validation_dir else held_out(len(found), d.validation_split, t.seed)
     train = [item for i, item in enumerate(found) if i not in held]
     repeats = config.resolve_repeats(cfg, len(train))
